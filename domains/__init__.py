@@ -1,0 +1,3 @@
+"""Domain extensions of the engine: render farm and scientific computing."""
+
+__all__: list[str] = []
