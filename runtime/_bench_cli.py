@@ -14,7 +14,7 @@ from ._errors import ConfigurationError
 __all__ = ["configure"]
 
 # `taskfarm bench runtime` is the foundation's benchmark: the kernel and the journal together.
-_GROUPS = {"runtime": ("runtime", "journal")}
+_GROUPS = {"runtime": ("kernel", "journal")}
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
