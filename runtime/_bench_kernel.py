@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import json
 import subprocess
 import sys
 import time
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import msgspec
 
 from ._actor import Actor
@@ -161,7 +161,7 @@ async def _spawn_in_this_process(count: int, mode: str) -> _SpawnResult:
             started = time.perf_counter()
             for _ in range(count):
                 tg.start_soon(stop.wait)
-            await anyio.sleep(0)
+            await anyio.lowlevel.checkpoint()
             elapsed = time.perf_counter() - started
             rss = _rss_mib() - before
             stop.set()
@@ -170,7 +170,7 @@ async def _spawn_in_this_process(count: int, mode: str) -> _SpawnResult:
         started = time.perf_counter()
         for _ in range(count):
             await system.spawn(_Idle)
-        await anyio.sleep(0)  # let every actor reach its idle wait
+        await anyio.lowlevel.checkpoint()  # let every actor reach its idle wait
         elapsed = time.perf_counter() - started
         rss = _rss_mib() - before
         assert system.statistics().actors == count
