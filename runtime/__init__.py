@@ -18,6 +18,20 @@ from ._logging import bind_context, configure_logging, get_logger
 from ._message import Message
 from ._supervision import Supervision
 from ._system import ActorSystem, DeadLetter, SystemStatistics, open_system
+from ._wire import Connection, ConnectionStatistics, FrameCodec
+from ._wire_auth import create_token_file, load_token
+from ._wire_errors import (
+    AuthenticationError,
+    ConnectError,
+    ConnectionClosedError,
+    FrameDecodeError,
+    FrameTooLargeError,
+    FrameValidationError,
+    ProtocolError,
+    TruncatedFrameError,
+    WireError,
+)
+from ._wire_net import ServerStatistics, TLSConfig, WireServer, open_connection, open_server, serve
 
 __all__ = [
     "ActivityTracker",
@@ -29,22 +43,42 @@ __all__ = [
     "ActorStoppedError",
     "ActorSystem",
     "AskTimeoutError",
+    "AuthenticationError",
     "Clock",
     "ConfigurationError",
+    "ConnectError",
+    "Connection",
+    "ConnectionClosedError",
+    "ConnectionStatistics",
     "DeadLetter",
     "EscalatedFailure",
+    "FrameCodec",
+    "FrameDecodeError",
+    "FrameTooLargeError",
+    "FrameValidationError",
     "MailboxFullError",
     "Message",
     "MessageFailedError",
+    "ProtocolError",
     "SelfAskError",
+    "ServerStatistics",
     "Supervision",
     "SystemClock",
     "SystemStatistics",
+    "TLSConfig",
     "TaskfarmError",
     "Terminated",
+    "TruncatedFrameError",
     "VirtualClock",
+    "WireError",
+    "WireServer",
     "bind_context",
     "configure_logging",
+    "create_token_file",
     "get_logger",
+    "load_token",
+    "open_connection",
+    "open_server",
     "open_system",
+    "serve",
 ]
