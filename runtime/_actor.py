@@ -173,7 +173,8 @@ class ActorRef(Generic[M]):
                 await cell.mailbox.put(message)
             except (ClosedResourceError, BrokenResourceError):
                 cell.system.dead_letter(message, recipient=cell.path, reason="actor stopped")
-            return
+                return
+            # The actor may have drained everything and gone idle while we waited for room.
         except (ClosedResourceError, BrokenResourceError):
             cell.system.dead_letter(message, recipient=cell.path, reason="actor stopped")
             return
@@ -191,7 +192,6 @@ class ActorRef(Generic[M]):
             SelfAskError: called from inside this actor's own handler (it would deadlock).
             ActorStoppedError: the actor has stopped or stops before replying.
             MessageFailedError: the message crashed the actor and went to dead letters.
-            Exception: whatever the handler raised while handling this message.
         """
         cell = self._cell
         if _current_cell.get() is cell:
@@ -204,9 +204,8 @@ class ActorRef(Generic[M]):
                     cell.mailbox.put_nowait(envelope)
                 except WouldBlock:
                     await cell.mailbox.put(envelope)
-                else:
-                    if cell.idle:
-                        cell.wake()
+                if cell.idle:
+                    cell.wake()
                 await envelope.event.wait()
         except (ClosedResourceError, BrokenResourceError):
             self._unpark(envelope)
@@ -283,7 +282,7 @@ class ActorContext:
         """Receive a :class:`Terminated` message when ``ref``'s actor stops."""
         target = ref._cell
         if target.is_terminated:
-            self._cell.ref.tell_nowait(Terminated(actor=target.path, reason=target.stop_reason))
+            self._cell.deliver(Terminated(actor=target.path, reason=target.stop_reason))
             return
         target.watchers.append(self._cell)
 
@@ -423,10 +422,28 @@ class _Cell:
             self.mailbox.put_nowait(failure)
         except WouldBlock:
             # Full mailbox: deliver from a helper task rather than lose the failure.
-            self.system.spawn_helper(self.mailbox.put, failure)
+            self.system.spawn_helper(self._put_late, failure)
             return
         except (ClosedResourceError, BrokenResourceError):
             return
+        if self.idle:
+            self.wake()
+
+    def deliver(self, message: object) -> None:
+        """Tell this actor a system message (``Terminated``) that must not be lost.
+
+        A full mailbox does not drop it: a helper task waits for room.
+        """
+        try:
+            self.ref.tell_nowait(message)
+        except MailboxFullError:
+            self.system.spawn_helper(self.ref.tell, message)
+
+    async def _put_late(self, item: object) -> None:
+        try:
+            await self.mailbox.put(item)
+        except (ClosedResourceError, BrokenResourceError):
+            return  # stopped meanwhile: the signal is moot
         if self.idle:
             self.wake()
 
@@ -468,7 +485,9 @@ class _Cell:
         while True:
             if retry is not None:
                 item, retry = retry, None
+                redelivered = True
             else:
+                redelivered = False
                 try:
                     item = receive_nowait()
                 except WouldBlock:
@@ -486,7 +505,7 @@ class _Cell:
                 try:
                     reply = await actor.receive(item.message)
                 except Exception as error:
-                    retry = await self._on_failure(item, error)
+                    retry = await self._on_failure(item, error, redelivered)
                     continue
                 self._resolve(item, reply, None)
             elif type(item) is _Failure:
@@ -501,7 +520,7 @@ class _Cell:
                 try:
                     await actor.receive(item)
                 except Exception as error:
-                    retry = await self._on_failure(item, error)
+                    retry = await self._on_failure(item, error, redelivered)
 
     def _resolve(self, envelope: _Ask, reply: object, error: BaseException | None) -> None:
         if envelope.abandoned:
@@ -514,13 +533,15 @@ class _Cell:
 
     # -- supervision ---------------------------------------------------------------------------
 
-    async def _on_failure(self, item: object, error: Exception) -> object:
+    async def _on_failure(
+        self, item: object, error: Exception, redelivered: bool = False
+    ) -> object:
         """Apply the supervision policy to a failed message; return a message to redeliver."""
         system = self.system
         system.count_failure()
         failures = self.budget.record_failure(system.clock.monotonic())
         signal = type(item) is _Failure  # not a message: nothing to redeliver or dead-letter
-        poison = item is system.last_failed.get(self)
+        poison = redelivered  # it crashed the actor a second time
         _log.warning(
             "actor_failed",
             message_type=_type_name(item),
@@ -528,20 +549,20 @@ class _Cell:
             failures_in_window=failures,
             poison=poison,
         )
-        if signal:
-            pass
-        elif poison or not self.budget.allows_restart(failures):
-            system.last_failed.pop(self, None)
+        if not signal and (poison or not self.budget.allows_restart(failures)):
             self._dead_letter(item, reason=f"crashed the actor: {error!r}", error=error)
-        else:
-            system.last_failed[self] = item
         if not self.budget.allows_restart(failures):
             await self._give_up(error)
             return None
-        await self._restart(failures)
+        if not await self._restart(failures):
+            # No instance came up (the budget ran out while restarting): nothing to redeliver to.
+            if not (poison or signal):
+                self._dead_letter(item, reason=f"crashed the actor: {error!r}", error=error)
+            return None
         return None if poison or signal else item
 
-    async def _restart(self, restart_number: int) -> None:
+    async def _restart(self, restart_number: int) -> bool:
+        """Replace the instance after the backoff; return False if it gave up instead."""
         system = self.system
         delay = self.supervision.backoff(restart_number)
         old = self.actor
@@ -562,9 +583,10 @@ class _Cell:
             failures = self.budget.record_failure(system.clock.monotonic())
             system.count_failure()
             if self.budget.allows_restart(failures):
-                await self._restart(failures)
-            else:
-                await self._give_up(error)
+                return await self._restart(failures)
+            await self._give_up(error)
+            return False
+        return True
 
     async def _give_up(self, error: BaseException) -> None:
         """Stop this actor and escalate (or just stop, when that is the policy)."""
@@ -627,11 +649,11 @@ class _Cell:
             if self.running and self.actor is not None:
                 self.running = False
                 await _quietly(self.actor.on_stop(), path=self.path, hook="on_stop")
+        self._cancel_work()  # anything on_stop started
         self._drain_to_dead_letters("actor stopped")
         for watcher in self.watchers:
-            watcher.ref.tell_nowait(Terminated(actor=self.path, reason=self.stop_reason))
+            watcher.deliver(Terminated(actor=self.path, reason=self.stop_reason))
         self.watchers.clear()
-        system.last_failed.pop(self, None)
         system.unregister(self)
         if not self.idle and self.tracker is not None:
             self.idle = True

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import anyio
 from anyio.abc import TaskGroup
 
-from ._actor import Actor, ActorRef, _Cell, _Failure
+from ._actor import Actor, ActorRef, _Cell, _current_cell, _Failure
 from ._clock import Clock, SystemClock, VirtualClock
 from ._errors import ConfigurationError, EscalatedFailure
 from ._logging import get_logger
@@ -75,8 +75,6 @@ class ActorSystem:
         self._failures = 0
         self._restarts = 0
         self.recent_dead_letters: deque[DeadLetter] = deque(maxlen=256)
-        # The last message that crashed each actor, to recognise a poison message.
-        self.last_failed: dict[_Cell, object] = {}
         self.root_failure: BaseException | None = None
 
     # -- spawning and stopping ------------------------------------------------------------------
@@ -108,7 +106,7 @@ class ActorSystem:
             raise ConfigurationError(f"bad actor name {name!r}", where="spawn")
         if name in siblings:
             raise ConfigurationError(f"an actor named {name!r} already exists", where="spawn")
-        capacity = mailbox_capacity or DEFAULT_MAILBOX_CAPACITY
+        capacity = DEFAULT_MAILBOX_CAPACITY if mailbox_capacity is None else mailbox_capacity
         if capacity < 1:
             raise ConfigurationError("mailbox_capacity must be >= 1", where="spawn")
         instance = factory()
@@ -200,15 +198,21 @@ class ActorSystem:
         self, cell: _Cell, function: Callable[[], Awaitable[object]], *, name: str
     ) -> None:
         """Run ``function`` for ``cell``; cancelled when the cell stops, failures reported."""
+        # Registered now, not when the task first runs: a stop or restart that comes before
+        # then must still cancel it.
+        scope = anyio.CancelScope()
+        cell.work_scopes.add(scope)
 
         async def run_work() -> None:
+            # The task inherited the handler's context; it is not the handler, so it may ask
+            # its own actor.
+            _current_cell.set(None)
             tracker = self.clock.activity
             if tracker is not None:
                 tracker.acquire()
                 tracker.enter()
             try:
-                with anyio.CancelScope() as scope:
-                    cell.work_scopes.add(scope)
+                with scope:
                     try:
                         await function()
                     except Exception as error:
@@ -277,6 +281,9 @@ async def open_system(
                 await system.shutdown()
             task_group.cancel_scope.cancel()
     if system.root_failure is not None:
-        raise system.root_failure from body_error
+        if body_error is not None:
+            raise system.root_failure from body_error
+        # Not ``from None``: that would erase the cause chain to the original error.
+        raise system.root_failure
     if body_error is not None:
         raise body_error
