@@ -1,0 +1,285 @@
+"""The coordinator's wire protocol: what node agents and CLI clients exchange with it.
+
+One tagged union per direction, framed by ``runtime``'s wire layer (msgpack, length-prefixed,
+authenticated).  Inbound messages forbid unknown fields: a peer that sends something we do not
+understand gets its connection closed rather than a silent misreading.
+
+Agent conversation::
+
+    agent -> AgentHello(name, capacity, labels, running=[...])   (also after every reconnect)
+    coord -> Welcome(node, heartbeat_interval)
+    coord -> RunAttempt(spec) | CancelAttempt | CheckpointAttempt | ReadLog
+    agent -> Heartbeat | Report(sequence, report) | LogChunk
+    coord -> ReportAck(sequence)     (the agent drops acknowledged reports from its outbox)
+
+Client conversation: one request, one reply (``Reply`` or ``ErrorReply``).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+
+from runtime import Message
+
+from ._executor import AttemptReport, AttemptSpec
+from ._resources import Resources
+
+__all__ = [
+    "AgentHello",
+    "AgentToCoordinator",
+    "CancelAttempt",
+    "CancelJobRequest",
+    "CheckpointAttempt",
+    "ClientRequest",
+    "CoordinatorToAgent",
+    "ErrorReply",
+    "Heartbeat",
+    "JobSummary",
+    "JobsReply",
+    "ListNodesRequest",
+    "LogChunk",
+    "LogsRequest",
+    "NodeSummary",
+    "NodesReply",
+    "ReadLog",
+    "Reply",
+    "Report",
+    "ReportAck",
+    "RunAttempt",
+    "RunningAttempt",
+    "StatusRequest",
+    "SubmitRequest",
+    "SubmittedReply",
+    "TaskSummary",
+    "TextReply",
+    "Welcome",
+    "WhyRequest",
+    "WireMessage",
+]
+
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.@:-]+$")]
+Sequence_ = Annotated[int, msgspec.Meta(ge=1)]
+
+
+class _Inbound(Message, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Base for messages the coordinator receives from outside."""
+
+
+# -- agent <-> coordinator ------------------------------------------------------------------
+
+
+class RunningAttempt(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """An attempt an agent is still running when it (re)connects."""
+
+    job_id: str
+    task_id: str
+    attempt: int
+    fencing_token: int
+
+
+class AgentHello(_Inbound, frozen=True, kw_only=True, tag="agent.hello"):
+    """An agent introduces itself: its stable name, what it has, what it is running."""
+
+    name: Name
+    capacity: Resources
+    labels: tuple[str, ...] = ()
+    running: tuple[RunningAttempt, ...] = ()
+    unacknowledged: int = 0  # reports waiting in its outbox (they follow as Report frames)
+
+
+class Heartbeat(_Inbound, frozen=True, kw_only=True, tag="agent.heartbeat"):
+    """The agent is alive; ``running`` counts its attempts."""
+
+    running: int = 0
+
+
+class Report(_Inbound, frozen=True, kw_only=True, tag="agent.report"):
+    """One attempt report, numbered by the agent's durable outbox."""
+
+    sequence: Sequence_
+    report: AttemptReport
+
+
+class LogChunk(_Inbound, frozen=True, kw_only=True, tag="agent.log_chunk"):
+    """The answer to ``ReadLog``: part of an attempt's log file."""
+
+    request: int
+    text: str
+    missing: bool = False
+
+
+class Welcome(Message, frozen=True, kw_only=True, tag="coordinator.welcome"):
+    """The coordinator accepted the agent as node ``node``."""
+
+    node: str
+    heartbeat_interval: float
+
+
+class RunAttempt(Message, frozen=True, kw_only=True, tag="coordinator.run_attempt"):
+    """Run this attempt."""
+
+    spec: AttemptSpec
+
+
+class CancelAttempt(Message, frozen=True, kw_only=True, tag="coordinator.cancel_attempt"):
+    """Stop an attempt (terminate, then kill after ``grace``); stale ones are killed this way."""
+
+    job_id: str
+    task_id: str
+    fencing_token: int
+    grace: float = 5.0
+    reason: str = ""
+
+
+class CheckpointAttempt(Message, frozen=True, kw_only=True, tag="coordinator.checkpoint_attempt"):
+    """Ask a running attempt to checkpoint now."""
+
+    job_id: str
+    task_id: str
+    fencing_token: int
+
+
+class ReportAck(Message, frozen=True, kw_only=True, tag="coordinator.report_ack"):
+    """Reports up to and including ``sequence`` are journaled: drop them from the outbox."""
+
+    sequence: int
+
+
+class ReadLog(Message, frozen=True, kw_only=True, tag="coordinator.read_log"):
+    """Send the tail of an attempt's log."""
+
+    request: int
+    job_id: str
+    task_id: str
+    attempt: int
+    max_bytes: int = 64 * 1024
+
+
+AgentToCoordinator = AgentHello | Heartbeat | Report | LogChunk
+CoordinatorToAgent = Welcome | RunAttempt | CancelAttempt | CheckpointAttempt | ReportAck | ReadLog
+AgentWire = AgentToCoordinator | CoordinatorToAgent
+
+# -- client <-> coordinator -----------------------------------------------------------------
+
+
+class SubmitRequest(_Inbound, frozen=True, kw_only=True, tag="client.submit"):
+    """Submit a spec file's text (validated by the coordinator, which names file and field)."""
+
+    text: str
+    format: str  # "toml" or "json"
+    source: str  # the file name, for error messages
+
+
+class StatusRequest(_Inbound, frozen=True, kw_only=True, tag="client.status"):
+    """Ask for the status of one job, or all jobs."""
+
+    job_id: str | None = None
+
+
+class CancelJobRequest(_Inbound, frozen=True, kw_only=True, tag="client.cancel"):
+    """Cancel a job."""
+
+    job_id: str
+    reason: str = "cancelled by user"
+
+
+class ListNodesRequest(_Inbound, frozen=True, kw_only=True, tag="client.nodes"):
+    """List the nodes."""
+
+
+class WhyRequest(_Inbound, frozen=True, kw_only=True, tag="client.why"):
+    """Explain why a job (or its tasks) waits."""
+
+    job_id: str
+
+
+class LogsRequest(_Inbound, frozen=True, kw_only=True, tag="client.logs"):
+    """Fetch an attempt's log (the latest attempt of the task when ``attempt`` is None)."""
+
+    job_id: str
+    task: int | None = None
+    attempt: int | None = None
+
+
+class SubmittedReply(Message, frozen=True, kw_only=True, tag="coordinator.submitted"):
+    """The jobs a submission created."""
+
+    job_ids: tuple[str, ...]
+
+
+class TaskSummary(msgspec.Struct, frozen=True, kw_only=True):
+    """One task, as ``taskfarm status JOB`` shows it."""
+
+    index: int
+    status: str
+    attempt: int = 0
+    node: str | None = None
+    progress: float = 0.0
+    checkpoint: str | None = None
+    last_error: str | None = None
+
+
+class JobSummary(msgspec.Struct, frozen=True, kw_only=True):
+    """One job, as ``taskfarm status`` shows it."""
+
+    job_id: str
+    name: str
+    status: str
+    priority: str
+    submitted_at: str
+    finished_at: str | None = None
+    tasks_total: int = 0
+    task_counts: dict[str, int] = {}
+    progress: float = 0.0
+    reason: str | None = None
+    tasks: tuple[TaskSummary, ...] = ()
+
+
+class NodeSummary(msgspec.Struct, frozen=True, kw_only=True):
+    """One node, as ``taskfarm nodes`` shows it."""
+
+    name: str
+    health: str
+    capacity: Resources
+    free: Resources
+    running: int = 0
+    labels: tuple[str, ...] = ()
+    remote: bool = False
+    consecutive_failures: int = 0
+
+
+class JobsReply(Message, frozen=True, kw_only=True, tag="coordinator.jobs"):
+    """Job summaries."""
+
+    jobs: tuple[JobSummary, ...]
+
+
+class NodesReply(Message, frozen=True, kw_only=True, tag="coordinator.nodes"):
+    """Node summaries."""
+
+    nodes: tuple[NodeSummary, ...]
+
+
+class TextReply(Message, frozen=True, kw_only=True, tag="coordinator.text"):
+    """A plain-text answer (``why``, ``logs``)."""
+
+    text: str
+
+
+class ErrorReply(Message, frozen=True, kw_only=True, tag="coordinator.error"):
+    """The request failed; ``error`` says why (and names the field or file at fault)."""
+
+    error: str
+    kind: str = "error"
+
+
+ClientRequest = (
+    SubmitRequest | StatusRequest | CancelJobRequest | ListNodesRequest | WhyRequest | LogsRequest
+)
+Reply = SubmittedReply | JobsReply | NodesReply | TextReply | ErrorReply
+
+WireMessage = AgentToCoordinator | CoordinatorToAgent | ClientRequest | Reply
+"""Everything that crosses a coordinator connection (the role from the handshake decides which
+part a peer may send)."""
