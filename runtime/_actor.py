@@ -566,9 +566,12 @@ class _Cell:
         system = self.system
         delay = self.supervision.backoff(restart_number)
         old = self.actor
-        if old is not None and self.running:
-            self.running = False
-            with anyio.CancelScope(shield=True):
+        with anyio.CancelScope(shield=True):
+            # The new instance's on_start recreates the children it needs (same names), so the
+            # old ones go first, as they would if the actor stopped.
+            await self._stop_children()
+            if old is not None and self.running:
+                self.running = False
                 await _quietly(old.on_stop(), path=self.path, hook="on_stop")
         self._cancel_work()
         system.timers.cancel_all(self)
@@ -635,6 +638,13 @@ class _Cell:
             scope.cancel()
         self.work_scopes.clear()
 
+    async def _stop_children(self) -> None:
+        """Stop the children, newest first, each within the shutdown timeout."""
+        for child in reversed(list(self.children.values())):
+            child.request_stop()
+            with anyio.move_on_after(self.system.shutdown_timeout):
+                await child.wait_terminated()
+
     async def _terminate(self) -> None:
         """Stop children (newest first), run on_stop, notify watchers and the parent."""
         self.request_stop(self.stop_reason)
@@ -642,10 +652,7 @@ class _Cell:
         system.timers.cancel_all(self)
         self._cancel_work()
         with anyio.CancelScope(shield=True):
-            for child in reversed(list(self.children.values())):
-                child.request_stop()
-                with anyio.move_on_after(system.shutdown_timeout):
-                    await child.wait_terminated()
+            await self._stop_children()
             if self.running and self.actor is not None:
                 self.running = False
                 await _quietly(self.actor.on_stop(), path=self.path, hook="on_stop")

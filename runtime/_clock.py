@@ -205,9 +205,13 @@ class VirtualClock:
         await self.advance_to(self._elapsed + seconds)
 
     async def advance_to(self, target: float) -> None:
-        """Move time forward to ``target`` monotonic seconds, waking sleepers in order."""
+        """Move time forward to ``target`` monotonic seconds, waking sleepers in order.
+
+        Before each step it waits, as auto-advance does, until every watched actor is idle:
+        work a wake-up starts (asks, new sleeps) happens at that wake-up's time.
+        """
         while True:
-            await self._settle()
+            await self._quiesce()
             deadline = self.next_deadline()
             if deadline is None or deadline > target:
                 break
@@ -228,6 +232,13 @@ class VirtualClock:
                 await self._new_sleeper.wait()
                 continue
             self._fire_due(deadline)
+
+    async def _quiesce(self) -> None:
+        while True:
+            await self._activity.wait_idle()
+            await self._settle()
+            if not self._activity.count:
+                return
 
     async def _settle(self) -> None:
         for _ in range(self.settle_passes):

@@ -17,7 +17,8 @@ class Supervision:
 
     ``restart`` recreates the actor from its factory after an exponential backoff, as long as
     it has failed at most ``max_restarts`` times within ``within`` seconds; past that budget the
-    failure is escalated to the parent.  ``stop`` stops the actor; ``escalate`` hands every
+    failure is escalated to the parent.  A restart first stops the actor's children (its new
+    ``on_start`` recreates those it needs).  ``stop`` stops the actor; ``escalate`` hands every
     failure straight to the parent.
     """
 

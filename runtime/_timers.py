@@ -68,12 +68,19 @@ class TimerService:
         """Cancel the timer ``key`` of ``cell`` (no error if there is none)."""
         timer = self._by_key.pop((id(cell), key), None)
         if timer is not None:
-            timer.cancelled = True
+            self._discard(timer)
 
     def cancel_all(self, cell: _Cell) -> None:
         """Cancel every timer of ``cell`` (it stopped or restarts)."""
         for map_key in [k for k in self._by_key if k[0] == id(cell)]:
-            self._by_key.pop(map_key).cancelled = True
+            self._discard(self._by_key.pop(map_key))
+
+    def _discard(self, timer: _Timer) -> None:
+        timer.cancelled = True
+        if self._sleep_scope is not None and timer.deadline <= self._sleep_deadline:
+            # We may be sleeping towards this very timer: wake up and sleep towards the next
+            # live one, so a virtual clock never jumps to a deadline that no longer exists.
+            self._sleep_scope.cancel()
 
     def pending(self) -> int:
         """Return how many timers are running."""
