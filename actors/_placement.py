@@ -16,6 +16,7 @@ from datetime import datetime
 from ._errors import SpecError
 from ._graph import DependencyGraph, Outcome, TaskRef
 from ._policy import FarmView, JobView, NodeView, Policy, TaskView
+from ._protocol import NodeSummary
 from ._resources import Resources, add, fits, shortfall, subtract
 from ._spec import SubmitJob
 
@@ -54,7 +55,6 @@ class _Job:
     completed: int = 0
     blocklist: dict[str, datetime] = field(default_factory=dict)
     deferred: str | None = None  # the policy's last reason to hold it back
-    unplaceable: str | None = None  # the last placement failure
 
 
 @dataclass(slots=True)
@@ -210,6 +210,40 @@ class SchedulerCore:
         self.graph.remove_job(job_id)
         return ready
 
+    def unplace(self, job_id: str, index: int) -> None:
+        """Undo a placement the job refused (the task was no longer pending)."""
+        job = self._jobs.get(job_id)
+        if job is not None:
+            self._release(job, index)
+
+    def add_finished_job(
+        self, spec: SubmitJob, outcome: Outcome, task_outcomes: Sequence[Outcome | None]
+    ) -> None:
+        """Record a job that finished before a restart, so its dependants see its outcome."""
+        if spec.job_id in self.graph:
+            return
+        self.graph.add_jobs([spec.graph_job()])
+        for index, task_outcome in enumerate(task_outcomes):
+            if task_outcome is not None:
+                self.graph.record_outcome(TaskRef(spec.job_id, index), task_outcome)
+        self.graph.record_outcome(spec.job_id, outcome)
+        self.graph.remove_job(spec.job_id)
+
+    def node_summaries(self) -> list[NodeSummary]:
+        """Describe every node, by name."""
+        return [
+            NodeSummary(
+                name=node.name,
+                health=node.health,
+                capacity=node.capacity,
+                free=node.free,
+                running=len(node.running),
+                labels=node.labels,
+                consecutive_failures=node.consecutive_failures,
+            )
+            for node in sorted(self._nodes.values(), key=lambda n: n.name)
+        ]
+
     def block_node(self, job_id: str, node: str, until: datetime) -> None:
         """Keep the job's tasks off ``node`` until ``until``."""
         job = self._jobs.get(job_id)
@@ -282,7 +316,7 @@ class SchedulerCore:
         for job_id in order:
             job = self._jobs[job_id]
             view = views[job_id]
-            job.deferred = job.unplaceable = None
+            job.deferred = None
             unplaceable: set[Resources] = set()
             for index in list(job.ready):
                 task = job.tasks[index]
@@ -298,7 +332,6 @@ class SchedulerCore:
                 node = self._choose_node(job, view, task_view, now)
                 if node is None:
                     unplaceable.add(task.request)
-                    job.unplaceable = self._placement_failure(job, task.request, now)
                     continue
                 self._dequeue(job, index)
                 self._reserve(job, index, node.name)

@@ -9,6 +9,7 @@ from ._errors import (
     JournalFileError,
     VersionConflictError,
 )
+from ._event_sourced import EventSourcedActor
 from ._journal import AppendResult, Journal, RecordedEvent, StreamInfo
 from ._memory import InMemoryJournal
 from ._replay import Aggregate, rebuild_all, rebuild_stream
@@ -29,6 +30,7 @@ __all__ = [
     "EventCodec",
     "EventDecodeError",
     "EventEncodeError",
+    "EventSourcedActor",
     "InMemoryJournal",
     "Journal",
     "JournalClosedError",

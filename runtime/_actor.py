@@ -8,6 +8,7 @@ returns a started ref.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -67,6 +68,10 @@ class Actor(Generic[M]):
 
     context: ActorContext
 
+    #: Above 1, the actor handles up to this many queued messages per call of
+    #: :meth:`receive_batch` (e.g. to journal them in one commit).
+    max_batch: int = 1
+
     async def on_start(self) -> None:
         """Prepare the actor (recover state, start timers) before its first message."""
 
@@ -76,6 +81,15 @@ class Actor(Generic[M]):
 
     async def on_stop(self) -> None:
         """Release what the actor holds; runs once the mailbox is drained."""
+
+    async def receive_batch(self, messages: list[M]) -> list[Any]:
+        """Handle several queued messages at once (only called when ``max_batch`` > 1).
+
+        Return one reply per message, in order.  If it raises, the actor is supervised as for
+        any failure and, once restarted, handles the same messages one at a time with
+        :meth:`receive`, so a poison message is still found and dead-lettered alone.
+        """
+        return [await self.receive(message) for message in messages]
 
 
 class _Ask:
@@ -466,7 +480,10 @@ class _Cell:
                 self.stop_reason = f"start failed: {error!r}"
                 raise ActorStartError(f"on_start failed: {error!r}", actor=self.path) from error
             task_status.started()
-            await self._loop()
+            if self.actor is not None and self.actor.max_batch > 1:
+                await self._batch_loop()
+            else:
+                await self._loop()
         finally:
             await self._terminate()
 
@@ -521,6 +538,75 @@ class _Cell:
                     await actor.receive(item)
                 except Exception as error:
                     retry = await self._on_failure(item, error, redelivered)
+
+    async def _batch_loop(self) -> None:
+        """The receive loop of an actor that handles messages in batches (``max_batch``)."""
+        receive_nowait = self.mailbox.get_nowait
+        singles: deque[object] = deque()  # handled one by one: after a failed batch, signals
+        while True:
+            if singles:
+                retry: object = await self._handle_one(singles.popleft(), redelivered=False)
+                while retry is not None:
+                    retry = await self._handle_one(retry, redelivered=True)
+                continue
+            try:
+                item = receive_nowait()
+            except WouldBlock:
+                self._go_idle()
+                try:
+                    item = await self.mailbox.get()
+                except EndOfStream:
+                    return
+            except EndOfStream:
+                self._go_idle()
+                return
+            actor = self.actor
+            assert actor is not None
+            batch = [item]
+            while len(batch) < actor.max_batch:
+                try:
+                    batch.append(receive_nowait())
+                except (WouldBlock, EndOfStream):
+                    break
+            if any(type(entry) is _Failure for entry in batch):
+                singles.extend(batch)  # rare: keep strict order around a failure signal
+                continue
+            messages = [entry.message if type(entry) is _Ask else entry for entry in batch]
+            try:
+                replies = await actor.receive_batch(messages)
+            except Exception as error:
+                await self._on_failure(_Failure(f"{self.path} batch", error), error)
+                if self.closed and self.actor is actor:
+                    for entry in batch:  # gave up: nothing of the batch was handled
+                        self._dead_letter(entry, reason=f"actor failed: {error!r}", error=error)
+                else:
+                    singles.extend(batch)
+                continue
+            for entry, reply in zip(batch, replies, strict=True):
+                if type(entry) is _Ask:
+                    self._resolve(entry, reply, None)
+
+    async def _handle_one(self, item: object, *, redelivered: bool) -> object:
+        """Handle one item as ``_loop`` does; return a message to redeliver, or None."""
+        actor = self.actor
+        assert actor is not None
+        if type(item) is _Failure:
+            cause = item.error
+            failure = (
+                cause
+                if isinstance(cause, Exception)
+                else EscalatedFailure(f"{item.source}: {cause!r}", actor=self.path)
+            )
+            await self._on_failure(item, failure)
+            return None
+        message = item.message if type(item) is _Ask else item
+        try:
+            reply = await actor.receive(message)
+        except Exception as error:
+            return await self._on_failure(item, error, redelivered)
+        if type(item) is _Ask:
+            self._resolve(item, reply, None)
+        return None
 
     def _resolve(self, envelope: _Ask, reply: object, error: BaseException | None) -> None:
         if envelope.abandoned:

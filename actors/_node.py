@@ -1,0 +1,94 @@
+"""The node actor: hands attempts to its executor and routes their reports to their jobs.
+
+The executor may be in-process, a local subprocess runner or a remote agent (``RemoteExecutor``);
+the node actor does not care.  Reports are asked, not told, to the job actor: the executor's
+report sink returns only once the job has journaled the report, which is what lets a remote
+agent drop it from its durable outbox.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, assert_never
+
+from runtime import (
+    Actor,
+    ActorRef,
+    ActorStoppedError,
+    AskTimeoutError,
+    MessageFailedError,
+    get_logger,
+)
+
+from ._executor import AttemptFinished, AttemptReport, AttemptSpec, Executor, ExecutorError
+from ._messages import CancelRun, ReportAttempt, RunAttempt
+
+if TYPE_CHECKING:
+    from ._engine import EngineSettings
+
+__all__ = ["NodeActor"]
+
+_log = get_logger("actors.node")
+
+NodeMessage = RunAttempt | CancelRun
+
+
+class NodeActor(Actor[NodeMessage]):
+    """One node of the farm and its executor."""
+
+    def __init__(self, *, name: str, executor: Executor, settings: EngineSettings) -> None:
+        self.name = name
+        self.executor = executor
+        self.settings = settings
+
+    async def receive(self, message: NodeMessage) -> Any:
+        match message:
+            case RunAttempt(spec=spec, job=job):
+                await self._run(spec, job)
+            case CancelRun(job_id=job_id, task_id=task_id, token=token, grace=grace):
+                self._cancel(job_id, task_id, token, grace)
+            case _:
+                assert_never(message)
+
+    async def _run(self, spec: AttemptSpec, job: ActorRef[Any]) -> None:
+        async def sink(report: AttemptReport) -> None:
+            accepted = await self._deliver(job, report)
+            if not accepted and not isinstance(report, AttemptFinished):
+                # A stale attempt (its task was reassigned): kill the work, keep nothing.
+                self._cancel(spec.job_id, spec.task_id, spec.fencing_token, 0.0)
+
+        try:
+            await self.executor.start(spec, sink)
+        except ExecutorError as error:
+            _log.warning(
+                "attempt_start_failed", node_id=self.name, job_id=spec.job_id, error=str(error)
+            )
+            failed = AttemptFinished(
+                job_id=spec.job_id,
+                task_id=spec.task_id,
+                attempt=spec.attempt,
+                fencing_token=spec.fencing_token,
+                outcome="failed",
+                error=f"could not start on {self.name}: {error}",
+            )
+            self.context.start_work(lambda: self._deliver(job, failed), name="start-failed")
+
+    async def _deliver(self, job: ActorRef[Any], report: AttemptReport) -> bool:
+        """Hand a report to its job and wait until it is journaled; False if stale."""
+        message = ReportAttempt(report=report, node=self.name)
+        delay = 0.05
+        while True:
+            try:
+                return bool(await job.ask(message, timeout=self.settings.report_timeout))
+            except (ActorStoppedError, MessageFailedError):
+                return False  # the job is over (passivated): this attempt is stale
+            except AskTimeoutError:
+                # The job is slow (its journal is busy): keep the report, try again.
+                _log.warning("report_delayed", node_id=self.name, job_id=report.job_id)
+                await self.context.clock.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def _cancel(self, job_id: str, task_id: str, token: int, grace: float) -> None:
+        for handle in self.executor.running():
+            spec = handle.spec
+            if (spec.job_id, spec.task_id, spec.fencing_token) == (job_id, task_id, token):
+                handle.cancel(grace=grace)

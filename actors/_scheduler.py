@@ -1,0 +1,228 @@
+"""The scheduler actor: admits submissions, runs placement cycles, reacts to ends and nodes.
+
+It never waits on I/O in the hot path: placements go to job actors as ``Dispatch`` tells (each
+job journals its own assignments, in parallel, through the journal's group commit).  Triggers
+are coalesced: any number of events between two cycles cause one cycle.  A periodic timer on the
+injected clock runs a cycle too, for policies whose judgement changes with time alone.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, assert_never
+
+from persistence import Journal
+from runtime import Actor, ActorRef, TaskfarmError, get_logger
+
+from ._events import NodeQuarantined, NodeRegistered, node_stream
+from ._graph import Outcome
+from ._messages import (
+    AttemptLost,
+    CreateJob,
+    Dispatch,
+    GetNodes,
+    JobEnded,
+    Kick,
+    NodeJoined,
+    NodeLeft,
+    SubmitJobs,
+    TaskEnded,
+    Unplace,
+    WhyJob,
+)
+from ._placement import SchedulerCore
+from ._protocol import NodeSummary
+
+if TYPE_CHECKING:
+    from ._engine import EngineSettings
+
+__all__ = ["GraceExpired", "SchedulerActor"]
+
+_log = get_logger("actors.scheduler")
+
+
+class GraceExpired(Kick, frozen=True, kw_only=True, tag="engine.cmd.grace_expired"):
+    """The restart grace period is over: attempts nobody re-claimed are lost."""
+
+
+SchedulerMessage = (
+    SubmitJobs | TaskEnded | Unplace | JobEnded | NodeJoined | NodeLeft | Kick | WhyJob | GetNodes
+)
+
+
+class SchedulerActor(Actor[SchedulerMessage]):
+    """Owns the queues and the placement index (the :class:`SchedulerCore`)."""
+
+    def __init__(
+        self,
+        *,
+        core: SchedulerCore,
+        journal: Journal,
+        settings: EngineSettings,
+        spawn_job: Callable[[str], Awaitable[ActorRef[Any]]],
+        job_ref: Callable[[str], ActorRef[Any] | None],
+        on_job_ended: Callable[[str, Outcome], None],
+        in_doubt: dict[tuple[str, int], str] | None = None,
+        known_nodes: dict[str, tuple[Any, ...]] | None = None,
+    ) -> None:
+        self.core = core
+        self.journal = journal
+        self.settings = settings
+        self.spawn_job = spawn_job
+        self.job_ref = job_ref
+        self.on_job_ended = on_job_ended
+        # Attempts running when the coordinator stopped: (job, task) -> node, until re-claimed.
+        self.in_doubt = dict(in_doubt or {})
+        self._kick_queued = False
+        self._known_nodes: dict[str, tuple[Any, ...]] = dict(known_nodes or {})
+
+    async def on_start(self) -> None:
+        interval = self.core.policy.cycle_interval
+        self.context.start_timer("cycle", Kick(), delay=interval, interval=interval)
+        if self.in_doubt:
+            self.context.start_timer(
+                "restart-grace", GraceExpired(), delay=self.settings.restart_grace
+            )
+
+    def _kick(self) -> None:
+        if not self._kick_queued:
+            self._kick_queued = True
+            self.context.self_ref.tell_nowait(Kick())
+
+    async def receive(self, message: SchedulerMessage) -> Any:
+        core = self.core
+        match message:
+            case SubmitJobs(specs=specs, source=source):
+                return await self._submit(specs, source)
+            case TaskEnded():
+                core.task_ended(
+                    message.job_id,
+                    message.task,
+                    outcome=message.outcome,
+                    retry_at=message.retry_at,
+                    failed_on_node=message.failed_on_node,
+                )
+                if message.blocklist_node and message.blocklist_until:
+                    core.block_node(message.job_id, message.blocklist_node, message.blocklist_until)
+                self.in_doubt.pop((message.job_id, message.task), None)
+                await self._check_quarantine(message)
+                self._kick()
+            case Unplace(job_id=job_id, task=task):
+                core.unplace(job_id, task)
+                self._kick()
+            case JobEnded(job_id=job_id, outcome=outcome):
+                core.job_ended(job_id, outcome)
+                self.on_job_ended(job_id, outcome)
+                self._kick()
+            case NodeJoined(name=name, capacity=capacity, labels=labels, remote=remote):
+                await self._node_joined(name, capacity, labels, remote)
+            case NodeLeft(name=name, reason=reason):
+                self._node_left(name, reason)
+            case GraceExpired():
+                self._grace_expired()
+            case Kick():
+                self._kick_queued = False
+                self._cycle()
+            case WhyJob(job_id=job_id):
+                return "\n".join(core.why(job_id, self.context.clock.now()))
+            case GetNodes():
+                return self._node_summaries()
+            case _:
+                assert_never(message)
+        return None
+
+    # -- submission -----------------------------------------------------------------------------
+
+    async def _submit(self, specs: tuple[Any, ...], source: str) -> list[str] | TaskfarmError:
+        try:
+            self.core.check_submission(specs, source=source)
+        except TaskfarmError as error:
+            return error  # the caller raises it: a bad submission must not crash the scheduler
+        now = self.context.clock.now()
+        for spec in specs:
+            ref = await self.spawn_job(spec.job_id)
+            await ref.ask(CreateJob(spec=spec), timeout=self.settings.report_timeout)
+            self.core.add_job(spec, submitted_at=now)
+            _log.info("job_submitted", job_id=spec.job_id, tasks=len(spec.tasks))
+        self._kick()
+        return [spec.job_id for spec in specs]
+
+    # -- placement ------------------------------------------------------------------------------
+
+    def _cycle(self) -> None:
+        placements = self.core.place(self.context.clock.now())
+        by_job: dict[str, list[tuple[int, str]]] = defaultdict(list)
+        for placement in placements:
+            by_job[placement.job_id].append((placement.task, placement.node))
+        for job_id, items in by_job.items():
+            ref = self.job_ref(job_id)
+            if ref is None:
+                for task, _node in items:
+                    self.core.unplace(job_id, task)
+                continue
+            ref.tell_nowait(Dispatch(placements=tuple(items)))
+
+    # -- nodes ----------------------------------------------------------------------------------
+
+    async def _node_joined(
+        self, name: str, capacity: Any, labels: tuple[str, ...], remote: bool
+    ) -> None:
+        identity = (capacity, labels, remote)
+        if self._known_nodes.get(name) != identity:
+            await self.journal.append(
+                node_stream(name),
+                [NodeRegistered(name=name, capacity=capacity, labels=labels, remote=remote)],
+            )
+            self._known_nodes[name] = identity
+        health = self.core.node_health(name)
+        self.core.add_node(
+            name,
+            capacity,
+            labels=labels,
+            health="quarantined" if health == "quarantined" else "online",
+        )
+        _log.info("node_joined", node_id=name, capacity=str(capacity))
+        self._kick()
+
+    def _node_left(self, name: str, reason: str) -> None:
+        if self.core.node_health(name) is None:
+            return
+        self.core.set_health(name, "offline")
+        for job_id, task in self.core.running_on(name):
+            ref = self.job_ref(job_id)
+            if ref is not None:
+                ref.tell_nowait(AttemptLost(task=task, node=name, reason=f"node {name}: {reason}"))
+        _log.warning("node_left", node_id=name, reason=reason)
+
+    def _grace_expired(self) -> None:
+        for (job_id, task), node in sorted(self.in_doubt.items()):
+            ref = self.job_ref(job_id)
+            if ref is not None:
+                ref.tell_nowait(
+                    AttemptLost(
+                        task=task, node=node, reason="not re-claimed after a coordinator restart"
+                    )
+                )
+        self.in_doubt.clear()
+
+    def claimed(self, job_id: str, task: int) -> None:
+        """An agent re-claimed an in-doubt attempt: it is running, not lost."""
+        self.in_doubt.pop((job_id, task), None)
+
+    async def _check_quarantine(self, message: TaskEnded) -> None:
+        if not message.failed_on_node:
+            return
+        for name in list(self._known_nodes) or []:
+            failures = self.core.consecutive_failures(name)
+            if (
+                failures >= self.settings.quarantine_after
+                and self.core.node_health(name) == "online"
+            ):
+                self.core.set_health(name, "quarantined")
+                reason = f"{failures} consecutive failed attempts"
+                await self.journal.append(node_stream(name), [NodeQuarantined(reason=reason)])
+                _log.warning("node_quarantined", node_id=name, reason=reason)
+
+    def _node_summaries(self) -> list[NodeSummary]:
+        return self.core.node_summaries()
