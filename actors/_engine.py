@@ -35,10 +35,11 @@ from ._events import (
     NodeState,
     job_stream,
 )
-from ._executor import Executor
+from ._executor import AttemptReport, Executor
 from ._graph import Outcome
 from ._job import JobActor, job_summary
 from ._messages import (
+    AdoptAttempt,
     CancelJob,
     ClaimAttempt,
     GetJobSummary,
@@ -46,6 +47,7 @@ from ._messages import (
     Kick,
     NodeJoined,
     NodeLeft,
+    ReportAttempt,
     SubmitJobs,
     WhyJob,
 )
@@ -187,19 +189,37 @@ class Engine:
             await self.system.stop(ref)
 
     async def claim_attempt(self, job_id: str, task: int, token: int, node: str) -> bool:
-        """An agent says it still runs this attempt: return whether it is the current one."""
+        """An agent says it still runs this attempt: adopt it if it is the current one.
+
+        Returns False for a stale attempt (the caller kills it).
+        """
         ref = self.job_ref(job_id)
+        node_ref = self.node_ref(node)
+        if ref is None or node_ref is None:
+            return False
+        spec = await ref.ask(
+            ClaimAttempt(job_id=job_id, task=task, token=token, node=node),
+            timeout=self.settings.ask_timeout,
+        )
+        if spec is None:
+            return False
+        await node_ref.ask(AdoptAttempt(spec=spec, job=ref), timeout=self.settings.ask_timeout)
+        if self._scheduler_actor is not None:
+            self._scheduler_actor.claimed(job_id, task)
+        return True
+
+    async def deliver_orphan(self, report: AttemptReport, node: str) -> bool:
+        """Journal a report of an attempt no node actor knows (sent before a restart).
+
+        Returns whether the job accepted it (False: stale, or the job is over).
+        """
+        ref = self.job_ref(report.job_id)
         if ref is None:
             return False
-        current = bool(
-            await ref.ask(
-                ClaimAttempt(job_id=job_id, task=task, token=token, node=node),
-                timeout=self.settings.ask_timeout,
-            )
+        accepted = await ref.ask(
+            ReportAttempt(report=report, node=node), timeout=self.settings.ask_timeout
         )
-        if current and self._scheduler_actor is not None:
-            self._scheduler_actor.claimed(job_id, task)
-        return current
+        return bool(accepted)
 
     async def nodes(self) -> list[NodeSummary]:
         """Describe every node."""

@@ -122,12 +122,15 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
                     await self._requeue(task, current.token, reason)
                 return None
             case ClaimAttempt(task=task, token=token, node=node):
+                # The reply is the attempt's spec when the claim is current, else None.
                 current = self.state.tasks[task]
-                return (
+                if (
                     current.token == token
                     and current.node == node
                     and current.status in ("assigned", "running")
-                )
+                ):
+                    return self._attempt_spec(task, current.attempt, token)
+                return None
             case CancelJob(reason=reason):
                 await self._cancel(reason)
                 return job_summary(self.job_id, self.state, tasks=False)

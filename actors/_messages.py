@@ -13,6 +13,7 @@ from ._resources import Resources
 from ._spec import SubmitJob
 
 __all__ = [
+    "AdoptAttempt",
     "AttemptLost",
     "CancelJob",
     "CancelRun",
@@ -150,6 +151,13 @@ class RunAttempt(Message, frozen=True, kw_only=True, tag="engine.cmd.run_attempt
 
     spec: AttemptSpec
     job: Any  # the job actor's ref, where reports go
+
+
+class AdoptAttempt(Message, frozen=True, kw_only=True, tag="engine.cmd.adopt_attempt"):
+    """Route an attempt the node's agent still runs (after a restart) back to its job."""
+
+    spec: AttemptSpec
+    job: Any
 
 
 class CancelRun(Message, frozen=True, kw_only=True, tag="engine.cmd.cancel_run"):

@@ -19,8 +19,16 @@ from runtime import (
     get_logger,
 )
 
-from ._executor import AttemptFinished, AttemptReport, AttemptSpec, Executor, ExecutorError
-from ._messages import CancelRun, ReportAttempt, RunAttempt
+from ._executor import (
+    AttemptFinished,
+    AttemptReport,
+    AttemptSpec,
+    Executor,
+    ExecutorError,
+    ReportSink,
+)
+from ._messages import AdoptAttempt, CancelRun, ReportAttempt, RunAttempt
+from ._protocol import RunningAttempt
 
 if TYPE_CHECKING:
     from ._engine import EngineSettings
@@ -29,7 +37,7 @@ __all__ = ["NodeActor"]
 
 _log = get_logger("actors.node")
 
-NodeMessage = RunAttempt | CancelRun
+NodeMessage = RunAttempt | AdoptAttempt | CancelRun
 
 
 class NodeActor(Actor[NodeMessage]):
@@ -44,20 +52,33 @@ class NodeActor(Actor[NodeMessage]):
         match message:
             case RunAttempt(spec=spec, job=job):
                 await self._run(spec, job)
+            case AdoptAttempt(spec=spec, job=job):
+                adopt = getattr(self.executor, "adopt", None)
+                if adopt is not None:
+                    running = RunningAttempt(
+                        job_id=spec.job_id,
+                        task_id=spec.task_id,
+                        attempt=spec.attempt,
+                        fencing_token=spec.fencing_token,
+                    )
+                    adopt(running, spec, self._sink(spec, job))
             case CancelRun(job_id=job_id, task_id=task_id, token=token, grace=grace):
                 self._cancel(job_id, task_id, token, grace)
             case _:
                 assert_never(message)
 
-    async def _run(self, spec: AttemptSpec, job: ActorRef[Any]) -> None:
+    def _sink(self, spec: AttemptSpec, job: ActorRef[Any]) -> ReportSink:
         async def sink(report: AttemptReport) -> None:
             accepted = await self._deliver(job, report)
             if not accepted and not isinstance(report, AttemptFinished):
                 # A stale attempt (its task was reassigned): kill the work, keep nothing.
                 self._cancel(spec.job_id, spec.task_id, spec.fencing_token, 0.0)
 
+        return sink
+
+    async def _run(self, spec: AttemptSpec, job: ActorRef[Any]) -> None:
         try:
-            await self.executor.start(spec, sink)
+            await self.executor.start(spec, self._sink(spec, job))
         except ExecutorError as error:
             _log.warning(
                 "attempt_start_failed", node_id=self.name, job_id=spec.job_id, error=str(error)
