@@ -25,9 +25,18 @@ Handler = Callable[[argparse.Namespace], Awaitable[int]]
 
 # One-line help for each plugin command, shown without importing it.
 _SUMMARIES = {
+    "agent": "run a node agent that executes work for a coordinator",
     "bench": "measure performance against baselines taken in the same run",
     "journal": "inspect a journal file (streams, events, positions, schema)",
     "replay": "rebuild state from a journal, as of a position or a time",
+    "serve": "run the coordinator: journal, scheduler, agent and client endpoint",
+    "submit": "submit a TOML or JSON job spec to the coordinator",
+    "status": "show jobs and their progress (--watch for live bars)",
+    "cancel": "cancel a job",
+    "nodes": "list the nodes and their free resources",
+    "why": "explain why a job or its tasks wait",
+    "logs": "show a task attempt's log",
+    "demo": "run a coordinator, two agents and a small real workload, with live progress",
 }
 
 

@@ -1,0 +1,927 @@
+"""The node agent: runs a coordinator's attempts on this host and reports back, durably.
+
+One agent process runs on each worker host (``taskfarm agent``).  It connects to the
+coordinator, authenticates, introduces itself (:class:`AgentHello`: its name, capacity, labels,
+the attempts it is still running and how many reports wait in its outbox), heartbeats, and runs
+the attempts it is sent on a subprocess executor whose logs and checkpoints live under its
+work directory.
+
+## The durable outbox (reports are at-least-once)
+
+Every report an attempt produces is first appended to a local SQLite journal
+(``<work-dir>/outbox.db``) and only then sent, as ``Report(sequence, report)`` where
+``sequence`` is the report's journal position.  The coordinator answers ``ReportAck(sequence)``
+once it has journaled everything up to ``sequence``; the agent then records the acknowledgement
+(coalesced: one ``agent.outbox_acked`` event covers many acks) and forgets those reports.
+After a reconnect, and after the agent process itself restarts, every unacknowledged report
+is sent again, in order.  So a report can arrive twice (its ack was lost, or not yet
+journaled when the agent died) but is never lost: receivers de-duplicate by attempt identity
+(job, task, fencing token) and sequence, which only grows.
+
+An attempt that was running when the agent process died cannot be re-attached (its pipes died
+with the agent): on restart the agent kills what is left of its process group and reports it
+``failed`` ("the agent restarted"), so the coordinator need not wait for a timeout to retry it.
+
+## Connections
+
+The agent reconnects by itself when the coordinator goes away, with exponential backoff
+(0.2 s doubling to 10 s, reset after each ``Welcome``); attempts keep running meanwhile and
+their reports wait in the outbox.  A refused token is fatal: retrying a wrong secret forever
+helps nobody, so :func:`run_agent` raises :class:`AuthenticationError`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import ssl
+from collections import OrderedDict
+from collections.abc import Iterable
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, assert_never
+
+import anyio
+import msgspec
+from anyio.abc import TaskGroup
+
+from persistence import Event, EventCodec, RecordedEvent, SQLiteJournal, open_sqlite_journal
+from runtime import (
+    AuthenticationError,
+    Clock,
+    ConfigurationError,
+    Connection,
+    ConnectionClosedError,
+    FrameCodec,
+    ProtocolError,
+    SystemClock,
+    TLSConfig,
+    TruncatedFrameError,
+    WireError,
+    get_logger,
+    load_token,
+    open_connection,
+)
+
+from ._errors import ResourceError
+from ._executor import (
+    _PATH_SAFE,
+    AttemptFinished,
+    AttemptHandle,
+    AttemptReport,
+    AttemptSpec,
+    AttemptStarted,
+    ExecutorError,
+)
+from ._protocol import (
+    AgentHello,
+    AgentToCoordinator,
+    CancelAttempt,
+    CheckpointAttempt,
+    CoordinatorToAgent,
+    Heartbeat,
+    LogChunk,
+    ReadLog,
+    Report,
+    ReportAck,
+    RunAttempt,
+    RunningAttempt,
+    Welcome,
+)
+from ._resources import Resources, parse_cores, parse_size
+from ._subprocess import SubprocessExecutor, open_subprocess_executor
+
+if TYPE_CHECKING:
+    from anyio.abc import TaskStatus
+
+__all__ = [
+    "OUTBOX_CODEC",
+    "AgentConfig",
+    "AgentHandle",
+    "AgentStatistics",
+    "OutboxAcked",
+    "OutboxAttemptLost",
+    "OutboxReport",
+    "detect_resources",
+    "run_agent",
+]
+
+_log = get_logger("actors.agent")
+
+AgentWire = AgentToCoordinator | CoordinatorToAgent
+_CODEC: FrameCodec[AgentWire] = FrameCodec(AgentWire)
+
+_OUTBOX_STREAM = "agent.outbox"
+_NAME_PATTERN = r"^[A-Za-z0-9_.@:-]+$"  # AgentHello.name
+_LABEL_PATTERN = r"^[A-Za-z0-9_.@:=/-]+$"
+_SAFE_ID = re.compile(_PATH_SAFE)
+_MAX_LOG_CHUNK = 1024 * 1024
+# Attempt identities this agent ran recently: a RunAttempt repeated after a reconnect (the
+# coordinator's dispatch is at-least-once too) must not run the work twice.
+_RECENT_ATTEMPTS = 10_000
+# How long a stopping agent waits for its last reports to be acknowledged before it leaves.
+_FINAL_FLUSH = 2.0
+
+AttemptKey = tuple[str, str, int]  # job_id, task_id, fencing_token
+
+
+# -- the outbox's events ----------------------------------------------------------------------
+
+
+class OutboxReport(Event, frozen=True, kw_only=True, tag="agent.outbox_report"):
+    """A report was produced and waits to be acknowledged; its position is its sequence."""
+
+    report: AttemptReport
+
+
+class OutboxAcked(Event, frozen=True, kw_only=True, tag="agent.outbox_acked"):
+    """The coordinator journaled every report up to and including ``sequence``."""
+
+    sequence: int
+
+
+class OutboxAttemptLost(Event, frozen=True, kw_only=True, tag="agent.outbox_attempt_lost"):
+    """An attempt that was running when the agent died was cleaned up after the restart.
+
+    Recorded together with the synthesized failure report, so the clean-up happens once.
+    """
+
+    job_id: str
+    task_id: str
+    fencing_token: int
+
+
+OUTBOX_CODEC = EventCodec()
+"""The codec of the agent's outbox journal (its own events only)."""
+OUTBOX_CODEC.register(OutboxReport)
+OUTBOX_CODEC.register(OutboxAcked)
+OUTBOX_CODEC.register(OutboxAttemptLost)
+
+
+def _key(item: AttemptReport | AttemptSpec | CancelAttempt | CheckpointAttempt) -> AttemptKey:
+    return (item.job_id, item.task_id, item.fencing_token)
+
+
+class _Outbox:
+    """Reports on their way to the coordinator: journaled first, forgotten once acknowledged."""
+
+    def __init__(self, journal: SQLiteJournal) -> None:
+        self._journal = journal
+        self._pending: dict[int, AttemptReport] = {}  # sequence -> report, in sequence order
+        self._acked = 0  # acknowledged in memory
+        self._acked_journaled = 0
+        self._lock = anyio.Lock()
+        self._changed = anyio.Event()
+        self._ack_changed = anyio.Event()
+        self._acknowledged = anyio.Event()
+        # Attempts started but not finished, per the journal (for the restart clean-up).
+        self._open: dict[AttemptKey, AttemptStarted] = {}
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    async def load(self) -> list[AttemptStarted]:
+        """Rebuild the unacknowledged reports; return the attempts that never finished."""
+        async for batch in self._journal.read_all():
+            for recorded in batch:
+                self._apply(recorded)
+        self._acked_journaled = self._acked
+        return list(self._open.values())
+
+    def _apply(self, recorded: RecordedEvent) -> None:
+        event = recorded.event
+        if isinstance(event, OutboxReport):
+            if recorded.position > self._acked:
+                self._pending[recorded.position] = event.report
+            self._track(event.report)
+        elif isinstance(event, OutboxAcked):
+            self._drop_upto(event.sequence)
+        elif isinstance(event, OutboxAttemptLost):
+            self._open.pop((event.job_id, event.task_id, event.fencing_token), None)
+
+    def _track(self, report: AttemptReport) -> None:
+        if isinstance(report, AttemptStarted):
+            self._open[_key(report)] = report
+        elif isinstance(report, AttemptFinished):
+            self._open.pop(_key(report), None)
+
+    def _drop_upto(self, sequence: int) -> None:
+        if sequence <= self._acked:
+            return
+        self._acked = sequence
+        for done in [s for s in self._pending if s <= sequence]:
+            del self._pending[done]
+
+    def changed(self) -> anyio.Event:
+        """Return the event set when the next report is added (read it before sending)."""
+        return self._changed
+
+    def after(self, sequence: int) -> list[tuple[int, AttemptReport]]:
+        """Return the unacknowledged reports after ``sequence``, in order."""
+        return [(s, r) for s, r in self._pending.items() if s > sequence]
+
+    async def put(self, *events: Event) -> None:
+        """Journal ``events`` (reports and their bookkeeping) durably, then queue the reports."""
+        # One append at a time, queued under the same lock, so sequences enter the queue in
+        # order (the sender never looks back past the last sequence it sent).
+        async with self._lock:
+            result = await self._journal.append(_OUTBOX_STREAM, list(events))
+            position = result.first_position
+            for event in events:
+                if isinstance(event, OutboxReport) and position > self._acked:
+                    self._pending[position] = event.report
+                    self._track(event.report)
+                position += 1
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    def acknowledge(self, sequence: int) -> None:
+        """Forget the reports up to ``sequence`` (journaled later, coalesced, by ``run_acks``)."""
+        if sequence > self._acked:
+            self._drop_upto(sequence)
+            self._ack_changed.set()
+            self._acknowledged.set()
+            self._acknowledged = anyio.Event()
+
+    def acknowledged(self) -> anyio.Event:
+        """Return the event set when the next acknowledgement arrives."""
+        return self._acknowledged
+
+    async def run_acks(self) -> None:
+        """Journal acknowledgements as they come, many acks per write."""
+        while True:
+            await self._ack_changed.wait()
+            self._ack_changed = anyio.Event()
+            await self.flush_acks()
+
+    async def flush_acks(self) -> None:
+        target = self._acked
+        if target > self._acked_journaled:
+            async with self._lock:
+                await self._journal.append(_OUTBOX_STREAM, [OutboxAcked(sequence=target)])
+            self._acked_journaled = max(self._acked_journaled, target)
+
+
+# -- configuration ----------------------------------------------------------------------------
+
+
+class AgentConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """How to run a node agent (``taskfarm agent`` builds one from its arguments).
+
+    ``heartbeat`` caps the heartbeat interval (the coordinator's, from ``Welcome``, applies when
+    it is shorter); ``terminate_grace`` is SIGTERM-to-SIGKILL on a timeout and on shutdown.
+
+    Raises:
+        ConfigurationError: a field is out of range; ``where`` names it.
+    """
+
+    host: str
+    port: Annotated[int, msgspec.Meta(ge=1, le=65535)]
+    token_file: str
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=_NAME_PATTERN)]
+    work_dir: str
+    capacity: Resources
+    labels: tuple[str, ...] = ()
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    heartbeat: float | None = None
+    terminate_grace: float = 10.0
+    reconnect_initial: float = 0.2
+    reconnect_max: float = 10.0
+    welcome_timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        # msgspec checks the Meta constraints when decoding only; direct construction is
+        # checked here.
+        if not self.host:
+            raise ConfigurationError("must not be empty", where="AgentConfig.host")
+        if not 1 <= self.port <= 65535:
+            raise ConfigurationError(
+                f"must be between 1 and 65535, got {self.port}", where="AgentConfig.port"
+            )
+        if not re.fullmatch(_NAME_PATTERN, self.name) or len(self.name) > 200:
+            raise ConfigurationError(
+                f"{self.name!r} is not a valid node name (letters, digits and _.@:- only)",
+                where="AgentConfig.name",
+            )
+        for label in self.labels:
+            check_label(label, where="AgentConfig.labels")
+        if self.tls_key is not None and self.tls_cert is None:
+            raise ConfigurationError("a key needs its certificate", where="AgentConfig.tls_cert")
+        for field in ("heartbeat", "reconnect_initial", "reconnect_max", "welcome_timeout"):
+            value = getattr(self, field)
+            if value is not None and not value > 0:
+                raise ConfigurationError(f"must be > 0, got {value}", where=f"AgentConfig.{field}")
+        if self.terminate_grace < 0:
+            raise ConfigurationError(
+                f"must be >= 0, got {self.terminate_grace}", where="AgentConfig.terminate_grace"
+            )
+        if self.reconnect_max < self.reconnect_initial:
+            raise ConfigurationError(
+                "must be >= reconnect_initial", where="AgentConfig.reconnect_max"
+            )
+
+    def tls_config(self) -> TLSConfig | None:
+        """Return the TLS settings, or None when no TLS option is set."""
+        if self.tls_ca is None and self.tls_cert is None:
+            return None
+        return TLSConfig(cafile=self.tls_ca, certfile=self.tls_cert, keyfile=self.tls_key)
+
+
+def check_label(label: str, *, where: str) -> str:
+    """Return ``label`` if it is a valid node label.
+
+    Raises:
+        ConfigurationError: it is empty or has characters other than letters, digits and
+            ``_.@:=/-``.
+    """
+    if not re.fullmatch(_LABEL_PATTERN, label) or len(label) > 200:
+        raise ConfigurationError(
+            f"{label!r} is not a valid label (letters, digits and _.@:=/- only)", where=where
+        )
+    return label
+
+
+def default_name() -> str:
+    """Return this host's name, made valid as a node name."""
+    name = re.sub(r"[^A-Za-z0-9_.@:-]", "-", socket.gethostname())[:200]
+    return name or "agent"
+
+
+def _detected_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _detected_memory() -> int:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def detect_resources(
+    work_dir: str | os.PathLike[str],
+    *,
+    cores: str | float | None = None,
+    memory: str | int | None = None,
+    gpus: int | None = None,
+    gpu_memory: str | int | None = None,
+    scratch: str | int | None = None,
+) -> Resources:
+    """Return this host's capacity: detected, or as given for each quantity that is not None.
+
+    Cores come from the CPU affinity mask (``os.cpu_count()`` without one), memory from
+    ``/proc/meminfo``, scratch from the free space of ``work_dir``'s file system; GPUs are
+    never guessed (0 unless given).  The errors name the command-line flag of the quantity.
+
+    Raises:
+        ConfigurationError: a given quantity cannot be parsed or is negative, or the free space
+            of ``work_dir`` cannot be read.
+    """
+    try:
+        millicores = parse_cores(cores) if cores is not None else _detected_cores() * 1000
+    except ResourceError as error:
+        raise ConfigurationError(str(error), where="--cores") from None
+    if millicores <= 0:
+        raise ConfigurationError("must be more than 0", where="--cores")
+    values: dict[str, int] = {}
+    for flag, given in (("memory", memory), ("gpu_memory", gpu_memory), ("scratch", scratch)):
+        if given is None:
+            continue
+        try:
+            values[flag] = parse_size(given, what=flag)
+        except ResourceError as error:
+            where = "--" + flag.replace("_", "-")
+            raise ConfigurationError(str(error), where=where) from None
+    if gpus is not None and (isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 0):
+        raise ConfigurationError(f"must be a whole number >= 0, got {gpus!r}", where="--gpus")
+    if "scratch" not in values:
+        try:
+            values["scratch"] = shutil.disk_usage(work_dir).free
+        except OSError as error:
+            raise ConfigurationError(
+                f"cannot read the free space: {error.strerror}", where="--work-dir"
+            ) from None
+    return Resources(
+        millicores=millicores,
+        memory=values.get("memory", _detected_memory()),
+        gpus=gpus or 0,
+        gpu_memory=values.get("gpu_memory", 0),
+        scratch=values["scratch"],
+    )
+
+
+# -- the running agent ------------------------------------------------------------------------
+
+
+class AgentStatistics(msgspec.Struct, frozen=True, kw_only=True):
+    """A snapshot of an agent: whether it is connected, connections so far, outbox and work."""
+
+    connected: bool
+    connections: int
+    reports_pending: int
+    running: int
+
+
+class AgentHandle:
+    """A running agent, as :func:`run_agent` reports it; built by the agent, never directly."""
+
+    def __init__(self, agent: _Agent) -> None:
+        self._agent = agent
+
+    @property
+    def name(self) -> str:
+        """Return the agent's node name."""
+        return self._agent.config.name
+
+    def stop(self) -> None:
+        """Stop the agent gracefully: terminate running attempts (SIGTERM, SIGKILL after the
+        grace period), send their final reports if connected, then return from ``run_agent``."""
+        self._agent.stop_requested.set()
+
+    def statistics(self) -> AgentStatistics:
+        """Return a snapshot of the agent's state."""
+        agent = self._agent
+        return AgentStatistics(
+            connected=agent.connected,
+            connections=agent.connections,
+            reports_pending=agent.outbox.pending,
+            running=len(agent.executor.running()),
+        )
+
+
+class _Agent:
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        token: bytes,
+        clock: Clock,
+        outbox: _Outbox,
+        executor: SubprocessExecutor,
+        task_group: TaskGroup,
+    ) -> None:
+        self.config = config
+        self.token = token
+        self.clock = clock
+        self.outbox = outbox
+        self.executor = executor
+        self.task_group = task_group
+        self.node_id = config.name
+        self.connected = False
+        self.connections = 0
+        self.stop_requested = anyio.Event()
+        self.recent: OrderedDict[AttemptKey, None] = OrderedDict()
+
+    # -- attempts ----------------------------------------------------------------------------
+
+    def _handle(self, key: AttemptKey) -> AttemptHandle | None:
+        for handle in self.executor.running():
+            if _key(handle.spec) == key:
+                return handle
+        return None
+
+    def _running(self) -> tuple[RunningAttempt, ...]:
+        return tuple(
+            RunningAttempt(
+                job_id=h.spec.job_id,
+                task_id=h.spec.task_id,
+                attempt=h.spec.attempt,
+                fencing_token=h.spec.fencing_token,
+            )
+            for h in self.executor.running()
+        )
+
+    async def report(self, report: AttemptReport) -> None:
+        """The executor's report sink: journal the report; the connection sends it."""
+        await self.outbox.put(OutboxReport(report=report))
+        if isinstance(report, AttemptStarted):
+            _log.info(
+                "attempt_started",
+                node_id=self.node_id,
+                job_id=report.job_id,
+                task_id=report.task_id,
+                attempt=report.attempt,
+                pid=report.pid,
+            )
+        elif isinstance(report, AttemptFinished):
+            _log.info(
+                "attempt_finished",
+                node_id=self.node_id,
+                job_id=report.job_id,
+                task_id=report.task_id,
+                attempt=report.attempt,
+                outcome=report.outcome,
+                elapsed_ms=round(report.runtime_s * 1000),
+            )
+
+    async def start(self, spec: AttemptSpec) -> None:
+        key = _key(spec)
+        if key in self.recent:
+            _log.warning(
+                "attempt_duplicate_ignored",
+                node_id=self.node_id,
+                job_id=spec.job_id,
+                task_id=spec.task_id,
+                attempt=spec.attempt,
+            )
+            return
+        self.recent[key] = None
+        if len(self.recent) > _RECENT_ATTEMPTS:
+            self.recent.popitem(last=False)
+        try:
+            await self.executor.start(spec, self.report)
+        except ExecutorError as error:
+            # Nothing ran and nothing was reported: the coordinator still needs an answer.
+            _log.warning(
+                "attempt_start_failed",
+                node_id=self.node_id,
+                job_id=spec.job_id,
+                task_id=spec.task_id,
+                attempt=spec.attempt,
+                error=str(error),
+            )
+            await self.report(
+                AttemptFinished(
+                    job_id=spec.job_id,
+                    task_id=spec.task_id,
+                    attempt=spec.attempt,
+                    fencing_token=spec.fencing_token,
+                    outcome="failed",
+                    error=f"the agent could not start it: {error}",
+                )
+            )
+
+    async def recover(self, lost: Iterable[AttemptStarted]) -> None:
+        """Kill the remains of attempts the previous agent process ran, and report them failed."""
+        for started in lost:
+            if started.pid is not None:
+                await anyio.to_thread.run_sync(_kill_leftover, started)
+            finished = AttemptFinished(
+                job_id=started.job_id,
+                task_id=started.task_id,
+                attempt=started.attempt,
+                fencing_token=started.fencing_token,
+                outcome="failed",
+                error="the agent restarted while the attempt ran",
+            )
+            marker = OutboxAttemptLost(
+                job_id=started.job_id, task_id=started.task_id, fencing_token=started.fencing_token
+            )
+            await self.outbox.put(OutboxReport(report=finished), marker)
+            _log.warning(
+                "attempt_lost_in_restart",
+                node_id=self.node_id,
+                job_id=started.job_id,
+                task_id=started.task_id,
+                attempt=started.attempt,
+            )
+
+    # -- the connection ----------------------------------------------------------------------
+
+    async def run_connections(self) -> None:
+        """Connect, serve, and reconnect with backoff until cancelled.
+
+        Raises:
+            AuthenticationError: the coordinator refused the token (or TLS failed): fatal.
+        """
+        config = self.config
+        tls = config.tls_config()
+        delay = config.reconnect_initial
+        while True:
+            welcomed = False
+            try:
+                async with open_connection(
+                    config.host,
+                    config.port,
+                    codec=_CODEC,
+                    token=self.token,
+                    name=config.name,
+                    role="agent",
+                    tls=tls,
+                ) as connection:
+                    welcome = await self._greet(connection)
+                    welcomed = True
+                    delay = config.reconnect_initial
+                    await self._serve(connection, welcome)
+                reason = "the coordinator closed the connection"
+            except Exception as error:
+                leaf = _wire_leaf(error)
+                if leaf is None:
+                    raise
+                if isinstance(leaf, AuthenticationError) and not _transient(leaf):
+                    _log.error("agent_authentication_failed", node_id=self.node_id, **leaf.fields())
+                    raise leaf from None
+                reason = leaf.reason
+            finally:
+                if self.connected:
+                    self.connected = False
+            if welcomed:
+                _log.warning("agent_disconnected", node_id=self.node_id, reason=reason)
+            else:
+                _log.info(
+                    "agent_connect_failed", node_id=self.node_id, reason=reason, retry_in=delay
+                )
+            await self.clock.sleep(delay)
+            if not welcomed:
+                delay = min(delay * 2, config.reconnect_max)
+
+    async def _greet(self, connection: Connection[AgentWire]) -> Welcome:
+        hello = AgentHello(
+            name=self.config.name,
+            capacity=self.config.capacity,
+            labels=self.config.labels,
+            running=self._running(),
+            unacknowledged=self.outbox.pending,
+        )
+        await connection.send(hello)
+        try:
+            with anyio.fail_after(self.config.welcome_timeout):
+                first = await connection.receive()
+        except TimeoutError:
+            raise ProtocolError(
+                connection.peer,
+                reason=f"no Welcome within {self.config.welcome_timeout:g} s",
+            ) from None
+        if not isinstance(first, Welcome):
+            raise ProtocolError(
+                connection.peer, reason=f"expected Welcome, got {type(first).__name__}"
+            )
+        self.node_id = first.node
+        self.connected = True
+        self.connections += 1
+        _log.info(
+            "agent_connected",
+            node_id=self.node_id,
+            peer=connection.peer,
+            running=len(hello.running),
+            unacknowledged=hello.unacknowledged,
+        )
+        return first
+
+    async def _serve(self, connection: Connection[AgentWire], welcome: Welcome) -> None:
+        interval = welcome.heartbeat_interval
+        if self.config.heartbeat is not None:
+            interval = min(interval, self.config.heartbeat)
+        async with anyio.create_task_group() as task_group:
+            task_group.start_soon(self._heartbeats, connection, max(interval, 0.01))
+            task_group.start_soon(self._send_reports, connection)
+            async for message in connection:
+                self._dispatch(message, connection, task_group)
+            task_group.cancel_scope.cancel()
+
+    async def _heartbeats(self, connection: Connection[AgentWire], interval: float) -> None:
+        while True:
+            await connection.send(Heartbeat(running=len(self.executor.running())))
+            await self.clock.sleep(interval)
+
+    async def _send_reports(self, connection: Connection[AgentWire]) -> None:
+        sent = 0
+        while True:
+            changed = self.outbox.changed()
+            for sequence, report in self.outbox.after(sent):
+                await connection.send(Report(sequence=sequence, report=report))
+                sent = sequence
+            await changed.wait()
+
+    def _dispatch(
+        self, message: AgentWire, connection: Connection[AgentWire], task_group: TaskGroup
+    ) -> None:
+        match message:
+            case RunAttempt(spec=spec):
+                # Starting outlives this connection: the attempt runs on whatever happens to it.
+                self.task_group.start_soon(self.start, spec)
+            case CancelAttempt():
+                handle = self._handle(_key(message))
+                if handle is not None:
+                    _log.info(
+                        "attempt_cancel_requested",
+                        node_id=self.node_id,
+                        job_id=message.job_id,
+                        attempt=handle.spec.attempt,
+                        reason=message.reason,
+                    )
+                    handle.cancel(grace=max(0.0, message.grace))
+            case CheckpointAttempt():
+                handle = self._handle(_key(message))
+                if handle is not None:
+                    handle.request_checkpoint()
+            case ReportAck(sequence=sequence):
+                self.outbox.acknowledge(sequence)
+            case ReadLog():
+                task_group.start_soon(self._read_log, connection, message)
+            case Welcome():
+                pass  # a repeated welcome changes nothing
+            case AgentHello() | Heartbeat() | Report() | LogChunk():
+                raise ProtocolError(
+                    connection.peer,
+                    reason=f"the coordinator sent an agent's message ({type(message).__name__})",
+                )
+            case _:
+                assert_never(message)
+
+    async def _read_log(self, connection: Connection[AgentWire], request: ReadLog) -> None:
+        text, missing = "", True
+        if _SAFE_ID.match(request.job_id) and _SAFE_ID.match(request.task_id):
+            path = (
+                Path(self.config.work_dir)
+                / "logs"
+                / request.job_id
+                / f"{request.task_id}.{request.attempt}.log"
+            )
+            limit = min(max(request.max_bytes, 0), _MAX_LOG_CHUNK)
+            text, missing = await anyio.to_thread.run_sync(_tail, path, limit)
+        await connection.send(LogChunk(request=request.request, text=text, missing=missing))
+
+    async def shutdown(self) -> None:
+        """Terminate running attempts and give their final reports a chance to get out."""
+        running = self.executor.running()
+        grace = self.config.terminate_grace
+        for handle in running:
+            handle.cancel(grace=grace)
+        with anyio.move_on_after(grace + 5.0):
+            for handle in running:
+                await handle.wait()
+        with anyio.move_on_after(_FINAL_FLUSH):
+            while self.connected and self.outbox.pending:
+                await self.outbox.acknowledged().wait()
+
+
+def _tail(path: Path, limit: int) -> tuple[str, bool]:
+    """Return the last ``limit`` bytes of ``path`` (from a line start) and whether it is missing."""
+    try:
+        with path.open("rb") as file:
+            size = file.seek(0, os.SEEK_END)
+            start = max(0, size - limit)
+            file.seek(start)
+            data = file.read(limit)
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        return "", True
+    if start > 0:
+        newline = data.find(b"\n")
+        data = data[newline + 1 :] if newline >= 0 else data
+    return data.decode("utf-8", errors="replace"), False
+
+
+def _kill_leftover(started: AttemptStarted) -> None:
+    """Kill the process group of an attempt an earlier agent process started, if it is still
+    that attempt's (a recycled pid belongs to someone else: its environment tells)."""
+    pid = started.pid
+    assert pid is not None
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return
+    expected = {
+        f"TASKFARM_JOB_ID={started.job_id}".encode(),
+        f"TASKFARM_TASK_ID={started.task_id}".encode(),
+        f"TASKFARM_ATTEMPT={started.attempt}".encode(),
+    }
+    if expected <= set(environ):
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _wire_leaf(error: BaseException) -> WireError | None:
+    """Return the wire error behind ``error`` (also inside a group), or None if there is none
+    or something else failed too."""
+    if isinstance(error, BaseExceptionGroup):
+        leaves = [_wire_leaf(inner) for inner in error.exceptions]
+        if any(leaf is None for leaf in leaves):
+            return None
+        found = [leaf for leaf in leaves if leaf is not None]
+        for leaf in found:
+            if isinstance(leaf, AuthenticationError):
+                return leaf
+        return found[0] if found else None
+    return error if isinstance(error, WireError) else None
+
+
+def _transient(error: AuthenticationError) -> bool:
+    """Tell a handshake that merely broke off (retry) from a refusal (fatal)."""
+    if "timed out" in error.reason:
+        return True
+    cause: Any = error.__cause__
+    if isinstance(cause, ConnectionClosedError | TruncatedFrameError):
+        return True
+    return isinstance(cause, anyio.EndOfStream | anyio.BrokenResourceError) or (
+        isinstance(cause, OSError) and not isinstance(cause, ssl.SSLError)
+    )
+
+
+async def run_agent(
+    config: AgentConfig,
+    *,
+    clock: Clock | None = None,
+    task_status: TaskStatus[AgentHandle] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run a node agent until it is stopped (``AgentHandle.stop()``) or cancelled.
+
+    Opens the outbox and the executor under ``config.work_dir``, re-queues the reports the
+    last run left unacknowledged, reports an :class:`AgentHandle` through ``task_status``, and
+    then connects (and reconnects) to the coordinator.  Cancelling kills running attempts at
+    once; ``stop()`` terminates them with the grace period first.
+
+    Raises:
+        ConfigurationError: the token file, TLS files or work directory are unusable.
+        AuthenticationError: the coordinator refused the token, or TLS verification failed.
+        JournalFileError: the outbox file is damaged.
+    """
+    chosen = clock if clock is not None else SystemClock()
+    token = load_token(config.token_file)
+    tls = config.tls_config()
+    if tls is not None:
+        tls.client_context()  # a missing or invalid certificate is named now, not when connecting
+    work = Path(config.work_dir)
+    try:
+        await anyio.to_thread.run_sync(lambda: work.mkdir(parents=True, exist_ok=True))
+    except OSError as error:
+        raise ConfigurationError(
+            f"cannot create the work directory: {error.strerror}", where=str(work)
+        ) from None
+    async with AsyncExitStack() as stack:
+        journal = await stack.enter_async_context(
+            open_sqlite_journal(work / "outbox.db", clock=chosen, codec=OUTBOX_CODEC)
+        )
+        outbox = _Outbox(journal)
+        lost = await outbox.load()
+        executor = await stack.enter_async_context(
+            open_subprocess_executor(
+                log_dir=work / "logs",
+                checkpoint_dir=work / "checkpoints",
+                clock=chosen,
+                terminate_grace=config.terminate_grace,
+            )
+        )
+        try:
+            async with anyio.create_task_group() as task_group:
+                agent = _Agent(
+                    config,
+                    token=token,
+                    clock=chosen,
+                    outbox=outbox,
+                    executor=executor,
+                    task_group=task_group,
+                )
+                await agent.recover(lost)
+                task_group.start_soon(outbox.run_acks)
+                connections = _Stoppable(agent.run_connections)
+                task_group.start_soon(connections.run)
+                task_status.started(AgentHandle(agent))
+                # Either the connection loop fails (a refused token) or we are asked to stop.
+                await _first(agent.stop_requested.wait, connections.finished.wait)
+                if connections.error is None:
+                    await agent.shutdown()
+                task_group.cancel_scope.cancel()
+            if connections.error is not None:
+                raise connections.error
+        finally:
+            with anyio.move_on_after(5, shield=True):
+                await outbox.flush_acks()
+            _log.info("agent_stopped", node_id=config.name)
+
+
+class _Stoppable:
+    """Run a coroutine function, keeping its error instead of failing the task group."""
+
+    def __init__(self, run: Any) -> None:
+        self._run = run
+        self.finished = anyio.Event()
+        self.error: Exception | None = None
+
+    async def run(self) -> None:
+        try:
+            await self._run()
+        except Exception as error:
+            self.error = error
+        finally:
+            self.finished.set()
+
+
+async def _first(*waits: Any) -> None:
+    """Return once the first of ``waits`` returns."""
+    async with anyio.create_task_group() as task_group:
+
+        async def one(wait: Any) -> None:
+            await wait()
+            task_group.cancel_scope.cancel()
+
+        for wait in waits:
+            task_group.start_soon(one, wait)

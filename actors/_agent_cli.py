@@ -1,0 +1,225 @@
+"""``taskfarm agent``: run a node agent that executes work for a coordinator.
+
+Every argument is checked before anything connects, and an error names the flag at fault.
+SIGTERM or SIGINT stops the agent gracefully (running attempts get SIGTERM, then SIGKILL after
+the grace period); a second signal stops it at once.  A refused token ends the process with
+status 2: retrying a wrong secret forever helps nobody.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import signal
+import sys
+from pathlib import Path
+
+import anyio
+
+from runtime import AuthenticationError, ConfigurationError, get_logger, load_token
+from runtime._gc import tune_gc_for_many_objects
+
+from ._agent import AgentConfig, AgentHandle, check_label, default_name, detect_resources, run_agent
+
+__all__ = ["config_from_args", "configure"]
+
+_log = get_logger("actors.agent")
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Add the ``agent`` command's arguments to ``parser`` and set its handler."""
+    parser.add_argument(
+        "--connect", required=True, metavar="HOST:PORT", help="the coordinator's address"
+    )
+    parser.add_argument(
+        "--token-file",
+        required=True,
+        metavar="FILE",
+        help="the shared secret (the coordinator's token file; chmod 600)",
+    )
+    parser.add_argument("--name", metavar="N", help="the node name (default: the host name)")
+    parser.add_argument(
+        "--work-dir",
+        metavar="DIR",
+        default="taskfarm-agent",
+        help="attempt logs, checkpoints and the report outbox (default: ./taskfarm-agent)",
+    )
+    parser.add_argument("--cores", metavar="N", help="cores to offer, e.g. 8 or 7500m (detected)")
+    parser.add_argument("--memory", metavar="SIZE", help="memory to offer, e.g. 64GiB (detected)")
+    parser.add_argument("--gpus", metavar="N", help="GPUs to offer (default: 0)")
+    parser.add_argument("--gpu-memory", metavar="SIZE", help="memory of each GPU, e.g. 24GiB")
+    parser.add_argument(
+        "--scratch", metavar="SIZE", help="scratch disk to offer (default: free space of work dir)"
+    )
+    parser.add_argument(
+        "--label",
+        dest="labels",
+        action="append",
+        default=[],
+        metavar="L",
+        help="a node label for placement (repeatable)",
+    )
+    parser.add_argument("--tls-ca", metavar="FILE", help="CA certificate to verify the coordinator")
+    parser.add_argument("--tls-cert", metavar="FILE", help="this agent's certificate (mutual TLS)")
+    parser.add_argument("--tls-key", metavar="FILE", help="the key of --tls-cert")
+    parser.add_argument(
+        "--heartbeat",
+        metavar="S",
+        help="heartbeat at least every S seconds (default: the coordinator's interval)",
+    )
+    parser.add_argument(
+        "--terminate-grace",
+        metavar="S",
+        default="10",
+        help="seconds between SIGTERM and SIGKILL when stopping work (default: 10)",
+    )
+    parser.set_defaults(handler=_run)
+
+
+def _address(text: str) -> tuple[str, int]:
+    match = re.fullmatch(r"\[([^\]]+)\]:(\d+)|([^:\[\]]+):(\d+)", text.strip())
+    if match is None:
+        raise ConfigurationError(f"expected HOST:PORT, got {text!r}", where="--connect")
+    host = match.group(1) or match.group(3)
+    port = int(match.group(2) or match.group(4))
+    if not 1 <= port <= 65535:
+        raise ConfigurationError(f"port must be between 1 and 65535, got {port}", where="--connect")
+    return host, port
+
+
+def _seconds(text: str | None, *, where: str, allow_zero: bool = False) -> float | None:
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigurationError(
+            f"expected a number of seconds, got {text!r}", where=where
+        ) from None
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigurationError(f"must be {bound}, got {text!r}", where=where)
+    return value
+
+
+def _readable(path: str | None, *, where: str) -> str | None:
+    if path is not None and not os.path.isfile(path):
+        raise ConfigurationError(f"file not found: {path}", where=where)
+    return path
+
+
+def config_from_args(args: argparse.Namespace) -> AgentConfig:
+    """Build and check the agent's configuration from parsed arguments.
+
+    Raises:
+        ConfigurationError: an argument is invalid; ``where`` names its flag.
+    """
+    host, port = _address(args.connect)
+    load_token(args.token_file)  # fail now, naming the file, rather than after connecting
+    name = args.name if args.name is not None else default_name()
+    if not re.fullmatch(r"[A-Za-z0-9_.@:-]{1,200}", name):
+        raise ConfigurationError(
+            f"{name!r} is not a valid node name (letters, digits and _.@:- only)", where="--name"
+        )
+    work_dir = Path(args.work_dir)
+    if work_dir.exists() and not work_dir.is_dir():
+        raise ConfigurationError(f"{work_dir} is not a directory", where="--work-dir")
+    try:
+        work_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigurationError(
+            f"cannot create {work_dir}: {error.strerror}", where="--work-dir"
+        ) from None
+    gpus: int | None = None
+    if args.gpus is not None:
+        try:
+            gpus = int(args.gpus)
+        except ValueError:
+            raise ConfigurationError(
+                f"expected a whole number, got {args.gpus!r}", where="--gpus"
+            ) from None
+    capacity = detect_resources(
+        work_dir,
+        cores=args.cores,
+        memory=args.memory,
+        gpus=gpus,
+        gpu_memory=args.gpu_memory,
+        scratch=args.scratch,
+    )
+    labels = tuple(dict.fromkeys(check_label(label, where="--label") for label in args.labels))
+    if args.tls_key is not None and args.tls_cert is None:
+        raise ConfigurationError("--tls-key needs --tls-cert", where="--tls-key")
+    if args.tls_cert is not None and args.tls_key is None:
+        raise ConfigurationError("--tls-cert needs --tls-key", where="--tls-cert")
+    grace = _seconds(args.terminate_grace, where="--terminate-grace", allow_zero=True)
+    assert grace is not None
+    config = AgentConfig(
+        host=host,
+        port=port,
+        token_file=args.token_file,
+        name=name,
+        work_dir=str(work_dir.resolve()),
+        capacity=capacity,
+        labels=labels,
+        tls_ca=_readable(args.tls_ca, where="--tls-ca"),
+        tls_cert=_readable(args.tls_cert, where="--tls-cert"),
+        tls_key=_readable(args.tls_key, where="--tls-key"),
+        heartbeat=_seconds(args.heartbeat, where="--heartbeat"),
+        terminate_grace=grace,
+    )
+    tls = config.tls_config()
+    if tls is not None:
+        tls.client_context()  # a bad certificate or key is named now, not at the first connect
+    return config
+
+
+class _Started:
+    """Receives the agent's handle from ``run_agent`` (a ``TaskStatus``)."""
+
+    def __init__(self) -> None:
+        self.handle: AgentHandle | None = None
+
+    def started(self, value: AgentHandle | None = None) -> None:
+        self.handle = value
+
+
+async def _run(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    tune_gc_for_many_objects()
+    failure: Exception | None = None
+    status = _Started()
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with anyio.create_task_group() as task_group:
+
+            async def agent_main() -> None:
+                nonlocal failure
+                try:
+                    await run_agent(config, task_status=status)
+                except Exception as error:
+                    failure = error
+                finally:
+                    task_group.cancel_scope.cancel()
+
+            task_group.start_soon(agent_main)
+            stopping = False
+            async for signum in signals:
+                if stopping or status.handle is None:
+                    _log.warning("agent_killed", node_id=config.name, signal=signum.name)
+                    task_group.cancel_scope.cancel()
+                    break
+                _log.info("agent_stopping", node_id=config.name, signal=signum.name)
+                stopping = True
+                status.handle.stop()
+    if isinstance(failure, AuthenticationError):
+        print(
+            f"taskfarm agent: error: the coordinator at {failure.peer} refused this agent "
+            f"({failure.reason}); check that --token-file {args.token_file} holds the "
+            "coordinator's token (and the TLS options, if any)",
+            file=sys.stderr,
+        )
+        return 2
+    if failure is not None:
+        raise failure
+    return 0

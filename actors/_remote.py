@@ -1,0 +1,493 @@
+"""The coordinator's side of a node agent: an :class:`Executor` over the agent's connection.
+
+A :class:`RemoteExecutor` lives as long as the node (not the connection): the coordinator
+``attach()``-es each authenticated connection of the agent and ``detach()``-es it when it is
+lost.  Handles of attempts stay pending while the agent is away (it may come back, still
+running them); the coordinator decides when they are lost.
+
+Reports arrive as ``Report(sequence, report)`` frames, which the coordinator's connection
+reader passes to :meth:`RemoteExecutor.deliver`: the report goes to its attempt's sink (which
+journals it), and only then is ``ReportAck(sequence)`` sent, so the agent forgets a report only
+once it is durable here.  Reports are at-least-once: the agent re-sends what was not
+acknowledged after a reconnect or a restart, and a report already delivered (same attempt, a
+sequence not above the last one delivered for it) is acknowledged again without reaching the
+sink twice.  A report for an attempt this executor does not know (the coordinator restarted,
+or the attempt finished long ago) goes to ``on_orphan_report``; the coordinator's journal
+decides whether to adopt it (``adopt()``) or reject it as stale.
+
+Differences from the local executors, by nature of the network:
+
+- ``start()`` returns once ``RunAttempt`` is sent, without waiting for the agent's
+  :class:`AttemptStarted` (which follows through the sink); an attempt the agent cannot start
+  ends with an :class:`AttemptFinished` ``failed`` report instead of an ``ExecutorError``.
+- ``terminate()`` and ``kill()`` wait for the final report, which the agent sends after the
+  process exited.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import TypeAlias, assert_never
+
+import anyio
+
+from runtime import Connection, WireError, get_logger
+
+from ._executor import (
+    AttemptFinished,
+    AttemptHandle,
+    AttemptReport,
+    AttemptSpec,
+    AttemptStarted,
+    ExecutorError,
+    ReportSink,
+)
+from ._protocol import (
+    CancelAttempt,
+    CheckpointAttempt,
+    LogChunk,
+    ReadLog,
+    Report,
+    ReportAck,
+    RunAttempt,
+    RunningAttempt,
+    WireMessage,
+)
+
+__all__ = [
+    "AgentUnavailableError",
+    "OrphanReportSink",
+    "RemoteAttempt",
+    "RemoteExecutor",
+    "open_remote_executor",
+]
+
+_log = get_logger("actors.remote")
+
+AttemptKey: TypeAlias = tuple[str, str, int]  # job_id, task_id, fencing_token
+
+OrphanReportSink: TypeAlias = Callable[[AttemptReport], Awaitable[None]]
+"""Receives a report for an attempt the executor does not know (it may call ``adopt()``)."""
+
+# Finished attempts remembered so a late duplicate of their reports is recognised as one.
+_FINISHED_MEMORY = 4096
+
+
+class AgentUnavailableError(ExecutorError):
+    """Raised when a request needs the agent but it is not connected, the connection fails, or
+    it does not answer in time; ``job_id``, ``task_id`` and ``attempt`` name the attempt."""
+
+
+def _key(item: AttemptReport | AttemptSpec | RunningAttempt) -> AttemptKey:
+    return (item.job_id, item.task_id, item.fencing_token)
+
+
+class RemoteAttempt:
+    """One attempt running on the agent, as :meth:`RemoteExecutor.start` returns it."""
+
+    def __init__(self, executor: RemoteExecutor, spec: AttemptSpec, sink: ReportSink) -> None:
+        self._executor = executor
+        self._spec = spec
+        self._sink = sink
+        self._pid: int | None = None
+        self._result: AttemptFinished | None = None
+        self._finished = anyio.Event()
+        self._last_sequence = 0
+        self._cancel_grace: float | None = None
+
+    def __repr__(self) -> str:
+        spec = self._spec
+        return f"<RemoteAttempt {spec.job_id}/{spec.task_id} attempt {spec.attempt}>"
+
+    @property
+    def spec(self) -> AttemptSpec:
+        """Return the spec the attempt runs."""
+        return self._spec
+
+    @property
+    def pid(self) -> int | None:
+        """Return the main process id on the agent's host, once reported."""
+        return self._pid
+
+    @property
+    def result(self) -> AttemptFinished | None:
+        """Return the final report once it was delivered, else None."""
+        return self._result
+
+    def request_checkpoint(self) -> bool:
+        """Send ``CheckpointAttempt``; return False when the spec is not checkpointable, the
+        attempt is over or the agent is not connected."""
+        if not self._spec.checkpointable or self._result is not None:
+            return False
+        spec = self._spec
+        return self._executor._send_nowait(
+            CheckpointAttempt(
+                job_id=spec.job_id, task_id=spec.task_id, fencing_token=spec.fencing_token
+            )
+        )
+
+    def cancel(self, *, grace: float) -> None:
+        """Send ``CancelAttempt`` (again on the next ``attach()`` if the agent is away)."""
+        if self._result is not None:
+            return
+        grace = max(0.0, grace)
+        if self._cancel_grace is None or grace < self._cancel_grace:
+            self._cancel_grace = grace
+        self._executor._send_nowait(self._cancel_message())
+
+    def _cancel_message(self) -> CancelAttempt:
+        spec = self._spec
+        return CancelAttempt(
+            job_id=spec.job_id,
+            task_id=spec.task_id,
+            fencing_token=spec.fencing_token,
+            grace=self._cancel_grace or 0.0,
+            reason="cancelled by the coordinator",
+        )
+
+    async def terminate(self, grace: float) -> None:
+        """Stop the attempt (terminate, kill after ``grace``) and wait for its final report."""
+        self.cancel(grace=grace)
+        await self._finished.wait()
+
+    async def kill(self) -> None:
+        """Kill the attempt without a grace period and wait for its final report."""
+        self.cancel(grace=0.0)
+        await self._finished.wait()
+
+    async def wait(self) -> AttemptFinished:
+        """Wait for the final report and return it."""
+        await self._finished.wait()
+        assert self._result is not None
+        return self._result
+
+
+class RemoteExecutor:
+    """Runs attempts on one node agent; built by :func:`open_remote_executor`."""
+
+    def __init__(
+        self,
+        *,
+        node: str,
+        on_orphan_report: OrphanReportSink,
+        read_log_timeout: float,
+    ) -> None:
+        self._node = node
+        self._on_orphan_report = on_orphan_report
+        self._read_log_timeout = read_log_timeout
+        self._connection: Connection[WireMessage] | None = None
+        self._attempts: dict[AttemptKey, RemoteAttempt] = {}
+        self._finished: OrderedDict[AttemptKey, int] = OrderedDict()
+        self._outgoing: deque[WireMessage] = deque()
+        self._wakeup = anyio.Event()
+        self._requests = itertools.count(1)
+        self._log_requests: dict[int, tuple[anyio.Event, list[LogChunk]]] = {}
+        self._delivered = 0
+        self._duplicates = 0
+        self._orphans = 0
+
+    def __repr__(self) -> str:
+        state = "attached" if self._connection is not None else "detached"
+        return f"<RemoteExecutor node={self._node!r} {state} attempts={len(self._attempts)}>"
+
+    @property
+    def node(self) -> str:
+        """Return the node (agent) name."""
+        return self._node
+
+    @property
+    def attached(self) -> bool:
+        """Return whether the agent is connected."""
+        return self._connection is not None
+
+    def statistics(self) -> dict[str, int]:
+        """Return counters: reports delivered, duplicates dropped, orphans passed on, and
+        attempts not finished."""
+        return {
+            "delivered": self._delivered,
+            "duplicates": self._duplicates,
+            "orphans": self._orphans,
+            "running": len(self._attempts),
+        }
+
+    # -- connection lifecycle ----------------------------------------------------------------
+
+    def attach(self, connection: Connection[WireMessage]) -> None:
+        """Use ``connection`` (the agent's, after its ``Welcome``) from now on.
+
+        Cancellations requested while the agent was away are sent again; other queued
+        commands were dropped on ``detach()``.
+        """
+        self._connection = connection
+        self._outgoing.clear()
+        for attempt in self._attempts.values():
+            if attempt._cancel_grace is not None:
+                self._outgoing.append(attempt._cancel_message())
+        self._wakeup.set()
+
+    def detach(self) -> None:
+        """Forget the lost connection; attempts stay pending (the agent may come back).
+
+        Pending ``read_log()`` calls fail with :class:`AgentUnavailableError`.
+        """
+        self._connection = None
+        self._outgoing.clear()
+        for done, answer in self._log_requests.values():
+            answer.clear()
+            done.set()
+
+    # -- Executor ----------------------------------------------------------------------------
+
+    async def start(self, spec: AttemptSpec, report: ReportSink) -> RemoteAttempt:
+        """Send ``RunAttempt`` to the agent and return the attempt's handle.
+
+        Its reports (first :class:`AttemptStarted`) follow through ``report`` as the agent
+        sends them.
+
+        Raises:
+            AgentUnavailableError: the agent is not connected, or the connection failed while
+                sending (the agent never got the whole request: nothing runs).
+            ExecutorError: an attempt with the same job, task and fencing token is running.
+        """
+        key = _key(spec)
+        if key in self._attempts:
+            raise ExecutorError(
+                "an attempt with this fencing token is already running",
+                job_id=spec.job_id,
+                task_id=spec.task_id,
+                attempt=spec.attempt,
+            )
+        connection = self._connection
+        if connection is None:
+            raise AgentUnavailableError(
+                f"agent {self._node!r} is not connected",
+                job_id=spec.job_id,
+                task_id=spec.task_id,
+                attempt=spec.attempt,
+            )
+        attempt = RemoteAttempt(self, spec, report)
+        # Registered before sending: the agent's first report may beat our return.
+        self._attempts[key] = attempt
+        try:
+            await connection.send(RunAttempt(spec=spec))
+        except WireError as error:
+            del self._attempts[key]
+            raise AgentUnavailableError(
+                f"sending to agent {self._node!r} failed: {error.reason}",
+                job_id=spec.job_id,
+                task_id=spec.task_id,
+                attempt=spec.attempt,
+            ) from error
+        return attempt
+
+    def running(self) -> tuple[AttemptHandle, ...]:
+        """Return the attempts whose final report has not arrived, oldest first."""
+        return tuple(self._attempts.values())
+
+    def adopt(
+        self, running: RunningAttempt, spec: AttemptSpec, report: ReportSink
+    ) -> RemoteAttempt:
+        """Re-attach an attempt the agent runs but this executor does not know (after a
+        coordinator restart): its reports go to ``report`` from now on.
+
+        Returns the existing handle when the attempt is already known.
+
+        Raises:
+            ExecutorError: ``spec`` does not describe ``running`` (job, task, attempt, token).
+        """
+        if _key(running) != _key(spec) or running.attempt != spec.attempt:
+            raise ExecutorError(
+                f"spec does not match the running attempt {running.job_id}/{running.task_id} "
+                f"attempt {running.attempt} (fencing token {running.fencing_token})",
+                job_id=spec.job_id,
+                task_id=spec.task_id,
+                attempt=spec.attempt,
+            )
+        key = _key(spec)
+        existing = self._attempts.get(key)
+        if existing is not None:
+            return existing
+        attempt = RemoteAttempt(self, spec, report)
+        attempt._last_sequence = self._finished.pop(key, 0)
+        self._attempts[key] = attempt
+        return attempt
+
+    # -- inbound -----------------------------------------------------------------------------
+
+    async def deliver(self, message: Report | LogChunk) -> None:
+        """Handle one ``Report`` or ``LogChunk`` frame from the agent's connection.
+
+        A report goes to its attempt's sink (or ``on_orphan_report``), then is acknowledged;
+        a duplicate is acknowledged again without being delivered.  Call it from the one task
+        that reads the connection, in frame order.
+
+        Raises:
+            Exception: whatever the sink raised (nothing is acknowledged: the agent re-sends).
+        """
+        match message:
+            case Report():
+                await self._deliver_report(message)
+            case LogChunk():
+                waiting = self._log_requests.get(message.request)
+                if waiting is not None:
+                    done, answer = waiting
+                    answer.append(message)
+                    done.set()
+            case _:
+                assert_never(message)
+
+    async def _deliver_report(self, message: Report) -> None:
+        report, sequence = message.report, message.sequence
+        key = _key(report)
+        attempt = self._attempts.get(key)
+        if attempt is None:
+            if sequence <= self._finished.get(key, 0):
+                self._duplicates += 1
+            else:
+                self._orphans += 1
+                await self._on_orphan_report(report)
+                # The callback may have adopted the attempt: its later reports go there.
+                adopted = self._attempts.get(key)
+                if adopted is not None:
+                    adopted._last_sequence = max(adopted._last_sequence, sequence)
+        elif sequence <= attempt._last_sequence:
+            self._duplicates += 1
+        else:
+            if isinstance(report, AttemptStarted):
+                attempt._pid = report.pid
+            await attempt._sink(report)
+            attempt._last_sequence = sequence
+            self._delivered += 1
+            if isinstance(report, AttemptFinished):
+                attempt._result = report
+                del self._attempts[key]
+                self._finished[key] = sequence
+                if len(self._finished) > _FINISHED_MEMORY:
+                    self._finished.popitem(last=False)
+                attempt._finished.set()
+        connection = self._connection
+        if connection is not None:
+            await connection.send(ReportAck(sequence=sequence))
+
+    # -- requests ----------------------------------------------------------------------------
+
+    async def read_log(
+        self,
+        job_id: str,
+        task_id: str,
+        attempt: int,
+        *,
+        max_bytes: int = 64 * 1024,
+    ) -> str | None:
+        """Return the tail of an attempt's log on the agent (None when it has no such log).
+
+        Raises:
+            AgentUnavailableError: the agent is not connected, the connection is lost, or no
+                answer came within the executor's ``read_log_timeout``.
+        """
+        connection = self._connection
+        if connection is None:
+            raise AgentUnavailableError(
+                f"agent {self._node!r} is not connected",
+                job_id=job_id,
+                task_id=task_id,
+                attempt=attempt,
+            )
+        request = next(self._requests)
+        done, answer = anyio.Event(), list[LogChunk]()
+        self._log_requests[request] = (done, answer)
+        limit = self._read_log_timeout
+        try:
+            with anyio.move_on_after(limit):
+                await connection.send(
+                    ReadLog(
+                        request=request,
+                        job_id=job_id,
+                        task_id=task_id,
+                        attempt=attempt,
+                        max_bytes=max_bytes,
+                    )
+                )
+                await done.wait()
+        except WireError as error:
+            raise AgentUnavailableError(
+                f"agent {self._node!r}: {error.reason}",
+                job_id=job_id,
+                task_id=task_id,
+                attempt=attempt,
+            ) from error
+        finally:
+            del self._log_requests[request]
+        if not answer:
+            why = "went away" if done.is_set() else f"did not answer within {limit:g} s"
+            raise AgentUnavailableError(
+                f"agent {self._node!r} {why} (reading the log)",
+                job_id=job_id,
+                task_id=task_id,
+                attempt=attempt,
+            )
+        chunk = answer[0]
+        return None if chunk.missing else chunk.text
+
+    # -- outbound commands -------------------------------------------------------------------
+
+    def _send_nowait(self, message: WireMessage) -> bool:
+        """Queue a command for the sender task; return False when the agent is away."""
+        if self._connection is None:
+            return False
+        # Bounded by the attempts: each queues at most a few commands over its life.
+        self._outgoing.append(message)
+        self._wakeup.set()
+        return True
+
+    async def _run_sender(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup = anyio.Event()
+            while self._outgoing:
+                connection = self._connection
+                if connection is None:
+                    break
+                message = self._outgoing.popleft()
+                try:
+                    await connection.send(message)
+                except WireError as error:
+                    # The reader will see the loss too and detach; cancels are re-sent then.
+                    _log.info("remote_send_failed", node_id=self._node, reason=error.reason)
+                    break
+
+
+@asynccontextmanager
+async def open_remote_executor(
+    *,
+    node: str,
+    on_orphan_report: OrphanReportSink,
+    connection: Connection[WireMessage] | None = None,
+    read_log_timeout: float = 10.0,
+) -> AsyncIterator[RemoteExecutor]:
+    """Open the executor of node agent ``node``, attached to ``connection`` if given.
+
+    ``on_orphan_report`` receives reports of attempts this executor does not know; like a
+    report sink it must not raise (the agent would re-send the report).  On exit the sender
+    task stops; the attempts' handles stay pending.
+    """
+    executor = RemoteExecutor(
+        node=node, on_orphan_report=on_orphan_report, read_log_timeout=read_log_timeout
+    )
+    if connection is not None:
+        executor.attach(connection)
+    # The block's own exception is re-raised as itself, not wrapped in an ExceptionGroup.
+    failure: Exception | None = None
+    async with anyio.create_task_group() as task_group:
+        task_group.start_soon(executor._run_sender)
+        try:
+            yield executor
+        except Exception as error:
+            failure = error
+        finally:
+            task_group.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
