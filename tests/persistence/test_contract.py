@@ -1,0 +1,500 @@
+"""The journal contract: every test here runs against the in-memory and the SQLite journal."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import anyio
+import anyio.lowlevel
+import msgspec
+import pytest
+
+from persistence import (
+    Event,
+    EventCodec,
+    EventEncodeError,
+    InMemoryJournal,
+    Journal,
+    JournalClosedError,
+    JournalError,
+    RecordedEvent,
+    StreamInfo,
+    VersionConflictError,
+    open_sqlite_journal,
+    rebuild_all,
+    rebuild_stream,
+)
+from runtime import ConfigurationError, VirtualClock
+
+START = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+class CounterAdded(Event, frozen=True, kw_only=True, tag="test.counter_added"):
+    amount: int
+
+
+class CounterReset(Event, frozen=True, kw_only=True, tag="test.counter_reset"):
+    pass
+
+
+class NotRegistered(Event, frozen=True, kw_only=True, tag="test.not_registered"):
+    pass
+
+
+class Counter(msgspec.Struct, frozen=True):
+    total: int = 0
+    changes: int = 0
+
+
+class CounterAggregate:
+    state_type = Counter
+    schema_version = 1
+
+    def initial_state(self, stream_id: str) -> Counter:
+        return Counter()
+
+    def apply(self, state: Counter, event: Event) -> Counter:
+        match event:
+            case CounterAdded(amount=amount):
+                return Counter(total=state.total + amount, changes=state.changes + 1)
+            case CounterReset():
+                return Counter(total=0, changes=state.changes + 1)
+        return state
+
+
+OpenJournal = Callable[[], AbstractAsyncContextManager[Journal]]
+
+
+@pytest.fixture
+def clock() -> VirtualClock:
+    return VirtualClock(START)
+
+
+@pytest.fixture
+def codec() -> EventCodec:
+    codec = EventCodec()
+    codec.register(CounterAdded)
+    codec.register(CounterReset)
+    return codec
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def open_journal(
+    request: pytest.FixtureRequest, tmp_path: Path, clock: VirtualClock, codec: EventCodec
+) -> OpenJournal:
+    @asynccontextmanager
+    async def memory() -> AsyncIterator[Journal]:
+        journal = InMemoryJournal(clock=clock, codec=codec)
+        try:
+            yield journal
+        finally:
+            await journal.aclose()
+
+    @asynccontextmanager
+    async def sqlite() -> AsyncIterator[Journal]:
+        # A short queue: appenders also wait for space (a cancellable point) in these tests.
+        async with open_sqlite_journal(
+            tmp_path / "journal.db", clock=clock, codec=codec, max_pending=8
+        ) as journal:
+            yield journal
+
+    return memory if request.param == "memory" else sqlite
+
+
+def added(*amounts: int) -> list[Event]:
+    return [CounterAdded(amount=amount) for amount in amounts]
+
+
+async def read_everything(journal: Journal, **bounds: int) -> list[RecordedEvent]:
+    records: list[RecordedEvent] = []
+    async for batch in journal.read_all(**bounds):
+        records.extend(batch)
+    return records
+
+
+# -- appends and reads ------------------------------------------------------------------------
+
+
+async def test_append_returns_positions_and_version(open_journal: OpenJournal) -> None:
+    """An append reports the global positions it took and the stream's new version."""
+    async with open_journal() as journal:
+        first = await journal.append("counter:a", added(1, 2))
+        second = await journal.append("counter:b", added(3))
+        third = await journal.append("counter:a", added(4), expected_version=2)
+    assert (first.first_position, first.last_position, first.version) == (1, 2, 2)
+    assert (second.first_position, second.last_position, second.version) == (3, 3, 1)
+    assert (third.first_position, third.last_position, third.version) == (4, 4, 3)
+    assert first.stream_id == "counter:a"
+    assert first.timestamp == START
+
+
+async def test_read_stream_returns_recorded_events(open_journal: OpenJournal) -> None:
+    """read_stream returns the stream's events in order with every recorded field."""
+    async with open_journal() as journal:
+        await journal.append("counter:a", added(1), correlation_id="req-1")
+        await journal.append("counter:b", [CounterReset()])
+        await journal.append("counter:a", added(2))
+        records = await journal.read_stream("counter:a")
+    assert records == [
+        RecordedEvent(1, "counter:a", 1, "test.counter_added", 1, START, "req-1", added(1)[0]),
+        RecordedEvent(3, "counter:a", 2, "test.counter_added", 1, START, None, added(2)[0]),
+    ]
+    assert records[0].timestamp.tzinfo is not None
+
+
+async def test_read_stream_bounds(open_journal: OpenJournal) -> None:
+    """read_stream honours after_version and until_position."""
+    async with open_journal() as journal:
+        for amount in range(1, 6):
+            await journal.append("counter:a", added(amount))
+            await journal.append("counter:b", added(amount))
+        after = await journal.read_stream("counter:a", after_version=3)
+        until = await journal.read_stream("counter:a", until_position=5)
+        both = await journal.read_stream("counter:a", after_version=1, until_position=7)
+        missing = await journal.read_stream("counter:zzz")
+    assert [r.version for r in after] == [4, 5]
+    assert [r.position for r in until] == [1, 3, 5]
+    assert [r.version for r in both] == [2, 3, 4]
+    assert missing == []
+
+
+async def test_read_all_in_batches_and_bounds(open_journal: OpenJournal) -> None:
+    """read_all yields every event in position order, in batches, within its bounds."""
+    async with open_journal() as journal:
+        for amount in range(25):
+            await journal.append(f"counter:{amount % 3}", added(amount))
+        batches = [list(batch) async for batch in journal.read_all(batch_size=10)]
+        bounded = await read_everything(journal, after_position=5, until_position=12)
+        beyond = await read_everything(journal, after_position=25)
+    assert [len(batch) for batch in batches] == [10, 10, 5]
+    flat = [record for batch in batches for record in batch]
+    assert [r.position for r in flat] == list(range(1, 26))
+    assert [r.event for r in flat] == added(*range(25))
+    assert [r.position for r in bounded] == list(range(6, 13))
+    assert beyond == []
+
+
+async def test_versions_positions_and_streams(open_journal: OpenJournal) -> None:
+    """last_position, stream_version and streams describe what was committed."""
+    async with open_journal() as journal:
+        assert await journal.last_position() == 0
+        assert await journal.stream_version("counter:a") == 0
+        assert await journal.streams() == []
+        await journal.append("counter:b", added(1, 2))
+        await journal.append("counter:a", added(3))
+        await journal.append("counter:b", added(4))
+        assert await journal.last_position() == 4
+        assert await journal.stream_version("counter:b") == 3
+        assert await journal.streams() == [
+            StreamInfo(
+                stream_id="counter:a", version=1, first_position=3, last_position=3, event_count=1
+            ),
+            StreamInfo(
+                stream_id="counter:b", version=3, first_position=1, last_position=4, event_count=3
+            ),
+        ]
+
+
+async def test_expected_version_checks(open_journal: OpenJournal) -> None:
+    """expected_version 0 means a new stream; a mismatch raises VersionConflictError."""
+    async with open_journal() as journal:
+        await journal.append("counter:a", added(1), expected_version=0)
+        with pytest.raises(VersionConflictError) as caught:
+            await journal.append("counter:a", added(2), expected_version=0)
+        await journal.append("counter:a", added(3), expected_version=1)
+        with pytest.raises(VersionConflictError):
+            await journal.append("counter:a", added(4), expected_version=5)
+        assert await journal.stream_version("counter:a") == 2
+        assert [r.event for r in await journal.read_stream("counter:a")] == added(1, 3)
+    assert (caught.value.stream_id, caught.value.expected, caught.value.actual) == (
+        "counter:a",
+        0,
+        1,
+    )
+
+
+async def test_bad_appends_are_refused(open_journal: OpenJournal) -> None:
+    """An empty append, an unregistered event or a bad argument raises and commits nothing."""
+    async with open_journal() as journal:
+        with pytest.raises(JournalError, match="at least one event"):
+            await journal.append("counter:a", [])
+        with pytest.raises(EventEncodeError, match="NotRegistered"):
+            await journal.append("counter:a", [CounterAdded(amount=1), NotRegistered()])
+        with pytest.raises(JournalError, match="stream_id"):
+            await journal.append("", added(1))
+        with pytest.raises(JournalError, match="expected_version"):
+            await journal.append("counter:a", added(1), expected_version=-1)
+        assert await journal.last_position() == 0
+
+
+async def test_timestamps_come_from_the_clock_and_never_decrease(
+    open_journal: OpenJournal, clock: VirtualClock
+) -> None:
+    """Each event's timestamp is the injected clock's time, never earlier than the previous."""
+    async with open_journal() as journal:
+        await journal.append("counter:a", added(1))
+        await clock.advance(90)
+        await journal.append("counter:a", added(2))
+        records = await journal.read_stream("counter:a")
+    assert [r.timestamp for r in records] == [START, START + timedelta(seconds=90)]
+
+
+async def test_position_at_a_time(open_journal: OpenJournal, clock: VirtualClock) -> None:
+    """position_at returns the last position recorded at or before a time."""
+    async with open_journal() as journal:
+        for _ in range(5):
+            await journal.append("counter:a", added(1, 1))
+            await clock.advance(10)
+        assert await journal.position_at(START - timedelta(seconds=1)) == 0
+        assert await journal.position_at(START) == 2
+        assert await journal.position_at(START + timedelta(seconds=25)) == 6
+        assert await journal.position_at(START + timedelta(days=1)) == 10
+        with pytest.raises(ConfigurationError):
+            await journal.position_at(datetime(2026, 1, 1))  # noqa: DTZ001 - naive on purpose
+
+
+async def test_closed_journal_refuses_work(open_journal: OpenJournal) -> None:
+    """After aclose() every operation raises JournalClosedError."""
+    async with open_journal() as journal:
+        await journal.append("counter:a", added(1))
+        await journal.aclose()
+        with pytest.raises(JournalClosedError):
+            await journal.append("counter:a", added(2))
+        with pytest.raises(JournalClosedError):
+            await journal.read_stream("counter:a")
+        with pytest.raises(JournalClosedError):
+            await read_everything(journal)
+
+
+# -- concurrency and cancellation -------------------------------------------------------------
+
+
+async def test_concurrent_appends_with_same_expected_version_one_wins(
+    open_journal: OpenJournal,
+) -> None:
+    """Of N concurrent appends expecting the same version, exactly one commits."""
+    async with open_journal() as journal:
+        for expected in (0, 1):
+            won: list[int] = []
+            lost: list[VersionConflictError] = []
+
+            async def contend(
+                amount: int,
+                expected: int = expected,
+                won: list[int] = won,
+                lost: list[VersionConflictError] = lost,
+            ) -> None:
+                try:
+                    await journal.append("race:1", added(amount), expected_version=expected)
+                except VersionConflictError as error:
+                    lost.append(error)
+                else:
+                    won.append(amount)
+
+            with anyio.fail_after(10):
+                async with anyio.create_task_group() as task_group:
+                    for amount in range(20):
+                        task_group.start_soon(contend, amount)
+            assert len(won) == 1
+            assert len(lost) == 19
+            assert {(e.expected, e.actual) for e in lost} == {(expected, expected + 1)}
+        records = await journal.read_stream("race:1")
+    assert [r.version for r in records] == [1, 2]
+
+
+async def test_cancelled_append_never_lies(open_journal: OpenJournal) -> None:
+    """An append that returns is committed and one cancelled (anywhere) is not."""
+    rng = random.Random(20260101)
+    committed: set[int] = set()
+    cancelled: set[int] = set()
+    async with open_journal() as journal:
+
+        async def attempt(amount: int, delay: int, task_group: anyio.abc.TaskGroup) -> None:
+            with anyio.CancelScope() as scope:
+
+                async def cancel_later() -> None:
+                    for _ in range(delay):
+                        await anyio.lowlevel.checkpoint()
+                    scope.cancel()
+
+                task_group.start_soon(cancel_later)
+                await journal.append("cancel:1", added(amount))
+                committed.add(amount)
+                return
+            cancelled.add(amount)
+
+        with anyio.fail_after(30):
+            for wave in range(10):
+                async with anyio.create_task_group() as task_group:
+                    for index in range(30):
+                        amount = wave * 100 + index
+                        task_group.start_soon(attempt, amount, rng.randrange(40), task_group)
+        stored = [r.event for r in await journal.read_stream("cancel:1")]
+    assert committed, "some appends must commit for the test to mean anything"
+    assert cancelled, "some appends must be cancelled for the test to mean anything"
+    assert committed | cancelled == {w * 100 + i for w in range(10) for i in range(30)}
+    amounts = [event.amount for event in stored if isinstance(event, CounterAdded)]
+    assert sorted(amounts) == sorted(committed)
+
+
+# -- snapshots --------------------------------------------------------------------------------
+
+
+async def test_snapshots_save_and_load(open_journal: OpenJournal) -> None:
+    """load_snapshot returns the latest snapshot within the bounds, at the asked schema."""
+    async with open_journal() as journal:
+        await journal.append("counter:a", added(1, 2, 3))
+        await journal.append("counter:b", added(9))
+        await journal.append("counter:a", added(4))
+        assert await journal.load_snapshot("counter:a", Counter) is None
+        await journal.save_snapshot("counter:a", version=2, state=Counter(total=3, changes=2))
+        await journal.save_snapshot("counter:a", version=4, state=Counter(total=10, changes=4))
+        await journal.save_snapshot(
+            "counter:a", version=3, state=Counter(total=6, changes=3), schema_version=2
+        )
+        latest = await journal.load_snapshot("counter:a", Counter)
+        by_version = await journal.load_snapshot("counter:a", Counter, max_version=3)
+        by_position = await journal.load_snapshot("counter:a", Counter, max_position=4)
+        too_early = await journal.load_snapshot("counter:a", Counter, max_position=1)
+        schema_two = await journal.load_snapshot("counter:a", Counter, schema_version=2)
+        other_schema = await journal.load_snapshot("counter:b", Counter)
+    assert latest == (4, Counter(total=10, changes=4))
+    assert by_version == (2, Counter(total=3, changes=2))
+    assert by_position == (2, Counter(total=3, changes=2))
+    assert too_early is None
+    assert schema_two == (3, Counter(total=6, changes=3))
+    assert other_schema is None
+
+
+async def test_snapshot_of_a_missing_version_is_refused(open_journal: OpenJournal) -> None:
+    """A snapshot at a version the stream has not reached raises JournalError."""
+    async with open_journal() as journal:
+        await journal.append("counter:a", added(1))
+        with pytest.raises(JournalError, match="version"):
+            await journal.save_snapshot("counter:a", version=2, state=Counter())
+        with pytest.raises(JournalError, match="version"):
+            await journal.save_snapshot("counter:zzz", version=1, state=Counter())
+        assert await journal.load_snapshot("counter:a", Counter) is None
+
+
+async def test_undecodable_snapshot_is_ignored(open_journal: OpenJournal) -> None:
+    """A snapshot that no longer decodes as the state type is treated as missing."""
+
+    class Other(msgspec.Struct, frozen=True):
+        total: str
+
+    async with open_journal() as journal:
+        await journal.append("counter:a", added(1, 2))
+        await journal.save_snapshot("counter:a", version=1, state=Counter(total=1, changes=1))
+        await journal.save_snapshot("counter:a", version=2, state=Other(total="lots"))
+        loaded = await journal.load_snapshot("counter:a", Counter)
+    assert loaded == (1, Counter(total=1, changes=1))
+
+
+# -- replay -----------------------------------------------------------------------------------
+
+
+async def fill_with_snapshots(journal: Journal, clock: VirtualClock) -> list[int]:
+    """Append 60 changes to counter:a (snapshot every 7) interleaved with counter:b."""
+    rng = random.Random(5)
+    aggregate = CounterAggregate()
+    state = aggregate.initial_state("counter:a")
+    for version in range(1, 61):
+        event: Event = CounterReset() if rng.random() < 0.1 else CounterAdded(amount=version)
+        await journal.append("counter:a", [event], expected_version=version - 1)
+        state = aggregate.apply(state, event)
+        if version % 7 == 0:
+            await journal.save_snapshot("counter:a", version=version, state=state)
+        if version % 3 == 0:
+            await journal.append("counter:b", added(version))
+        await clock.advance(1)
+    return [record.position async for batch in journal.read_all() for record in batch]
+
+
+async def test_rebuild_with_snapshots_equals_replay_from_zero(
+    open_journal: OpenJournal, clock: VirtualClock
+) -> None:
+    """Rebuilding from snapshots gives the same state as replaying from position 0."""
+    async with open_journal() as journal:
+        await fill_with_snapshots(journal, clock)
+        aggregate = CounterAggregate()
+        with_snapshots = await rebuild_stream(journal, "counter:a", aggregate)
+        from_zero = await rebuild_stream(journal, "counter:a", aggregate, use_snapshots=False)
+        last = await journal.last_position()
+        for until in range(last + 1):
+            fast = await rebuild_stream(journal, "counter:a", aggregate, until=until)
+            slow = await rebuild_stream(
+                journal, "counter:a", aggregate, until=until, use_snapshots=False
+            )
+            assert fast == slow, f"until={until}"
+    assert with_snapshots == from_zero
+    assert from_zero[1] == 60
+
+
+async def test_rebuild_until_position_and_time(
+    open_journal: OpenJournal, clock: VirtualClock
+) -> None:
+    """rebuild_stream as of a position or a time sees only the events up to it."""
+    async with open_journal() as journal:
+        await journal.append("counter:a", added(1))  # position 1 at START
+        await clock.advance(60)
+        await journal.append("counter:b", added(100))  # position 2 at START+60s
+        await journal.append("counter:a", added(2))  # position 3 at START+60s
+        await clock.advance(60)
+        await journal.append("counter:a", added(4))  # position 4 at START+120s
+        await journal.save_snapshot("counter:a", version=3, state=Counter(total=7, changes=3))
+        aggregate = CounterAggregate()
+        at_two = await rebuild_stream(journal, "counter:a", aggregate, until=2)
+        at_three = await rebuild_stream(journal, "counter:a", aggregate, until=3)
+        at_start = await rebuild_stream(journal, "counter:a", aggregate, until=START)
+        at_90s = await rebuild_stream(
+            journal, "counter:a", aggregate, until=START + timedelta(seconds=90)
+        )
+        before = await rebuild_stream(
+            journal, "counter:a", aggregate, until=START - timedelta(seconds=1)
+        )
+        now = await rebuild_stream(journal, "counter:a", aggregate, until=clock.now())
+        with pytest.raises(ConfigurationError, match="until"):
+            await rebuild_stream(journal, "counter:a", aggregate, until=-1)
+        with pytest.raises(ConfigurationError):
+            await rebuild_stream(
+                journal,
+                "counter:a",
+                aggregate,
+                until=datetime(2026, 1, 1),  # noqa: DTZ001 - naive on purpose
+            )
+    assert at_two == (Counter(total=1, changes=1), 1)
+    assert at_three == (Counter(total=3, changes=2), 2)
+    assert at_start == (Counter(total=1, changes=1), 1)
+    assert at_90s == (Counter(total=3, changes=2), 2)
+    assert before == (Counter(), 0)
+    assert now == (Counter(total=7, changes=3), 3)
+
+
+async def test_rebuild_all_in_one_pass(open_journal: OpenJournal, clock: VirtualClock) -> None:
+    """rebuild_all folds every stream that has an aggregate and skips the others."""
+    async with open_journal() as journal:
+        await journal.append("counter:a", added(1, 2))
+        await journal.append("other:x", added(50))
+        await journal.append("counter:b", added(10))
+        await journal.append("counter:a", [CounterReset()], correlation_id="c")
+        await journal.append("counter:a", added(5))
+        aggregate = CounterAggregate()
+
+        def aggregate_for(stream_id: str) -> CounterAggregate | None:
+            return aggregate if stream_id.startswith("counter:") else None
+
+        everything = await rebuild_all(journal, aggregate_for)
+        until_four = await rebuild_all(journal, aggregate_for, until=4)
+    assert everything == {
+        "counter:a": (Counter(total=5, changes=4), 4),
+        "counter:b": (Counter(total=10, changes=1), 1),
+    }
+    assert until_four == {
+        "counter:a": (Counter(total=3, changes=2), 2),
+        "counter:b": (Counter(total=10, changes=1), 1),
+    }
