@@ -1,0 +1,394 @@
+"""The coordinator and client commands: ``serve``, ``submit``, ``status``, ``cancel``,
+``nodes``, ``why``, ``logs``.
+
+Clients talk to the coordinator over the same authenticated protocol as agents, with the role
+``client``.  The address and token default to ``$TASKFARM_COORDINATOR`` (``127.0.0.1:7717``)
+and ``$TASKFARM_TOKEN_FILE`` (``taskfarm.token``), so that after ``taskfarm serve`` in a folder
+the other commands work from the same folder without flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import msgspec
+
+from runtime import (
+    ConfigurationError,
+    Connection,
+    TaskfarmError,
+    TLSConfig,
+    create_token_file,
+    load_token,
+    open_connection,
+)
+from runtime._gc import tune_gc_for_many_objects
+
+from ._coordinator import WIRE_CODEC, CoordinatorConfig, run_coordinator
+from ._engine import EngineSettings
+from ._protocol import (
+    CancelJobRequest,
+    ClientRequest,
+    ErrorReply,
+    JobsReply,
+    JobSummary,
+    ListNodesRequest,
+    LogsRequest,
+    NodesReply,
+    Reply,
+    StatusRequest,
+    SubmitRequest,
+    SubmittedReply,
+    TextReply,
+    WhyRequest,
+    WireMessage,
+)
+from ._resources import format_size
+
+__all__ = [
+    "configure_cancel",
+    "configure_logs",
+    "configure_nodes",
+    "configure_serve",
+    "configure_status",
+    "configure_submit",
+    "configure_why",
+    "ensure_token_file",
+    "parse_address",
+]
+
+DEFAULT_ADDRESS = "127.0.0.1:7717"
+DEFAULT_TOKEN_FILE = "taskfarm.token"
+
+
+class RequestError(TaskfarmError):
+    """Raised when the coordinator refuses a request (the message says why)."""
+
+
+def parse_address(text: str, *, where: str) -> tuple[str, int]:
+    """Parse ``HOST:PORT`` (``[v6]:PORT`` too).
+
+    Raises:
+        ConfigurationError: not HOST:PORT, or the port is not 0-65535; ``where`` names the flag.
+    """
+    host, sep, port_text = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ConfigurationError(f"expected HOST:PORT, got {text!r}", where=where)
+    return host, int(port_text)
+
+
+def ensure_token_file(path: str | Path) -> tuple[Path, bytes]:
+    """Return the token file's absolute path and its token, creating it (mode 600) if missing."""
+    absolute = Path(os.path.abspath(path))
+    return absolute, load_token(absolute) if absolute.is_file() else create_token_file(absolute)
+
+
+def _tls(args: argparse.Namespace, *, server: bool) -> TLSConfig | None:
+    ca, cert, key = args.tls_ca, getattr(args, "tls_cert", None), getattr(args, "tls_key", None)
+    if not (ca or cert or key):
+        return None
+    if server and not (cert and key):
+        raise ConfigurationError(
+            "a TLS server needs both --tls-cert and --tls-key", where="--tls-cert"
+        )
+    for flag, value in (("--tls-ca", ca), ("--tls-cert", cert), ("--tls-key", key)):
+        if value and not Path(value).is_file():
+            raise ConfigurationError(f"no such file: {value}", where=flag)
+    return TLSConfig(cafile=ca, certfile=cert, keyfile=key)
+
+
+# -- serve ----------------------------------------------------------------------------------------
+
+
+def configure_serve(parser: argparse.ArgumentParser) -> None:
+    """Add ``serve``'s arguments."""
+    parser.add_argument("--journal", default="taskfarm.db", help="the SQLite journal (created)")
+    parser.add_argument("--listen", default=DEFAULT_ADDRESS, metavar="HOST:PORT")
+    parser.add_argument(
+        "--token-file",
+        default=os.environ.get("TASKFARM_TOKEN_FILE", DEFAULT_TOKEN_FILE),
+        help="the shared secret (created, mode 600, if missing)",
+    )
+    parser.add_argument(
+        "--local-agents", type=int, default=0, metavar="N", help="start N agents here"
+    )
+    parser.add_argument("--work-dir", default="taskfarm-work", help="local agents' folders")
+    parser.add_argument("--heartbeat-timeout", type=float, default=5.0, metavar="S")
+    parser.add_argument(
+        "--restart-grace",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="after a restart, how long agents have to re-claim running work",
+    )
+    parser.add_argument("--synchronous", default="FULL", choices=("FULL", "NORMAL"))
+    parser.add_argument("--tls-ca", help="CA that signs agent/client certificates (mutual TLS)")
+    parser.add_argument("--tls-cert", help="the coordinator's certificate")
+    parser.add_argument("--tls-key", help="the key of --tls-cert")
+    parser.set_defaults(handler=_serve)
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    tune_gc_for_many_objects()
+    host, port = parse_address(args.listen, where="--listen")
+    if args.local_agents < 0:
+        raise ConfigurationError("must be >= 0", where="--local-agents")
+    if args.heartbeat_timeout <= 0:
+        raise ConfigurationError("must be > 0", where="--heartbeat-timeout")
+    token_file, token = ensure_token_file(args.token_file)
+    config = CoordinatorConfig(
+        journal=Path(args.journal),
+        token=token,
+        host=host,
+        port=port,
+        tls=_tls(args, server=True),
+        work_dir=Path(args.work_dir),
+        local_agents=args.local_agents,
+        token_file=token_file,
+        heartbeat_interval=max(0.2, args.heartbeat_timeout / 5),
+        heartbeat_timeout=args.heartbeat_timeout,
+        synchronous=args.synchronous,
+        settings=EngineSettings(restart_grace=args.restart_grace),
+    )
+    async with anyio.create_task_group() as tg:
+        coordinator = await tg.start(run_coordinator, config)
+        print(
+            f"taskfarm coordinator on {host}:{coordinator.port}, journal {config.journal}, "
+            f"token {token_file}",
+            flush=True,
+        )
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for _ in signals:
+                tg.cancel_scope.cancel()
+                break
+    return 0
+
+
+# -- the client -----------------------------------------------------------------------------------
+
+
+def _add_client_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--connect",
+        default=os.environ.get("TASKFARM_COORDINATOR", DEFAULT_ADDRESS),
+        metavar="HOST:PORT",
+        help="the coordinator (default: $TASKFARM_COORDINATOR or 127.0.0.1:7717)",
+    )
+    parser.add_argument(
+        "--token-file",
+        default=os.environ.get("TASKFARM_TOKEN_FILE", DEFAULT_TOKEN_FILE),
+        help="the shared secret (default: $TASKFARM_TOKEN_FILE or ./taskfarm.token)",
+    )
+    parser.add_argument("--tls-ca", help="CA certificate to verify the coordinator")
+    parser.add_argument("--tls-cert", help="this client's certificate (mutual TLS)")
+    parser.add_argument("--tls-key", help="the key of --tls-cert")
+
+
+@asynccontextmanager
+async def _client(args: argparse.Namespace) -> AsyncIterator[Connection[WireMessage]]:
+    host, port = parse_address(args.connect, where="--connect")
+    token = load_token(args.token_file)
+    async with open_connection(
+        host,
+        port,
+        codec=WIRE_CODEC,
+        token=token,
+        name="cli",
+        role="client",
+        tls=_tls(args, server=False),
+    ) as connection:
+        yield connection
+
+
+async def request(connection: Connection[WireMessage], message: ClientRequest) -> Reply:
+    """Send one request and return its reply.
+
+    Raises:
+        RequestError: the coordinator refused it (the message says why).
+    """
+    await connection.send(message)
+    with anyio.fail_after(60):
+        reply = await connection.receive()
+    if isinstance(reply, ErrorReply):
+        raise RequestError(reply.error)
+    return reply  # type: ignore[return-value]
+
+
+def configure_submit(parser: argparse.ArgumentParser) -> None:
+    """Add ``submit``'s arguments."""
+    parser.add_argument("spec", help="a TOML or JSON job spec file")
+    _add_client_arguments(parser)
+    parser.set_defaults(handler=_submit)
+
+
+async def _submit(args: argparse.Namespace) -> int:
+    path = Path(args.spec)
+    suffix = path.suffix.lower()
+    if suffix not in (".toml", ".json"):
+        raise ConfigurationError(f"{path}: a spec file ends in .toml or .json", where="SPEC")
+    try:
+        text = await anyio.Path(path).read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigurationError(f"cannot read {path}: {error.strerror}", where="SPEC") from None
+    async with _client(args) as connection:
+        reply = await request(
+            connection, SubmitRequest(text=text, format=suffix[1:], source=str(path))
+        )
+    assert isinstance(reply, SubmittedReply)
+    for job_id in reply.job_ids:
+        print(job_id)
+    return 0
+
+
+def configure_status(parser: argparse.ArgumentParser) -> None:
+    """Add ``status``'s arguments."""
+    parser.add_argument("job", nargs="?", help="one job (default: all)")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--watch", action="store_true", help="live progress bars until done")
+    _add_client_arguments(parser)
+    parser.set_defaults(handler=_status)
+
+
+async def _status(args: argparse.Namespace) -> int:
+    async with _client(args) as connection:
+        if args.watch:
+            await watch_jobs(connection, args.job)
+            return 0
+        reply = await request(connection, StatusRequest(job_id=args.job))
+    assert isinstance(reply, JobsReply)
+    if args.json:
+        sys.stdout.write(msgspec.json.encode(reply.jobs).decode() + "\n")
+    else:
+        print(format_jobs(reply.jobs))
+    return 0
+
+
+def format_jobs(jobs: tuple[JobSummary, ...] | list[JobSummary]) -> str:
+    """Render job summaries as a table (and a job's tasks, when present)."""
+    lines = [f"{'JOB':<24} {'STATUS':<11} {'PRIORITY':<9} {'PROGRESS':>8}  TASKS"]
+    for job in jobs:
+        counts = " ".join(f"{k}={v}" for k, v in sorted(job.task_counts.items()))
+        lines.append(
+            f"{job.job_id:<24} {job.status:<11} {job.priority:<9} {job.progress:>7.0%}  {counts}"
+        )
+        if job.reason:
+            lines.append(f"    reason: {job.reason}")
+        lines.extend(
+            f"    task {task.index:>4} {task.status:<10} attempt {task.attempt} "
+            f"{task.progress:>5.0%} {task.node or '-'}"
+            + (f"  {task.last_error}" if task.last_error else "")
+            for task in job.tasks
+        )
+    return "\n".join(lines)
+
+
+async def watch_jobs(connection: Connection[WireMessage], job_id: str | None) -> None:
+    """Show live progress bars (rich) until every watched job has finished."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (
+        TextColumn("{task.description:<28}"),
+        BarColumn(),
+        TextColumn("{task.percentage:>5.1f}%"),
+        TextColumn("{task.fields[status]:<10}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, refresh_per_second=4) as progress:
+        bars: dict[str, Any] = {}
+        while True:
+            reply = await request(connection, StatusRequest(job_id=job_id))
+            assert isinstance(reply, JobsReply)
+            for job in reply.jobs:
+                if job.job_id not in bars:
+                    bars[job.job_id] = progress.add_task(job.name, total=100, status=job.status)
+                progress.update(bars[job.job_id], completed=job.progress * 100, status=job.status)
+            if all(job.status in ("completed", "failed", "cancelled") for job in reply.jobs):
+                return
+            await anyio.sleep(0.5)
+
+
+def configure_cancel(parser: argparse.ArgumentParser) -> None:
+    """Add ``cancel``'s arguments."""
+    parser.add_argument("job")
+    parser.add_argument("--reason", default="cancelled by user")
+    _add_client_arguments(parser)
+    parser.set_defaults(handler=_cancel)
+
+
+async def _cancel(args: argparse.Namespace) -> int:
+    async with _client(args) as connection:
+        reply = await request(connection, CancelJobRequest(job_id=args.job, reason=args.reason))
+    assert isinstance(reply, JobsReply)
+    print(format_jobs(reply.jobs))
+    return 0
+
+
+def configure_nodes(parser: argparse.ArgumentParser) -> None:
+    """Add ``nodes``'s arguments."""
+    parser.add_argument("--json", action="store_true")
+    _add_client_arguments(parser)
+    parser.set_defaults(handler=_nodes)
+
+
+async def _nodes(args: argparse.Namespace) -> int:
+    async with _client(args) as connection:
+        reply = await request(connection, ListNodesRequest())
+    assert isinstance(reply, NodesReply)
+    if args.json:
+        sys.stdout.write(msgspec.json.encode(reply.nodes).decode() + "\n")
+        return 0
+    header = ("NODE", "HEALTH", "RUNNING", "CORES FREE", "MEMORY FREE")
+    print(
+        f"{header[0]:<20} {header[1]:<12} {header[2]:>7}  {header[3]:>12}  {header[4]:>18}  LABELS"
+    )
+    for node in reply.nodes:
+        cores = f"{node.free.cores:g}/{node.capacity.cores:g}"
+        memory = f"{format_size(node.free.memory)}/{format_size(node.capacity.memory)}"
+        print(
+            f"{node.name:<20} {node.health:<12} {node.running:>7}  {cores:>12}  {memory:>18}  "
+            f"{','.join(node.labels)}"
+        )
+    return 0
+
+
+def configure_why(parser: argparse.ArgumentParser) -> None:
+    """Add ``why``'s arguments."""
+    parser.add_argument("job")
+    _add_client_arguments(parser)
+    parser.set_defaults(handler=_why)
+
+
+async def _why(args: argparse.Namespace) -> int:
+    async with _client(args) as connection:
+        reply = await request(connection, WhyRequest(job_id=args.job))
+    assert isinstance(reply, TextReply)
+    print(reply.text)
+    return 0
+
+
+def configure_logs(parser: argparse.ArgumentParser) -> None:
+    """Add ``logs``'s arguments."""
+    parser.add_argument("job")
+    parser.add_argument("task", nargs="?", type=int)
+    parser.add_argument("--attempt", type=int)
+    _add_client_arguments(parser)
+    parser.set_defaults(handler=_logs)
+
+
+async def _logs(args: argparse.Namespace) -> int:
+    async with _client(args) as connection:
+        reply = await request(
+            connection, LogsRequest(job_id=args.job, task=args.task, attempt=args.attempt)
+        )
+    assert isinstance(reply, TextReply)
+    print(reply.text)
+    return 0
