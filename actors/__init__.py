@@ -1,5 +1,8 @@
 """The domain-agnostic engine: jobs, nodes, the scheduler, resources and dependencies."""
 
+from ._agent import AgentConfig, AgentHandle, detect_resources, run_agent
+from ._coordinator import Coordinator, CoordinatorConfig, open_coordinator, run_coordinator
+from ._engine import Engine, EngineSettings, JobNotFoundError, open_engine
 from ._errors import (
     DependencyCycleError,
     DependencyError,
@@ -7,6 +10,21 @@ from ._errors import (
     SpecError,
     UnknownDependencyError,
 )
+from ._events import ENGINE_CODEC, JobAggregate, JobState, NodeAggregate, TaskState
+from ._executor import (
+    AttemptCheckpointed,
+    AttemptFinished,
+    AttemptHandle,
+    AttemptMetric,
+    AttemptPreview,
+    AttemptProgress,
+    AttemptReport,
+    AttemptSpec,
+    AttemptStarted,
+    Executor,
+    ExecutorError,
+)
+from ._executors import AttemptContext, InProcessExecutor, open_inprocess_executor
 from ._graph import (
     Blocker,
     Condition,
@@ -20,6 +38,9 @@ from ._graph import (
     Outcome,
     TaskRef,
 )
+from ._policy import FarmView, FifoPolicy, JobView, NodeView, Policy, Preemption, TaskView
+from ._protocol import JobSummary, NodeSummary, TaskSummary
+from ._remote import RemoteExecutor, open_remote_executor
 from ._resources import (
     DIMENSIONS,
     Overprovisioning,
@@ -48,25 +69,59 @@ from ._spec import (
     parse_duration,
     parse_spec,
 )
+from ._subprocess import SubprocessExecutor, open_subprocess_executor
 
 __all__ = [
     "DIMENSIONS",
+    "ENGINE_CODEC",
+    "AgentConfig",
+    "AgentHandle",
+    "AttemptCheckpointed",
+    "AttemptContext",
+    "AttemptFinished",
+    "AttemptHandle",
+    "AttemptMetric",
+    "AttemptPreview",
+    "AttemptProgress",
+    "AttemptReport",
+    "AttemptSpec",
+    "AttemptStarted",
     "Blocker",
     "Condition",
+    "Coordinator",
+    "CoordinatorConfig",
     "Dependency",
     "DependencyCycleError",
     "DependencyError",
     "DependencyGraph",
     "ElementMap",
+    "Engine",
+    "EngineSettings",
+    "Executor",
+    "ExecutorError",
+    "FarmView",
+    "FifoPolicy",
     "GraphJob",
     "GraphSnapshot",
     "GraphStatistics",
     "GraphUpdate",
+    "InProcessExecutor",
     "Invocation",
+    "JobAggregate",
+    "JobNotFoundError",
     "JobSpecFile",
+    "JobState",
+    "JobSummary",
+    "JobView",
+    "NodeAggregate",
+    "NodeSummary",
+    "NodeView",
     "Outcome",
     "Overprovisioning",
+    "Policy",
+    "Preemption",
     "Priority",
+    "RemoteExecutor",
     "ResourceError",
     "ResourcePool",
     "Resources",
@@ -75,19 +130,31 @@ __all__ = [
     "SpecError",
     "SubmitJob",
     "SubmitJobs",
+    "SubprocessExecutor",
     "TaskRef",
     "TaskSpec",
+    "TaskState",
+    "TaskSummary",
+    "TaskView",
     "Timeouts",
     "UnknownDependencyError",
+    "detect_resources",
     "fit_score",
     "fits",
     "format_size",
     "load_spec",
+    "open_coordinator",
+    "open_engine",
+    "open_inprocess_executor",
+    "open_remote_executor",
+    "open_subprocess_executor",
     "overprovisioning",
     "parse_cores",
     "parse_duration",
     "parse_size",
     "parse_spec",
+    "run_agent",
+    "run_coordinator",
     "shape_key",
     "shortfall",
 ]
