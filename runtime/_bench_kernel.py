@@ -22,6 +22,7 @@ from ._actor import Actor
 from ._bench import BenchContext, Figure, percentile
 from ._gc import tune_gc_for_many_objects
 from ._message import Message
+from ._clock import VirtualClock
 from ._system import open_system
 
 __all__ = ["SUITE"]
@@ -38,6 +39,44 @@ class _Counter(Actor[_Add]):
     async def receive(self, message: _Add) -> int:
         self.total += message.amount
         return self.total
+
+
+class _Tick(Message, frozen=True, kw_only=True, tag="bench.tick"):
+    pass
+
+
+class _Ticker(Actor[_Tick]):
+    """Counts the ticks of one periodic timer."""
+
+    def __init__(self, interval: float, ticks: list[int]) -> None:
+        self.interval = interval
+        self.ticks = ticks
+
+    async def on_start(self) -> None:
+        self.context.start_timer("tick", _Tick(), delay=self.interval, interval=self.interval)
+
+    async def receive(self, message: _Tick) -> None:
+        self.ticks[0] += 1
+
+
+async def _simulated_day(actors: int, interval: float) -> tuple[float, int]:
+    """Run a simulated day of periodic timers; return real seconds and ticks handled."""
+    clock = VirtualClock(auto_advance=True)
+    ticks = [0]
+    async with open_system(clock=clock) as system:
+        for _ in range(actors):
+            await system.spawn(lambda: _Ticker(interval, ticks))
+        started = time.perf_counter()
+        await clock.sleep(86_400)
+        elapsed = time.perf_counter() - started
+    return elapsed, ticks[0]
+
+
+async def _raw_hops(count: int) -> float:
+    started = time.perf_counter()
+    for _ in range(count):
+        await asyncio.sleep(0)
+    return time.perf_counter() - started
 
 
 class _Idle(Actor[object]):
@@ -200,11 +239,32 @@ async def suite(context: BenchContext) -> list[Figure]:
     context.progress(f"ask round trips: {asks:,}")
     ask = await _ask_latencies(asks)
     raw_ask = await _raw_future_latencies(asks)
+    context.progress("a simulated day of timers on the virtual clock")
+    day_one, day_one_ticks = await _simulated_day(1, 1.0)
+    day_farm, day_farm_ticks = await _simulated_day(100, 600.0)
+    hops = await _raw_hops(day_one_ticks)
     context.progress(f"spawning {actors:,} idle actors in a fresh process")
     tuned = await anyio.to_thread.run_sync(_spawn_in_child, actors, "actors", "tuned")
     default_gc = await anyio.to_thread.run_sync(_spawn_in_child, actors, "actors", "default")
     tasks = await anyio.to_thread.run_sync(_spawn_in_child, actors, "tasks", "tuned")
     return [
+        Figure(
+            name=f"simulated 24 h, 100 actors with 10 min timers ({day_farm_ticks:,} ticks)",
+            value=day_farm,
+            unit="s",
+            target=1.0,
+            better="lower",
+            note="real time",
+        ),
+        Figure(
+            name=f"simulated 24 h, one 1 s timer ({day_one_ticks:,} ticks, stress)",
+            value=day_one,
+            unit="s",
+            baseline_name="as many bare event-loop passes",
+            baseline_value=hops,
+            better="lower",
+            note="real time",
+        ),
         Figure(
             name="tell throughput",
             value=tell_rate,

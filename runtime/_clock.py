@@ -9,6 +9,7 @@ next sleeper's deadline as soon as the actors it watches are all idle.
 from __future__ import annotations
 
 import heapq
+from collections.abc import Callable
 import itertools
 import time
 from contextvars import ContextVar
@@ -134,6 +135,20 @@ class _Sleeper:
         self.cancelled = False
 
 
+class _Callback:
+    """A function the virtual clock calls itself at a deadline (no task to wake)."""
+
+    __slots__ = ("cancelled", "function")
+
+    def __init__(self, function: Callable[[], object]) -> None:
+        self.function = function
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        """Do not call the function."""
+        self.cancelled = True
+
+
 class VirtualClock:
     """Time that moves only when told to, or by itself when every watched actor is idle.
 
@@ -157,7 +172,7 @@ class VirtualClock:
             raise ConfigurationError("start must be timezone-aware", where="VirtualClock")
         self._start = start
         self._elapsed = 0.0
-        self._sleepers: list[tuple[float, int, _Sleeper]] = []
+        self._sleepers: list[tuple[float, int, _Sleeper | _Callback]] = []
         self._sequence = itertools.count()
         self._activity = ActivityTracker()
         self._new_sleeper = anyio.Event()
@@ -177,6 +192,17 @@ class VirtualClock:
         """Return the earliest pending sleeper's deadline, or None."""
         self._drop_cancelled()
         return self._sleepers[0][0] if self._sleepers else None
+
+    def call_at(self, deadline: float, function: Callable[[], object]) -> _Callback:
+        """Call ``function`` when time reaches ``deadline`` (return a handle to cancel it).
+
+        The clock calls it itself while moving time, so a timer costs no task switch; the
+        function must not block (telling an actor is what it is for).
+        """
+        entry = _Callback(function)
+        heapq.heappush(self._sleepers, (deadline, next(self._sequence), entry))
+        self._new_sleeper.set()
+        return entry
 
     async def sleep(self, seconds: float) -> None:
         await self.sleep_until(self._elapsed + seconds)
@@ -250,6 +276,10 @@ class VirtualClock:
             _, _, sleeper = heapq.heappop(self._sleepers)
             if sleeper.cancelled:
                 continue
+            if type(sleeper) is _Callback:
+                sleeper.function()
+                continue
+            assert type(sleeper) is _Sleeper
             if sleeper.parked:
                 self._activity.acquire()
             sleeper.event.set()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import heapq
 import itertools
+from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -21,7 +23,7 @@ _log = get_logger("runtime.timers")
 
 
 class _Timer:
-    __slots__ = ("cancelled", "cell", "deadline", "interval", "key", "message")
+    __slots__ = ("cancelled", "cell", "deadline", "handle", "interval", "key", "message")
 
     def __init__(
         self, cell: _Cell, key: str, message: object, deadline: float, interval: float | None
@@ -32,6 +34,7 @@ class _Timer:
         self.deadline = deadline
         self.interval = interval
         self.cancelled = False
+        self.handle: Any = None  # the virtual clock's callback, in direct mode
 
 
 class TimerService:
@@ -52,6 +55,10 @@ class TimerService:
         self._sleep_scope: anyio.CancelScope | None = None
         self._sleep_deadline = 0.0
         self.fired = 0
+        # A virtual clock calls timers itself (no task hop per tick): "direct mode".
+        self._call_at: Callable[[float, Callable[[], object]], Any] | None = getattr(
+            clock, "call_at", None
+        )
 
     def start(
         self, cell: _Cell, key: str, message: object, *, delay: float, interval: float | None
@@ -62,7 +69,10 @@ class TimerService:
         self.cancel(cell, key)
         timer = _Timer(cell, key, message, self._clock.monotonic() + delay, interval)
         self._by_key[(id(cell), key)] = timer
-        self._push(timer)
+        if self._call_at is not None:
+            timer.handle = self._call_at(timer.deadline, partial(self._fire_direct, timer))
+        else:
+            self._push(timer)
 
     def cancel(self, cell: _Cell, key: str) -> None:
         """Cancel the timer ``key`` of ``cell`` (no error if there is none)."""
@@ -77,6 +87,8 @@ class TimerService:
 
     def _discard(self, timer: _Timer) -> None:
         timer.cancelled = True
+        if timer.handle is not None:
+            timer.handle.cancel()
         if self._sleep_scope is not None and timer.deadline <= self._sleep_deadline:
             # We may be sleeping towards this very timer: wake up and sleep towards the next
             # live one, so a virtual clock never jumps to a deadline that no longer exists.
@@ -101,6 +113,8 @@ class TimerService:
 
     async def run(self) -> None:
         """Fire timers until cancelled (the system runs this in its task group)."""
+        if self._call_at is not None:
+            return  # direct mode: the clock fires them
         clock = self._clock
         tracker = clock.activity
         if tracker is not None:
@@ -127,6 +141,10 @@ class TimerService:
                 await clock.sleep_until(deadline)
             self._sleep_scope = None
 
+    def _fire_direct(self, timer: _Timer) -> None:
+        if not timer.cancelled:
+            self._fire(timer)
+
     def _fire(self, timer: _Timer) -> None:
         self.fired += 1
         if timer.interval is None:
@@ -138,7 +156,10 @@ class TimerService:
                 missed = (now - timer.deadline) // timer.interval
                 next_deadline = timer.deadline + (missed + 1) * timer.interval
             timer.deadline = next_deadline
-            heapq.heappush(self._heap, (next_deadline, next(self._sequence), timer))
+            if self._call_at is not None:
+                timer.handle = self._call_at(next_deadline, partial(self._fire_direct, timer))
+            else:
+                heapq.heappush(self._heap, (next_deadline, next(self._sequence), timer))
         ref: Any = timer.cell.ref
         try:
             ref.tell_nowait(timer.message)
