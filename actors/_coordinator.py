@@ -44,7 +44,7 @@ from runtime import (
 )
 
 from ._engine import Engine, EngineSettings, open_engine
-from ._events import ENGINE_CODEC
+from ._events import ENGINE_CODEC, TaskAssigned, job_stream
 from ._executor import AttemptReport
 from ._policy import Policy
 from ._protocol import (
@@ -133,8 +133,15 @@ class Coordinator:
 
     async def _serve_agent(self, connection: Connection[WireMessage]) -> None:
         config = self.config
-        with anyio.fail_after(config.heartbeat_timeout):
-            hello = await connection.receive()
+        try:
+            with anyio.fail_after(config.heartbeat_timeout):
+                hello = await connection.receive()
+        except TimeoutError:
+            # A refusal of this peer, not a failure of the coordinator's.
+            raise ProtocolError(
+                connection.peer,
+                reason=f"no agent.hello within {config.heartbeat_timeout:g} s",
+            ) from None
         if not isinstance(hello, AgentHello):
             raise ProtocolError(
                 connection.peer, reason=f"expected agent.hello, got {type(hello).__name__}"
@@ -255,16 +262,31 @@ class Coordinator:
                 parts.append(f"== task {info.index}: no attempt has run yet")
                 continue
             number = attempt or info.attempt
-            executor = self._executors.get(info.node)
+            if not 1 <= number <= info.attempt:
+                parts.append(f"== task {info.index}: no attempt {number} (latest {info.attempt})")
+                continue
+            # An earlier attempt may have run on another node: its log lives there.
+            node = info.node if number == info.attempt else None
+            if node is None:
+                node = await self._attempt_node(job_id, info.index, number)
+            executor = self._executors.get(node) if node is not None else None
             text = None
             if executor is not None and executor.attached:
                 try:
                     text = await executor.read_log(job_id, str(info.index), number)
                 except TaskfarmError as error:
-                    text = f"(could not read the log from {info.node}: {error})"
-            header = f"== task {info.index}, attempt {number}, on {info.node}"
+                    text = f"(could not read the log from {node}: {error})"
+            header = f"== task {info.index}, attempt {number}, on {node or 'an unknown node'}"
             parts.append(f"{header}\n{text if text is not None else '(log not available)'}")
         return "\n".join(parts)
+
+    async def _attempt_node(self, job_id: str, task: int, attempt: int) -> str | None:
+        """Return the node an attempt was assigned to, as journaled."""
+        for record in await self.engine.journal.read_stream(job_stream(job_id)):
+            event = record.event
+            if isinstance(event, TaskAssigned) and (event.task, event.attempt) == (task, attempt):
+                return event.node
+        return None
 
     async def _handle(self, connection: Connection[WireMessage]) -> None:
         if connection.remote_role == "agent":

@@ -41,10 +41,10 @@ from ._job import JobActor, job_summary
 from ._messages import (
     AdoptAttempt,
     CancelJob,
+    CancelRuns,
     ClaimAttempt,
     GetJobSummary,
     GetNodes,
-    Kick,
     NodeJoined,
     NodeLeft,
     ReportAttempt,
@@ -56,7 +56,7 @@ from ._placement import SchedulerCore
 from ._policy import FifoPolicy, Policy
 from ._protocol import JobSummary, NodeSummary
 from ._resources import Resources
-from ._scheduler import SchedulerActor
+from ._scheduler import Recovered, SchedulerActor
 from ._spec import SubmitJob, load_spec, parse_spec
 
 __all__ = ["Engine", "EngineSettings", "JobNotFoundError", "open_engine"]
@@ -182,10 +182,12 @@ class Engine:
         )
 
     async def remove_node(self, name: str, *, reason: str) -> None:
-        """Take a node offline: its running attempts are requeued by their jobs."""
+        """Take a node offline: its running attempts are requeued by their jobs and stopped."""
         ref = self._nodes.pop(name, None)
         await self.scheduler.tell(NodeLeft(name=name, reason=reason))
         if ref is not None:
+            # The requeued attempts run again elsewhere: the copies left here are stale work.
+            await ref.tell(CancelRuns(grace=self.settings.cancel_grace))
             await self.system.stop(ref)
 
     async def claim_attempt(self, job_id: str, task: int, token: int, node: str) -> bool:
@@ -338,6 +340,9 @@ class Engine:
             if stream.startswith("job:") and isinstance(state, JobState) and state.job is not None
         ]
         jobs.sort(key=lambda item: (item[0].submitted_at, item[0].job.job_id))  # type: ignore[union-attr]
+        # A job submitted in one batch with its parent may sort before it (same time, smaller
+        # id): the graph must know every parent before its dependants are added.
+        jobs = _parents_first(jobs)
         in_doubt: dict[tuple[str, int], str] = {}
         unfinished: list[tuple[JobState, int]] = []
         for state, version in jobs:
@@ -390,6 +395,34 @@ class _Recovered:
     nodes: dict[str, tuple[Any, ...]]
 
 
+def _parents_first(jobs: list[tuple[JobState, int]]) -> list[tuple[JobState, int]]:
+    """Order jobs so each comes after the jobs it depends on, otherwise keeping their order."""
+    by_id = {state.job.job_id: (state, version) for state, version in jobs if state.job}
+    ordered: list[tuple[JobState, int]] = []
+    done: set[str] = set()
+    for state, _version in jobs:
+        assert state.job is not None
+        stack = [(state.job.job_id, False)]
+        while stack:
+            job_id, expanded = stack.pop()
+            if job_id in done:
+                continue
+            if expanded:
+                done.add(job_id)
+                ordered.append(by_id[job_id])
+                continue
+            stack.append((job_id, True))
+            spec = by_id[job_id][0].job
+            assert spec is not None
+            # Reversed, so parents are visited in declaration order; cycles were rejected.
+            stack.extend(
+                (d.parent, False)
+                for d in reversed(spec.dependencies)
+                if d.parent in by_id and d.parent not in done
+            )
+    return ordered
+
+
 def _task_outcome(status: str) -> Outcome | None:
     return {
         "completed": Outcome.SUCCEEDED,
@@ -431,5 +464,5 @@ async def open_engine(
         for state, version in recovered.unfinished:
             assert state.job is not None
             await engine._spawn_job(state.job.job_id, recovered=(state, version))
-        await engine.scheduler.tell(Kick())
+        await engine.scheduler.tell(Recovered())
         yield engine

@@ -394,7 +394,7 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
 
     async def _finish_if_done(self, *, failed: str | None = None) -> None:
         state = self.state
-        if state.status in ("completed", "failed", "cancelled") or state.unfinished():
+        if state.status in ("completed", "failed", "cancelled") or _any_unfinished(state):
             return
         statuses = {t.status for t in state.tasks}
         if failed is not None or "failed" in statuses:
@@ -454,6 +454,15 @@ def job_summary(job_id: str, state: JobState, *, tasks: bool) -> JobSummary:
         if tasks
         else (),
     )
+
+
+def _any_unfinished(state: JobState) -> bool:
+    # Called after every task end: scan from the back, where tasks still open usually are
+    # (placement goes in index order), so a big job does not cost O(tasks) per task.
+    return any(task.status in _OPEN for task in reversed(state.tasks))
+
+
+_OPEN = frozenset(("pending", "assigned", "running"))
 
 
 def _task_index(task_id: str, count: int) -> int | None:

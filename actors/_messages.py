@@ -17,6 +17,7 @@ __all__ = [
     "AttemptLost",
     "CancelJob",
     "CancelRun",
+    "CancelRuns",
     "ClaimAttempt",
     "CreateJob",
     "Dispatch",
@@ -166,4 +167,10 @@ class CancelRun(Message, frozen=True, kw_only=True, tag="engine.cmd.cancel_run")
     job_id: str
     task_id: str
     token: int
+    grace: float = 5.0
+
+
+class CancelRuns(Message, frozen=True, kw_only=True, tag="engine.cmd.cancel_runs"):
+    """Stop every attempt on this node: it is leaving the farm and its work was requeued."""
+
     grace: float = 5.0

@@ -8,6 +8,7 @@ agent drop it from its durable outbox.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, assert_never
 
 from runtime import (
@@ -27,7 +28,7 @@ from ._executor import (
     ExecutorError,
     ReportSink,
 )
-from ._messages import AdoptAttempt, CancelRun, ReportAttempt, RunAttempt
+from ._messages import AdoptAttempt, CancelRun, CancelRuns, ReportAttempt, RunAttempt
 from ._protocol import RunningAttempt
 
 if TYPE_CHECKING:
@@ -37,7 +38,7 @@ __all__ = ["NodeActor"]
 
 _log = get_logger("actors.node")
 
-NodeMessage = RunAttempt | AdoptAttempt | CancelRun
+NodeMessage = RunAttempt | AdoptAttempt | CancelRun | CancelRuns
 
 
 class NodeActor(Actor[NodeMessage]):
@@ -47,11 +48,21 @@ class NodeActor(Actor[NodeMessage]):
         self.name = name
         self.executor = executor
         self.settings = settings
+        # Activity units held for attempts in flight (virtual clock only), by their releasers.
+        self._held: set[Callable[[], None]] = set()
+
+    async def on_stop(self) -> None:
+        # Attempts that never report their end (an agent that is gone) must not hold a virtual
+        # clock still forever.
+        for release in list(self._held):
+            release()
 
     async def receive(self, message: NodeMessage) -> Any:
         match message:
             case RunAttempt(spec=spec, job=job):
-                await self._run(spec, job)
+                # Beside the handler: an executor's start returns once the start is journaled,
+                # so awaiting it here would let a node start one attempt per journal commit.
+                self.context.start_work(lambda: self._run(spec, job), name="start")
             case AdoptAttempt(spec=spec, job=job):
                 adopt = getattr(self.executor, "adopt", None)
                 if adopt is not None:
@@ -64,12 +75,21 @@ class NodeActor(Actor[NodeMessage]):
                     adopt(running, spec, self._sink(spec, job))
             case CancelRun(job_id=job_id, task_id=task_id, token=token, grace=grace):
                 self._cancel(job_id, task_id, token, grace)
+            case CancelRuns(grace=grace):
+                for handle in self.executor.running():
+                    handle.cancel(grace=grace)
             case _:
                 assert_never(message)
 
-    def _sink(self, spec: AttemptSpec, job: ActorRef[Any]) -> ReportSink:
+    def _sink(
+        self, spec: AttemptSpec, job: ActorRef[Any], on_final: Callable[[], None] | None = None
+    ) -> ReportSink:
         async def sink(report: AttemptReport) -> None:
-            accepted = await self._deliver(job, report)
+            try:
+                accepted = await self._deliver(job, report)
+            finally:
+                if on_final is not None and isinstance(report, AttemptFinished):
+                    on_final()
             if not accepted and not isinstance(report, AttemptFinished):
                 # A stale attempt (its task was reassigned): kill the work, keep nothing.
                 self._cancel(spec.job_id, spec.task_id, spec.fencing_token, 0.0)
@@ -77,9 +97,28 @@ class NodeActor(Actor[NodeMessage]):
         return sink
 
     async def _run(self, spec: AttemptSpec, job: ActorRef[Any]) -> None:
+        # An in-process attempt runs in its executor's task group, in a context copied from this
+        # handler (one that holds an activity unit).  Give the attempt a unit of its own until
+        # its final report is journaled: otherwise a virtual clock sees the farm idle while the
+        # attempt is in flight and jumps ahead (retries, runtimes and timeouts go wrong).
+        tracker = self.context.clock.activity
+        held = tracker is not None
+
+        def release() -> None:
+            nonlocal held
+            if held and tracker is not None:
+                held = False
+                self._held.discard(release)
+                tracker.release()
+
+        if tracker is not None:
+            tracker.acquire()
+            self._held.add(release)
+
         try:
-            await self.executor.start(spec, self._sink(spec, job))
+            await self.executor.start(spec, self._sink(spec, job, release))
         except ExecutorError as error:
+            release()
             _log.warning(
                 "attempt_start_failed", node_id=self.name, job_id=spec.job_id, error=str(error)
             )

@@ -55,6 +55,7 @@ class _Job:
     completed: int = 0
     blocklist: dict[str, datetime] = field(default_factory=dict)
     deferred: str | None = None  # the policy's last reason to hold it back
+    shapes: int = 1  # distinct requests among its tasks (a cycle stops once none fits)
 
 
 @dataclass(slots=True)
@@ -91,13 +92,15 @@ class SchedulerCore:
             SpecError: a job id is taken, or no node the farm has ever had could fit a task.
             UnknownDependencyError, DependencyCycleError: as the dependency graph says.
         """
+        seen: set[str] = set()
         for spec in specs:
-            if spec.job_id in self._jobs or spec.job_id in self.graph:
+            if spec.job_id in self._jobs or spec.job_id in self.graph or spec.job_id in seen:
                 raise SpecError(
                     path=source or spec.source,
                     field=f"job {spec.job_id!r}",
                     problem="a job with this id already exists",
                 )
+            seen.add(spec.job_id)
         self.graph.check_new(spec.graph_job() for spec in specs)
         if not self._nodes:
             return  # an empty farm cannot judge fit: `why` will say nothing fits yet
@@ -130,6 +133,7 @@ class SchedulerCore:
         """
         tasks = [_Task(request=spec.task_resources(i)) for i in range(len(spec.tasks))]
         job = _Job(spec.job_id, spec, submitted_at, tasks, blocklist=dict(blocklist or {}))
+        job.shapes = len({task.request for task in tasks})
         self._jobs[spec.job_id] = job
         if spec.job_id not in self.graph:
             self.graph.add_jobs([spec.graph_job()])
@@ -147,6 +151,18 @@ class SchedulerCore:
             task.last_node, task.not_before = last_node, not_before
             if self.graph.is_ready(TaskRef(spec.job_id, index)):
                 self._enqueue(job, index)
+
+    def wakeups(self, now: datetime) -> list[datetime]:
+        """Return the future times at which queued work becomes placeable (retry backoffs,
+        blocklist expiries), sorted: a recovered scheduler arms its timer with them."""
+        times: set[datetime] = set()
+        for job in self._jobs.values():
+            for index in job.ready:
+                not_before = job.tasks[index].not_before
+                if not_before is not None and not_before > now:
+                    times.add(not_before)
+            times.update(until for until in job.blocklist.values() if until > now)
+        return sorted(times)
 
     def has_job(self, job_id: str) -> bool:
         """Return whether the job is tracked (not finished)."""
@@ -332,6 +348,8 @@ class SchedulerCore:
                 node = self._choose_node(job, view, task_view, now)
                 if node is None:
                     unplaceable.add(task.request)
+                    if len(unplaceable) >= job.shapes:
+                        break  # the rest of its queue would be skipped one by one
                     continue
                 self._dequeue(job, index)
                 self._reserve(job, index, node.name)

@@ -8,8 +8,10 @@ injected clock runs a cycle too, for policies whose judgement changes with time 
 
 from __future__ import annotations
 
+import heapq
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, assert_never
 
 from persistence import Journal
@@ -37,13 +39,17 @@ from ._protocol import NodeSummary
 if TYPE_CHECKING:
     from ._engine import EngineSettings
 
-__all__ = ["GraceExpired", "SchedulerActor"]
+__all__ = ["GraceExpired", "Recovered", "SchedulerActor"]
 
 _log = get_logger("actors.scheduler")
 
 
 class GraceExpired(Kick, frozen=True, kw_only=True, tag="engine.cmd.grace_expired"):
     """The restart grace period is over: attempts nobody re-claimed are lost."""
+
+
+class Recovered(Kick, frozen=True, kw_only=True, tag="engine.cmd.recovered"):
+    """Every recovered job actor runs: the restart grace period starts now."""
 
 
 SchedulerMessage = (
@@ -76,14 +82,31 @@ class SchedulerActor(Actor[SchedulerMessage]):
         self.in_doubt = dict(in_doubt or {})
         self._kick_queued = False
         self._known_nodes: dict[str, tuple[Any, ...]] = dict(known_nodes or {})
+        # Times at which queued work becomes placeable (retry backoffs, blocklist expiries):
+        # one timer, armed for the earliest, so a retry starts on time, not at the next cycle.
+        self._wakeups: list[datetime] = []
+        self._armed: datetime | None = None
 
     async def on_start(self) -> None:
         interval = self.core.policy.cycle_interval
         self.context.start_timer("cycle", Kick(), delay=interval, interval=interval)
-        if self.in_doubt:
-            self.context.start_timer(
-                "restart-grace", GraceExpired(), delay=self.settings.restart_grace
-            )
+        for when in self.core.wakeups(self.context.clock.now()):
+            self._wake_at(when)
+
+    def _wake_at(self, when: datetime) -> None:
+        heapq.heappush(self._wakeups, when)
+        if self._wakeups[0] == when:
+            self._arm_wakeup()
+
+    def _arm_wakeup(self) -> None:
+        now = self.context.clock.now()
+        wakeups = self._wakeups
+        while wakeups and wakeups[0] <= now:
+            heapq.heappop(wakeups)
+        if wakeups and wakeups[0] != self._armed:
+            self._armed = wakeups[0]
+            delay = (wakeups[0] - now).total_seconds()
+            self.context.start_timer("wakeup", Kick(), delay=delay)
 
     def _kick(self) -> None:
         if not self._kick_queued:
@@ -105,6 +128,9 @@ class SchedulerActor(Actor[SchedulerMessage]):
                 )
                 if message.blocklist_node and message.blocklist_until:
                     core.block_node(message.job_id, message.blocklist_node, message.blocklist_until)
+                    self._wake_at(message.blocklist_until)
+                if message.retry_at is not None:
+                    self._wake_at(message.retry_at)
                 self.in_doubt.pop((message.job_id, message.task), None)
                 await self._check_quarantine(message)
                 self._kick()
@@ -119,10 +145,20 @@ class SchedulerActor(Actor[SchedulerMessage]):
                 await self._node_joined(name, capacity, labels, remote)
             case NodeLeft(name=name, reason=reason):
                 self._node_left(name, reason)
+            case Recovered():
+                # Not armed in on_start: on a virtual clock the grace could run out while the
+                # engine still spawns the recovered jobs, whose in-doubt attempts would then be
+                # forgotten instead of requeued.
+                if self.in_doubt:
+                    self.context.start_timer(
+                        "restart-grace", GraceExpired(), delay=self.settings.restart_grace
+                    )
+                self._kick()
             case GraceExpired():
                 self._grace_expired()
             case Kick():
                 self._kick_queued = False
+                self._arm_wakeup()
                 self._cycle()
             case WhyJob(job_id=job_id):
                 return "\n".join(core.why(job_id, self.context.clock.now()))

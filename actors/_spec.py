@@ -418,6 +418,10 @@ _DURATION_UNITS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86
 _DURATION_PART: Final = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _DURATION_RE: Final = re.compile(r"(?:\d+(?:\.\d+)?(?:ms|s|m|h|d))+")
 _FRAMES_RE: Final = re.compile(r"\s*(-?\d+)\s*(?:-\s*(-?\d+)\s*)?")
+# Bounds that keep one mistyped spec from exhausting the coordinator's memory ("1-100000000"
+# with chunk 1 would be a hundred million tasks, built before anything else is checked).
+_MAX_FRAMES: Final = 1_000_000  # in one frame range
+_MAX_TASKS: Final = 100_000  # in one job
 _INT_PLACEHOLDERS: Final = frozenset({"frame", "start", "end", "attempt"})
 _FRAME_PLACEHOLDERS: Final = frozenset({"frame", "start", "end"})
 _BASE_PLACEHOLDERS: Final = frozenset({"job", "task", "attempt", "output"})
@@ -488,6 +492,10 @@ class _Builder:
         end = int(match.group(2)) if match.group(2) is not None else start
         if end < start:
             raise self.fail(field, f"empty frame range {value!r}: end {end} is before {start}")
+        if end - start + 1 > _MAX_FRAMES:
+            raise self.fail(
+                field, f"frame range {value!r} has {end - start + 1} frames, at most {_MAX_FRAMES}"
+            )
         return start, end
 
     def tasks(self, i: int, job: _JobIn) -> tuple[TaskSpec, ...]:
@@ -498,6 +506,13 @@ class _Builder:
             raise self.fail(f"{at}.chunk", "chunk needs frames")
         if job.frames is not None:
             start, end = self.frames(f"{at}.frames", job.frames)
+            count = (end - start) // job.chunk + 1
+            if count > _MAX_TASKS:
+                raise self.fail(
+                    f"{at}.chunk",
+                    f"{count} tasks of {job.chunk} frame(s), at most {_MAX_TASKS} in a job; "
+                    "use a larger chunk",
+                )
             return tuple(
                 TaskSpec(
                     index=k,
@@ -511,6 +526,8 @@ class _Builder:
             return (TaskSpec(index=0, name="0"),)
         if not job.tasks:
             raise self.fail(f"{at}.tasks", "expected at least one task")
+        if len(job.tasks) > _MAX_TASKS:
+            raise self.fail(f"{at}.tasks", f"{len(job.tasks)} tasks, at most {_MAX_TASKS} in a job")
         specs: list[TaskSpec] = []
         names: dict[str, int] = {}
         framed = [t.frames is not None for t in job.tasks]

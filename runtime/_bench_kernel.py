@@ -20,9 +20,9 @@ import msgspec
 
 from ._actor import Actor
 from ._bench import BenchContext, Figure, percentile
+from ._clock import VirtualClock
 from ._gc import tune_gc_for_many_objects
 from ._message import Message
-from ._clock import VirtualClock
 from ._system import open_system
 
 __all__ = ["SUITE"]

@@ -9,9 +9,9 @@ next sleeper's deadline as soon as the actors it watches are all idle.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable
 import itertools
 import time
+from collections.abc import Callable
 from contextvars import ContextVar
 from datetime import UTC, datetime, timedelta
 from typing import Protocol, runtime_checkable

@@ -131,6 +131,12 @@ class FrameCodec(Generic[M]):
             raise FrameDecodeError(
                 peer, size=len(payload), reason=f"malformed frame: {e}"
             ) from None
+        except Exception as e:
+            # A message's own __post_init__ check refused the values (msgspec converts only
+            # TypeError and ValueError): still a bad frame from the peer, not our failure.
+            raise FrameValidationError(
+                peer, size=len(payload), reason=f"invalid message: {e}"
+            ) from None
         return message
 
 
