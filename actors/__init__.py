@@ -38,7 +38,17 @@ from ._graph import (
     Outcome,
     TaskRef,
 )
-from ._policy import FarmView, FifoPolicy, JobView, NodeView, Policy, Preemption, TaskView
+from ._policy import (
+    FarmView,
+    FifoPolicy,
+    JobView,
+    NodeView,
+    Policy,
+    Preemption,
+    PriorityPreemptionPolicy,
+    RunningView,
+    TaskView,
+)
 from ._protocol import JobSummary, NodeSummary, TaskSummary
 from ._remote import RemoteExecutor, open_remote_executor
 from ._resources import (
@@ -121,11 +131,13 @@ __all__ = [
     "Policy",
     "Preemption",
     "Priority",
+    "PriorityPreemptionPolicy",
     "RemoteExecutor",
     "ResourceError",
     "ResourcePool",
     "Resources",
     "RetryPolicy",
+    "RunningView",
     "Shortfall",
     "SpecError",
     "SubmitJob",

@@ -89,6 +89,7 @@ class EngineSettings:
     blocklist_for: float = 600.0
     quarantine_after: int = 3  # consecutive failed attempts before a node is quarantined
     cancel_grace: float = 5.0
+    preempt_grace: float = 60.0  # how long a preempted attempt has to checkpoint before it stops
     report_timeout: float = 30.0
     restart_grace: float = 30.0  # how long agents have to re-claim their attempts after a restart
     ask_timeout: float = 30.0

@@ -36,6 +36,7 @@ __all__ = [
     "TaskCompleted",
     "TaskFailed",
     "TaskMetricRecorded",
+    "TaskPreempted",
     "TaskPreviewed",
     "TaskProgressed",
     "TaskRequeued",
@@ -161,6 +162,16 @@ class TaskRequeued(Event, frozen=True, kw_only=True, tag="engine.task_requeued")
 
 
 @ENGINE_CODEC.register
+class TaskPreempted(Event, frozen=True, kw_only=True, tag="engine.task_preempted"):
+    """The scheduler asked this attempt to checkpoint and yield its node to ``for_job``."""
+
+    task: int
+    token: int
+    node: str
+    reason: str
+
+
+@ENGINE_CODEC.register
 class TaskCancelled(Event, frozen=True, kw_only=True, tag="engine.task_cancelled"):
     """The task will not run (its job was cancelled or failed)."""
 
@@ -232,6 +243,7 @@ class TaskState(msgspec.Struct, kw_only=True):
     retry_at: datetime | None = None
     runtime_s: float = 0.0
     preview: str | None = None
+    preemptions: int = 0
 
 
 class JobState(msgspec.Struct, kw_only=True):
@@ -308,6 +320,8 @@ class JobAggregate:
                 task.status = "pending"
                 task.last_error = reason
                 task.last_node, task.node = task.node, None
+            case TaskPreempted(task=i):
+                state.tasks[i].preemptions += 1
             case TaskCancelled(task=i):
                 task = state.tasks[i]
                 task.status = "cancelled"

@@ -27,6 +27,7 @@ from ._events import (
     TaskCompleted,
     TaskFailed,
     TaskMetricRecorded,
+    TaskPreempted,
     TaskPreviewed,
     TaskProgressed,
     TaskRequeued,
@@ -52,6 +53,8 @@ from ._messages import (
     Dispatch,
     GetJobSummary,
     JobEnded,
+    PreemptRun,
+    PreemptTask,
     ReportAttempt,
     RunAttempt,
     TaskEnded,
@@ -67,7 +70,14 @@ __all__ = ["JobActor", "job_summary"]
 _log = get_logger("actors.job")
 
 JobMessage = (
-    CreateJob | Dispatch | ReportAttempt | AttemptLost | ClaimAttempt | CancelJob | GetJobSummary
+    CreateJob
+    | Dispatch
+    | ReportAttempt
+    | AttemptLost
+    | ClaimAttempt
+    | PreemptTask
+    | CancelJob
+    | GetJobSummary
 )
 
 _OUTCOME_OF_STATUS = {
@@ -122,14 +132,20 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
                     await self._requeue(task, current.token, reason)
                 return None
             case ClaimAttempt(task=task, token=token, node=node):
-                # The reply is the attempt's spec when the claim is current, else None.
+                # The reply is the attempt's spec when the claim is current, else None.  A job
+                # cancelled (or failed) while the agent was away refuses it too: the agent then
+                # kills the attempt, whose final report ends the task.
                 current = self.state.tasks[task]
                 if (
                     current.token == token
                     and current.node == node
                     and current.status in ("assigned", "running")
+                    and self.state.status == "active"
                 ):
                     return self._attempt_spec(task, current.attempt, token)
+                return None
+            case PreemptTask(task=task, node=node, reason=reason):
+                await self._preempt(task, node, reason)
                 return None
             case CancelJob(reason=reason):
                 await self._cancel(reason)
@@ -334,6 +350,25 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
             await self._fail_job(
                 f"task {index} failed after {task.failures} attempt(s): {task.last_error}"
             )
+
+    async def _preempt(self, index: int, node: str, reason: str) -> None:
+        """Journal the preemption, then ask the node to checkpoint and yield the attempt."""
+        task = self.state.tasks[index]
+        spec = self.state.job
+        if (
+            spec is None
+            or not spec.preemptible
+            or task.node != node
+            or task.status not in ("assigned", "running")
+        ):
+            return
+        token = task.token
+        await self.persist([TaskPreempted(task=index, token=token, node=node, reason=reason)])
+        ref = self.node_ref(node)
+        if ref is not None:
+            grace = self.settings.preempt_grace if spec.checkpointable else 0.0
+            run = PreemptRun(job_id=self.job_id, task_id=str(index), token=token, grace=grace)
+            await self._after(ref, run)
 
     async def _requeue(self, index: int, token: int, reason: str) -> None:
         task = self.state.tasks[index]

@@ -27,6 +27,8 @@ __all__ = [
     "Kick",
     "NodeJoined",
     "NodeLeft",
+    "PreemptRun",
+    "PreemptTask",
     "ReportAttempt",
     "RunAttempt",
     "SubmitJobs",
@@ -159,6 +161,23 @@ class AdoptAttempt(Message, frozen=True, kw_only=True, tag="engine.cmd.adopt_att
 
     spec: AttemptSpec
     job: Any
+
+
+class PreemptTask(Message, frozen=True, kw_only=True, tag="engine.cmd.preempt_task"):
+    """Checkpoint-and-yield the task's attempt on ``node`` (to a job actor)."""
+
+    task: int
+    node: str
+    reason: str
+
+
+class PreemptRun(Message, frozen=True, kw_only=True, tag="engine.cmd.preempt_run"):
+    """Ask an attempt to checkpoint, wait up to ``grace`` for it, then stop it (to a node)."""
+
+    job_id: str
+    task_id: str
+    token: int
+    grace: float
 
 
 class CancelRun(Message, frozen=True, kw_only=True, tag="engine.cmd.cancel_run"):

@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, assert_never
 
+import anyio
+
 from runtime import (
     Actor,
     ActorRef,
@@ -21,14 +23,23 @@ from runtime import (
 )
 
 from ._executor import (
+    AttemptCheckpointed,
     AttemptFinished,
+    AttemptHandle,
     AttemptReport,
     AttemptSpec,
     Executor,
     ExecutorError,
     ReportSink,
 )
-from ._messages import AdoptAttempt, CancelRun, CancelRuns, ReportAttempt, RunAttempt
+from ._messages import (
+    AdoptAttempt,
+    CancelRun,
+    CancelRuns,
+    PreemptRun,
+    ReportAttempt,
+    RunAttempt,
+)
 from ._protocol import RunningAttempt
 
 if TYPE_CHECKING:
@@ -38,7 +49,7 @@ __all__ = ["NodeActor"]
 
 _log = get_logger("actors.node")
 
-NodeMessage = RunAttempt | AdoptAttempt | CancelRun | CancelRuns
+NodeMessage = RunAttempt | AdoptAttempt | CancelRun | CancelRuns | PreemptRun
 
 
 class NodeActor(Actor[NodeMessage]):
@@ -48,6 +59,8 @@ class NodeActor(Actor[NodeMessage]):
         self.name = name
         self.executor = executor
         self.settings = settings
+        # Preempted attempts waiting for their checkpoint: (job, task, token) -> event.
+        self._checkpoints: dict[tuple[str, str, int], anyio.Event] = {}
         # Activity units held for attempts in flight (virtual clock only), by their releasers.
         self._held: set[Callable[[], None]] = set()
 
@@ -75,6 +88,8 @@ class NodeActor(Actor[NodeMessage]):
                     adopt(running, spec, self._sink(spec, job))
             case CancelRun(job_id=job_id, task_id=task_id, token=token, grace=grace):
                 self._cancel(job_id, task_id, token, grace)
+            case PreemptRun(job_id=job_id, task_id=task_id, token=token, grace=grace):
+                self._preempt(job_id, task_id, token, grace)
             case CancelRuns(grace=grace):
                 for handle in self.executor.running():
                     handle.cancel(grace=grace)
@@ -90,6 +105,10 @@ class NodeActor(Actor[NodeMessage]):
             finally:
                 if on_final is not None and isinstance(report, AttemptFinished):
                     on_final()
+            if isinstance(report, AttemptCheckpointed):
+                waiting = self._checkpoints.pop(_key(spec), None)
+                if waiting is not None:
+                    waiting.set()
             if not accepted and not isinstance(report, AttemptFinished):
                 # A stale attempt (its task was reassigned): kill the work, keep nothing.
                 self._cancel(spec.job_id, spec.task_id, spec.fencing_token, 0.0)
@@ -147,8 +166,44 @@ class NodeActor(Actor[NodeMessage]):
                 await self.context.clock.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
+    def _preempt(self, job_id: str, task_id: str, token: int, grace: float) -> None:
+        """Checkpoint-then-yield: ask for a checkpoint, wait up to ``grace``, then stop."""
+        handle = self._find(job_id, task_id, token)
+        if handle is None:
+            return
+        clock = self.context.clock
+        checkpointed = anyio.Event()
+
+        async def yield_node() -> None:
+            if grace > 0 and handle.request_checkpoint():
+                self._checkpoints[(job_id, task_id, token)] = checkpointed
+                async with anyio.create_task_group() as tg:
+
+                    async def deadline() -> None:
+                        await clock.sleep(grace)
+                        tg.cancel_scope.cancel()
+
+                    tg.start_soon(deadline)
+                    await checkpointed.wait()
+                    tg.cancel_scope.cancel()
+                self._checkpoints.pop((job_id, task_id, token), None)
+            handle.cancel(grace=self.settings.cancel_grace)
+
+        self.context.start_work(yield_node, name=f"preempt-{job_id}-{task_id}")
+
+    def _find(self, job_id: str, task_id: str, token: int) -> AttemptHandle | None:
+        for handle in self.executor.running():
+            spec = handle.spec
+            if (spec.job_id, spec.task_id, spec.fencing_token) == (job_id, task_id, token):
+                return handle
+        return None
+
     def _cancel(self, job_id: str, task_id: str, token: int, grace: float) -> None:
         for handle in self.executor.running():
             spec = handle.spec
             if (spec.job_id, spec.task_id, spec.fencing_token) == (job_id, task_id, token):
                 handle.cancel(grace=grace)
+
+
+def _key(spec: AttemptSpec) -> tuple[str, str, int]:
+    return (spec.job_id, spec.task_id, spec.fencing_token)

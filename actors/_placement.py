@@ -15,7 +15,7 @@ from datetime import datetime
 
 from ._errors import SpecError
 from ._graph import DependencyGraph, Outcome, TaskRef
-from ._policy import FarmView, JobView, NodeView, Policy, TaskView
+from ._policy import FarmView, JobView, NodeView, Policy, RunningView, TaskView
 from ._protocol import NodeSummary
 from ._resources import Resources, add, fits, shortfall, subtract
 from ._spec import SubmitJob
@@ -23,6 +23,10 @@ from ._spec import SubmitJob
 __all__ = ["NodeHealth", "Placement", "SchedulerCore"]
 
 NodeHealth = str  # "online" | "draining" | "offline" | "quarantined"
+
+
+# How many unplaceable tasks a cycle offers to the policy's preemption hook.
+_MAX_BLOCKED = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +86,11 @@ class SchedulerCore:
         self._fit_index: dict[Resources, dict[str, None]] = {}
         self._index_refs: dict[Resources, int] = {}
         self.placements_made = 0
+        # Tasks the last cycle could not place (for the policy's preemption hook), the farm
+        # view it saw, and the attempts already asked to yield (victim -> the task it yields to).
+        self.blocked: list[tuple[JobView, TaskView]] = []
+        self.last_farm: FarmView | None = None
+        self.preempting: dict[tuple[str, int], tuple[str, int]] = {}
 
     # -- submission ---------------------------------------------------------------------------
 
@@ -190,6 +199,7 @@ class SchedulerCore:
 
         Returns the tasks (of any job) that became ready.
         """
+        self.preempting.pop((job_id, index), None)
         job = self._jobs.get(job_id)
         if job is None:
             return []
@@ -217,6 +227,8 @@ class SchedulerCore:
         job = self._jobs.pop(job_id, None)
         if job is None:
             return []
+        for victim in [v for v in self.preempting if v[0] == job_id]:
+            del self.preempting[victim]
         for index in list(job.ready):
             self._dequeue(job, index)
         for index in list(job.running):
@@ -225,6 +237,11 @@ class SchedulerCore:
         ready = self._release_ready(update.newly_ready)
         self.graph.remove_job(job_id)
         return ready
+
+    def is_running_on(self, task: tuple[str, int], node: str) -> bool:
+        """Return whether the task's attempt holds resources on ``node``."""
+        job = self._jobs.get(task[0])
+        return job is not None and job.running.get(task[1]) == node
 
     def unplace(self, job_id: str, index: int) -> None:
         """Undo a placement the job refused (the task was no longer pending)."""
@@ -324,10 +341,11 @@ class SchedulerCore:
         """Run one placement cycle: rank jobs, place runnable tasks onto fitting nodes."""
         policy = self.policy
         views = {job_id: self._job_view(job) for job_id, job in self._jobs.items() if job.ready}
+        self.blocked = []
         if not views:
             return []
         order = sorted(views, key=lambda job_id: policy.rank(views[job_id], now))
-        farm = self._farm_view(views)
+        farm = self.last_farm = self._farm_view(views)
         placements: list[Placement] = []
         for job_id in order:
             job = self._jobs[job_id]
@@ -347,6 +365,8 @@ class SchedulerCore:
                     continue
                 node = self._choose_node(job, view, task_view, now)
                 if node is None:
+                    if len(self.blocked) < _MAX_BLOCKED:
+                        self.blocked.append((view, task_view))
                     unplaceable.add(task.request)
                     if len(unplaceable) >= job.shapes:
                         break  # the rest of its queue would be skipped one by one
@@ -479,10 +499,27 @@ class SchedulerCore:
         )
 
     def _farm_view(self, views: dict[str, JobView]) -> FarmView:
+        jobs = self._jobs
         return FarmView(
             nodes={name: self._node_view(node) for name, node in self._nodes.items()},
             jobs=views,
-            placements={job_id: list(job.running.values()) for job_id, job in self._jobs.items()},
+            placements={job_id: list(job.running.values()) for job_id, job in jobs.items()},
+            running={
+                name: [
+                    RunningView(
+                        job_id=job_id,
+                        task=index,
+                        request=request,
+                        priority=jobs[job_id].spec.priority,
+                        preemptible=jobs[job_id].spec.preemptible
+                        and (job_id, index) not in self.preempting,
+                    )
+                    for (job_id, index), request in node.running.items()
+                    if job_id in jobs
+                ]
+                for name, node in self._nodes.items()
+                if node.running
+            },
         )
 
     def _placement_failure(self, job: _Job, request: Resources, now: datetime) -> str:

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
 
-from ._resources import Resources
-from ._spec import SubmitJob
+from ._resources import Resources, add, fits
+from ._spec import Priority, SubmitJob
 
 __all__ = [
     "FarmView",
@@ -30,6 +30,8 @@ __all__ = [
     "NodeView",
     "Policy",
     "Preemption",
+    "PriorityPreemptionPolicy",
+    "RunningView",
     "TaskView",
 ]
 
@@ -77,6 +79,17 @@ class NodeView:
 
 
 @dataclass(frozen=True, slots=True)
+class RunningView:
+    """An attempt running on a node, as preemption sees it."""
+
+    job_id: str
+    task: int
+    request: Resources
+    priority: Priority
+    preemptible: bool
+
+
+@dataclass(frozen=True, slots=True)
 class FarmView:
     """The whole farm, for decisions that need it (shares, preemption)."""
 
@@ -84,6 +97,8 @@ class FarmView:
     jobs: Mapping[str, JobView]
     # job_id -> nodes its attempts run on (one entry per attempt)
     placements: Mapping[str, Sequence[str]] = field(default_factory=dict)
+    # node -> the attempts running there
+    running: Mapping[str, Sequence[RunningView]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,3 +186,48 @@ class FifoPolicy:
             f"priority {job.spec.priority.value} (FIFO within priority, submitted "
             f"{job.submitted_at.isoformat()})"
         )
+
+
+class PriorityPreemptionPolicy(FifoPolicy):
+    """FIFO within priority, and a critical task that fits nowhere preempts lower work.
+
+    Only onto a node whose capacity fits the waiting task, only preemptible attempts of
+    lower priority, lowest priority first, and on the node that needs the fewest victims (then
+    by name, so the choice is deterministic).  Victims checkpoint and yield: they return to the
+    queue and resume from their checkpoint.
+    """
+
+    def preemptions(
+        self, job: JobView, task: TaskView, farm: FarmView, now: datetime
+    ) -> Sequence[Preemption]:
+        if job.spec.priority is not Priority.CRITICAL:
+            return ()
+        best: tuple[int, str, list[RunningView]] | None = None
+        for name in sorted(farm.nodes):
+            node = farm.nodes[name]
+            if node.health != "online" or not fits(task.request, node.capacity):
+                continue
+            candidates = sorted(
+                (
+                    r
+                    for r in farm.running.get(name, ())
+                    if r.preemptible and r.priority.rank < Priority.CRITICAL.rank
+                ),
+                key=lambda r: (r.priority.rank, r.job_id, r.task),
+            )
+            free, victims = node.free, []
+            for running in candidates:
+                if fits(task.request, free):
+                    break
+                free = add(free, running.request, capacity=node.capacity)
+                victims.append(running)
+            if victims and fits(task.request, free) and (best is None or len(victims) < best[0]):
+                best = (len(victims), name, victims)
+        if best is None:
+            return ()
+        _, name, victims = best
+        reason = f"critical job {job.job_id} task {task.index} needs node {name}"
+        return [
+            Preemption(victim_job=v.job_id, victim_task=v.task, node=name, reason=reason)
+            for v in victims
+        ]

@@ -28,6 +28,7 @@ from ._messages import (
     Kick,
     NodeJoined,
     NodeLeft,
+    PreemptTask,
     SubmitJobs,
     TaskEnded,
     Unplace,
@@ -187,7 +188,9 @@ class SchedulerActor(Actor[SchedulerMessage]):
     # -- placement ------------------------------------------------------------------------------
 
     def _cycle(self) -> None:
-        placements = self.core.place(self.context.clock.now())
+        now = self.context.clock.now()
+        placements = self.core.place(now)
+        self._preempt(now)
         by_job: dict[str, list[tuple[int, str]]] = defaultdict(list)
         for placement in placements:
             by_job[placement.job_id].append((placement.task, placement.node))
@@ -198,6 +201,37 @@ class SchedulerActor(Actor[SchedulerMessage]):
                     self.core.unplace(job_id, task)
                 continue
             ref.tell_nowait(Dispatch(placements=tuple(items)))
+
+    def _preempt(self, now: Any) -> None:
+        """Offer the tasks this cycle could not place to the policy's preemption hook."""
+        core = self.core
+        farm = core.last_farm
+        if farm is None or not core.blocked:
+            return
+        waiting_for = set(core.preempting.values())
+        for job_view, task_view in core.blocked:
+            blocked = (job_view.job_id, task_view.index)
+            if blocked in waiting_for:
+                continue  # its victims are still yielding
+            for choice in core.policy.preemptions(job_view, task_view, farm, now):
+                victim = (choice.victim_job, choice.victim_task)
+                if victim in core.preempting or not core.is_running_on(victim, choice.node):
+                    continue
+                ref = self.job_ref(choice.victim_job)
+                if ref is None:
+                    continue
+                core.preempting[victim] = blocked
+                waiting_for.add(blocked)
+                ref.tell_nowait(
+                    PreemptTask(task=choice.victim_task, node=choice.node, reason=choice.reason)
+                )
+                _log.info(
+                    "preemption_requested",
+                    job_id=choice.victim_job,
+                    task=choice.victim_task,
+                    node_id=choice.node,
+                    reason=choice.reason,
+                )
 
     # -- nodes ----------------------------------------------------------------------------------
 
