@@ -48,6 +48,7 @@ from ._messages import (
     NodeJoined,
     NodeLeft,
     ReportAttempt,
+    SetNodeHealth,
     SubmitJobs,
     WhyJob,
 )
@@ -70,6 +71,9 @@ _FINISHED = {
     "failed": Outcome.FAILED,
     "cancelled": Outcome.CANCELLED,
 }
+
+
+_HEALTHS = frozenset({"online", "draining", "sleeping", "quarantined"})
 
 
 class JobNotFoundError(TaskfarmError):
@@ -181,6 +185,26 @@ class Engine:
         await self.scheduler.tell(
             NodeJoined(name=name, capacity=capacity, labels=tuple(sorted(labels)), remote=remote)
         )
+
+    async def set_node_health(self, name: str, health: str, *, reason: str = "") -> None:
+        """Set a node's health: ``online`` gets new work; ``draining`` (before maintenance),
+        ``sleeping`` (to save energy) and ``quarantined`` do not, and their running attempts
+        carry on.
+
+        Raises:
+            ConfigurationError: the health is not one of those, or the node is unknown.
+        """
+        if health not in _HEALTHS:
+            raise ConfigurationError(
+                f"unknown health {health!r}; choose from {', '.join(sorted(_HEALTHS))}",
+                where="set_node_health",
+            )
+        known = await self.scheduler.ask(
+            SetNodeHealth(name=name, health=health, reason=reason),
+            timeout=self.settings.ask_timeout,
+        )
+        if not known:
+            raise ConfigurationError(f"no node named {name!r}", where="set_node_health")
 
     async def remove_node(self, name: str, *, reason: str) -> None:
         """Take a node offline: its running attempts are requeued by their jobs and stopped."""

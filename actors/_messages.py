@@ -31,6 +31,7 @@ __all__ = [
     "PreemptTask",
     "ReportAttempt",
     "RunAttempt",
+    "SetNodeHealth",
     "SubmitJobs",
     "TaskEnded",
     "Unplace",
@@ -133,6 +134,14 @@ class ClaimAttempt(Message, frozen=True, kw_only=True, tag="engine.cmd.claim_att
     task: int
     token: int
     node: str
+
+
+class SetNodeHealth(Message, frozen=True, kw_only=True, tag="engine.cmd.set_node_health"):
+    """Drain, sleep or resume a node (only ``online`` nodes get new work)."""
+
+    name: str
+    health: str
+    reason: str = ""
 
 
 class Kick(Message, frozen=True, kw_only=True, tag="engine.cmd.kick"):

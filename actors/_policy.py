@@ -10,7 +10,9 @@ cycle: nothing ratchets.  The two domains express their rules through these hook
   off-peak hours, backfill that would delay a reservation, node draining before maintenance);
 - ``node_score`` -- where to put it (specialization, fit, learned history, packing for sleep);
 - ``preemptions`` -- whom to checkpoint-and-yield for a waiting task;
-- ``cycle_actions`` -- periodic farm-level decisions (sleep or wake nodes, switch energy mode).
+- node health (drain before maintenance, sleep to save energy) is set from outside the policy
+  through ``Engine.set_node_health``: a draining or sleeping node gets no new work, and its
+  running attempts finish (or are preempted) as the domain decides.
 """
 
 from __future__ import annotations

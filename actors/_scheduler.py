@@ -29,6 +29,7 @@ from ._messages import (
     NodeJoined,
     NodeLeft,
     PreemptTask,
+    SetNodeHealth,
     SubmitJobs,
     TaskEnded,
     Unplace,
@@ -54,7 +55,16 @@ class Recovered(Kick, frozen=True, kw_only=True, tag="engine.cmd.recovered"):
 
 
 SchedulerMessage = (
-    SubmitJobs | TaskEnded | Unplace | JobEnded | NodeJoined | NodeLeft | Kick | WhyJob | GetNodes
+    SubmitJobs
+    | TaskEnded
+    | Unplace
+    | JobEnded
+    | NodeJoined
+    | NodeLeft
+    | SetNodeHealth
+    | Kick
+    | WhyJob
+    | GetNodes
 )
 
 
@@ -146,6 +156,13 @@ class SchedulerActor(Actor[SchedulerMessage]):
                 await self._node_joined(name, capacity, labels, remote)
             case NodeLeft(name=name, reason=reason):
                 self._node_left(name, reason)
+            case SetNodeHealth(name=name, health=health, reason=reason):
+                if core.node_health(name) is None:
+                    return False
+                core.set_health(name, health)
+                _log.info("node_health_changed", node_id=name, health=health, reason=reason)
+                self._kick()
+                return True
             case Recovered():
                 # Not armed in on_start: on a virtual clock the grace could run out while the
                 # engine still spawns the recovered jobs, whose in-doubt attempts would then be
