@@ -7,6 +7,7 @@ task's current one is stale: it is refused (the node then kills that work) and c
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, assert_never
@@ -61,6 +62,7 @@ from ._messages import (
     Unplace,
 )
 from ._protocol import JobSummary, TaskSummary
+from ._subprocess import FRAME_SEQUENCE
 
 if TYPE_CHECKING:
     from ._engine import EngineSettings
@@ -509,7 +511,5 @@ def _task_index(task_id: str, count: int) -> int | None:
 
 
 def _sequence_argv(argvs: list[tuple[str, ...]]) -> tuple[str, ...]:
-    import json
-    import sys
-
-    return (sys.executable, "-m", "actors._frame_runner", json.dumps([list(a) for a in argvs]))
+    # Resolved by the executor on the host that runs it (see ``_subprocess.resolve_argv``).
+    return (FRAME_SEQUENCE, json.dumps([list(a) for a in argvs]))

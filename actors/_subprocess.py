@@ -12,6 +12,7 @@ import os
 import shlex
 import signal
 import subprocess
+import sys
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -48,6 +49,19 @@ __all__ = [
 _log = get_logger("actors.executor")
 
 REPORT_PREFIX = "@taskfarm"
+
+# A task that runs one process per frame is sent as ("taskfarm-frames", JSON list of argvs):
+# each host runs the sequence with its own Python (the coordinator's path means nothing there).
+FRAME_SEQUENCE = "taskfarm-frames"
+
+
+def resolve_argv(argv: tuple[str, ...]) -> tuple[str, ...]:
+    """Return the command to start: a frame sequence runs under this host's frame runner."""
+    if argv and argv[0] == FRAME_SEQUENCE:
+        return (sys.executable, "-m", "actors._frame_runner", *argv[1:])
+    return argv
+
+
 # A longer line is logged (or parsed) in pieces: a child cannot make us buffer without bound.
 _MAX_LINE = 64 * 1024
 # After the main process exited and its group was killed, how long to wait for the pipes to
@@ -224,7 +238,7 @@ class _SubprocessAttempt(_Attempt):
         try:
             try:
                 self._process = await anyio.open_process(
-                    spec.argv,
+                    resolve_argv(spec.argv),
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.PIPE,
                     stderr=subprocess.PIPE,
