@@ -9,7 +9,7 @@ import anyio
 
 from actors import ENGINE_CODEC, Resources, open_engine, open_subprocess_executor, parse_spec
 from actors._events import TaskCompleted, TaskFailed
-from persistence import InMemoryJournal
+from persistence import Event, InMemoryJournal
 from runtime import SystemClock
 
 WRITE_FRAME = (
@@ -33,7 +33,7 @@ retries = {{ max_attempts = 1 }}
 """
 
 
-async def _run(tmp_path: Path, *, fail_at: int) -> tuple[str, list[object]]:
+async def _run(tmp_path: Path, *, fail_at: int) -> tuple[str, list[Event]]:
     clock = SystemClock()
     journal = InMemoryJournal(clock=clock, codec=ENGINE_CODEC)
     out = tmp_path / "frames"
