@@ -1,0 +1,700 @@
+"""``taskfarm bench engine``: the engine's figures, each beside a baseline from the same run.
+
+- **end to end**: no-op tasks on the in-process executor through the whole engine (scheduler,
+  job and node actors, SQLite journal with ``synchronous=FULL``), submitted to completed;
+  baseline: the journal's group-commit throughput for the same number of one-event appends from
+  as many concurrent appenders as the farm has slots (what a minimal durable engine must do).
+- **placement**: :class:`SchedulerCore` alone (no I/O) draining 100,000 queued tasks of three
+  shapes through 1,000 nodes of three shapes, releasing the oldest running tasks after each
+  cycle; decision latency is timed per task (view, admit, node choice, reservation);
+  baseline: the same cycles with a brute-force node choice that checks every node.
+- **loopback**: a coordinator on 127.0.0.1 with four real agent processes running
+  ``/bin/true`` (a process per task); baselines: the raw spawn rate of ``/bin/true`` from four
+  processes, and the same agents running no-op work in-process (the engine without spawning).
+- **cold restart**: ``open_engine`` over a journal of 1,000,000 events with 10,000 unfinished
+  tasks until a submission is accepted; baseline: raw ``rebuild_all`` of the same journal.
+
+The machine is shared: every rate is the best of several rounds, and the table says how many.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+import anyio.to_thread
+
+from persistence import Event, open_sqlite_journal, rebuild_all
+from runtime import SystemClock
+from runtime._bench import BenchContext, Figure, Suite, percentile
+
+from ._cli import ensure_token_file
+from ._coordinator import CoordinatorConfig, open_coordinator
+from ._engine import EngineSettings, open_engine
+from ._events import (
+    ENGINE_CODEC,
+    JobAggregate,
+    JobFinished,
+    JobState,
+    JobSubmitted,
+    NodeRegistered,
+    TaskAssigned,
+    TaskCompleted,
+    TaskStarted,
+    job_stream,
+    node_stream,
+)
+from ._executors import AttemptContext, open_inprocess_executor
+from ._graph import Outcome
+from ._placement import SchedulerCore, _Job, _Node
+from ._policy import FifoPolicy, JobView, TaskView
+from ._resources import Resources, fits
+from ._spec import RetryPolicy, SubmitJob, TaskSpec
+
+__all__ = ["SUITE"]
+
+_EPOCH = datetime(2026, 1, 1, tzinfo=UTC)
+_NO_RETRY = RetryPolicy(max_attempts=1)
+
+
+async def _noop(ctx: AttemptContext) -> None:
+    return None
+
+
+def _job(job_id: str, tasks: int, command: str, resources: Resources) -> SubmitJob:
+    return SubmitJob(
+        job_id=job_id,
+        name=job_id,
+        command=(command,),
+        resources=resources,
+        tasks=tuple(TaskSpec(index=i, name=str(i)) for i in range(tasks)),
+        retries=_NO_RETRY,
+    )
+
+
+async def _wait_all(engine: Any, ids: Sequence[str]) -> None:
+    for job_id in ids:
+        summary = await engine.wait_job(job_id)
+        if summary.status != "completed":
+            raise RuntimeError(f"bench job {job_id} ended {summary.status}: {summary.reason}")
+
+
+# -- 1. end to end, in-process ------------------------------------------------------------------
+
+
+async def _end_to_end(path: Path, *, jobs: int, tasks: int, nodes: int, slots: int) -> float:
+    """Return tasks/s from submission to the last completion, on a fresh journal."""
+    clock = SystemClock()
+    async with AsyncExitStack() as stack:
+        journal = await stack.enter_async_context(
+            open_sqlite_journal(path, clock=clock, codec=ENGINE_CODEC, synchronous="FULL")
+        )
+        executors = [
+            await stack.enter_async_context(open_inprocess_executor({"noop": _noop}, clock=clock))
+            for _ in range(nodes)
+        ]
+        engine = await stack.enter_async_context(open_engine(journal=journal, clock=clock))
+        for number, executor in enumerate(executors):
+            capacity = Resources.of(cores=slots, memory=f"{slots}GiB")
+            await engine.add_node(f"node-{number}", capacity, executor=executor)
+        one = Resources.of(cores=1, memory="1GiB")
+        specs = [_job(f"job-{j}", tasks, "inprocess:noop", one) for j in range(jobs)]
+        started = time.perf_counter()
+        await _wait_all(engine, await engine.submit(specs))
+        return jobs * tasks / (time.perf_counter() - started)
+
+
+async def _group_commits(path: Path, *, appends: int, appenders: int) -> float:
+    """Return one-event appends/s from ``appenders`` concurrent streams (synchronous=FULL)."""
+    per = appends // appenders
+    async with open_sqlite_journal(
+        path, clock=SystemClock(), codec=ENGINE_CODEC, synchronous="FULL"
+    ) as journal:
+
+        async def appender(number: int) -> None:
+            stream = f"bench:{number}"
+            for version in range(per):
+                event = TaskCompleted(task=version, token=version + 1)
+                await journal.append(stream, [event], expected_version=version)
+
+        started = time.perf_counter()
+        async with anyio.create_task_group() as task_group:
+            for number in range(appenders):
+                task_group.start_soon(appender, number)
+        return per * appenders / (time.perf_counter() - started)
+
+
+async def _figure_end_to_end(ctx: BenchContext, rounds: int) -> tuple[Figure, float]:
+    jobs, tasks, nodes, slots = (20, 50, 4, 64) if ctx.quick else (20, 500, 4, 64)
+    total = jobs * tasks
+    ctx.progress(f"engine: end to end, {jobs} jobs x {tasks} no-op tasks, {nodes}x{slots} slots")
+    rates, baselines = [], []
+    for number in range(rounds):
+        rates.append(
+            await _end_to_end(
+                ctx.workdir / f"e2e-{number}.db", jobs=jobs, tasks=tasks, nodes=nodes, slots=slots
+            )
+        )
+        baselines.append(
+            await _group_commits(
+                ctx.workdir / f"commits-{number}.db", appends=total, appenders=nodes * slots
+            )
+        )
+    best = max(rates)
+    return (
+        Figure(
+            name="end to end, in-process no-op tasks, synchronous=FULL",
+            value=best,
+            unit="tasks/s",
+            baseline_name=f"journal group commit (appends/s), {nodes * slots} appenders",
+            baseline_value=max(baselines),
+            target=2_000,
+            note=f"{total:,} tasks, {jobs} jobs, {nodes} nodes x {slots} slots, best of {rounds}",
+        ),
+        best,
+    )
+
+
+# -- 2. placement -------------------------------------------------------------------------------
+
+_NODE_SHAPES = (  # (capacity, weight)
+    (Resources.of(cores=16, memory="64GiB"), 6),
+    (Resources.of(cores=64, memory="256GiB"), 3),
+    (Resources.of(cores=32, memory="128GiB", gpus=4, gpu_memory="24GiB"), 1),
+)
+_REQUEST_SHAPES = (
+    (Resources.of(cores=1, memory="2GiB"), 6),
+    (Resources.of(cores=4, memory="16GiB"), 3),
+    (Resources.of(cores=8, memory="32GiB", gpus=1, gpu_memory="16GiB"), 1),
+)
+
+
+def _shape(shapes: tuple[tuple[Resources, int], ...], number: int) -> Resources:
+    slot = number % sum(weight for _, weight in shapes)
+    for shape, weight in shapes:
+        if slot < weight:
+            return shape
+        slot -= weight
+    raise AssertionError("unreachable")
+
+
+class _TimedCore(SchedulerCore):
+    """Times each placement decision: from the task's view to its reservation or rejection."""
+
+    def __init__(self) -> None:
+        super().__init__(FifoPolicy())
+        self.samples: list[float] = []
+        self._began = 0.0
+
+    def _task_view(self, job: _Job, index: int) -> TaskView:
+        self._began = time.perf_counter()
+        return super()._task_view(job, index)
+
+    def _choose_node(self, job: _Job, view: JobView, task: TaskView, now: datetime) -> _Node | None:
+        node = super()._choose_node(job, view, task, now)
+        if node is None:
+            self.samples.append(time.perf_counter() - self._began)
+        return node
+
+    def _reserve(self, job: _Job, index: int, node_name: str) -> None:
+        super()._reserve(job, index, node_name)
+        self.samples.append(time.perf_counter() - self._began)
+
+
+class _BruteForceCore(SchedulerCore):
+    """The baseline: every online node is checked for every task (no fit index, no cap)."""
+
+    def _choose_node(self, job: _Job, view: JobView, task: TaskView, now: datetime) -> _Node | None:
+        policy = self.policy
+        best: _Node | None = None
+        best_score = 0.0
+        for node in self._nodes.values():
+            if node.health != "online" or not fits(task.request, node.free):
+                continue
+            until = job.blocklist.get(node.name)
+            if until is not None and until > now:
+                continue
+            node_view = node.view
+            if node_view is None:
+                node_view = node.view = self._node_view(node)
+            score = policy.node_score(view, task, node_view, now)
+            if score is not None and (best is None or score > best_score):
+                best, best_score = node, score
+        return best
+
+
+class _Drained:
+    def __init__(self) -> None:
+        self.placed = 0
+        self.cycles = 0
+        self.place_seconds = 0.0
+        self.total_seconds = 0.0
+
+
+def _drain(
+    core: SchedulerCore, *, tasks: int, nodes: int, release: int, stop_after: int | None = None
+) -> _Drained:
+    """Queue ``tasks`` on ``nodes``, then place and release until every task has been placed."""
+    per_job = 1000
+    for number in range(nodes):
+        core.add_node(f"node-{number:04d}", _shape(_NODE_SHAPES, number))
+    left: dict[str, int] = {}
+    for number in range(tasks // per_job):
+        spec = _job(f"job-{number:03d}", per_job, "noop", _shape(_REQUEST_SHAPES, number))
+        core.add_job(spec, submitted_at=_EPOCH)
+        left[spec.job_id] = per_job
+    goal = min(tasks, stop_after or tasks)
+    result = _Drained()
+    running: deque[tuple[str, int]] = deque()
+    clock = time.perf_counter
+    started = clock()
+    while result.placed < goal:
+        began = clock()
+        placements = core.place(_EPOCH, limit=goal - result.placed)
+        result.place_seconds += clock() - began
+        result.cycles += 1
+        result.placed += len(placements)
+        running.extend((p.job_id, p.task) for p in placements)
+        if not placements and not running:
+            raise RuntimeError("placement stalled with nothing running")
+        for _ in range(min(release, len(running))):
+            job_id, index = running.popleft()
+            core.task_ended(job_id, index, outcome=Outcome.SUCCEEDED)
+            left[job_id] -= 1
+            if not left[job_id]:
+                core.job_ended(job_id, Outcome.SUCCEEDED)
+    result.total_seconds = clock() - started
+    return result
+
+
+def _figure_placement(ctx: BenchContext, rounds: int) -> list[Figure]:
+    tasks, nodes, release = (10_000, 100, 100) if ctx.quick else (100_000, 1_000, 1_000)
+    brute_placements = tasks // 10
+    ctx.progress(f"engine: placement, {tasks:,} tasks on {nodes:,} nodes (best of {rounds})")
+    runs = [
+        _drain(SchedulerCore(FifoPolicy()), tasks=tasks, nodes=nodes, release=release)
+        for _ in range(rounds)
+    ]
+    best = max(runs, key=lambda r: r.placed / r.place_seconds)
+    timed = _TimedCore()
+    _drain(timed, tasks=tasks, nodes=nodes, release=release)
+    ctx.progress(f"engine: placement baseline, brute force, first {brute_placements:,} placements")
+    brute = _drain(
+        _BruteForceCore(FifoPolicy()),
+        tasks=tasks,
+        nodes=nodes,
+        release=release,
+        stop_after=brute_placements,
+    )
+    brute_timed = _BruteForceTimed()
+    _drain(brute_timed, tasks=tasks, nodes=nodes, release=release, stop_after=brute_placements)
+    shapes = "3 node shapes, 3 request shapes (10% GPU)"
+    return [
+        Figure(
+            name=f"placement, {tasks:,} queued tasks on {nodes:,} nodes",
+            value=best.placed / best.place_seconds,
+            unit="placements/s",
+            baseline_name=f"brute force (every node per task), first {brute.placed:,} (filling)",
+            baseline_value=brute.placed / brute.place_seconds,
+            target=10_000,
+            note=f"{shapes}; {best.cycles} cycles releasing {release:,} each; "
+            f"{best.placed / best.total_seconds:,.0f}/s with releases; best of {rounds}",
+        ),
+        Figure(
+            name="placement decision latency p99",
+            value=percentile(timed.samples, 99) * 1000,
+            unit="ms",
+            baseline_name="brute force",
+            baseline_value=percentile(brute_timed.samples, 99) * 1000,
+            target=1,
+            better="lower",
+            note=f"{len(timed.samples):,} decisions, p50 "
+            f"{percentile(timed.samples, 50) * 1e6:.0f} us, max "
+            f"{max(timed.samples) * 1000:.2f} ms",
+        ),
+    ]
+
+
+class _BruteForceTimed(_TimedCore, _BruteForceCore):
+    """Brute force, with each decision timed like :class:`_TimedCore`."""
+
+
+# -- 3. loopback --------------------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def _agents(
+    ctx: BenchContext, port: int, token_file: Path, module: str, count: int, slots: int
+) -> AsyncIterator[None]:
+    """Run ``count`` agent processes (``python -m module agent ...``); stop them on exit."""
+    processes: list[anyio.abc.Process] = []
+    logs = ctx.workdir / "agent-logs"
+    logs.mkdir(exist_ok=True)
+    try:
+        for number in range(count):
+            name = f"{module.rsplit('.', 1)[-1].strip('_')}-{number}"
+            log = (logs / f"{name}.log").open("ab")
+            processes.append(
+                await anyio.open_process(
+                    [
+                        sys.executable,
+                        "-m",
+                        module,
+                        "agent",
+                        "--connect",
+                        f"127.0.0.1:{port}",
+                        "--token-file",
+                        str(token_file),
+                        "--name",
+                        name,
+                        "--work-dir",
+                        str(ctx.workdir / "agents" / name),
+                        "--cores",
+                        str(slots),
+                        "--memory",
+                        f"{slots}GiB",
+                    ],
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=log,
+                )
+            )
+            log.close()
+        yield
+    finally:
+        with anyio.move_on_after(20, shield=True):
+            for process in processes:
+                if process.returncode is None:
+                    process.send_signal(signal.SIGTERM)
+            for process in processes:
+                with anyio.move_on_after(10):
+                    await process.wait()
+                if process.returncode is None:
+                    process.kill()
+                    await process.wait()
+
+
+async def _loopback(
+    ctx: BenchContext, name: str, *, module: str, command: str, tasks: int, agents: int, slots: int
+) -> float:
+    """Return tasks/s of ``command`` run by ``agents`` agent processes over loopback."""
+    root = ctx.workdir / name
+    root.mkdir()
+    token_file, token = ensure_token_file(root / "token")
+    config = CoordinatorConfig(
+        journal=root / "journal.db",
+        token=token,
+        port=0,
+        work_dir=root / "work",
+        heartbeat_interval=0.5,
+        heartbeat_timeout=10.0,
+    )
+    async with (
+        open_coordinator(config) as coordinator,
+        _agents(ctx, coordinator.port, token_file, module, agents, slots),
+    ):
+        engine = coordinator.engine
+        with anyio.fail_after(60):
+            # Polls the scheduler's view: the agents are processes that connect when ready.
+            while sum(n.health == "online" for n in await engine.nodes()) < agents:  # noqa: ASYNC110
+                await anyio.sleep(0.05)
+        one = Resources.of(cores=1, memory="1GiB")
+        jobs = agents
+        specs = [_job(f"job-{j}", tasks // jobs, command, one) for j in range(jobs)]
+        started = time.perf_counter()
+        with anyio.fail_after(600):
+            await _wait_all(engine, await engine.submit(specs))
+        return (tasks // jobs) * jobs / (time.perf_counter() - started)
+
+
+async def _spawn_ceiling(spawns: int, processes: int) -> float:
+    """Return the aggregate rate of ``processes`` processes each running ``/bin/true`` in turn."""
+    per = spawns // processes
+    start_at = time.time() + 2.0  # every child starts together, after its interpreter is up
+    outputs: list[str] = []
+
+    async def child() -> None:
+        result = await anyio.run_process(
+            [sys.executable, "-m", "actors._bench_engine", "spawn", str(per), repr(start_at)]
+        )
+        outputs.append(result.stdout.decode().strip())
+
+    async with anyio.create_task_group() as task_group:
+        for _ in range(processes):
+            task_group.start_soon(child)
+    ended = max(float(line) for line in outputs)
+    return per * processes / (ended - start_at)
+
+
+async def _figure_loopback(ctx: BenchContext, rounds: int, in_process_rate: float) -> list[Figure]:
+    tasks, agents, slots = (400, 4, 16) if ctx.quick else (4_000, 4, 16)
+    ctx.progress(f"engine: loopback, {agents} agent processes, {tasks:,} x /bin/true")
+    spawn_rate = max([await _spawn_ceiling(tasks, agents) for _ in range(rounds)])
+    real = max(
+        [
+            await _loopback(
+                ctx,
+                f"loopback-true-{number}",
+                module="runtime.cli",
+                command="/bin/true",
+                tasks=tasks,
+                agents=agents,
+                slots=slots,
+            )
+            for number in range(rounds)
+        ]
+    )
+    ctx.progress(f"engine: loopback, {agents} agent processes, {tasks:,} in-process no-ops")
+    cheap = max(
+        [
+            await _loopback(
+                ctx,
+                f"loopback-noop-{number}",
+                module="actors._bench_engine",
+                command="inprocess:noop",
+                tasks=tasks,
+                agents=agents,
+                slots=slots,
+            )
+            for number in range(rounds)
+        ]
+    )
+    setup = f"{tasks:,} tasks, {agents} agents x {slots} slots, best of {rounds}"
+    return [
+        Figure(
+            name=f"loopback, {agents} `taskfarm agent` processes, /bin/true per task",
+            value=real,
+            unit="tasks/s",
+            baseline_name=f"raw spawn of /bin/true from {agents} processes",
+            baseline_value=spawn_rate,
+            target=1_000,
+            note=setup,
+        ),
+        Figure(
+            name=f"loopback, {agents} agent processes, in-process no-op work",
+            value=cheap,
+            unit="tasks/s",
+            baseline_name="same tasks, local in-process executor",
+            baseline_value=in_process_rate,
+            target=1_000,
+            note=setup + "; the agent code with its subprocess executor swapped for in-process",
+        ),
+    ]
+
+
+# -- 4. cold restart ----------------------------------------------------------------------------
+
+_RESTART_TASKS = 500  # per job
+_RESTART_IN_DOUBT = 13  # attempts per unfinished job that were out when the coordinator stopped
+
+
+def _finished_job_events(spec: SubmitJob) -> list[Event]:
+    events: list[Event] = [JobSubmitted(job=spec, submitted_at=_EPOCH)]
+    for index in range(len(spec.tasks)):
+        token = len(events) + 1
+        events += [
+            TaskAssigned(task=index, attempt=1, token=token, node=f"node-{index % 16}"),
+            TaskStarted(task=index, token=token),
+            TaskCompleted(task=index, token=token, runtime_s=0.01),
+        ]
+    events.append(JobFinished(outcome="completed", finished_at=_EPOCH))
+    return events
+
+
+def _unfinished_job_events(spec: SubmitJob) -> list[Event]:
+    events: list[Event] = [JobSubmitted(job=spec, submitted_at=_EPOCH)]
+    for index in range(_RESTART_IN_DOUBT):
+        token = len(events) + 1
+        events += [
+            TaskAssigned(task=index, attempt=1, token=token, node=f"node-{index % 16}"),
+            TaskStarted(task=index, token=token),
+        ]
+    return events
+
+
+async def _build_restart_journal(path: Path, *, events: int, unfinished: int) -> tuple[int, int]:
+    """Write a journal as a farm would leave it; return (events, unfinished tasks).
+
+    The latest snapshot of each job stream is written too, where the job actor (one every
+    ``EngineSettings.snapshot_every`` events) would have left it.
+    """
+    every = EngineSettings().snapshot_every
+    one = Resources.of(cores=1, memory="1GiB")
+    open_jobs = unfinished // _RESTART_TASKS
+    per_finished = 3 * _RESTART_TASKS + 2
+    finished_jobs = max(0, (events - 16 - open_jobs * (1 + 2 * _RESTART_IN_DOUBT)) // per_finished)
+    aggregate = JobAggregate()
+    async with open_sqlite_journal(
+        path, clock=SystemClock(), codec=ENGINE_CODEC, synchronous="OFF"
+    ) as journal:
+        for number in range(16):
+            capacity = Resources.of(cores=64, memory="256GiB")
+            await journal.append(
+                node_stream(f"node-{number}"),
+                [NodeRegistered(name=f"node-{number}", capacity=capacity)],
+            )
+
+        async def write(number: int) -> None:
+            spec = _job(f"job-{number:05d}", _RESTART_TASKS, "inprocess:noop", one)
+            stream = job_stream(spec.job_id)
+            batch = (
+                _finished_job_events(spec)
+                if number < finished_jobs
+                else _unfinished_job_events(spec)
+            )
+            await journal.append(stream, batch, expected_version=0)
+            version = len(batch) // every * every
+            if version:
+                state = aggregate.initial_state(stream)
+                for event in batch[:version]:
+                    state = aggregate.apply(state, event)
+                await journal.save_snapshot(stream, version=version, state=state)
+
+        jobs = finished_jobs + open_jobs
+        for first in range(0, jobs, 16):
+            async with anyio.create_task_group() as task_group:
+                for number in range(first, min(first + 16, jobs)):
+                    task_group.start_soon(write, number)
+        written = await journal.last_position()
+    return written, open_jobs * _RESTART_TASKS
+
+
+async def _restart(path: Path, number: int) -> tuple[float, int]:
+    """Return seconds from opening the journal to an accepted submission, and the queue."""
+    clock = SystemClock()
+    started = time.perf_counter()
+    async with (
+        open_sqlite_journal(path, clock=clock, codec=ENGINE_CODEC) as journal,
+        open_engine(journal=journal, clock=clock) as engine,
+    ):
+        one = Resources.of(cores=1, memory="1GiB")
+        await engine.submit([_job(f"after-restart-{number}", 1, "inprocess:noop", one)])
+        elapsed = time.perf_counter() - started
+        queued = engine.core.statistics()["queued"]
+    return elapsed, queued
+
+
+async def _raw_replay(path: Path) -> float:
+    aggregate = JobAggregate()
+    async with open_sqlite_journal(
+        path, clock=SystemClock(), codec=ENGINE_CODEC, read_only=True
+    ) as journal:
+        started = time.perf_counter()
+        await rebuild_all(journal, lambda s: aggregate if s.startswith("job:") else None)
+        return time.perf_counter() - started
+
+
+async def _snapshot_replay(path: Path) -> float:
+    """Rebuild every job stream from its latest snapshot plus the events after it."""
+    aggregate = JobAggregate()
+    async with open_sqlite_journal(
+        path, clock=SystemClock(), codec=ENGINE_CODEC, read_only=True
+    ) as journal:
+        started = time.perf_counter()
+        for info in await journal.streams():
+            if not info.stream_id.startswith("job:"):
+                continue
+            snapshot = await journal.load_snapshot(info.stream_id, JobState)
+            version, state = snapshot or (0, aggregate.initial_state(info.stream_id))
+            for record in await journal.read_stream(info.stream_id, after_version=version):
+                state = aggregate.apply(state, record.event)
+        return time.perf_counter() - started
+
+
+async def _figure_restart(ctx: BenchContext, rounds: int) -> list[Figure]:
+    events = 100_000 if ctx.quick else 1_000_000
+    path = ctx.workdir / "restart.db"
+    ctx.progress(f"engine: building a {events:,}-event journal for the restart")
+    written, unfinished = await _build_restart_journal(path, events=events, unfinished=10_000)
+    ctx.progress(f"engine: cold restart over {written:,} events (best of {rounds})")
+    restarts = [await _restart(path, number) for number in range(rounds)]
+    best, queued = min(restarts)
+    raw = min([await _raw_replay(path) for _ in range(rounds)])
+    snapshots = min([await _snapshot_replay(path) for _ in range(rounds)])
+    setup = f"{written:,} events, {unfinished:,} unfinished tasks; best of {rounds}"
+    return [
+        Figure(
+            name="cold restart until a submission is accepted",
+            value=best,
+            unit="s",
+            baseline_name="raw rebuild_all (job aggregate)",
+            baseline_value=raw,
+            target=3,
+            better="lower",
+            note=f"{setup}; {queued:,} queued after it; page cache warm",
+        ),
+        Figure(
+            name="replay from the latest snapshot per job stream (what a snapshot restart costs)",
+            value=snapshots,
+            unit="s",
+            baseline_name="raw rebuild_all",
+            baseline_value=raw,
+            better="lower",
+            note=setup,
+        ),
+    ]
+
+
+# -- the suite ------------------------------------------------------------------------------------
+
+
+async def run_suite(ctx: BenchContext) -> list[Figure]:
+    """Measure the engine's figures (smaller sizes with ``ctx.quick``)."""
+    rounds = 2 if ctx.quick else 3
+    end_to_end, in_process_rate = await _figure_end_to_end(ctx, rounds)
+    figures = [end_to_end]
+    figures += await anyio.to_thread.run_sync(_figure_placement, ctx, rounds)
+    figures += await _figure_loopback(ctx, rounds, in_process_rate)
+    figures += await _figure_restart(ctx, rounds)
+    return figures
+
+
+SUITE: Suite = run_suite
+
+
+# -- child processes ------------------------------------------------------------------------------
+
+
+def _spawn_main(argv: list[str]) -> None:
+    """Run ``/bin/true`` ``argv[0]`` times in turn from ``argv[1]`` (a wall-clock time)."""
+    count, start_at = int(argv[0]), float(argv[1])
+    delay = start_at - time.time()
+    if delay > 0:
+        anyio.run(anyio.sleep, delay)
+    for _ in range(count):
+        subprocess.run(["/bin/true"], check=True)
+    print(repr(time.time()))
+
+
+def _agent_main(argv: list[str]) -> int:
+    """Run ``taskfarm agent`` with an in-process executor that runs ``noop``."""
+    from runtime.cli import main
+
+    from . import _agent
+
+    @asynccontextmanager
+    async def in_process(**options: Any) -> AsyncIterator[Any]:
+        async with open_inprocess_executor({"noop": _noop}, clock=options.get("clock")) as ex:
+            yield ex
+
+    _agent.open_subprocess_executor = in_process  # type: ignore[attr-defined]
+    return main(["agent", *argv])
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "spawn":
+        _spawn_main(sys.argv[2:])
+    elif sys.argv[1] == "agent":
+        sys.exit(_agent_main(sys.argv[2:]))
+    else:
+        raise SystemExit(f"unknown mode {sys.argv[1]!r}")

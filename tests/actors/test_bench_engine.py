@@ -1,0 +1,41 @@
+"""The engine benchmark suite runs end to end at its quick sizes (a smoke test, not a timing)."""
+
+from __future__ import annotations
+
+import math
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import pytest
+import structlog
+
+from actors._bench_engine import SUITE
+from runtime._bench import BenchContext, format_table
+
+
+def test_the_suite_is_registered_as_engine() -> None:
+    """``taskfarm bench engine`` finds the suite through its entry point."""
+    [entry] = [ep for ep in entry_points(group="taskfarm.benchmarks") if ep.name == "engine"]
+    assert entry.load() is SUITE
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+async def test_quick_run_reports_positive_named_figures(tmp_path: Path) -> None:
+    """Every figure of a quick run has a name, a unit and a positive finite value and baseline."""
+    progress: list[str] = []
+    # Thousands of attempts log at info level: keep them in memory, not in the test output.
+    with structlog.testing.capture_logs():
+        figures = await SUITE(BenchContext(workdir=tmp_path, quick=True, progress=progress.append))
+    names = [figure.name for figure in figures]
+    assert len(names) == len(set(names)) == 7
+    for figure in figures:
+        assert figure.name
+        assert figure.unit
+        assert math.isfinite(figure.value), figure
+        assert figure.value > 0, figure
+        assert figure.baseline_name, figure
+        assert figure.baseline_value is not None, figure
+        assert figure.baseline_value > 0, figure
+    assert progress
+    assert "placement decision latency p99" in format_table(figures)
