@@ -154,6 +154,13 @@ class Coordinator:
         self._connections[name] = connection
         generation = self._generation[name] = self._generation.get(name, 0) + 1
         executor = await self._executor_for(name)
+        # Attempts this node ran when the agent left that it no longer runs: unless the reports
+        # it replays from its outbox (``unacknowledged``, sent first) end them, they died with
+        # its previous process (a restart with a wiped work folder, a RunAttempt lost in flight)
+        # and would otherwise stay "running" forever.
+        listed = {(r.job_id, r.task_id, r.fencing_token) for r in hello.running}
+        gone = executor.waiting_on() - listed
+        replay = hello.unacknowledged
         executor.attach(connection)
         try:
             await connection.send(Welcome(node=name, heartbeat_interval=config.heartbeat_interval))
@@ -182,6 +189,8 @@ class Coordinator:
                             reason="stale attempt (reassigned while the agent was away)",
                         )
                     )
+            if replay <= 0:
+                await self._abandon(name, executor, gone)
             while True:
                 with anyio.move_on_after(config.heartbeat_timeout) as scope:
                     message = await connection.receive()
@@ -193,6 +202,10 @@ class Coordinator:
                         pass
                     case Report() | LogChunk():
                         await executor.deliver(message)
+                        if isinstance(message, Report) and replay > 0:
+                            replay -= 1
+                            if replay == 0:
+                                await self._abandon(name, executor, gone)
                     case _:
                         raise ProtocolError(
                             connection.peer, reason=f"agent sent {type(message).__name__}"
@@ -205,6 +218,13 @@ class Coordinator:
                 executor.detach()
                 assert self._task_group is not None
                 self._task_group.start_soon(self._expire_agent, name, generation)
+
+    async def _abandon(
+        self, name: str, executor: RemoteExecutor, gone: frozenset[tuple[str, str, int]]
+    ) -> None:
+        for key in sorted(gone):
+            if await executor.abandon(key, error="the agent came back without this attempt"):
+                _log.warning("attempt_lost_by_agent", node_id=name, job_id=key[0], task=key[1])
 
     async def _expire_agent(self, name: str, generation: int) -> None:
         """Give a disconnected agent ``heartbeat_timeout`` to come back, then requeue its work."""

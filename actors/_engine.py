@@ -17,7 +17,7 @@ from typing import Any
 
 import anyio
 
-from persistence import Journal, rebuild_all, rebuild_stream
+from persistence import Journal, rebuild_stream
 from runtime import (
     ActorRef,
     ActorSystem,
@@ -353,7 +353,15 @@ class Engine:
                 return _NODE_AGGREGATE
             return None
 
-        states = await rebuild_all(self.journal, aggregate_for)
+        # Each stream from its latest snapshot plus the events after it: a restart reads the
+        # tail of the journal, not all of it (replay from position 0 gives the same states).
+        states: dict[str, tuple[Any, int]] = {}
+        for info in await self.journal.streams():
+            aggregate = aggregate_for(info.stream_id)
+            if aggregate is not None:
+                states[info.stream_id] = await rebuild_stream(
+                    self.journal, info.stream_id, aggregate
+                )
         nodes = {k: v for k, v in states.items() if k.startswith("node:")}
         for _stream, (node, _version) in sorted(nodes.items()):
             assert isinstance(node, NodeState)

@@ -631,6 +631,29 @@ class DependencyGraph:
         self._passivated[job_id] = _Passivated(job.outcome, job.elements, outcomes)
         del self._jobs[job_id]
 
+    def add_passivated(
+        self, job: GraphJob, outcome: Outcome, task_outcomes: Sequence[Outcome | None]
+    ) -> None:
+        """Record a job that finished before a restart, as ``remove_job`` leaves one.
+
+        The same result as ``add_jobs``, ``record_outcome`` for it and its tasks, then
+        ``remove_job``, without building its nodes: recovery adds many finished jobs at once.
+
+        Raises:
+            DependencyError: the job is already known, or the outcomes do not match its tasks.
+        """
+        if job.job_id in self:
+            raise DependencyError(f"job {job.job_id!r} is already known", job=job.job_id)
+        if len(task_outcomes) != len(job.elements):
+            raise DependencyError(
+                f"job {job.job_id!r} has {len(job.elements)} tasks, "
+                f"got {len(task_outcomes)} outcomes",
+                job=job.job_id,
+            )
+        unset = Outcome.SUCCEEDED if outcome is Outcome.SUCCEEDED else Outcome.CANCELLED
+        outcomes = tuple(o if o is not None else unset for o in task_outcomes)
+        self._passivated[job.job_id] = _Passivated(outcome, job.elements, outcomes)
+
     # --- internals ----------------------------------------------------------------------------
 
     def _job(self, job_id: str) -> _Job:

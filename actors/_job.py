@@ -122,6 +122,7 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
             case CreateJob(spec=spec):
                 if self.version == 0:
                     await self.persist([JobSubmitted(job=spec, submitted_at=self.clock.now())])
+                self._scale_snapshots()
                 return None
             case Dispatch(placements=placements):
                 await self._dispatch(placements)
@@ -450,8 +451,15 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
         _log.info("job_finished", job_id=self.job_id, outcome=outcome)
         await self.after_commit(self.context.stop)  # passivate: the journal keeps the state
 
+    def _scale_snapshots(self) -> None:
+        # A snapshot holds every task: with one every N events, a job of T tasks would write
+        # O(T^2 / N) bytes of snapshots.  Snapshotting every 4*T events keeps it O(events).
+        every = self.settings.snapshot_every
+        self.snapshot_every = max(every, 4 * len(self.state.tasks)) if every else 0
+
     async def on_start(self) -> None:
         await super().on_start()
+        self._scale_snapshots()
         # A job that finished while its actor was stopping (or before a crash) stays finished.
         if self.state.status == "cancelling" and not self.state.active_attempts():
             await self._finish_if_done()

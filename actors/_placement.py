@@ -255,12 +255,7 @@ class SchedulerCore:
         """Record a job that finished before a restart, so its dependants see its outcome."""
         if spec.job_id in self.graph:
             return
-        self.graph.add_jobs([spec.graph_job()])
-        for index, task_outcome in enumerate(task_outcomes):
-            if task_outcome is not None:
-                self.graph.record_outcome(TaskRef(spec.job_id, index), task_outcome)
-        self.graph.record_outcome(spec.job_id, outcome)
-        self.graph.remove_job(spec.job_id)
+        self.graph.add_passivated(spec.graph_job(), outcome, task_outcomes)
 
     def node_summaries(self) -> list[NodeSummary]:
         """Describe every node, by name."""

@@ -315,6 +315,41 @@ class RemoteExecutor:
         self._attempts[key] = attempt
         return attempt
 
+    def waiting_on(self) -> frozenset[AttemptKey]:
+        """Return the attempts whose final report has not arrived (job, task, fencing token)."""
+        return frozenset(self._attempts)
+
+    async def abandon(self, key: AttemptKey, *, error: str) -> bool:
+        """End an attempt the agent no longer has (it came back without it) with a ``failed``
+        final report, as the agent itself reports an attempt its restart lost; return False
+        when the attempt had already finished.
+
+        Raises:
+            Exception: whatever the sink raised (the attempt stays pending).
+        """
+        attempt = self._attempts.get(key)
+        if attempt is None:
+            return False
+        spec = attempt.spec
+        report = AttemptFinished(
+            job_id=spec.job_id,
+            task_id=spec.task_id,
+            attempt=spec.attempt,
+            fencing_token=spec.fencing_token,
+            outcome="failed",
+            error=error,
+        )
+        await attempt._sink(report)
+        attempt._result = report
+        del self._attempts[key]
+        # A late report of the attempt (should the agent have it after all) is an orphan: the
+        # job, which has moved on, refuses it.
+        self._finished[key] = attempt._last_sequence
+        if len(self._finished) > _FINISHED_MEMORY:
+            self._finished.popitem(last=False)
+        attempt._finished.set()
+        return True
+
     # -- inbound -----------------------------------------------------------------------------
 
     async def deliver(self, message: Report | LogChunk) -> None:
