@@ -110,6 +110,8 @@ class Coordinator:
         self._generation: dict[str, int] = {}
         self._task_group: anyio.abc.TaskGroup | None = None
         self.local_agent_pids: list[int] = []
+        # Nodes this coordinator set draining because their agent went away (undone on return).
+        self._suspended: set[str] = set()
 
     # -- agents ---------------------------------------------------------------------------------
 
@@ -161,14 +163,20 @@ class Coordinator:
         listed = {(r.job_id, r.task_id, r.fencing_token) for r in hello.running}
         gone = executor.waiting_on() - listed
         replay = hello.unacknowledged
-        executor.attach(connection)
         try:
             await connection.send(Welcome(node=name, heartbeat_interval=config.heartbeat_interval))
+            # Only now: attaching wakes the executor's sender (re-sent cancellations), and the
+            # agent accepts nothing before its Welcome.
+            executor.attach(connection)
             engine = self.engine
             if engine.node_ref(name) is None:
+                self._suspended.discard(name)  # joining sets it online (unless quarantined)
                 await engine.add_node(
                     name, hello.capacity, executor=executor, labels=hello.labels, remote=True
                 )
+            elif name in self._suspended:
+                self._suspended.discard(name)
+                await engine.set_node_health(name, "online", reason="agent reconnected")
             _log.info(
                 "agent_connected", node_id=name, peer=connection.peer, running=len(hello.running)
             )
@@ -217,7 +225,25 @@ class Coordinator:
                 del self._connections[name]
                 executor.detach()
                 assert self._task_group is not None
+                self._task_group.start_soon(self._suspend_agent, name, generation)
                 self._task_group.start_soon(self._expire_agent, name, generation)
+
+    async def _suspend_agent(self, name: str, generation: int) -> None:
+        """Place no new work on a node whose agent is away: it would fail to start there (and
+        count against the task and the node) although the agent may well come back."""
+        nodes = {node.name: node for node in await self.engine.nodes()}
+        node = nodes.get(name)
+        if node is None or node.health != "online":
+            return  # quarantined or drained on purpose: keep it so
+        if name in self._connections or self._generation.get(name) != generation:
+            return  # back already
+        # Marked before the request is queued: a reconnect from now on restores "online", and
+        # its request reaches the scheduler after this one.
+        self._suspended.add(name)
+        try:
+            await self.engine.set_node_health(name, "draining", reason="agent disconnected")
+        except TaskfarmError as error:  # it was removed meanwhile: nothing to hold back
+            _log.info("node_suspend_skipped", node_id=name, reason=str(error))
 
     async def _abandon(
         self, name: str, executor: RemoteExecutor, gone: frozenset[tuple[str, str, int]]

@@ -1,0 +1,499 @@
+"""Bad input against a live coordinator process: malformed, oversized, truncated and
+unauthenticated frames, wrong tokens and impostors on its socket, and invalid job specs through
+``taskfarm submit``.  Each bad connection is closed and logged, each bad spec refused with an
+error naming the file and the field, and nothing reaches the journal; everyone else is served.
+"""
+
+from __future__ import annotations
+
+import random
+import struct
+import sys
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import msgspec
+import pytest
+from anyio.abc import SocketAttribute, SocketStream
+
+from actors._cli import request
+from actors._coordinator import WIRE_CODEC
+from actors._events import ENGINE_CODEC
+from actors._protocol import AgentHello, JobsReply, StatusRequest
+from actors._resources import Resources
+from persistence import open_sqlite_journal
+from runtime import AuthenticationError, SystemClock, WireError, open_connection
+
+if TYPE_CHECKING:
+    from conftest import Cluster
+
+PYTHON = sys.executable
+STEADY = "steady"  # the agent that must stay connected through everything
+FUZZ_CONNECTIONS = 3000
+FUZZ_WORKERS = 8
+FUZZ_SEED = 20260427
+HANDSHAKE_LIMIT = 4096  # runtime._wire_auth: frames before authentication
+FRAME_LIMIT = WIRE_CODEC.max_frame_size
+
+
+@pytest.fixture(scope="module")
+def farm(module_cluster: Cluster) -> Cluster:
+    """One coordinator with one agent, shared by this module's tests (each leaves it as found)."""
+    module_cluster.start_coordinator(heartbeat_timeout=3.0)
+    module_cluster.start_agent(STEADY, cores="2")
+    anyio.run(module_cluster.wait_online, STEADY)
+    return module_cluster
+
+
+def frame(payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + payload
+
+
+def local_address(stream: SocketStream) -> str:
+    address = stream.extra(SocketAttribute.local_address)
+    assert isinstance(address, tuple)
+    return f"{address[0]}:{address[1]}"
+
+
+async def closed_by_server(stream: SocketStream, payload: bytes, *, eof: bool = True) -> None:
+    """Send ``payload`` (then half-close) and read until the server closes the connection."""
+    with anyio.fail_after(10):
+        try:
+            if payload:
+                await stream.send(payload)
+            if eof:
+                await stream.send_eof()
+            while True:
+                await stream.receive()
+        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+            return
+
+
+async def still_serving(farm: Cluster, connection: Any) -> None:
+    """The long-lived client, a new client and the steady agent are all still served."""
+    reply = await request(connection, StatusRequest())
+    assert isinstance(reply, JobsReply)
+    nodes = await farm.nodes()
+    assert nodes[STEADY].health == "online"
+    assert farm.coordinator is not None
+    assert farm.coordinator.poll() is None
+
+
+def rejections(farm: Cluster) -> list[dict[str, Any]]:
+    return [e for e in farm.coordinator_log() if e.get("event") == "wire_connection_rejected"]
+
+
+# -- one bad connection at a time -------------------------------------------------------------
+
+
+async def raw_unauthenticated(farm: Cluster, payload: bytes) -> str:
+    async with await anyio.connect_tcp("127.0.0.1", farm.port) as stream:
+        address = local_address(stream)
+        await closed_by_server(stream, payload)
+    return address
+
+
+async def raw_authenticated(
+    farm: Cluster, payload: bytes, *, role: str = "client", eof: bool = True
+) -> str:
+    async with open_connection(
+        "127.0.0.1", farm.port, codec=WIRE_CODEC, token=farm.token, name="rogue", role=role
+    ) as connection:
+        stream = connection.transport_stream
+        assert isinstance(stream, SocketStream)
+        address = local_address(stream)
+        await closed_by_server(stream, payload, eof=eof)
+    return address
+
+
+def status_frame() -> bytes:
+    return WIRE_CODEC.encode(StatusRequest())
+
+
+def hello_of(name: str) -> bytes:
+    hello = AgentHello(name=name, capacity=Resources(millicores=1000, memory=1 << 30))
+    return WIRE_CODEC.encode(hello)
+
+
+BadConnection = Callable[["Cluster"], Awaitable[str]]
+
+BAD_CONNECTIONS: dict[str, tuple[BadConnection, str]] = {
+    "garbage": (
+        lambda farm: raw_unauthenticated(farm, b"GET / HTTP/1.1\r\nHost: taskfarm\r\n\r\n"),
+        "AuthenticationError",
+    ),
+    "oversized-before-auth": (
+        lambda farm: raw_unauthenticated(farm, struct.pack(">I", 2**31) + b"x" * 64),
+        "AuthenticationError",
+    ),
+    "truncated-before-auth": (
+        lambda farm: raw_unauthenticated(farm, struct.pack(">I", 100) + b"x" * 10),
+        "AuthenticationError",
+    ),
+    "request-before-handshake": (
+        lambda farm: raw_unauthenticated(farm, status_frame()),
+        "AuthenticationError",
+    ),
+    "oversized-after-auth": (
+        lambda farm: raw_authenticated(farm, struct.pack(">I", FRAME_LIMIT + 1) + b"x" * 64),
+        "FrameTooLargeError",
+    ),
+    "truncated-after-auth": (
+        lambda farm: raw_authenticated(farm, struct.pack(">I", 1000) + b"\x81" * 10),
+        "TruncatedFrameError",
+    ),
+    "garbage-after-auth": (
+        lambda farm: raw_authenticated(farm, frame(b"\xc1\xc1\xc1 not msgpack")),
+        "FrameDecodeError",
+    ),
+    "unknown-message-after-auth": (
+        lambda farm: raw_authenticated(
+            farm, frame(msgspec.msgpack.encode({"type": "client.format_disk", "now": True}))
+        ),
+        "FrameValidationError",
+    ),
+    "unknown-field-after-auth": (
+        lambda farm: raw_authenticated(
+            farm, frame(msgspec.msgpack.encode({"type": "client.status", "sudo": True}))
+        ),
+        "FrameValidationError",
+    ),
+    "agent-sends-a-request": (
+        lambda farm: raw_authenticated(farm, status_frame(), role="agent"),
+        "ProtocolError",
+    ),
+    "impostor-agent": (
+        lambda farm: raw_authenticated(farm, hello_of(STEADY), role="agent"),
+        "ProtocolError",
+    ),
+    "silent-agent": (
+        lambda farm: raw_authenticated(farm, b"", role="agent", eof=False),
+        "ProtocolError",
+    ),
+    "hello-fails-its-own-checks": (
+        lambda farm: raw_authenticated(
+            farm,
+            frame(
+                msgspec.msgpack.encode(
+                    {
+                        "type": "agent.hello",
+                        "name": "dup-counters",
+                        "capacity": {"millicores": 1000, "counters": [["lic", 1], ["lic", 2]]},
+                    }
+                )
+            ),
+            role="agent",
+        ),
+        "FrameValidationError",
+    ),
+    "unknown-role": (
+        lambda farm: raw_authenticated(farm, status_frame(), role="admin"),
+        "ProtocolError",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CONNECTIONS))
+async def test_a_bad_connection_is_closed_and_logged(farm: Cluster, case: str) -> None:
+    """A bad connection is closed and logged; connected and new clients and the agent are served."""
+    bad, error = BAD_CONNECTIONS[case]
+    async with farm.connect() as connection:
+        await still_serving(farm, connection)
+        address = await bad(farm)
+        await still_serving(farm, connection)
+    logged = [e for e in rejections(farm) if e.get("peer") == address]
+    assert [e["error"] for e in logged] == [error], logged
+
+
+async def test_a_wrong_token_is_refused(farm: Cluster) -> None:
+    """A client with the wrong token is refused during the handshake, and it is logged."""
+    before = Counter(e["reason"] for e in rejections(farm))
+    with pytest.raises(AuthenticationError, match="wrong token"):
+        async with open_connection(
+            "127.0.0.1",
+            farm.port,
+            codec=WIRE_CODEC,
+            token=b"not-the-token-at-all-0123456789",
+            name="intruder",
+            role="client",
+        ):
+            pass
+    after = Counter(e["reason"] for e in rejections(farm))
+    assert after - before == Counter({"wrong token": 1})
+    async with farm.connect() as connection:
+        await still_serving(farm, connection)
+
+
+async def test_a_wrong_token_stops_the_agent_cli(farm: Cluster, tmp_path: Path) -> None:
+    """`taskfarm agent` with a wrong token exits with status 2 and says so; no node appears."""
+    token_file = tmp_path / "wrong.token"
+    token_file.write_text("a-wrong-token-of-enough-length-000\n")
+    token_file.chmod(0o600)
+    command = farm.command(
+        "agent", "--connect", f"127.0.0.1:{farm.port}", "--token-file", str(token_file)
+    )
+    with anyio.fail_after(30):
+        result = await anyio.run_process(
+            [*command, "--name", "intruder", "--work-dir", str(tmp_path / "w")], check=False
+        )
+    assert result.returncode == 2
+    assert b"refused this agent" in result.stderr, result.stderr
+    assert "intruder" not in await farm.nodes()
+
+
+# -- a storm of malformed frames ----------------------------------------------------------------
+
+
+def junk_value(rng: random.Random, depth: int = 0) -> object:
+    kinds: list[Callable[[], object]] = [
+        lambda: rng.randrange(-(2**63), 2**63),
+        lambda: rng.random(),
+        lambda: rng.randbytes(rng.randrange(8)).hex(),
+        lambda: rng.randbytes(rng.randrange(8)),
+        lambda: None,
+    ]
+    if depth < 2:
+        kinds.append(lambda: [junk_value(rng, depth + 1) for _ in range(rng.randrange(4))])
+        kinds.append(lambda: {str(i): junk_value(rng, depth + 1) for i in range(rng.randrange(4))})
+    return rng.choice(kinds)()
+
+
+TAGS = [
+    "client.submit",
+    "client.status",
+    "client.cancel",
+    "client.logs",
+    "agent.hello",
+    "agent.report",
+    "agent.heartbeat",
+    "coordinator.welcome",
+    "wire.client_hello",
+    "nope",
+]
+
+
+def wrong_shape(rng: random.Random) -> bytes:
+    """Valid msgpack that is no valid message: junk, real tags with bad or extra fields."""
+    shapes: list[Callable[[], object]] = [
+        lambda: junk_value(rng),
+        lambda: {"type": rng.choice(TAGS)},
+        lambda: {"type": rng.choice(TAGS), rng.randbytes(3).hex(): junk_value(rng)},
+        lambda: {"type": "client.submit", "text": junk_value(rng), "format": "toml"},
+        lambda: {"type": "client.logs", "job_id": "x", "task": rng.choice(["0", 1.5, [1]])},
+        lambda: {"type": "agent.hello", "name": rng.choice(["", "a b", "x" * 300, 7])},
+    ]
+    return frame(msgspec.msgpack.encode(rng.choice(shapes)()))
+
+
+def random_bytes(rng: random.Random, limit: int) -> bytes:
+    return rng.randbytes(rng.randrange(1, 64))
+
+
+def truncated_header(rng: random.Random, limit: int) -> bytes:
+    return rng.randbytes(rng.randrange(1, 4))
+
+
+def oversize_header(rng: random.Random, limit: int) -> bytes:
+    return struct.pack(">I", rng.randrange(limit + 1, 2**32)) + rng.randbytes(rng.randrange(33))
+
+
+def truncated_body(rng: random.Random, limit: int) -> bytes:
+    size = rng.randrange(1, limit + 1)
+    return struct.pack(">I", size) + rng.randbytes(rng.randrange(min(size, 512)))
+
+
+def garbage_body(rng: random.Random, limit: int) -> bytes:
+    return frame(rng.randbytes(rng.randrange(0, 256)))
+
+
+def shaped(rng: random.Random, limit: int) -> bytes:
+    return wrong_shape(rng)
+
+
+MAKERS = [random_bytes, truncated_header, oversize_header, truncated_body, garbage_body, shaped]
+
+
+@dataclass(frozen=True)
+class Plan:
+    role: str | None  # None: never authenticates
+    kind: str
+    payload: bytes
+
+
+def starts_with_a_valid_message(payload: bytes) -> bool:
+    """Whether random bytes happen to begin with a valid frame (then the plan is redrawn)."""
+    if len(payload) < 4:
+        return False
+    (size,) = struct.unpack(">I", payload[:4])
+    if size > FRAME_LIMIT or len(payload) < 4 + size:
+        return False
+    try:
+        WIRE_CODEC.decode(payload[4 : 4 + size])
+    except WireError:
+        return False
+    return True
+
+
+def make_plans(rng: random.Random) -> list[Plan]:
+    plans = []
+    for _ in range(FUZZ_CONNECTIONS):
+        role = rng.choice([None, None, "client", "agent"])
+        make = rng.choice(MAKERS)
+        limit = HANDSHAKE_LIMIT if role is None else FRAME_LIMIT
+        payload = make(rng, limit)
+        while role is not None and starts_with_a_valid_message(payload):
+            payload = make(rng, limit)
+        plans.append(Plan(role, make.__name__, payload))
+    return plans
+
+
+async def run_plan(farm: Cluster, plan: Plan) -> None:
+    if plan.role is None:
+        await raw_unauthenticated(farm, plan.payload)
+    else:
+        await raw_authenticated(farm, plan.payload, role=plan.role)
+
+
+@pytest.mark.slow
+async def test_thousands_of_malformed_frames_leave_the_coordinator_serving(farm: Cluster) -> None:
+    """3,000 seeded malformed connections are each rejected and logged once; all else is served."""
+    plans = make_plans(random.Random(FUZZ_SEED))
+    assert {plan.kind for plan in plans} == {make.__name__ for make in MAKERS}
+    rejected_before = len(rejections(farm))
+    records_before = len(await farm.journal_events())
+
+    async def worker(first: int) -> None:
+        for index in range(first, len(plans), FUZZ_WORKERS):
+            await run_plan(farm, plans[index])
+
+    async with farm.connect() as connection:
+        with anyio.fail_after(90):
+            async with anyio.create_task_group() as tg:
+                for first in range(FUZZ_WORKERS):
+                    tg.start_soon(worker, first)
+        await still_serving(farm, connection)
+
+    log = farm.coordinator_log()
+    rejected = [e for e in log if e.get("event") == "wire_connection_rejected"][rejected_before:]
+    assert len(rejected) == FUZZ_CONNECTIONS
+    assert not [e for e in log if e.get("event") == "wire_handler_failed"]
+    assert not [e for e in log if e.get("level") in ("error", "critical")]
+    assert not [
+        e for e in log if e.get("event") == "agent_disconnected" and e.get("node_id") == STEADY
+    ]
+    assert len(await farm.journal_events()) == records_before  # no rogue hello was admitted
+    assert await farm.submit(_echo_job("after-storm")) == ["after-storm"]
+    (done,) = (await farm.wait_finished("after-storm")).values()
+    assert done.status == "completed"
+    assert {t.node for t in done.tasks} == {STEADY}
+
+
+def _echo_job(name: str) -> str:
+    return f"""
+[[jobs]]
+name = "{name}"
+command = ["{PYTHON}", "-c", "print('ok')"]
+resources = {{ cores = 1, memory = "16MiB" }}
+"""
+
+
+# -- invalid specs through `taskfarm submit` ---------------------------------------------------
+
+INVALID_SPECS: dict[str, tuple[str, str, list[str]]] = {
+    # case: (file name, contents, what stderr must say besides the file name)
+    "unknown-field": (
+        "unknown.toml",
+        '[[jobs]]\nname = "a"\ncommand = ["true"]\ncolour = "red"\n',
+        ["jobs[0].colour", "unknown field"],
+    ),
+    "wrong-type": (
+        "wrong-type.toml",
+        '[[jobs]]\nname = "a"\ncommand = ["true"]\nretries = { max_attempts = "three" }\n',
+        ["jobs[0].retries.max_attempts", "expected int"],
+    ),
+    "wrong-type-json": (
+        "wrong-type.json",
+        '{"jobs": [{"name": "a", "command": "true"}]}',
+        ["jobs[0].command", "expected list"],
+    ),
+    "cycle": (
+        "cycle.toml",
+        '[[jobs]]\nname = "x"\ncommand = ["true"]\ndepends_on = ["y"]\n'
+        '[[jobs]]\nname = "y"\ncommand = ["true"]\ndepends_on = ["x"]\n',
+        ["depends_on", "cycle", "x -> y -> x"],
+    ),
+    "unknown-dependency": (
+        "ghost.toml",
+        '[[jobs]]\nname = "a"\ncommand = ["true"]\ndepends_on = ["ghost"]\n',
+        ["jobs[0].depends_on[0]", "ghost"],
+    ),
+    "negative-cores": (
+        "negative.toml",
+        '[[jobs]]\nname = "a"\ncommand = ["true"]\nresources = { cores = -2 }\n',
+        ["jobs[0].resources.cores", "negative"],
+    ),
+    "negative-memory": (
+        "negative-memory.toml",
+        '[[jobs]]\nname = "a"\ncommand = ["true"]\nresources = { memory = "-1GiB" }\n',
+        ["jobs[0].resources.memory", "negative"],
+    ),
+    "fits-no-node": (
+        "huge.toml",
+        '[[jobs]]\nname = "a"\ncommand = ["true"]\nresources = { cores = 64 }\n',
+        ["resources", "no node could ever fit", "cores"],
+    ),
+    "fits-no-node-gpu": (
+        "gpu.toml",
+        '[[jobs]]\nname = "a"\ncommand = ["true"]\nresources = { gpus = 1 }\n',
+        ["resources", "no node could ever fit", "gpus"],
+    ),
+    "second-job-fits-no-node": (
+        "half.toml",
+        '[[jobs]]\nname = "fine"\ncommand = ["true"]\n'
+        '[[jobs]]\nname = "greedy"\ncommand = ["true"]\nresources = { memory = "1TiB" }\n',
+        ["greedy", "no node could ever fit", "memory"],
+    ),
+    "too-many-tasks": (
+        "frames.toml",
+        '[[jobs]]\nname = "a"\nframes = "1-100000000"\ncommand = ["true"]\n',
+        ["jobs[0].frames", "at most"],
+    ),
+    "bad-toml": (
+        "syntax.toml",
+        '[[jobs]]\nname = "a\ncommand = ["true"]\n',
+        ["line"],
+    ),
+}
+
+
+async def last_position(farm: Cluster) -> int:
+    async with open_sqlite_journal(
+        farm.journal, clock=SystemClock(), codec=ENGINE_CODEC, read_only=True
+    ) as journal:
+        return await journal.last_position()
+
+
+@pytest.mark.parametrize("case", list(INVALID_SPECS))
+async def test_an_invalid_spec_is_refused_and_journals_nothing(
+    farm: Cluster, tmp_path: Path, case: str
+) -> None:
+    """`taskfarm submit SPEC` fails naming the file and the problem; the journal is unchanged."""
+    name, text, expected = INVALID_SPECS[case]
+    spec = tmp_path / name
+    spec.write_text(text)
+    before = await last_position(farm)
+    with anyio.fail_after(30):
+        result = await farm.cli("submit", str(spec))
+    assert result.returncode != 0
+    assert result.stdout == b""
+    stderr = result.stderr.decode()
+    for part in [str(spec), *expected]:
+        assert part in stderr, stderr
+    assert "Traceback" not in stderr
+    assert await last_position(farm) == before
+    assert farm.coordinator is not None
+    assert farm.coordinator.poll() is None
