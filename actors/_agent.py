@@ -857,8 +857,14 @@ async def run_agent(
             f"cannot create the work directory: {error.strerror}", where=str(work)
         ) from None
     async with AsyncExitStack() as stack:
+        # NORMAL, not FULL: in WAL mode a commit survives the agent's own crash (SIGKILL, OOM)
+        # without an fsync; only a power loss of this host can drop the last reports, and then
+        # the coordinator requeues the attempt after the heartbeat timeout.  The coordinator's
+        # journal, which holds the truth, stays FULL.
         journal = await stack.enter_async_context(
-            open_sqlite_journal(work / "outbox.db", clock=chosen, codec=OUTBOX_CODEC)
+            open_sqlite_journal(
+                work / "outbox.db", clock=chosen, codec=OUTBOX_CODEC, synchronous="NORMAL"
+            )
         )
         outbox = _Outbox(journal)
         lost = await outbox.load()

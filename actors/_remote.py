@@ -74,6 +74,8 @@ OrphanReportSink: TypeAlias = Callable[[AttemptReport], Awaitable[None]]
 
 # Finished attempts remembered so a late duplicate of their reports is recognised as one.
 _FINISHED_MEMORY = 4096
+# Reports received but not yet journaled, across attempts (then reading waits: backpressure).
+_MAX_QUEUED = 10_000
 
 
 class AgentUnavailableError(ExecutorError):
@@ -95,7 +97,12 @@ class RemoteAttempt:
         self._pid: int | None = None
         self._result: AttemptFinished | None = None
         self._finished = anyio.Event()
-        self._last_sequence = 0
+        self._last_sequence = 0  # the highest sequence accepted for delivery
+        self._sunk = 0  # the highest sequence its sink has journaled
+        self._queue: deque[tuple[int, AttemptReport]] = deque()
+        self._draining = False
+        self._idle = anyio.Event()
+        self._idle.set()
         self._cancel_grace: float | None = None
 
     def __repr__(self) -> str:
@@ -188,6 +195,13 @@ class RemoteExecutor:
         self._delivered = 0
         self._duplicates = 0
         self._orphans = 0
+        # Reports are journaled attempt by attempt in parallel (each attempt's in order), so a
+        # job journals many in one commit; acks stay cumulative and in sequence order: entry
+        # (sequence, attempt) is done once that attempt's sink has journaled the sequence.
+        self._acks: deque[tuple[int, RemoteAttempt | None]] = deque()
+        self._queued = 0
+        self._space = anyio.Event()
+        self._task_group: anyio.abc.TaskGroup | None = None
 
     def __repr__(self) -> str:
         state = "attached" if self._connection is not None else "detached"
@@ -223,6 +237,7 @@ class RemoteExecutor:
         """
         self._connection = connection
         self._outgoing.clear()
+        self._acks.clear()  # acks of the old connection are lost: the agent re-sends
         for attempt in self._attempts.values():
             if attempt._cancel_grace is not None:
                 self._outgoing.append(attempt._cancel_message())
@@ -235,6 +250,7 @@ class RemoteExecutor:
         """
         self._connection = None
         self._outgoing.clear()
+        self._acks.clear()
         for done, answer in self._log_requests.values():
             answer.clear()
             done.set()
@@ -328,6 +344,9 @@ class RemoteExecutor:
             Exception: whatever the sink raised (the attempt stays pending).
         """
         attempt = self._attempts.get(key)
+        if attempt is not None and not attempt._idle.is_set():
+            await attempt._idle.wait()  # its queued reports (maybe its end) come first
+            attempt = self._attempts.get(key)
         if attempt is None:
             return False
         spec = attempt.spec
@@ -355,12 +374,16 @@ class RemoteExecutor:
     async def deliver(self, message: Report | LogChunk) -> None:
         """Handle one ``Report`` or ``LogChunk`` frame from the agent's connection.
 
-        A report goes to its attempt's sink (or ``on_orphan_report``), then is acknowledged;
-        a duplicate is acknowledged again without being delivered.  Call it from the one task
-        that reads the connection, in frame order.
+        A report is queued for its attempt's sink and acknowledged (cumulatively, in sequence
+        order) once journaled; attempts are journaled in parallel, each in its own order, so
+        one commit can carry the reports of many.  A duplicate is acknowledged once its first
+        copy is journaled, without being delivered twice.  An orphan (an attempt this
+        executor does not know) goes to ``on_orphan_report`` before this returns.  Call it
+        from the one task that reads the connection, in frame order; it waits only when too
+        many reports are queued (backpressure).
 
         Raises:
-            Exception: whatever the sink raised (nothing is acknowledged: the agent re-sends).
+            Exception: whatever ``on_orphan_report`` raised (nothing after it is acknowledged).
         """
         match message:
             case Report():
@@ -388,24 +411,72 @@ class RemoteExecutor:
                 adopted = self._attempts.get(key)
                 if adopted is not None:
                     adopted._last_sequence = max(adopted._last_sequence, sequence)
+                    adopted._sunk = max(adopted._sunk, sequence)
+            self._acks.append((sequence, None))
         elif sequence <= attempt._last_sequence:
-            self._duplicates += 1
+            self._duplicates += 1  # acknowledged once its first copy is journaled
+            self._acks.append((sequence, attempt))
         else:
-            if isinstance(report, AttemptStarted):
-                attempt._pid = report.pid
-            await attempt._sink(report)
+            while self._queued >= _MAX_QUEUED:
+                self._space = anyio.Event()
+                await self._space.wait()
             attempt._last_sequence = sequence
-            self._delivered += 1
-            if isinstance(report, AttemptFinished):
-                attempt._result = report
-                del self._attempts[key]
-                self._finished[key] = sequence
-                if len(self._finished) > _FINISHED_MEMORY:
-                    self._finished.popitem(last=False)
-                attempt._finished.set()
-        connection = self._connection
-        if connection is not None:
-            await connection.send(ReportAck(sequence=sequence))
+            attempt._queue.append((sequence, report))
+            self._queued += 1
+            self._acks.append((sequence, attempt))
+            if not attempt._draining:
+                attempt._draining = True
+                attempt._idle = anyio.Event()
+                if self._task_group is None:
+                    await self._drain(attempt)
+                else:
+                    self._task_group.start_soon(self._drain, attempt)
+        self._advance_acks()
+
+    async def _drain(self, attempt: RemoteAttempt) -> None:
+        """Journal an attempt's queued reports in order, each through its sink."""
+        key = _key(attempt.spec)
+        try:
+            while attempt._queue:
+                sequence, report = attempt._queue[0]
+                if isinstance(report, AttemptStarted):
+                    attempt._pid = report.pid
+                await attempt._sink(report)
+                attempt._queue.popleft()
+                self._queued -= 1
+                self._space.set()
+                attempt._sunk = sequence
+                self._delivered += 1
+                if isinstance(report, AttemptFinished):
+                    attempt._result = report
+                    self._attempts.pop(key, None)
+                    self._finished[key] = sequence
+                    if len(self._finished) > _FINISHED_MEMORY:
+                        self._finished.popitem(last=False)
+                    attempt._finished.set()
+                self._advance_acks()
+        except Exception:
+            # Nothing after this report is acknowledged: the agent re-sends it after a
+            # reconnect.  A sink is not supposed to raise; say so loudly.
+            _log.exception("remote_report_failed", node_id=self._node, job_id=key[0])
+            self._queued -= len(attempt._queue)
+            attempt._queue.clear()
+            self._space.set()
+        finally:
+            attempt._draining = False
+            attempt._idle.set()
+
+    def _advance_acks(self) -> None:
+        acks = self._acks
+        acknowledged = 0
+        while acks:
+            sequence, attempt = acks[0]
+            if attempt is not None and attempt._sunk < sequence:
+                break
+            acks.popleft()
+            acknowledged = sequence
+        if acknowledged:
+            self._send_nowait(ReportAck(sequence=acknowledged))
 
     # -- requests ----------------------------------------------------------------------------
 
@@ -517,6 +588,7 @@ async def open_remote_executor(
     # The block's own exception is re-raised as itself, not wrapped in an ExceptionGroup.
     failure: Exception | None = None
     async with anyio.create_task_group() as task_group:
+        executor._task_group = task_group
         task_group.start_soon(executor._run_sender)
         try:
             yield executor

@@ -205,6 +205,11 @@ async def test_a_bad_connection_is_closed_and_logged(farm: Cluster, case: str) -
         await still_serving(farm, connection)
         address = await bad(farm)
         await still_serving(farm, connection)
+
+    async def rejected() -> bool:
+        return any(e.get("peer") == address for e in rejections(farm))
+
+    await farm.wait_until(rejected, what=f"the rejection of {address} logged", limit=10)
     logged = [e for e in rejections(farm) if e.get("peer") == address]
     assert [e["error"] for e in logged] == [error], logged
 
@@ -222,6 +227,12 @@ async def test_a_wrong_token_is_refused(farm: Cluster) -> None:
             role="client",
         ):
             pass
+
+    async def logged() -> bool:
+        # The coordinator writes its log line after refusing us: wait for it, do not race it.
+        return bool(Counter(e["reason"] for e in rejections(farm)) - before)
+
+    await farm.wait_until(logged, what="the refusal logged", limit=10)
     after = Counter(e["reason"] for e in rejections(farm))
     assert after - before == Counter({"wrong token": 1})
     async with farm.connect() as connection:
@@ -377,6 +388,10 @@ async def test_thousands_of_malformed_frames_leave_the_coordinator_serving(farm:
                     tg.start_soon(worker, first)
         await still_serving(farm, connection)
 
+    async def all_logged() -> bool:
+        return len(rejections(farm)) - rejected_before >= FUZZ_CONNECTIONS
+
+    await farm.wait_until(all_logged, what="every rejection logged", limit=30)
     log = farm.coordinator_log()
     rejected = [e for e in log if e.get("event") == "wire_connection_rejected"][rejected_before:]
     assert len(rejected) == FUZZ_CONNECTIONS
