@@ -8,6 +8,9 @@ returns a started ref.
 
 from __future__ import annotations
 
+import heapq
+import itertools
+import math
 from collections import deque
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
@@ -95,15 +98,75 @@ class Actor(Generic[M]):
 class _Ask:
     """An ask envelope: the message plus the slot its reply lands in."""
 
-    __slots__ = ("abandoned", "error", "event", "message", "parked", "reply")
+    __slots__ = ("abandoned", "error", "event", "message", "parked", "reply", "tracker")
 
-    def __init__(self, message: object, parked: bool) -> None:
+    def __init__(
+        self, message: object, parked: bool, tracker: ActivityTracker | None = None
+    ) -> None:
         self.message = message
+        self.tracker = tracker
         self.event = anyio.Event()
         self.reply: object = None
         self.error: BaseException | None = None
         self.parked = parked
         self.abandoned = False
+
+
+class AskTimeouts:
+    """Fails asks whose deadline passed: one heap and one task for a whole system."""
+
+    __slots__ = ("_heap", "_scope", "_sequence", "_sleeping_until", "_wakeup")
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, _Ask, str, float]] = []
+        self._sequence = itertools.count()
+        self._wakeup = anyio.Event()
+        self._scope: anyio.CancelScope | None = None
+        self._sleeping_until = math.inf
+
+    def watch(self, envelope: _Ask, deadline: float, actor: str, timeout: float) -> None:
+        """Fail ``envelope`` with AskTimeoutError at ``deadline`` unless it has a reply."""
+        heapq.heappush(self._heap, (deadline, next(self._sequence), envelope, actor, timeout))
+        if deadline < self._sleeping_until:
+            self._sleeping_until = deadline
+            if self._scope is not None:
+                self._scope.cancel()
+            else:
+                self._wakeup.set()
+
+    async def run(self) -> None:
+        """Expire asks until cancelled (the system runs it in its task group)."""
+        heap = self._heap
+        while True:
+            now = anyio.current_time()
+            while heap and (heap[0][0] <= now or heap[0][2].event.is_set()):
+                _, _, envelope, actor, timeout = heapq.heappop(heap)
+                if not envelope.event.is_set():
+                    _expire(envelope, actor, timeout)
+            if not heap:
+                self._sleeping_until = math.inf
+                self._wakeup = anyio.Event()
+                await self._wakeup.wait()
+                continue
+            self._sleeping_until = heap[0][0]
+            with anyio.CancelScope(deadline=heap[0][0]) as scope:
+                self._scope = scope
+                await anyio.sleep_forever()
+            self._scope = None
+
+
+def _expire(envelope: _Ask, actor: str, timeout: float) -> None:
+    if envelope.abandoned:
+        return  # the asker left already (cancelled) and took its activity unit back
+    envelope.abandoned = True  # a late reply is dropped
+    envelope.error = AskTimeoutError(
+        f"no reply to {type(envelope.message).__name__} within {timeout:g} s",
+        actor=actor,
+        timeout=timeout,
+    )
+    if envelope.parked and envelope.tracker is not None:
+        envelope.tracker.acquire()  # hand the asker's unit back before waking it
+    envelope.event.set()
 
 
 class _Failure:
@@ -211,16 +274,20 @@ class ActorRef(Generic[M]):
         if _current_cell.get() is cell:
             raise SelfAskError("an actor cannot ask itself from its own handler", actor=cell.path)
         tracker = cell.tracker
-        envelope = _Ask(message, tracker.park() if tracker is not None else False)
+        envelope = _Ask(message, tracker.park() if tracker is not None else False, tracker)
+        deadline = anyio.current_time() + timeout
         try:
-            with anyio.fail_after(timeout):
-                try:
-                    cell.mailbox.put_nowait(envelope)
-                except WouldBlock:
+            try:
+                cell.mailbox.put_nowait(envelope)
+            except WouldBlock:
+                with anyio.fail_after(timeout):  # a full mailbox: rare, so a scope of its own
                     await cell.mailbox.put(envelope)
-                if cell.idle:
-                    cell.wake()
-                await envelope.event.wait()
+            if cell.idle:
+                cell.wake()
+            # One sweeper per system bounds every ask (a cancel scope per ask would cost half
+            # of its round trip): at the deadline it fails the ask with AskTimeoutError.
+            cell.system.ask_timeouts.watch(envelope, deadline, cell.path, timeout)
+            await envelope.event.wait()
         except (ClosedResourceError, BrokenResourceError):
             self._unpark(envelope)
             raise ActorStoppedError("actor has stopped", actor=cell.path) from None

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import anyio
 from anyio.abc import TaskGroup
 
-from ._actor import Actor, ActorRef, _Cell, _current_cell, _Failure
+from ._actor import Actor, ActorRef, AskTimeouts, _Cell, _current_cell, _Failure
 from ._clock import Clock, SystemClock, VirtualClock
 from ._errors import ConfigurationError, EscalatedFailure
 from ._logging import get_logger
@@ -65,6 +65,7 @@ class ActorSystem:
         self.clock = clock
         self.shutdown_timeout = shutdown_timeout
         self.timers = TimerService(clock)
+        self.ask_timeouts = AskTimeouts()
         self.default_supervision = default_supervision
         self._task_group = task_group
         self._top: dict[str, _Cell] = {}
@@ -269,6 +270,7 @@ async def open_system(
             default_supervision=default_supervision or Supervision(),
         )
         task_group.start_soon(system.timers.run, name="timers")
+        task_group.start_soon(system.ask_timeouts.run, name="ask-timeouts")
         if isinstance(clock, VirtualClock) and clock.auto_advance:
             task_group.start_soon(clock.run_auto_advance, name="virtual-clock")
         try:

@@ -481,6 +481,32 @@ async def test_ask_timeout_raises_ask_timeout_error() -> None:
     assert log == [0, 5]
 
 
+async def test_a_short_ask_times_out_before_a_longer_one_asked_earlier() -> None:
+    """Each ask keeps its own deadline, even when a later ask has a shorter timeout."""
+    gate, entered, log = anyio.Event(), anyio.Event(), list[int]()
+    async with open_system() as system:
+        ref = await system.spawn(gated(gate, entered, log), name="stuck")
+        outcomes: list[str] = []
+        first_timed_out = anyio.Event()
+
+        async def ask(seconds: float, label: str) -> None:
+            try:
+                await ref.ask(Ping(n=0), timeout=seconds)
+            except AskTimeoutError:
+                outcomes.append(label)
+                first_timed_out.set()
+
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(ask, 3.0, "long")
+                await entered.wait()
+                tg.start_soon(ask, 0.05, "short")
+                await first_timed_out.wait()
+                assert outcomes == ["short"]  # the long one is still waiting
+                gate.set()
+    assert outcomes == ["short"]
+
+
 async def test_asking_yourself_from_the_handler_raises_self_ask_error() -> None:
     """An actor asking itself from its handler gets SelfAskError at once, not a deadlock."""
 
