@@ -258,7 +258,11 @@ class Coordinator:
         if name in self._connections or self._generation.get(name) != generation:
             return
         _log.warning("node_lost", node_id=name)
-        await self.engine.remove_node(name, reason="agent did not come back")
+        try:
+            await self.engine.remove_node(name, reason="agent did not come back")
+        except TaskfarmError as error:
+            # Logged, not raised: one node's bookkeeping must not stop the coordinator.
+            _log.error("node_removal_failed", node_id=name, error=str(error))
 
     # -- clients --------------------------------------------------------------------------------
 

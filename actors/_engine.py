@@ -20,9 +20,11 @@ import anyio
 from persistence import Journal, rebuild_stream
 from runtime import (
     ActorRef,
+    ActorStoppedError,
     ActorSystem,
     Clock,
     ConfigurationError,
+    MessageFailedError,
     TaskfarmError,
     get_logger,
     open_system,
@@ -199,6 +201,8 @@ class Engine:
                 f"unknown health {health!r}; choose from {', '.join(sorted(_HEALTHS))}",
                 where="set_node_health",
             )
+        if health == "online" and self.node_ref(name) is None:
+            health = "offline"  # released, but nothing runs there until its agent connects
         known = await self.scheduler.ask(
             SetNodeHealth(name=name, health=health, reason=reason),
             timeout=self.settings.ask_timeout,
@@ -243,9 +247,12 @@ class Engine:
         ref = self.job_ref(report.job_id)
         if ref is None:
             return False
-        accepted = await ref.ask(
-            ReportAttempt(report=report, node=node), timeout=self.settings.ask_timeout
-        )
+        try:
+            accepted = await ref.ask(
+                ReportAttempt(report=report, node=node), timeout=self.settings.ask_timeout
+            )
+        except (ActorStoppedError, MessageFailedError):
+            return False  # the job finished (passivated) meanwhile: the report is stale
         return bool(accepted)
 
     async def nodes(self) -> list[NodeSummary]:

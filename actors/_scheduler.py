@@ -157,8 +157,20 @@ class SchedulerActor(Actor[SchedulerMessage]):
             case NodeLeft(name=name, reason=reason):
                 self._node_left(name, reason)
             case SetNodeHealth(name=name, health=health, reason=reason):
-                if core.node_health(name) is None:
+                previous = core.node_health(name)
+                if previous is None:
                     return False
+                if (previous == "quarantined") != (health == "quarantined"):
+                    # Quarantine is journaled: a restart must remember it, or its release.
+                    await self.journal.append(
+                        node_stream(name),
+                        [
+                            NodeQuarantined(
+                                reason=reason or "set by the operator",
+                                released=health != "quarantined",
+                            )
+                        ],
+                    )
                 core.set_health(name, health)
                 _log.info("node_health_changed", node_id=name, health=health, reason=reason)
                 self._kick()

@@ -68,3 +68,26 @@ async def test_unknown_health_or_node_is_refused() -> None:
             await engine.set_node_health("n1", "asleep")
         with pytest.raises(ConfigurationError, match="no node named 'ghost'"):
             await engine.set_node_health("ghost", "draining")
+
+
+async def test_releasing_a_quarantined_node_is_journaled_and_survives_a_restart() -> None:
+    """Quarantine and its release are journaled, so a restarted engine remembers the release."""
+    clock = VirtualClock(auto_advance=True)
+    journal = InMemoryJournal(clock=clock, codec=ENGINE_CODEC)
+
+    async def work(ctx: AttemptContext) -> None:
+        return None
+
+    async with (
+        open_inprocess_executor({"work": work}, clock=clock) as executor,
+        open_engine(journal=journal, clock=clock) as engine,
+    ):
+        await engine.add_node("n1", CPU, executor=executor)
+        await engine.set_node_health("n1", "quarantined", reason="bad disk")
+        assert [n.health for n in await engine.nodes()] == ["quarantined"]
+    async with open_engine(journal=journal, clock=clock) as engine:
+        assert [n.health for n in await engine.nodes()] == ["quarantined"]
+        await engine.set_node_health("n1", "online", reason="disk replaced")
+    async with open_engine(journal=journal, clock=clock) as engine:
+        # Not connected after a restart (offline), but no longer quarantined.
+        assert [n.health for n in await engine.nodes()] == ["offline"]
