@@ -1,15 +1,21 @@
-"""Errors of the engine models: resources, the dependency graph and job specs."""
+"""Every error the engine raises on purpose, in one place (one root: ``TaskfarmError``)."""
 
 from __future__ import annotations
 
 from runtime import TaskfarmError
 
 __all__ = [
+    "AgentUnavailableError",
+    "AttemptSpecError",
     "DependencyCycleError",
     "DependencyError",
+    "ExecutorError",
+    "JobNotFoundError",
+    "ReportLineError",
     "ResourceError",
     "SpecError",
     "UnknownDependencyError",
+    "UnknownFunctionError",
 ]
 
 
@@ -68,3 +74,66 @@ class SpecError(TaskfarmError):
         self.problem = problem
         where = f"{path}: {field}" if field else path
         super().__init__(f"{where}: {problem}")
+
+
+class JobNotFoundError(TaskfarmError):
+    """Raised when a command names a job the journal has never seen."""
+
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        super().__init__(f"no job {job_id!r} in this farm")
+
+
+class AttemptSpecError(TaskfarmError, ValueError):
+    """Raised when an :class:`AttemptSpec` is inconsistent; ``field`` names the culprit.
+
+    A ``ValueError``, so decoding a bad spec with msgspec raises ``msgspec.ValidationError``.
+    """
+
+    def __init__(self, message: str, *, field: str) -> None:
+        self.field = field
+        super().__init__(f"{field}: {message}")
+
+
+class ExecutorError(TaskfarmError):
+    """Raised when an executor cannot start an attempt (nothing ran, nothing was reported);
+    ``job_id``, ``task_id`` and ``attempt`` identify it."""
+
+    def __init__(self, message: str, *, job_id: str, task_id: str, attempt: int) -> None:
+        self.job_id = job_id
+        self.task_id = task_id
+        self.attempt = attempt
+        super().__init__(f"{job_id}/{task_id} attempt {attempt}: {message}")
+
+
+class UnknownFunctionError(ExecutorError):
+    """Raised when a spec names a function the in-process executor's registry lacks;
+    ``function`` is the name and ``known`` the registered names."""
+
+    def __init__(
+        self, *, function: str, known: tuple[str, ...], job_id: str, task_id: str, attempt: int
+    ) -> None:
+        self.function = function
+        self.known = known
+        listed = ", ".join(known) or "none"
+        super().__init__(
+            f"unknown function {function!r} (registered: {listed})",
+            job_id=job_id,
+            task_id=task_id,
+            attempt=attempt,
+        )
+
+
+class ReportLineError(TaskfarmError, ValueError):
+    """Raised when a ``@taskfarm`` report line is malformed; ``line`` is the line and
+    ``reason`` what is wrong.  The executor logs it and carries on; it never escapes."""
+
+    def __init__(self, line: str, reason: str) -> None:
+        self.line = line
+        self.reason = reason
+        super().__init__(f"{reason}: {line!r}")
+
+
+class AgentUnavailableError(ExecutorError):
+    """Raised when a request needs the agent but it is not connected, the connection fails, or
+    it does not answer in time; ``job_id``, ``task_id`` and ``attempt`` name the attempt."""

@@ -16,13 +16,9 @@ from pathlib import Path
 
 import anyio
 
-from actors import parse_spec
-from actors._cli import ensure_token_file
-from actors._coordinator import CoordinatorConfig, open_coordinator
-from actors._engine import EngineSettings
-from actors._protocol import JobSummary
-from runtime import ConfigurationError
-from runtime._gc import tune_gc_for_many_objects
+from actors import CoordinatorConfig, EngineSettings, JobSummary, open_coordinator, parse_spec
+from actors.cli import ensure_token_file
+from runtime import ConfigurationError, tune_gc_for_many_objects
 
 __all__ = ["configure", "demo_spec"]
 

@@ -22,8 +22,7 @@ import anyio
 import anyio.to_thread
 import msgspec
 
-from runtime import SystemClock
-from runtime._bench import BenchContext, Figure, Suite, percentile
+from runtime import BenchContext, Figure, Suite, SystemClock, percentile
 
 from ._codec import Event, EventCodec
 from ._replay import rebuild_all, rebuild_stream
@@ -47,7 +46,7 @@ class JobProgress(msgspec.Struct, frozen=True):
     render_seconds: float = 0.0
 
 
-class JobAggregate:
+class BenchJobAggregate:
     state_type = JobProgress
     schema_version = 1
 
@@ -160,7 +159,7 @@ async def _create_empty(path: Path) -> None:
 
 async def _replay(path: Path, rounds: int) -> tuple[float, int]:
     """Return the best events/s of ``rebuild_all`` over the file, and the event count."""
-    aggregate = JobAggregate()
+    aggregate = BenchJobAggregate()
     best = 0.0
     count = 0
     async with open_sqlite_journal(
@@ -178,7 +177,7 @@ async def _replay(path: Path, rounds: int) -> tuple[float, int]:
 
 async def _recovery(path: Path, events: int, every: int) -> tuple[float, float]:
     """Return the median ms of recovering one stream with snapshots, and without."""
-    aggregate = JobAggregate()
+    aggregate = BenchJobAggregate()
     stream_id = "job:big"
     async with open_sqlite_journal(path, clock=SystemClock(), codec=_codec()) as journal:
         state = aggregate.initial_state(stream_id)

@@ -1,6 +1,7 @@
 """The actor kernel: actors, mailboxes, supervision, clocks, timers, logging and errors."""
 
 from ._actor import Actor, ActorContext, ActorRef, Terminated
+from ._bench import BenchContext, Figure, Suite, format_table, percentile
 from ._clock import ActivityTracker, Clock, SystemClock, VirtualClock
 from ._errors import (
     ActorError,
@@ -14,6 +15,7 @@ from ._errors import (
     SelfAskError,
     TaskfarmError,
 )
+from ._gc import tune_gc_for_many_objects
 from ._logging import bind_context, configure_logging, get_logger
 from ._message import Message
 from ._supervision import Supervision
@@ -44,6 +46,7 @@ __all__ = [
     "ActorSystem",
     "AskTimeoutError",
     "AuthenticationError",
+    "BenchContext",
     "Clock",
     "ConfigurationError",
     "ConnectError",
@@ -52,6 +55,7 @@ __all__ = [
     "ConnectionStatistics",
     "DeadLetter",
     "EscalatedFailure",
+    "Figure",
     "FrameCodec",
     "FrameDecodeError",
     "FrameTooLargeError",
@@ -62,6 +66,7 @@ __all__ = [
     "ProtocolError",
     "SelfAskError",
     "ServerStatistics",
+    "Suite",
     "Supervision",
     "SystemClock",
     "SystemStatistics",
@@ -75,10 +80,13 @@ __all__ = [
     "bind_context",
     "configure_logging",
     "create_token_file",
+    "format_table",
     "get_logger",
     "load_token",
     "open_connection",
     "open_server",
     "open_system",
+    "percentile",
     "serve",
+    "tune_gc_for_many_objects",
 ]

@@ -14,7 +14,7 @@ DOMAINS = ["render_farm", "scientific"]
 # Each third-party library sits behind one module (its only importer).
 SOLE_IMPORTERS = {
     "aiosqlite": "persistence/_sqlite.py",
-    "networkx": "actors/_graph.py",
+    "networkx": "actors/engine/_graph.py",
     "structlog": "runtime/_logging.py",
 }
 
@@ -54,6 +54,57 @@ def test_imports_only_go_down(path: Path) -> None:
             other = name.split(".")[1] if "." in name else ""
             assert other not in DOMAINS or other == own, (
                 f"{path.relative_to(ROOT)} imports {name}: the two domains never import each other"
+            )
+
+
+# The wings of ``actors``, bottom to top: a wing imports only the wings below it.
+WINGS = ["executors", "engine", "cluster", "cli", "bench"]
+WING_ALLOWED = {
+    "executors": {"executors"},
+    "engine": {"executors", "engine"},
+    "cluster": {"executors", "engine", "cluster"},
+    "cli": {"executors", "engine", "cluster", "cli"},
+    "bench": {"executors", "engine", "cluster", "cli", "bench"},
+}
+
+
+def _package_of(path: Path) -> str:
+    return ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
+
+
+@pytest.mark.parametrize("path", _sources(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_module_imports_another_packages_private_module(path: Path) -> None:
+    """``a.b._c`` is private to package ``a.b``: only modules inside ``a.b`` import it."""
+    package = _package_of(path)
+    for name in _imports(path):
+        parts = name.split(".")
+        if parts[0] not in LAYERS:
+            continue
+        private = [i for i, part in enumerate(parts) if part.startswith("_")]
+        if not private:
+            continue
+        owner = ".".join(parts[: private[0]])
+        assert package == owner or package.startswith(owner + "."), (
+            f"{path.relative_to(ROOT)} imports {name}, a private module of {owner}"
+        )
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted((ROOT / "actors").rglob("*.py")),
+    ids=lambda p: str(p.relative_to(ROOT)),
+)
+def test_actors_wings_import_only_downwards(path: Path) -> None:
+    """executors -> engine -> cluster -> cli / bench: no wing reaches up."""
+    parts = path.relative_to(ROOT).parts
+    if len(parts) < 3:
+        return  # actors/__init__.py and actors/_errors.py sit above and below every wing
+    wing = parts[1]
+    for name in _imports(path):
+        names = name.split(".")
+        if names[0] == "actors" and len(names) > 1 and names[1] in WINGS:
+            assert names[1] in WING_ALLOWED[wing], (
+                f"{path.relative_to(ROOT)} ({wing}) imports {name} (a higher wing)"
             )
 
 

@@ -6,7 +6,17 @@ import importlib
 
 import pytest
 
-PACKAGES = ["runtime", "persistence", "actors", "domains"]
+PACKAGES = [
+    "runtime",
+    "persistence",
+    "actors",
+    "actors.executors",
+    "actors.engine",
+    "actors.cluster",
+    "actors.cli",
+    "actors.bench",
+    "domains",
+]
 
 
 def _isort_style(name: str) -> tuple[int, str]:

@@ -22,9 +22,8 @@ import pytest
 from anyio.abc import Process, SocketListener, SocketStream
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from actors._agent import AgentConfig, detect_resources
-from actors._agent_cli import config_from_args, configure
-from actors._executor import (
+from actors import (
+    AgentConfig,
     AttemptCheckpointed,
     AttemptFinished,
     AttemptMetric,
@@ -32,17 +31,13 @@ from actors._executor import (
     AttemptReport,
     AttemptSpec,
     AttemptStarted,
+    RemoteExecutor,
+    Resources,
+    detect_resources,
+    open_remote_executor,
 )
-from actors._protocol import (
-    AgentHello,
-    Heartbeat,
-    LogChunk,
-    Report,
-    Welcome,
-    WireMessage,
-)
-from actors._remote import RemoteExecutor, open_remote_executor
-from actors._resources import Resources
+from actors.cli._agent import config_from_args, configure
+from actors.cluster import AgentHello, Heartbeat, LogChunk, Report, Welcome, WireMessage
 from runtime import ConfigurationError, Connection, FrameCodec, WireServer, open_server
 
 TOKEN = b"agent-test-token-0123456789abcdef"

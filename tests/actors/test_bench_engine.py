@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import structlog
 
-from actors._bench_engine import SUITE
+from actors.bench._engine import SUITE
 from runtime._bench import BenchContext, format_table
 
 

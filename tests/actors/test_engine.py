@@ -15,46 +15,45 @@ import msgspec
 import pytest
 
 from actors import (
+    ENGINE_CODEC,
+    AttemptContext,
+    AttemptFinished,
+    AttemptHandle,
+    AttemptProgress,
+    AttemptSpec,
     Condition,
     Dependency,
     DependencyCycleError,
     ElementMap,
+    Engine,
+    EngineSettings,
+    Executor,
+    JobFinished,
+    JobNotFoundError,
+    JobSubmitted,
+    JobSummary,
+    NodeBlocklisted,
+    NodeQuarantined,
     Priority,
     Resources,
     RetryPolicy,
     SpecError,
     SubmitJob,
-    TaskSpec,
-    UnknownDependencyError,
-)
-from actors._engine import Engine, EngineSettings, JobNotFoundError, open_engine
-from actors._events import (
-    ENGINE_CODEC,
-    JobFinished,
-    JobSubmitted,
-    NodeBlocklisted,
-    NodeQuarantined,
     TaskAssigned,
     TaskCancelled,
     TaskCheckpointed,
     TaskCompleted,
     TaskFailed,
     TaskRequeued,
+    TaskSpec,
     TaskStarted,
+    UnknownDependencyError,
+    open_engine,
+    open_inprocess_executor,
+    open_subprocess_executor,
 )
-from actors._executor import (
-    AttemptFinished,
-    AttemptHandle,
-    AttemptIdentity,
-    AttemptProgress,
-    AttemptSpec,
-    Executor,
-    ReportSink,
-)
-from actors._executors import AttemptContext, Work, open_inprocess_executor
-from actors._messages import ReportAttempt
-from actors._protocol import JobSummary
-from actors._subprocess import open_subprocess_executor
+from actors.engine._messages import ReportAttempt
+from actors.executors import AttemptIdentity, ReportSink, Work
 from persistence import AppendResult, Event, InMemoryJournal, Journal
 from runtime import Clock, SystemClock, VirtualClock
 

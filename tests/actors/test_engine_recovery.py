@@ -13,18 +13,26 @@ from pathlib import Path
 import anyio
 import pytest
 
-from actors import Dependency, Resources, RetryPolicy, SubmitJob, TaskSpec
-from actors._engine import Engine, EngineSettings, open_engine
-from actors._events import (
+from actors import (
     ENGINE_CODEC,
+    AttemptContext,
+    Dependency,
+    Engine,
+    EngineSettings,
     JobFinished,
+    JobSummary,
+    Resources,
+    RetryPolicy,
+    SubmitJob,
     TaskAssigned,
     TaskCheckpointed,
     TaskCompleted,
     TaskRequeued,
+    TaskSpec,
+    open_engine,
+    open_inprocess_executor,
 )
-from actors._executors import AttemptContext, Work, open_inprocess_executor
-from actors._protocol import JobSummary
+from actors.executors import Work
 from persistence import Event, Journal, open_sqlite_journal
 from runtime import VirtualClock
 

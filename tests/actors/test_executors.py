@@ -16,8 +16,9 @@ import msgspec
 import pytest
 import structlog
 
-from actors._executor import (
+from actors import (
     AttemptCheckpointed,
+    AttemptContext,
     AttemptFinished,
     AttemptMetric,
     AttemptPreview,
@@ -27,15 +28,13 @@ from actors._executor import (
     AttemptSpecError,
     AttemptStarted,
     ExecutorError,
-    UnknownFunctionError,
-)
-from actors._executors import AttemptContext, open_inprocess_executor
-from actors._subprocess import (
     ReportLineError,
     SubprocessExecutor,
+    UnknownFunctionError,
+    open_inprocess_executor,
     open_subprocess_executor,
-    parse_report_line,
 )
+from actors.executors import parse_report_line
 from runtime import Clock, ConfigurationError, SystemClock, VirtualClock
 
 CHILD = Path(__file__).parent / "workloads" / "child.py"

@@ -7,8 +7,15 @@ from pathlib import Path
 
 import anyio
 
-from actors import ENGINE_CODEC, Resources, open_engine, open_subprocess_executor, parse_spec
-from actors._events import TaskCompleted, TaskFailed
+from actors import (
+    ENGINE_CODEC,
+    Resources,
+    TaskCompleted,
+    TaskFailed,
+    open_engine,
+    open_subprocess_executor,
+    parse_spec,
+)
 from persistence import Event, InMemoryJournal
 from runtime import SystemClock
 

@@ -7,15 +7,17 @@ from collections.abc import Callable
 
 import pytest
 
-from actors._errors import DependencyCycleError, DependencyError, UnknownDependencyError
-from actors._graph import (
+from actors import (
     Condition,
     Dependency,
+    DependencyCycleError,
+    DependencyError,
     DependencyGraph,
     ElementMap,
     GraphJob,
     Outcome,
     TaskRef,
+    UnknownDependencyError,
 )
 
 S, F, C = Outcome.SUCCEEDED, Outcome.FAILED, Outcome.CANCELLED

@@ -7,13 +7,13 @@ import pytest
 
 from actors import (
     ENGINE_CODEC,
+    AttemptContext,
     Resources,
     SubmitJob,
     TaskSpec,
     open_engine,
     open_inprocess_executor,
 )
-from actors._executors import AttemptContext
 from persistence import InMemoryJournal
 from runtime import ConfigurationError, VirtualClock
 

@@ -8,9 +8,19 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from actors import Outcome, Priority, Resources, SubmitJob, TaskSpec, fits
-from actors._placement import SchedulerCore
-from actors._policy import FifoPolicy, JobView, NodeView, TaskView
+from actors import (
+    FifoPolicy,
+    JobView,
+    NodeView,
+    Outcome,
+    Priority,
+    Resources,
+    SubmitJob,
+    TaskSpec,
+    TaskView,
+    fits,
+)
+from actors.engine import SchedulerCore
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 ONE = Resources.of(cores=1, memory="1GiB")

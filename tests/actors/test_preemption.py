@@ -9,6 +9,7 @@ import pytest
 
 from actors import (
     ENGINE_CODEC,
+    AttemptContext,
     FarmView,
     JobView,
     NodeView,
@@ -17,13 +18,15 @@ from actors import (
     Resources,
     RunningView,
     SubmitJob,
+    TaskAssigned,
+    TaskCompleted,
+    TaskPreempted,
+    TaskRequeued,
     TaskSpec,
     TaskView,
     open_engine,
     open_inprocess_executor,
 )
-from actors._events import TaskAssigned, TaskCompleted, TaskPreempted, TaskRequeued
-from actors._executors import AttemptContext
 from persistence import InMemoryJournal
 from runtime import VirtualClock
 

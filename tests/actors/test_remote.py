@@ -13,15 +13,19 @@ from typing import Any
 import anyio
 import pytest
 
-from actors._executor import (
+from actors import (
+    AgentUnavailableError,
     AttemptFinished,
     AttemptProgress,
     AttemptReport,
     AttemptSpec,
     AttemptStarted,
     ExecutorError,
+    RemoteExecutor,
+    Resources,
+    open_remote_executor,
 )
-from actors._protocol import (
+from actors.cluster import (
     AgentHello,
     CancelAttempt,
     CheckpointAttempt,
@@ -30,12 +34,10 @@ from actors._protocol import (
     Report,
     ReportAck,
     RunAttempt,
-    RunningAttempt,
     Welcome,
     WireMessage,
 )
-from actors._remote import AgentUnavailableError, RemoteExecutor, open_remote_executor
-from actors._resources import Resources
+from actors.executors import RunningAttempt
 from runtime import Connection, FrameCodec, open_connection, open_server
 
 TOKEN = b"remote-test-token-0123456789abcdef"

@@ -7,11 +7,10 @@ import itertools
 import msgspec
 import pytest
 
-from actors._errors import ResourceError
-from actors._resources import (
+from actors import (
+    ResourceError,
     ResourcePool,
     Resources,
-    add,
     fit_score,
     fits,
     format_size,
@@ -20,8 +19,8 @@ from actors._resources import (
     parse_size,
     shape_key,
     shortfall,
-    subtract,
 )
+from actors.engine import add, subtract
 
 GiB = 2**30
 MiB = 2**20

@@ -7,13 +7,17 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from actors._errors import SpecError
-from actors._graph import Condition, DependencyGraph, ElementMap, Outcome, TaskRef
-from actors._resources import Resources
-from actors._spec import (
+from actors import (
+    Condition,
+    DependencyGraph,
+    ElementMap,
+    Outcome,
     Priority,
+    Resources,
     RetryPolicy,
+    SpecError,
     SubmitJobs,
+    TaskRef,
     load_spec,
     parse_duration,
     parse_spec,

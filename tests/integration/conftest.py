@@ -24,16 +24,14 @@ from typing import Any
 import anyio
 import pytest
 
-from actors._cli import request
-from actors._coordinator import WIRE_CODEC
-from actors._events import ENGINE_CODEC
-from actors._protocol import (
+from actors import ENGINE_CODEC, JobSummary, NodeSummary
+from actors.cli._commands import request
+from actors.cluster import (
+    WIRE_CODEC,
     ClientRequest,
     JobsReply,
-    JobSummary,
     ListNodesRequest,
     NodesReply,
-    NodeSummary,
     Reply,
     StatusRequest,
     SubmitRequest,

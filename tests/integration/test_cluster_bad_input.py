@@ -20,11 +20,9 @@ import msgspec
 import pytest
 from anyio.abc import SocketAttribute, SocketStream
 
-from actors._cli import request
-from actors._coordinator import WIRE_CODEC
-from actors._events import ENGINE_CODEC
-from actors._protocol import AgentHello, JobsReply, StatusRequest
-from actors._resources import Resources
+from actors import ENGINE_CODEC, Resources
+from actors.cli._commands import request
+from actors.cluster import WIRE_CODEC, AgentHello, JobsReply, StatusRequest
 from persistence import open_sqlite_journal
 from runtime import AuthenticationError, SystemClock, WireError, open_connection
 

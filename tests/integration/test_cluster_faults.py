@@ -19,15 +19,16 @@ import anyio
 import msgspec
 import pytest
 
-from actors._events import (
+from actors import (
     JobSubmitted,
+    JobSummary,
     NodeRegistered,
     TaskAssigned,
     TaskCompleted,
     TaskFailed,
     TaskRequeued,
 )
-from actors._protocol import JobSummary, LogsRequest, TextReply
+from actors.cluster import LogsRequest, TextReply
 from persistence import RecordedEvent
 
 if TYPE_CHECKING:

@@ -21,25 +21,13 @@ from typing import Any
 import anyio
 import msgspec
 
-from runtime import (
-    ConfigurationError,
-    Connection,
-    TaskfarmError,
-    TLSConfig,
-    create_token_file,
-    load_token,
-    open_connection,
-)
-from runtime._gc import tune_gc_for_many_objects
-
-from ._coordinator import WIRE_CODEC, CoordinatorConfig, run_coordinator
-from ._engine import EngineSettings
-from ._protocol import (
+from actors.cluster import (
+    WIRE_CODEC,
     CancelJobRequest,
     ClientRequest,
+    CoordinatorConfig,
     ErrorReply,
     JobsReply,
-    JobSummary,
     ListNodesRequest,
     LogsRequest,
     NodesReply,
@@ -50,8 +38,19 @@ from ._protocol import (
     TextReply,
     WhyRequest,
     WireMessage,
+    run_coordinator,
 )
-from ._resources import format_size
+from actors.engine import EngineSettings, JobSummary, format_size
+from runtime import (
+    ConfigurationError,
+    Connection,
+    TaskfarmError,
+    TLSConfig,
+    create_token_file,
+    load_token,
+    open_connection,
+    tune_gc_for_many_objects,
+)
 
 __all__ = [
     "configure_cancel",

@@ -1,6 +1,6 @@
 """Run a task's per-frame processes in sequence, as one attempt.
 
-``python -m actors._frame_runner '[["render", "-f", "1"], ["render", "-f", "2"]]'``: each
+``python -m actors.executors._frame_runner '[["render", "-f", "1"], ["render", "-f", "2"]]'``: each
 process's ``@taskfarm progress`` reports are rescaled to the whole task, other lines pass
 through, SIGTERM and SIGUSR1 are forwarded to the running process, and the first failure stops
 the sequence with its exit code.

@@ -21,10 +21,9 @@ from typing import Annotated
 
 import msgspec
 
+from actors.engine import JobSummary, NodeSummary, Resources
+from actors.executors import AttemptReport, AttemptSpec, RunningAttempt
 from runtime import Message
-
-from ._executor import AttemptReport, AttemptSpec
-from ._resources import Resources
 
 __all__ = [
     "AgentHello",
@@ -36,23 +35,19 @@ __all__ = [
     "CoordinatorToAgent",
     "ErrorReply",
     "Heartbeat",
-    "JobSummary",
     "JobsReply",
     "ListNodesRequest",
     "LogChunk",
     "LogsRequest",
-    "NodeSummary",
     "NodesReply",
     "ReadLog",
     "Reply",
     "Report",
     "ReportAck",
     "RunAttempt",
-    "RunningAttempt",
     "StatusRequest",
     "SubmitRequest",
     "SubmittedReply",
-    "TaskSummary",
     "TextReply",
     "Welcome",
     "WhyRequest",
@@ -68,15 +63,6 @@ class _Inbound(Message, frozen=True, kw_only=True, forbid_unknown_fields=True):
 
 
 # -- agent <-> coordinator ------------------------------------------------------------------
-
-
-class RunningAttempt(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """An attempt an agent is still running when it (re)connects."""
-
-    job_id: str
-    task_id: str
-    attempt: int
-    fencing_token: int
 
 
 class AgentHello(_Inbound, frozen=True, kw_only=True, tag="agent.hello"):
@@ -207,47 +193,6 @@ class SubmittedReply(Message, frozen=True, kw_only=True, tag="coordinator.submit
     """The jobs a submission created."""
 
     job_ids: tuple[str, ...]
-
-
-class TaskSummary(msgspec.Struct, frozen=True, kw_only=True):
-    """One task, as ``taskfarm status JOB`` shows it."""
-
-    index: int
-    status: str
-    attempt: int = 0
-    node: str | None = None
-    progress: float = 0.0
-    checkpoint: str | None = None
-    last_error: str | None = None
-
-
-class JobSummary(msgspec.Struct, frozen=True, kw_only=True):
-    """One job, as ``taskfarm status`` shows it."""
-
-    job_id: str
-    name: str
-    status: str
-    priority: str
-    submitted_at: str
-    finished_at: str | None = None
-    tasks_total: int = 0
-    task_counts: dict[str, int] = {}
-    progress: float = 0.0
-    reason: str | None = None
-    tasks: tuple[TaskSummary, ...] = ()
-
-
-class NodeSummary(msgspec.Struct, frozen=True, kw_only=True):
-    """One node, as ``taskfarm nodes`` shows it."""
-
-    name: str
-    health: str
-    capacity: Resources
-    free: Resources
-    running: int = 0
-    labels: tuple[str, ...] = ()
-    remote: bool = False
-    consecutive_failures: int = 0
 
 
 class JobsReply(Message, frozen=True, kw_only=True, tag="coordinator.jobs"):

@@ -15,16 +15,34 @@ import os
 import re
 import signal
 import sys
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 import anyio
 
-from runtime import AuthenticationError, ConfigurationError, get_logger, load_token
-from runtime._gc import tune_gc_for_many_objects
+from actors.cluster import (
+    AgentConfig,
+    AgentHandle,
+    check_label,
+    default_name,
+    detect_resources,
+    run_agent,
+)
+from actors.executors import Executor
+from runtime import (
+    AuthenticationError,
+    ConfigurationError,
+    get_logger,
+    load_token,
+    tune_gc_for_many_objects,
+)
 
-from ._agent import AgentConfig, AgentHandle, check_label, default_name, detect_resources, run_agent
-
-__all__ = ["config_from_args", "configure"]
+__all__ = [
+    "config_from_args",
+    "configure",
+    "main_with_executor",
+]
 
 _log = get_logger("actors.agent")
 
@@ -202,8 +220,23 @@ def _watch_children_with_pidfds() -> None:
         pass  # an old kernel: keep the default
 
 
+def main_with_executor(
+    argv: list[str], open_executor: Callable[..., AbstractAsyncContextManager[Executor]]
+) -> int:
+    """Run ``taskfarm agent ARGV`` with another executor (for the engine benchmark)."""
+    from runtime.cli import main
+
+    _EXECUTOR_OVERRIDE.append(open_executor)
+    return main(["agent", *argv])
+
+
+# Set only by ``main_with_executor``, in a process of its own.
+_EXECUTOR_OVERRIDE: list[Callable[..., AbstractAsyncContextManager[Executor]]] = []
+
+
 async def _run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
+    open_executor = _EXECUTOR_OVERRIDE[-1] if _EXECUTOR_OVERRIDE else None
     tune_gc_for_many_objects()
     _watch_children_with_pidfds()
     failure: Exception | None = None
@@ -214,7 +247,7 @@ async def _run(args: argparse.Namespace) -> int:
             async def agent_main() -> None:
                 nonlocal failure
                 try:
-                    await run_agent(config, task_status=status)
+                    await run_agent(config, open_executor=open_executor, task_status=status)
                 except Exception as error:
                     failure = error
                 finally:

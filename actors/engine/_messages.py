@@ -5,14 +5,15 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+from actors.executors import AttemptReport, AttemptSpec
 from runtime import Message
 
-from ._executor import AttemptReport, AttemptSpec
 from ._graph import Outcome
 from ._resources import Resources
 from ._spec import SubmitJob
 
 __all__ = [
+    "AdmitJobs",
     "AdoptAttempt",
     "AttemptLost",
     "CancelJob",
@@ -30,9 +31,8 @@ __all__ = [
     "PreemptRun",
     "PreemptTask",
     "ReportAttempt",
-    "RunAttempt",
     "SetNodeHealth",
-    "SubmitJobs",
+    "StartAttempt",
     "TaskEnded",
     "Unplace",
     "WhyJob",
@@ -78,7 +78,7 @@ class GetJobSummary(Message, frozen=True, kw_only=True, tag="engine.query.job_su
     tasks: bool = False
 
 
-class SubmitJobs(Message, frozen=True, kw_only=True, tag="engine.cmd.submit_jobs"):
+class AdmitJobs(Message, frozen=True, kw_only=True, tag="engine.cmd.admit_jobs"):
     """Validate and create jobs (to the scheduler; the reply is a list of ids or an error)."""
 
     specs: tuple[SubmitJob, ...]
@@ -158,7 +158,7 @@ class GetNodes(Message, frozen=True, kw_only=True, tag="engine.query.nodes"):
     """List the nodes."""
 
 
-class RunAttempt(Message, frozen=True, kw_only=True, tag="engine.cmd.run_attempt"):
+class StartAttempt(Message, frozen=True, kw_only=True, tag="engine.cmd.start_attempt"):
     """Start an attempt on this node (to a node actor)."""
 
     spec: AttemptSpec

@@ -34,32 +34,33 @@ import anyio
 import anyio.abc
 import anyio.to_thread
 
-from persistence import Event, open_sqlite_journal, rebuild_all
-from runtime import SystemClock
-from runtime._bench import BenchContext, Figure, Suite, percentile
-
-from ._cli import ensure_token_file
-from ._coordinator import CoordinatorConfig, open_coordinator
-from ._engine import EngineSettings, open_engine
-from ._events import (
+from actors.cli import ensure_token_file
+from actors.cluster import CoordinatorConfig, open_coordinator
+from actors.engine import (
     ENGINE_CODEC,
+    EngineSettings,
+    FifoPolicy,
     JobAggregate,
     JobFinished,
     JobState,
     JobSubmitted,
     NodeRegistered,
+    Outcome,
+    Resources,
+    RetryPolicy,
+    SchedulerCore,
+    SubmitJob,
     TaskAssigned,
     TaskCompleted,
+    TaskSpec,
     TaskStarted,
     job_stream,
     node_stream,
+    open_engine,
 )
-from ._executors import AttemptContext, open_inprocess_executor
-from ._graph import Outcome
-from ._placement import SchedulerCore, _Job, _Node
-from ._policy import FifoPolicy, JobView, TaskView
-from ._resources import Resources, fits
-from ._spec import RetryPolicy, SubmitJob, TaskSpec
+from actors.executors import AttemptContext, open_inprocess_executor
+from persistence import Event, open_sqlite_journal, rebuild_all
+from runtime import BenchContext, Figure, Suite, SystemClock, percentile
 
 __all__ = ["SUITE"]
 
@@ -188,51 +189,6 @@ def _shape(shapes: tuple[tuple[Resources, int], ...], number: int) -> Resources:
     raise AssertionError("unreachable")
 
 
-class _TimedCore(SchedulerCore):
-    """Times each placement decision: from the task's view to its reservation or rejection."""
-
-    def __init__(self) -> None:
-        super().__init__(FifoPolicy())
-        self.samples: list[float] = []
-        self._began = 0.0
-
-    def _task_view(self, job: _Job, index: int) -> TaskView:
-        self._began = time.perf_counter()
-        return super()._task_view(job, index)
-
-    def _choose_node(self, job: _Job, view: JobView, task: TaskView, now: datetime) -> _Node | None:
-        node = super()._choose_node(job, view, task, now)
-        if node is None:
-            self.samples.append(time.perf_counter() - self._began)
-        return node
-
-    def _reserve(self, job: _Job, index: int, node_name: str) -> None:
-        super()._reserve(job, index, node_name)
-        self.samples.append(time.perf_counter() - self._began)
-
-
-class _BruteForceCore(SchedulerCore):
-    """The baseline: every online node is checked for every task (no fit index, no cap)."""
-
-    def _choose_node(self, job: _Job, view: JobView, task: TaskView, now: datetime) -> _Node | None:
-        policy = self.policy
-        best: _Node | None = None
-        best_score = 0.0
-        for node in self._nodes.values():
-            if node.health != "online" or not fits(task.request, node.free):
-                continue
-            until = job.blocklist.get(node.name)
-            if until is not None and until > now:
-                continue
-            node_view = node.view
-            if node_view is None:
-                node_view = node.view = self._node_view(node)
-            score = policy.node_score(view, task, node_view, now)
-            if score is not None and (best is None or score > best_score):
-                best, best_score = node, score
-        return best
-
-
 class _Drained:
     def __init__(self) -> None:
         self.placed = 0
@@ -286,18 +242,19 @@ def _figure_placement(ctx: BenchContext, rounds: int) -> list[Figure]:
         for _ in range(rounds)
     ]
     best = max(runs, key=lambda r: r.placed / r.place_seconds)
-    timed = _TimedCore()
+    timed = SchedulerCore(FifoPolicy(), time_decisions=True)
     _drain(timed, tasks=tasks, nodes=nodes, release=release)
     ctx.progress(f"engine: placement baseline, brute force, first {brute_placements:,} placements")
     brute = _drain(
-        _BruteForceCore(FifoPolicy()),
+        SchedulerCore(FifoPolicy(), exhaustive=True),
         tasks=tasks,
         nodes=nodes,
         release=release,
         stop_after=brute_placements,
     )
-    brute_timed = _BruteForceTimed()
+    brute_timed = SchedulerCore(FifoPolicy(), exhaustive=True, time_decisions=True)
     _drain(brute_timed, tasks=tasks, nodes=nodes, release=release, stop_after=brute_placements)
+    samples, brute_samples = timed.decision_seconds or [0.0], brute_timed.decision_seconds or [0.0]
     shapes = "3 node shapes, 3 request shapes (10% GPU)"
     return [
         Figure(
@@ -312,21 +269,17 @@ def _figure_placement(ctx: BenchContext, rounds: int) -> list[Figure]:
         ),
         Figure(
             name="placement decision latency p99",
-            value=percentile(timed.samples, 99) * 1000,
+            value=percentile(samples, 99) * 1000,
             unit="ms",
             baseline_name="brute force",
-            baseline_value=percentile(brute_timed.samples, 99) * 1000,
+            baseline_value=percentile(brute_samples, 99) * 1000,
             target=1,
             better="lower",
-            note=f"{len(timed.samples):,} decisions, p50 "
-            f"{percentile(timed.samples, 50) * 1e6:.0f} us, max "
-            f"{max(timed.samples) * 1000:.2f} ms",
+            note=f"{len(samples):,} decisions, p50 "
+            f"{percentile(samples, 50) * 1e6:.0f} us, max "
+            f"{max(samples) * 1000:.2f} ms",
         ),
     ]
-
-
-class _BruteForceTimed(_TimedCore, _BruteForceCore):
-    """Brute force, with each decision timed like :class:`_TimedCore`."""
 
 
 # -- 3. loopback --------------------------------------------------------------------------------
@@ -425,7 +378,7 @@ async def _spawn_ceiling(spawns: int, processes: int) -> float:
 
     async def child() -> None:
         result = await anyio.run_process(
-            [sys.executable, "-m", "actors._bench_engine", "spawn", str(per), repr(start_at)]
+            [sys.executable, "-m", "actors.bench._engine", "spawn", str(per), repr(start_at)]
         )
         outputs.append(result.stdout.decode().strip())
 
@@ -460,7 +413,7 @@ async def _figure_loopback(ctx: BenchContext, rounds: int, in_process_rate: floa
             await _loopback(
                 ctx,
                 f"loopback-noop-{number}",
-                module="actors._bench_engine",
+                module="actors.bench._engine",
                 command="inprocess:noop",
                 tasks=tasks,
                 agents=agents,
@@ -678,17 +631,14 @@ def _spawn_main(argv: list[str]) -> None:
 
 def _agent_main(argv: list[str]) -> int:
     """Run ``taskfarm agent`` with an in-process executor that runs ``noop``."""
-    from runtime.cli import main
-
-    from . import _agent
+    from actors.cli import main_with_executor
 
     @asynccontextmanager
     async def in_process(**options: Any) -> AsyncIterator[Any]:
         async with open_inprocess_executor({"noop": _noop}, clock=options.get("clock")) as ex:
             yield ex
 
-    _agent.open_subprocess_executor = in_process  # type: ignore[attr-defined]
-    return main(["agent", *argv])
+    return main_with_executor(argv, in_process)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ from typing import Any
 
 import anyio
 
+from actors._errors import JobNotFoundError
+from actors.executors import AttemptReport, Executor
 from persistence import Journal, rebuild_stream
 from runtime import (
     ActorRef,
@@ -30,17 +32,11 @@ from runtime import (
     open_system,
 )
 
-from ._events import (
-    JobAggregate,
-    JobState,
-    NodeAggregate,
-    NodeState,
-    job_stream,
-)
-from ._executor import AttemptReport, Executor
+from ._events import JobAggregate, JobState, NodeAggregate, NodeState, job_stream
 from ._graph import Outcome
 from ._job import JobActor, job_summary
 from ._messages import (
+    AdmitJobs,
     AdoptAttempt,
     CancelJob,
     CancelRuns,
@@ -51,18 +47,18 @@ from ._messages import (
     NodeLeft,
     ReportAttempt,
     SetNodeHealth,
-    SubmitJobs,
     WhyJob,
 )
 from ._node import NodeActor
 from ._placement import SchedulerCore
 from ._policy import FifoPolicy, Policy
-from ._protocol import JobSummary, NodeSummary
 from ._resources import Resources
 from ._scheduler import Recovered, SchedulerActor
+from ._settings import EngineSettings
 from ._spec import SubmitJob, load_spec, parse_spec
+from ._summaries import JobSummary, NodeSummary
 
-__all__ = ["Engine", "EngineSettings", "JobNotFoundError", "open_engine"]
+__all__ = ["Engine", "open_engine"]
 
 _log = get_logger("actors.engine")
 
@@ -76,29 +72,6 @@ _FINISHED = {
 
 
 _HEALTHS = frozenset({"online", "draining", "sleeping", "quarantined"})
-
-
-class JobNotFoundError(TaskfarmError):
-    """Raised when a command names a job the journal has never seen."""
-
-    def __init__(self, job_id: str) -> None:
-        self.job_id = job_id
-        super().__init__(f"no job {job_id!r} in this farm")
-
-
-@dataclass(frozen=True, kw_only=True)
-class EngineSettings:
-    """Engine-wide knobs (every one has a default a real farm can start with)."""
-
-    snapshot_every: int = 200
-    blocklist_after: int = 2  # failures of one job on one node before it avoids that node
-    blocklist_for: float = 600.0
-    quarantine_after: int = 3  # consecutive failed attempts before a node is quarantined
-    cancel_grace: float = 5.0
-    preempt_grace: float = 60.0  # how long a preempted attempt has to checkpoint before it stops
-    report_timeout: float = 30.0
-    restart_grace: float = 30.0  # how long agents have to re-claim their attempts after a restart
-    ask_timeout: float = 30.0
 
 
 class Engine:
@@ -272,7 +245,7 @@ class Engine:
                 nothing was journaled.
         """
         result = await self.scheduler.ask(
-            SubmitJobs(specs=tuple(specs), source=source), timeout=self.settings.ask_timeout
+            AdmitJobs(specs=tuple(specs), source=source), timeout=self.settings.ask_timeout
         )
         if isinstance(result, TaskfarmError):
             raise result

@@ -10,8 +10,18 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, assert_never
+from typing import Any, assert_never
 
+from actors.executors import (
+    FRAME_SEQUENCE,
+    AttemptCheckpointed,
+    AttemptFinished,
+    AttemptMetric,
+    AttemptPreview,
+    AttemptProgress,
+    AttemptSpec,
+    AttemptStarted,
+)
 from persistence import Event, EventSourcedActor, Journal
 from runtime import ActorRef, get_logger
 
@@ -35,15 +45,6 @@ from ._events import (
     TaskStarted,
     job_stream,
 )
-from ._executor import (
-    AttemptCheckpointed,
-    AttemptFinished,
-    AttemptMetric,
-    AttemptPreview,
-    AttemptProgress,
-    AttemptSpec,
-    AttemptStarted,
-)
 from ._graph import Outcome
 from ._messages import (
     AttemptLost,
@@ -57,15 +58,12 @@ from ._messages import (
     PreemptRun,
     PreemptTask,
     ReportAttempt,
-    RunAttempt,
+    StartAttempt,
     TaskEnded,
     Unplace,
 )
-from ._protocol import JobSummary, TaskSummary
-from ._subprocess import FRAME_SEQUENCE
-
-if TYPE_CHECKING:
-    from ._engine import EngineSettings
+from ._settings import EngineSettings
+from ._summaries import JobSummary, TaskSummary
 
 __all__ = ["JobActor", "job_summary"]
 
@@ -200,7 +198,7 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
                 await self._requeue(task_index, token, f"node {node} left before dispatch")
                 continue
             await ref.tell(
-                RunAttempt(
+                StartAttempt(
                     spec=self._attempt_spec(task_index, attempt, token), job=self.context.self_ref
                 )
             )

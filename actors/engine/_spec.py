@@ -27,9 +27,9 @@ from typing import Annotated, Any, Final, Literal, TypeVar
 
 import msgspec
 
+from actors._errors import DependencyCycleError, DependencyError, ResourceError, SpecError
 from runtime import Message
 
-from ._errors import DependencyCycleError, DependencyError, ResourceError, SpecError
 from ._graph import Condition, Dependency, DependencyGraph, ElementMap, GraphJob
 from ._resources import Resources, parse_cores, parse_size
 

@@ -28,6 +28,17 @@ import anyio
 import msgspec
 from anyio.abc import TaskStatus
 
+from actors.engine import (
+    ENGINE_CODEC,
+    Engine,
+    EngineSettings,
+    NodeSummary,
+    Policy,
+    TaskAssigned,
+    job_stream,
+    open_engine,
+)
+from actors.executors import AttemptReport
 from persistence import open_sqlite_journal
 from runtime import (
     Clock,
@@ -43,10 +54,6 @@ from runtime import (
     open_server,
 )
 
-from ._engine import Engine, EngineSettings, open_engine
-from ._events import ENGINE_CODEC, TaskAssigned, job_stream
-from ._executor import AttemptReport
-from ._policy import Policy
 from ._protocol import (
     AgentHello,
     CancelAttempt,
@@ -59,7 +66,6 @@ from ._protocol import (
     LogChunk,
     LogsRequest,
     NodesReply,
-    NodeSummary,
     Reply,
     Report,
     StatusRequest,
@@ -72,7 +78,7 @@ from ._protocol import (
 )
 from ._remote import RemoteExecutor, open_remote_executor
 
-__all__ = ["Coordinator", "CoordinatorConfig", "open_coordinator", "run_coordinator"]
+__all__ = ["WIRE_CODEC", "Coordinator", "CoordinatorConfig", "open_coordinator", "run_coordinator"]
 
 _log = get_logger("actors.coordinator")
 

@@ -34,13 +34,11 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
-import socket
 import ssl
 from collections import OrderedDict
-from collections.abc import Iterable
-from contextlib import AsyncExitStack
+from collections.abc import Callable, Iterable
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, assert_never
 
@@ -48,7 +46,20 @@ import anyio
 import msgspec
 from anyio.abc import TaskGroup
 
-from persistence import Event, EventCodec, RecordedEvent, SQLiteJournal, open_sqlite_journal
+from actors._errors import ExecutorError
+from actors.engine import Resources
+from actors.executors import (
+    PATH_SAFE_PATTERN,
+    AttemptFinished,
+    AttemptHandle,
+    AttemptReport,
+    AttemptSpec,
+    AttemptStarted,
+    Executor,
+    RunningAttempt,
+    open_subprocess_executor,
+)
+from persistence import open_sqlite_journal
 from runtime import (
     AuthenticationError,
     Clock,
@@ -66,16 +77,15 @@ from runtime import (
     open_connection,
 )
 
-from ._errors import ResourceError
-from ._executor import (
-    _PATH_SAFE,
-    AttemptFinished,
-    AttemptHandle,
-    AttemptReport,
-    AttemptSpec,
-    AttemptStarted,
-    ExecutorError,
+from ._outbox import (
+    OUTBOX_CODEC,
+    AttemptKey,
+    Outbox,
+    OutboxAttemptLost,
+    OutboxReport,
+    attempt_key,
 )
+from ._probe import check_label
 from ._protocol import (
     AgentHello,
     AgentToCoordinator,
@@ -88,182 +98,27 @@ from ._protocol import (
     Report,
     ReportAck,
     RunAttempt,
-    RunningAttempt,
     Welcome,
 )
-from ._resources import Resources, parse_cores, parse_size
-from ._subprocess import SubprocessExecutor, open_subprocess_executor
 
 if TYPE_CHECKING:
     from anyio.abc import TaskStatus
 
-__all__ = [
-    "OUTBOX_CODEC",
-    "AgentConfig",
-    "AgentHandle",
-    "AgentStatistics",
-    "OutboxAcked",
-    "OutboxAttemptLost",
-    "OutboxReport",
-    "detect_resources",
-    "run_agent",
-]
+__all__ = ["AgentConfig", "AgentHandle", "AgentStatistics", "run_agent"]
 
 _log = get_logger("actors.agent")
 
 AgentWire = AgentToCoordinator | CoordinatorToAgent
 _CODEC: FrameCodec[AgentWire] = FrameCodec(AgentWire)
 
-_OUTBOX_STREAM = "agent.outbox"
 _NAME_PATTERN = r"^[A-Za-z0-9_.@:-]+$"  # AgentHello.name
-_LABEL_PATTERN = r"^[A-Za-z0-9_.@:=/-]+$"
-_SAFE_ID = re.compile(_PATH_SAFE)
+_SAFE_ID = re.compile(PATH_SAFE_PATTERN)
 _MAX_LOG_CHUNK = 1024 * 1024
 # Attempt identities this agent ran recently: a RunAttempt repeated after a reconnect (the
 # coordinator's dispatch is at-least-once too) must not run the work twice.
 _RECENT_ATTEMPTS = 10_000
 # How long a stopping agent waits for its last reports to be acknowledged before it leaves.
 _FINAL_FLUSH = 2.0
-
-AttemptKey = tuple[str, str, int]  # job_id, task_id, fencing_token
-
-
-# -- the outbox's events ----------------------------------------------------------------------
-
-
-class OutboxReport(Event, frozen=True, kw_only=True, tag="agent.outbox_report"):
-    """A report was produced and waits to be acknowledged; its position is its sequence."""
-
-    report: AttemptReport
-
-
-class OutboxAcked(Event, frozen=True, kw_only=True, tag="agent.outbox_acked"):
-    """The coordinator journaled every report up to and including ``sequence``."""
-
-    sequence: int
-
-
-class OutboxAttemptLost(Event, frozen=True, kw_only=True, tag="agent.outbox_attempt_lost"):
-    """An attempt that was running when the agent died was cleaned up after the restart.
-
-    Recorded together with the synthesized failure report, so the clean-up happens once.
-    """
-
-    job_id: str
-    task_id: str
-    fencing_token: int
-
-
-OUTBOX_CODEC = EventCodec()
-"""The codec of the agent's outbox journal (its own events only)."""
-OUTBOX_CODEC.register(OutboxReport)
-OUTBOX_CODEC.register(OutboxAcked)
-OUTBOX_CODEC.register(OutboxAttemptLost)
-
-
-def _key(item: AttemptReport | AttemptSpec | CancelAttempt | CheckpointAttempt) -> AttemptKey:
-    return (item.job_id, item.task_id, item.fencing_token)
-
-
-class _Outbox:
-    """Reports on their way to the coordinator: journaled first, forgotten once acknowledged."""
-
-    def __init__(self, journal: SQLiteJournal) -> None:
-        self._journal = journal
-        self._pending: dict[int, AttemptReport] = {}  # sequence -> report, in sequence order
-        self._acked = 0  # acknowledged in memory
-        self._acked_journaled = 0
-        self._lock = anyio.Lock()
-        self._changed = anyio.Event()
-        self._ack_changed = anyio.Event()
-        self._acknowledged = anyio.Event()
-        # Attempts started but not finished, per the journal (for the restart clean-up).
-        self._open: dict[AttemptKey, AttemptStarted] = {}
-
-    @property
-    def pending(self) -> int:
-        return len(self._pending)
-
-    async def load(self) -> list[AttemptStarted]:
-        """Rebuild the unacknowledged reports; return the attempts that never finished."""
-        async for batch in self._journal.read_all():
-            for recorded in batch:
-                self._apply(recorded)
-        self._acked_journaled = self._acked
-        return list(self._open.values())
-
-    def _apply(self, recorded: RecordedEvent) -> None:
-        event = recorded.event
-        if isinstance(event, OutboxReport):
-            if recorded.position > self._acked:
-                self._pending[recorded.position] = event.report
-            self._track(event.report)
-        elif isinstance(event, OutboxAcked):
-            self._drop_upto(event.sequence)
-        elif isinstance(event, OutboxAttemptLost):
-            self._open.pop((event.job_id, event.task_id, event.fencing_token), None)
-
-    def _track(self, report: AttemptReport) -> None:
-        if isinstance(report, AttemptStarted):
-            self._open[_key(report)] = report
-        elif isinstance(report, AttemptFinished):
-            self._open.pop(_key(report), None)
-
-    def _drop_upto(self, sequence: int) -> None:
-        if sequence <= self._acked:
-            return
-        self._acked = sequence
-        for done in [s for s in self._pending if s <= sequence]:
-            del self._pending[done]
-
-    def changed(self) -> anyio.Event:
-        """Return the event set when the next report is added (read it before sending)."""
-        return self._changed
-
-    def after(self, sequence: int) -> list[tuple[int, AttemptReport]]:
-        """Return the unacknowledged reports after ``sequence``, in order."""
-        return [(s, r) for s, r in self._pending.items() if s > sequence]
-
-    async def put(self, *events: Event) -> None:
-        """Journal ``events`` (reports and their bookkeeping) durably, then queue the reports."""
-        # One append at a time, queued under the same lock, so sequences enter the queue in
-        # order (the sender never looks back past the last sequence it sent).
-        async with self._lock:
-            result = await self._journal.append(_OUTBOX_STREAM, list(events))
-            position = result.first_position
-            for event in events:
-                if isinstance(event, OutboxReport) and position > self._acked:
-                    self._pending[position] = event.report
-                    self._track(event.report)
-                position += 1
-        self._changed.set()
-        self._changed = anyio.Event()
-
-    def acknowledge(self, sequence: int) -> None:
-        """Forget the reports up to ``sequence`` (journaled later, coalesced, by ``run_acks``)."""
-        if sequence > self._acked:
-            self._drop_upto(sequence)
-            self._ack_changed.set()
-            self._acknowledged.set()
-            self._acknowledged = anyio.Event()
-
-    def acknowledged(self) -> anyio.Event:
-        """Return the event set when the next acknowledgement arrives."""
-        return self._acknowledged
-
-    async def run_acks(self) -> None:
-        """Journal acknowledgements as they come, many acks per write."""
-        while True:
-            await self._ack_changed.wait()
-            self._ack_changed = anyio.Event()
-            await self.flush_acks()
-
-    async def flush_acks(self) -> None:
-        target = self._acked
-        if target > self._acked_journaled:
-            async with self._lock:
-                await self._journal.append(_OUTBOX_STREAM, [OutboxAcked(sequence=target)])
-            self._acked_journaled = max(self._acked_journaled, target)
 
 
 # -- configuration ----------------------------------------------------------------------------
@@ -333,99 +188,6 @@ class AgentConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
         return TLSConfig(cafile=self.tls_ca, certfile=self.tls_cert, keyfile=self.tls_key)
 
 
-def check_label(label: str, *, where: str) -> str:
-    """Return ``label`` if it is a valid node label.
-
-    Raises:
-        ConfigurationError: it is empty or has characters other than letters, digits and
-            ``_.@:=/-``.
-    """
-    if not re.fullmatch(_LABEL_PATTERN, label) or len(label) > 200:
-        raise ConfigurationError(
-            f"{label!r} is not a valid label (letters, digits and _.@:=/- only)", where=where
-        )
-    return label
-
-
-def default_name() -> str:
-    """Return this host's name, made valid as a node name."""
-    name = re.sub(r"[^A-Za-z0-9_.@:-]", "-", socket.gethostname())[:200]
-    return name or "agent"
-
-
-def _detected_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
-def _detected_memory() -> int:
-    try:
-        with open("/proc/meminfo", encoding="ascii") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 0
-
-
-def detect_resources(
-    work_dir: str | os.PathLike[str],
-    *,
-    cores: str | float | None = None,
-    memory: str | int | None = None,
-    gpus: int | None = None,
-    gpu_memory: str | int | None = None,
-    scratch: str | int | None = None,
-) -> Resources:
-    """Return this host's capacity: detected, or as given for each quantity that is not None.
-
-    Cores come from the CPU affinity mask (``os.cpu_count()`` without one), memory from
-    ``/proc/meminfo``, scratch from the free space of ``work_dir``'s file system; GPUs are
-    never guessed (0 unless given).  The errors name the command-line flag of the quantity.
-
-    Raises:
-        ConfigurationError: a given quantity cannot be parsed or is negative, or the free space
-            of ``work_dir`` cannot be read.
-    """
-    try:
-        millicores = parse_cores(cores) if cores is not None else _detected_cores() * 1000
-    except ResourceError as error:
-        raise ConfigurationError(str(error), where="--cores") from None
-    if millicores <= 0:
-        raise ConfigurationError("must be more than 0", where="--cores")
-    values: dict[str, int] = {}
-    for flag, given in (("memory", memory), ("gpu_memory", gpu_memory), ("scratch", scratch)):
-        if given is None:
-            continue
-        try:
-            values[flag] = parse_size(given, what=flag)
-        except ResourceError as error:
-            where = "--" + flag.replace("_", "-")
-            raise ConfigurationError(str(error), where=where) from None
-    if gpus is not None and (isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 0):
-        raise ConfigurationError(f"must be a whole number >= 0, got {gpus!r}", where="--gpus")
-    if "scratch" not in values:
-        try:
-            values["scratch"] = shutil.disk_usage(work_dir).free
-        except OSError as error:
-            raise ConfigurationError(
-                f"cannot read the free space: {error.strerror}", where="--work-dir"
-            ) from None
-    return Resources(
-        millicores=millicores,
-        memory=values.get("memory", _detected_memory()),
-        gpus=gpus or 0,
-        gpu_memory=values.get("gpu_memory", 0),
-        scratch=values["scratch"],
-    )
-
-
 # -- the running agent ------------------------------------------------------------------------
 
 
@@ -472,8 +234,8 @@ class _Agent:
         *,
         token: bytes,
         clock: Clock,
-        outbox: _Outbox,
-        executor: SubprocessExecutor,
+        outbox: Outbox,
+        executor: Executor,
         task_group: TaskGroup,
     ) -> None:
         self.config = config
@@ -492,7 +254,7 @@ class _Agent:
 
     def _handle(self, key: AttemptKey) -> AttemptHandle | None:
         for handle in self.executor.running():
-            if _key(handle.spec) == key:
+            if attempt_key(handle.spec) == key:
                 return handle
         return None
 
@@ -531,7 +293,7 @@ class _Agent:
             )
 
     async def start(self, spec: AttemptSpec) -> None:
-        key = _key(spec)
+        key = attempt_key(spec)
         if key in self.recent:
             _log.warning(
                 "attempt_duplicate_ignored",
@@ -707,7 +469,7 @@ class _Agent:
                 # Starting outlives this connection: the attempt runs on whatever happens to it.
                 self.task_group.start_soon(self.start, spec)
             case CancelAttempt():
-                handle = self._handle(_key(message))
+                handle = self._handle(attempt_key(message))
                 if handle is not None:
                     _log.info(
                         "attempt_cancel_requested",
@@ -718,7 +480,7 @@ class _Agent:
                     )
                     handle.cancel(grace=max(0.0, message.grace))
             case CheckpointAttempt():
-                handle = self._handle(_key(message))
+                handle = self._handle(attempt_key(message))
                 if handle is not None:
                     handle.request_checkpoint()
             case ReportAck(sequence=sequence):
@@ -830,9 +592,14 @@ async def run_agent(
     config: AgentConfig,
     *,
     clock: Clock | None = None,
+    open_executor: Callable[..., AbstractAsyncContextManager[Executor]] | None = None,
     task_status: TaskStatus[AgentHandle] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a node agent until it is stopped (``AgentHandle.stop()``) or cancelled.
+
+    ``open_executor`` replaces the subprocess executor (it gets the same keyword arguments:
+    ``log_dir``, ``checkpoint_dir``, ``clock``, ``terminate_grace``); the engine benchmark uses
+    it to measure the agent path without a process per task.
 
     Opens the outbox and the executor under ``config.work_dir``, re-queues the reports the
     last run left unacknowledged, reports an :class:`AgentHandle` through ``task_status``, and
@@ -866,10 +633,10 @@ async def run_agent(
                 work / "outbox.db", clock=chosen, codec=OUTBOX_CODEC, synchronous="NORMAL"
             )
         )
-        outbox = _Outbox(journal)
+        outbox = Outbox(journal)
         lost = await outbox.load()
         executor = await stack.enter_async_context(
-            open_subprocess_executor(
+            (open_executor or open_subprocess_executor)(
                 log_dir=work / "logs",
                 checkpoint_dir=work / "checkpoints",
                 clock=chosen,

@@ -89,9 +89,11 @@ from typing import Annotated, Any, Literal, Protocol, TypeAlias, TypedDict
 
 import msgspec
 
-from runtime import Message, TaskfarmError
+from actors._errors import AttemptSpecError
+from runtime import Message
 
 __all__ = [
+    "PATH_SAFE_PATTERN",
     "AttemptCheckpointed",
     "AttemptFinished",
     "AttemptHandle",
@@ -102,64 +104,22 @@ __all__ = [
     "AttemptProgress",
     "AttemptReport",
     "AttemptSpec",
-    "AttemptSpecError",
     "AttemptStarted",
     "Executor",
-    "ExecutorError",
     "ReportSink",
-    "UnknownFunctionError",
+    "RunningAttempt",
     "attempt_identity",
 ]
 
 # Ids become path components of log and checkpoint directories: no separators, no "." or "..".
-_PATH_SAFE = r"^(?!\.\.?$)[^/\\\x00]+$"
-Identifier = Annotated[str, msgspec.Meta(min_length=1, max_length=255, pattern=_PATH_SAFE)]
+PATH_SAFE_PATTERN = r"^(?!\.\.?$)[^/\\\x00]+$"
+Identifier = Annotated[str, msgspec.Meta(min_length=1, max_length=255, pattern=PATH_SAFE_PATTERN)]
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
 
 AttemptOutcome: TypeAlias = Literal["completed", "failed", "cancelled", "timed_out", "stalled"]
 
 
 # -- errors -----------------------------------------------------------------------------------
-
-
-class AttemptSpecError(TaskfarmError, ValueError):
-    """Raised when an :class:`AttemptSpec` is inconsistent; ``field`` names the culprit.
-
-    A ``ValueError``, so decoding a bad spec with msgspec raises ``msgspec.ValidationError``.
-    """
-
-    def __init__(self, message: str, *, field: str) -> None:
-        self.field = field
-        super().__init__(f"{field}: {message}")
-
-
-class ExecutorError(TaskfarmError):
-    """Raised when an executor cannot start an attempt (nothing ran, nothing was reported);
-    ``job_id``, ``task_id`` and ``attempt`` identify it."""
-
-    def __init__(self, message: str, *, job_id: str, task_id: str, attempt: int) -> None:
-        self.job_id = job_id
-        self.task_id = task_id
-        self.attempt = attempt
-        super().__init__(f"{job_id}/{task_id} attempt {attempt}: {message}")
-
-
-class UnknownFunctionError(ExecutorError):
-    """Raised when a spec names a function the in-process executor's registry lacks;
-    ``function`` is the name and ``known`` the registered names."""
-
-    def __init__(
-        self, *, function: str, known: tuple[str, ...], job_id: str, task_id: str, attempt: int
-    ) -> None:
-        self.function = function
-        self.known = known
-        listed = ", ".join(known) or "none"
-        super().__init__(
-            f"unknown function {function!r} (registered: {listed})",
-            job_id=job_id,
-            task_id=task_id,
-            attempt=attempt,
-        )
 
 
 # -- the attempt description ------------------------------------------------------------------
@@ -202,6 +162,15 @@ class AttemptSpec(
 
 
 # -- reports ----------------------------------------------------------------------------------
+
+
+class RunningAttempt(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """An attempt an agent is still running when it (re)connects."""
+
+    job_id: str
+    task_id: str
+    attempt: int
+    fencing_token: int
 
 
 class AttemptIdentity(TypedDict):

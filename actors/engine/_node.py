@@ -9,10 +9,21 @@ agent drop it from its durable outbox.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, assert_never
+from typing import Any, assert_never
 
 import anyio
 
+from actors._errors import ExecutorError
+from actors.executors import (
+    AttemptCheckpointed,
+    AttemptFinished,
+    AttemptHandle,
+    AttemptReport,
+    AttemptSpec,
+    Executor,
+    ReportSink,
+    RunningAttempt,
+)
 from runtime import (
     Actor,
     ActorRef,
@@ -22,34 +33,14 @@ from runtime import (
     get_logger,
 )
 
-from ._executor import (
-    AttemptCheckpointed,
-    AttemptFinished,
-    AttemptHandle,
-    AttemptReport,
-    AttemptSpec,
-    Executor,
-    ExecutorError,
-    ReportSink,
-)
-from ._messages import (
-    AdoptAttempt,
-    CancelRun,
-    CancelRuns,
-    PreemptRun,
-    ReportAttempt,
-    RunAttempt,
-)
-from ._protocol import RunningAttempt
-
-if TYPE_CHECKING:
-    from ._engine import EngineSettings
+from ._messages import AdoptAttempt, CancelRun, CancelRuns, PreemptRun, ReportAttempt, StartAttempt
+from ._settings import EngineSettings
 
 __all__ = ["NodeActor"]
 
 _log = get_logger("actors.node")
 
-NodeMessage = RunAttempt | AdoptAttempt | CancelRun | CancelRuns | PreemptRun
+NodeMessage = StartAttempt | AdoptAttempt | CancelRun | CancelRuns | PreemptRun
 
 
 class NodeActor(Actor[NodeMessage]):
@@ -72,7 +63,7 @@ class NodeActor(Actor[NodeMessage]):
 
     async def receive(self, message: NodeMessage) -> Any:
         match message:
-            case RunAttempt(spec=spec, job=job):
+            case StartAttempt(spec=spec, job=job):
                 # Beside the handler: an executor's start returns once the start is journaled,
                 # so awaiting it here would let a node start one attempt per journal commit.
                 self.context.start_work(lambda: self._run(spec, job), name="start")

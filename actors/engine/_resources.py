@@ -22,7 +22,7 @@ from typing import Annotated, Final
 
 import msgspec
 
-from ._errors import ResourceError
+from actors._errors import ResourceError
 
 __all__ = [
     "DEFAULT_FIT_WEIGHTS",

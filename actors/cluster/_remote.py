@@ -34,17 +34,18 @@ from typing import TypeAlias, assert_never
 
 import anyio
 
-from runtime import Connection, WireError, get_logger
-
-from ._executor import (
+from actors._errors import AgentUnavailableError, ExecutorError
+from actors.executors import (
     AttemptFinished,
     AttemptHandle,
     AttemptReport,
     AttemptSpec,
     AttemptStarted,
-    ExecutorError,
     ReportSink,
+    RunningAttempt,
 )
+from runtime import Connection, WireError, get_logger
+
 from ._protocol import (
     CancelAttempt,
     CheckpointAttempt,
@@ -53,12 +54,10 @@ from ._protocol import (
     Report,
     ReportAck,
     RunAttempt,
-    RunningAttempt,
     WireMessage,
 )
 
 __all__ = [
-    "AgentUnavailableError",
     "OrphanReportSink",
     "RemoteAttempt",
     "RemoteExecutor",
@@ -76,11 +75,6 @@ OrphanReportSink: TypeAlias = Callable[[AttemptReport], Awaitable[None]]
 _FINISHED_MEMORY = 4096
 # Reports received but not yet journaled, across attempts (then reading waits: backpressure).
 _MAX_QUEUED = 10_000
-
-
-class AgentUnavailableError(ExecutorError):
-    """Raised when a request needs the agent but it is not connected, the connection fails, or
-    it does not answer in time; ``job_id``, ``task_id`` and ``attempt`` name the attempt."""
 
 
 def _key(item: AttemptReport | AttemptSpec | RunningAttempt) -> AttemptKey:

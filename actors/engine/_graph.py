@@ -47,7 +47,7 @@ from typing import Annotated, Any, Final, NamedTuple, TypeAlias
 import msgspec
 import networkx as nx
 
-from ._errors import DependencyCycleError, DependencyError, UnknownDependencyError
+from actors._errors import DependencyCycleError, DependencyError, UnknownDependencyError
 
 __all__ = [
     "Blocker",

@@ -20,9 +20,11 @@ from typing import TYPE_CHECKING, TextIO
 
 import anyio
 
-from runtime import Clock, SystemClock, TaskfarmError, get_logger
+from actors._errors import ExecutorError, ReportLineError
+from runtime import Clock, SystemClock, get_logger
 
-from ._executor import (
+from ._base import BaseAttempt, ExecutorBase, check_grace, owning
+from ._interface import (
     AttemptCheckpointed,
     AttemptFinished,
     AttemptHandle,
@@ -30,17 +32,16 @@ from ._executor import (
     AttemptPreview,
     AttemptProgress,
     AttemptSpec,
-    ExecutorError,
     ReportSink,
     attempt_identity,
 )
-from ._executors import _Attempt, _check_grace, _ExecutorBase, _owning
 
 if TYPE_CHECKING:
     from anyio.abc import ByteReceiveStream, Process, TaskGroup, TaskStatus
 
 __all__ = [
-    "ReportLineError",
+    "FRAME_SEQUENCE",
+    "REPORT_PREFIX",
     "SubprocessExecutor",
     "open_subprocess_executor",
     "parse_report_line",
@@ -58,7 +59,7 @@ FRAME_SEQUENCE = "taskfarm-frames"
 def resolve_argv(argv: tuple[str, ...]) -> tuple[str, ...]:
     """Return the command to start: a frame sequence runs under this host's frame runner."""
     if argv and argv[0] == FRAME_SEQUENCE:
-        return (sys.executable, "-m", "actors._frame_runner", *argv[1:])
+        return (sys.executable, "-m", "actors.executors._frame_runner", *argv[1:])
     return argv
 
 
@@ -70,16 +71,6 @@ _MAX_LINE = 64 * 1024
 _DRAIN_TIMEOUT = 2.0
 
 ParsedReport = AttemptProgress | AttemptCheckpointed | AttemptPreview | AttemptMetric
-
-
-class ReportLineError(TaskfarmError, ValueError):
-    """Raised when a ``@taskfarm`` report line is malformed; ``line`` is the line and
-    ``reason`` what is wrong.  The executor logs it and carries on; it never escapes."""
-
-    def __init__(self, line: str, reason: str) -> None:
-        self.line = line
-        self.reason = reason
-        super().__init__(f"{reason}: {line!r}")
 
 
 def _number(text: str, line: str, what: str) -> float:
@@ -178,7 +169,7 @@ class _Paths:
         return self.log.open("a", encoding="utf-8", errors="backslashreplace")
 
 
-class _SubprocessAttempt(_Attempt):
+class _SubprocessAttempt(BaseAttempt):
     def __init__(
         self,
         spec: AttemptSpec,
@@ -363,7 +354,7 @@ class _SubprocessAttempt(_Attempt):
         self._write(name, text)
 
 
-class SubprocessExecutor(_ExecutorBase):
+class SubprocessExecutor(ExecutorBase):
     """Runs each attempt's ``argv`` as a process in its own session and process group.
 
     Built by :func:`open_subprocess_executor`; see ``actors/_executor.py`` for the protocol the
@@ -466,11 +457,11 @@ async def open_subprocess_executor(
     Raises:
         ConfigurationError: ``terminate_grace`` is negative.
     """
-    _check_grace(terminate_grace)
+    check_grace(terminate_grace)
     chosen = clock if clock is not None else SystemClock()
     logs, checkpoints = await anyio.to_thread.run_sync(_make_roots, log_dir, checkpoint_dir)
     base_env = dict(os.environ) if inherit_env else {}
-    async with _owning(
+    async with owning(
         lambda task_group: SubprocessExecutor(
             task_group=task_group,
             clock=chosen,

@@ -12,7 +12,7 @@ import heapq
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, assert_never
+from typing import Any, assert_never
 
 from persistence import Journal
 from runtime import Actor, ActorRef, TaskfarmError, get_logger
@@ -20,6 +20,7 @@ from runtime import Actor, ActorRef, TaskfarmError, get_logger
 from ._events import NodeQuarantined, NodeRegistered, node_stream
 from ._graph import Outcome
 from ._messages import (
+    AdmitJobs,
     AttemptLost,
     CreateJob,
     Dispatch,
@@ -30,16 +31,13 @@ from ._messages import (
     NodeLeft,
     PreemptTask,
     SetNodeHealth,
-    SubmitJobs,
     TaskEnded,
     Unplace,
     WhyJob,
 )
 from ._placement import SchedulerCore
-from ._protocol import NodeSummary
-
-if TYPE_CHECKING:
-    from ._engine import EngineSettings
+from ._settings import EngineSettings
+from ._summaries import NodeSummary
 
 __all__ = ["GraceExpired", "Recovered", "SchedulerActor"]
 
@@ -55,7 +53,7 @@ class Recovered(Kick, frozen=True, kw_only=True, tag="engine.cmd.recovered"):
 
 
 SchedulerMessage = (
-    SubmitJobs
+    AdmitJobs
     | TaskEnded
     | Unplace
     | JobEnded
@@ -127,7 +125,7 @@ class SchedulerActor(Actor[SchedulerMessage]):
     async def receive(self, message: SchedulerMessage) -> Any:
         core = self.core
         match message:
-            case SubmitJobs(specs=specs, source=source):
+            case AdmitJobs(specs=specs, source=source):
                 return await self._submit(specs, source)
             case TaskEnded():
                 core.task_ended(

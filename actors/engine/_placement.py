@@ -12,13 +12,15 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from time import perf_counter
 
-from ._errors import SpecError
+from actors._errors import SpecError
+
 from ._graph import DependencyGraph, Outcome, TaskRef
 from ._policy import FarmView, JobView, NodeView, Policy, RunningView, TaskView
-from ._protocol import NodeSummary
 from ._resources import Resources, add, fits, shortfall, subtract
 from ._spec import SubmitJob
+from ._summaries import NodeSummary
 
 __all__ = ["NodeHealth", "Placement", "SchedulerCore"]
 
@@ -77,8 +79,15 @@ class _Node:
 class SchedulerCore:
     """Queues, nodes and placement; see the module docstring."""
 
-    def __init__(self, policy: Policy) -> None:
+    def __init__(
+        self, policy: Policy, *, exhaustive: bool = False, time_decisions: bool = False
+    ) -> None:
+        """``exhaustive`` scores every online node for every task, without the fit index (the
+        benchmark's brute-force baseline); ``time_decisions`` records each placement
+        decision's latency in ``decision_seconds`` (for the benchmark)."""
         self.policy = policy
+        self.exhaustive = exhaustive
+        self.decision_seconds: list[float] | None = [] if time_decisions else None
         self.graph = DependencyGraph()
         self._jobs: dict[str, _Job] = {}
         self._nodes: dict[str, _Node] = {}
@@ -353,12 +362,15 @@ class SchedulerCore:
                     continue
                 if task.request in unplaceable:
                     continue
+                began = perf_counter() if self.decision_seconds is not None else 0.0
                 task_view = self._task_view(job, index)
                 reason = policy.admit(view, task_view, farm, now)
                 if reason is not None:
                     job.deferred = reason
                     continue
                 node = self._choose_node(job, view, task_view, now)
+                if self.decision_seconds is not None and node is None:
+                    self.decision_seconds.append(perf_counter() - began)
                 if node is None:
                     if len(self.blocked) < _MAX_BLOCKED:
                         self.blocked.append((view, task_view))
@@ -368,6 +380,8 @@ class SchedulerCore:
                     continue
                 self._dequeue(job, index)
                 self._reserve(job, index, node.name)
+                if self.decision_seconds is not None:
+                    self.decision_seconds.append(perf_counter() - began)
                 placements.append(Placement(job_id, index, node.name, task.request))
                 if limit is not None and len(placements) >= limit:
                     self.placements_made += len(placements)
@@ -376,6 +390,8 @@ class SchedulerCore:
         return placements
 
     def _choose_node(self, job: _Job, view: JobView, task: TaskView, now: datetime) -> _Node | None:
+        if self.exhaustive:
+            return self._choose_node_exhaustively(job, view, task, now)
         candidates = self._fit_index.get(task.request)
         if not candidates:
             return None
@@ -399,6 +415,25 @@ class SchedulerCore:
             looked += 1
             if looked >= policy.max_candidates:
                 break
+        return best
+
+    def _choose_node_exhaustively(
+        self, job: _Job, view: JobView, task: TaskView, now: datetime
+    ) -> _Node | None:
+        best: _Node | None = None
+        best_score = 0.0
+        for node in self._nodes.values():
+            if node.health != "online" or not fits(task.request, node.free):
+                continue
+            until = job.blocklist.get(node.name)
+            if until is not None and until > now:
+                continue
+            node_view = node.view
+            if node_view is None:
+                node_view = node.view = self._node_view(node)
+            score = self.policy.node_score(view, task, node_view, now)
+            if score is not None and (best is None or score > best_score):
+                best, best_score = node, score
         return best
 
     def _reserve(self, job: _Job, index: int, node_name: str) -> None:

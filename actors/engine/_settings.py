@@ -1,0 +1,22 @@
+"""The engine's settings (a module of its own: every actor reads them, none owns them)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["EngineSettings"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineSettings:
+    """Engine-wide knobs (every one has a default a real farm can start with)."""
+
+    snapshot_every: int = 200
+    blocklist_after: int = 2  # failures of one job on one node before it avoids that node
+    blocklist_for: float = 600.0
+    quarantine_after: int = 3  # consecutive failed attempts before a node is quarantined
+    cancel_grace: float = 5.0
+    preempt_grace: float = 60.0  # how long a preempted attempt has to checkpoint before it stops
+    report_timeout: float = 30.0
+    restart_grace: float = 30.0  # how long agents have to re-claim their attempts after a restart
+    ask_timeout: float = 30.0

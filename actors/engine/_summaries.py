@@ -1,0 +1,50 @@
+"""What ``status`` and ``nodes`` show of jobs, tasks and nodes (also sent over the wire)."""
+
+from __future__ import annotations
+
+import msgspec
+
+from ._resources import Resources
+
+__all__ = ["JobSummary", "NodeSummary", "TaskSummary"]
+
+
+class TaskSummary(msgspec.Struct, frozen=True, kw_only=True):
+    """One task, as ``taskfarm status JOB`` shows it."""
+
+    index: int
+    status: str
+    attempt: int = 0
+    node: str | None = None
+    progress: float = 0.0
+    checkpoint: str | None = None
+    last_error: str | None = None
+
+
+class JobSummary(msgspec.Struct, frozen=True, kw_only=True):
+    """One job, as ``taskfarm status`` shows it."""
+
+    job_id: str
+    name: str
+    status: str
+    priority: str
+    submitted_at: str
+    finished_at: str | None = None
+    tasks_total: int = 0
+    task_counts: dict[str, int] = {}
+    progress: float = 0.0
+    reason: str | None = None
+    tasks: tuple[TaskSummary, ...] = ()
+
+
+class NodeSummary(msgspec.Struct, frozen=True, kw_only=True):
+    """One node, as ``taskfarm nodes`` shows it."""
+
+    name: str
+    health: str
+    capacity: Resources
+    free: Resources
+    running: int = 0
+    labels: tuple[str, ...] = ()
+    remote: bool = False
+    consecutive_failures: int = 0

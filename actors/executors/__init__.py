@@ -1,0 +1,56 @@
+"""Where an attempt runs (in-process, a local subprocess) and what it reports back."""
+
+from ._inprocess import AttemptContext, InProcessExecutor, Work, open_inprocess_executor
+from ._interface import (
+    PATH_SAFE_PATTERN,
+    AttemptCheckpointed,
+    AttemptFinished,
+    AttemptHandle,
+    AttemptIdentity,
+    AttemptMetric,
+    AttemptOutcome,
+    AttemptPreview,
+    AttemptProgress,
+    AttemptReport,
+    AttemptSpec,
+    AttemptStarted,
+    Executor,
+    ReportSink,
+    RunningAttempt,
+    attempt_identity,
+)
+from ._subprocess import (
+    FRAME_SEQUENCE,
+    REPORT_PREFIX,
+    SubprocessExecutor,
+    open_subprocess_executor,
+    parse_report_line,
+)
+
+__all__ = [
+    "FRAME_SEQUENCE",
+    "PATH_SAFE_PATTERN",
+    "REPORT_PREFIX",
+    "AttemptCheckpointed",
+    "AttemptContext",
+    "AttemptFinished",
+    "AttemptHandle",
+    "AttemptIdentity",
+    "AttemptMetric",
+    "AttemptOutcome",
+    "AttemptPreview",
+    "AttemptProgress",
+    "AttemptReport",
+    "AttemptSpec",
+    "AttemptStarted",
+    "Executor",
+    "InProcessExecutor",
+    "ReportSink",
+    "RunningAttempt",
+    "SubprocessExecutor",
+    "Work",
+    "attempt_identity",
+    "open_inprocess_executor",
+    "open_subprocess_executor",
+    "parse_report_line",
+]
