@@ -324,7 +324,7 @@ class _Agent:
                     task_id=spec.task_id,
                     attempt=spec.attempt,
                     fencing_token=spec.fencing_token,
-                    outcome="failed",
+                    outcome="start_failed",
                     error=f"the agent could not start it: {error}",
                 )
             )

@@ -137,7 +137,7 @@ class NodeActor(Actor[NodeMessage]):
                 task_id=spec.task_id,
                 attempt=spec.attempt,
                 fencing_token=spec.fencing_token,
-                outcome="failed",
+                outcome="start_failed",
                 error=f"could not start on {self.name}: {error}",
             )
             self.context.start_work(lambda: self._deliver(job, failed), name="start-failed")

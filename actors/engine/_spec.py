@@ -30,7 +30,14 @@ import msgspec
 from actors._errors import DependencyCycleError, DependencyError, ResourceError, SpecError
 from runtime import Message
 
-from ._graph import Condition, Dependency, DependencyGraph, ElementMap, GraphJob
+from ._graph import (
+    Condition,
+    Dependency,
+    DependencyGraph,
+    ElementMap,
+    GraphJob,
+    OnParentFailure,
+)
 from ._resources import Resources, parse_cores, parse_size
 
 __all__ = [
@@ -96,6 +103,9 @@ class RetryPolicy(msgspec.Struct, frozen=True, kw_only=True):
     backoff: Annotated[float, msgspec.Meta(ge=0)] = 30.0
     backoff_factor: Annotated[float, msgspec.Meta(ge=1)] = 2.0
     max_backoff: Annotated[float, msgspec.Meta(ge=0)] = 600.0
+    # Lost attempts (agent restart, node gone, coordinator restart) spend no attempt; a task
+    # that keeps losing its host ends after this many.
+    max_lost: Annotated[int, msgspec.Meta(ge=1)] = 3
 
     def delay(self, attempt: int) -> float:
         """Return the wait before ``attempt`` (numbered from 1; the first waits 0)."""
@@ -122,6 +132,7 @@ class TaskSpec(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     command: tuple[str, ...] = ()
     env: tuple[tuple[str, str], ...] = ()
     resources: Resources | None = None
+    requires: tuple[str, ...] = ()
 
     @property
     def frames(self) -> range:
@@ -160,6 +171,7 @@ class SubmitJob(Message, frozen=True, kw_only=True, tag="engine.submit_job"):
     checkpointable: bool = False
     preemptible: bool = False
     labels: tuple[str, ...] = ()
+    requires: tuple[str, ...] = ()
     metadata: bytes = b"{}"
     source: str = ""
 
@@ -178,6 +190,17 @@ class SubmitJob(Message, frozen=True, kw_only=True, tag="engine.submit_job"):
         """Return what task ``index`` requests (its override, else the job's)."""
         task = self.tasks[index]
         return task.resources if task.resources is not None else self.resources
+
+    def task_requires(self, index: int) -> tuple[str, ...]:
+        """Return the node labels task ``index`` requires (the job's and its own)."""
+        own = self.tasks[index].requires
+        if not own:
+            return self.requires
+        return tuple(sorted({*self.requires, *own}))
+
+    def task_max_runtime(self, index: int) -> float | None:
+        """Return task ``index``'s walltime in seconds (None: unbounded)."""
+        return self.timeouts.max_runtime
 
     def metadata_as(self, target: type[T]) -> T:
         """Decode ``metadata`` into ``target`` (a domain's struct).
@@ -266,6 +289,8 @@ _Size = int | str
 _Duration = int | float | str
 _NAME_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 _Name = Annotated[str, msgspec.Meta(pattern=_NAME_PATTERN)]
+# A required node label: "gpu" (present) or "os=linux" (key with that value).
+_Label = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.@:/-]+(=[A-Za-z0-9_.@:/-]+)?$")]
 
 
 class _ResourcesIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -289,11 +314,13 @@ class _DependencyIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     task: str | None = None
     elementwise: bool | _ElementMapIn = False
     threshold: Annotated[float, msgspec.Meta(gt=0, le=1)] | None = None
+    on_parent_failure: OnParentFailure = "cancel"
 
 
 class _TaskDependencyIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     task: str
     condition: Condition = Condition.ON_SUCCESS
+    on_parent_failure: OnParentFailure = "cancel"
 
 
 class _TaskIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -303,6 +330,7 @@ class _TaskIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     env: dict[str, str] = {}
     resources: _ResourcesIn | None = None
     depends_on: list[str | _TaskDependencyIn] = []
+    requires: list[_Label] = []
 
 
 class _RetriesIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -310,6 +338,7 @@ class _RetriesIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     backoff: _Duration = 30
     backoff_factor: Annotated[float, msgspec.Meta(ge=1)] = 2.0
     max_backoff: _Duration = 600
+    max_lost: Annotated[int, msgspec.Meta(ge=1)] = 3
 
 
 class _TimeoutsIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -334,6 +363,7 @@ class _JobIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     checkpointable: bool = False
     preemptible: bool = False
     labels: list[str] = []
+    requires: list[_Label] = []
     metadata: dict[str, Any] = {}
 
 
@@ -474,6 +504,7 @@ class _Builder:
                     checkpointable=job.checkpointable,
                     preemptible=job.preemptible,
                     labels=tuple(sorted(set(job.labels))),
+                    requires=tuple(sorted(set(job.requires))),
                     metadata=msgspec.json.encode(msgspec.to_builtins(job.metadata), order="sorted"),
                     source=self.source,
                 )
@@ -561,6 +592,7 @@ class _Builder:
                         if task.resources is not None
                         else None
                     ),
+                    requires=tuple(sorted(set(task.requires))),
                 )
             )
         return tuple(specs)
@@ -610,6 +642,7 @@ class _Builder:
             backoff=self.duration(f"{at}.backoff", value.backoff),
             backoff_factor=value.backoff_factor,
             max_backoff=self.duration(f"{at}.max_backoff", value.max_backoff),
+            max_lost=value.max_lost,
         )
 
     def timeouts(self, i: int, value: _TimeoutsIn) -> Timeouts:
@@ -709,6 +742,7 @@ class _Builder:
                     parent_task=parent_task,
                     elementwise=elementwise,
                     threshold=item.threshold,
+                    on_parent_failure=item.on_parent_failure,
                 )
             )
             fields.append(field)
@@ -731,6 +765,7 @@ class _Builder:
                         condition=tdep.condition,
                         parent_task=names[tdep.task],
                         child_task=k,
+                        on_parent_failure=tdep.on_parent_failure,
                     )
                 )
                 fields.append(field)

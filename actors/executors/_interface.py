@@ -116,7 +116,11 @@ PATH_SAFE_PATTERN = r"^(?!\.\.?$)[^/\\\x00]+$"
 Identifier = Annotated[str, msgspec.Meta(min_length=1, max_length=255, pattern=PATH_SAFE_PATTERN)]
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
 
-AttemptOutcome: TypeAlias = Literal["completed", "failed", "cancelled", "timed_out", "stalled"]
+# "start_failed": nothing ran (the command could not be started); "lost": the agent lost the
+# attempt (it restarted, or stopped work it could no longer report); "oom": out of memory.
+AttemptOutcome: TypeAlias = Literal[
+    "completed", "failed", "cancelled", "timed_out", "stalled", "oom", "lost", "start_failed"
+]
 
 
 # -- errors -----------------------------------------------------------------------------------

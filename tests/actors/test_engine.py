@@ -33,7 +33,7 @@ from actors import (
     JobSubmitted,
     JobSummary,
     NodeBlocklisted,
-    NodeQuarantined,
+    NodeHealthChanged,
     Priority,
     Resources,
     RetryPolicy,
@@ -402,8 +402,8 @@ async def test_element_wise_dependency_releases_task_i_after_parent_task_i() -> 
         assert child_assigned > parent_done
 
 
-async def test_a_failed_parent_blocks_its_dependant_and_runs_its_on_failure_dependant() -> None:
-    """After A fails, B (on_success) stays blocked naming A, and C (on_failure) runs."""
+async def test_a_failed_parent_cancels_its_dependant_and_runs_its_on_failure_dependant() -> None:
+    """After A fails, B (on_success) is cancelled naming A, and C (on_failure) runs."""
     async with open_farm() as farm:
         await farm.engine.submit(
             [
@@ -414,10 +414,31 @@ async def test_a_failed_parent_blocks_its_dependant_and_runs_its_on_failure_depe
         )
         assert (await farm.wait("a")).status == "failed"
         assert (await farm.wait("c")).status == "completed"
+        b = await farm.wait("b")
         assert not farm.works.of("b")
-        assert "waits on a (on_success), but a failed" in await farm.engine.why("b")
+        assert b.status == "cancelled"
+        assert b.reason is not None
+        assert "waits on a (on_success), but a failed" in b.reason
+
+
+async def test_a_waiting_dependant_stays_blocked_until_its_parent_is_retried() -> None:
+    """With on_parent_failure = "wait", B stays blocked (why says so); retrying A releases B."""
+    async with open_farm() as farm:
+        await farm.engine.submit(
+            [
+                job("a", "flaky", "1", retries=RetryPolicy(max_attempts=1)),
+                job("b", dependencies=[Dependency(parent="a", on_parent_failure="wait")]),
+            ]
+        )
+        assert (await farm.wait("a")).status == "failed"
+        why = await farm.engine.why("b")
+        assert "can no longer run" in why
+        assert "a failed" in why
         [b] = await farm.engine.status("b")
         assert b.status == "active"
+        assert await farm.engine.retry("a") == [0]
+        assert (await farm.wait("a")).status == "completed"
+        assert (await farm.wait("b")).status == "completed"
 
 
 # -- invalid submissions ------------------------------------------------------------------------
@@ -574,7 +595,9 @@ async def test_a_node_with_consecutive_failures_is_quarantined() -> None:
         [node] = await farm.engine.nodes()
         assert node.health == "quarantined"
         node_events = [r.event for r in await farm.journal.read_stream("node:n1")]
-        assert any(isinstance(e, NodeQuarantined) for e in node_events)
+        assert any(
+            isinstance(e, NodeHealthChanged) and e.health == "quarantined" for e in node_events
+        )
         await farm.engine.submit([job("d")])
         assert "no node is online" in await farm.engine.why("d")
         assert not farm.works.of("d")
