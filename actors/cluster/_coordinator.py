@@ -116,7 +116,7 @@ class Coordinator:
         self._generation: dict[str, int] = {}
         self._task_group: anyio.abc.TaskGroup | None = None
         self.local_agent_pids: list[int] = []
-        # Nodes this coordinator set draining because their agent went away (undone on return).
+        # Nodes this coordinator marked unreachable because their agent went away.
         self._suspended: set[str] = set()
 
     # -- agents ---------------------------------------------------------------------------------
@@ -182,7 +182,7 @@ class Coordinator:
                 )
             elif name in self._suspended:
                 self._suspended.discard(name)
-                await engine.set_node_health(name, "online", reason="agent reconnected")
+                await engine.set_node_reachable(name, "connected")
             _log.info(
                 "agent_connected", node_id=name, peer=connection.peer, running=len(hello.running)
             )
@@ -235,21 +235,14 @@ class Coordinator:
                 self._task_group.start_soon(self._expire_agent, name, generation)
 
     async def _suspend_agent(self, name: str, generation: int) -> None:
-        """Place no new work on a node whose agent is away: it would fail to start there (and
-        count against the task and the node) although the agent may well come back."""
-        nodes = {node.name: node for node in await self.engine.nodes()}
-        node = nodes.get(name)
-        if node is None or node.health != "online":
-            return  # quarantined or drained on purpose: keep it so
+        """Place no new work on a node whose agent is away (``unreachable``): it would fail to
+        start there although the agent may well come back; its work is not requeued yet."""
         if name in self._connections or self._generation.get(name) != generation:
             return  # back already
         # Marked before the request is queued: a reconnect from now on restores "online", and
         # its request reaches the scheduler after this one.
         self._suspended.add(name)
-        try:
-            await self.engine.set_node_health(name, "draining", reason="agent disconnected")
-        except TaskfarmError as error:  # it was removed meanwhile: nothing to hold back
-            _log.info("node_suspend_skipped", node_id=name, reason=str(error))
+        await self.engine.set_node_reachable(name, "unreachable")
 
     async def _abandon(
         self, name: str, executor: RemoteExecutor, gone: frozenset[tuple[str, str, int]]

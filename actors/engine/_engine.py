@@ -14,8 +14,8 @@ append, while placement goes on.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -320,6 +320,10 @@ class Engine:
             SpecError, UnknownDependencyError, DependencyCycleError: the submission is invalid;
                 nothing was journaled.
         """
+        with _time_held(self.system.clock):
+            return await self._submit(specs, source)
+
+    async def _submit(self, specs: Sequence[SubmitJob], source: str) -> list[str]:
         result = await self.scheduler.ask(
             AdmitJobs(specs=tuple(specs), source=source), timeout=self.settings.ask_timeout
         )
@@ -489,6 +493,10 @@ class Engine:
         Raises:
             JobNotFoundError: no such job.  ConfigurationError: a task is unknown.
         """
+        with _time_held(self.system.clock):
+            return await self._retry(job_id, tasks, reason)
+
+    async def _retry(self, job_id: str, tasks: Sequence[int | str], reason: str) -> list[int]:
         indices = tuple([await self.task_index(job_id, task) for task in tasks])
         ref = self.job_ref(job_id)
         revived = False
@@ -624,9 +632,15 @@ class Engine:
                 health=node.health,
                 reachable="offline",
             )
+            self.core.set_health(node.name, node.health, reason=node.health_reason or "")
             self.core.set_drain_at(node.name, node.drain_at)
             known[node.name] = KnownNode(
-                node.capacity, node.labels, node.remote, node.health, node.drain_at
+                node.capacity,
+                node.labels,
+                node.remote,
+                node.health,
+                node.drain_at,
+                node.health_reason or "",
             )
         jobs = [
             (state, version)
@@ -699,6 +713,21 @@ class Engine:
             state = _JOB_AGGREGATE.apply(state, event)
         _log.warning("orphan_job_ended", job_id=spec.job_id, reason=reason)
         return state, result.version
+
+
+@contextmanager
+def _time_held(clock: Clock) -> Iterator[None]:
+    """Hold a virtual clock still while a caller outside any actor does several steps (an
+    atomic append, spawning job actors): otherwise it sees the farm idle and jumps ahead."""
+    tracker = clock.activity
+    if tracker is None:
+        yield
+        return
+    tracker.acquire()
+    try:
+        yield
+    finally:
+        tracker.release()
 
 
 @dataclass(frozen=True)

@@ -346,6 +346,7 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
             checkpointable=spec.checkpointable,
             max_runtime=spec.timeouts.max_runtime,
             stall_timeout=spec.timeouts.stall,
+            memory=(task.resources or spec.task_resources(index)).memory,
         )
 
     # -- reports --------------------------------------------------------------------------------

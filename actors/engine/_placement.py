@@ -239,8 +239,7 @@ class SchedulerCore:
             return None
         fitting = [n for n in self._nodes.values() if fits(node_part, n.view.capacity)]
         if fitting:
-            missing = fitting[0].view.satisfies(requires)
-            return f"no node has the label {missing!r} (required)"
+            return f"no node has {_missing_labels(fitting, requires)}"
         biggest = max(self._nodes.values(), key=lambda n: _size(n.view.capacity))
         lacks = "; ".join(str(s) for s in shortfall(node_part, biggest.view.capacity))
         return f"largest node {biggest.view.name} lacks {lacks}"
@@ -755,10 +754,11 @@ class SchedulerCore:
             view.health, view.reachable = health, reachable
         self._reindex_node(node)
 
-    def set_health(self, name: str, health: NodeHealth) -> None:
+    def set_health(self, name: str, health: NodeHealth, *, reason: str = "") -> None:
         """Change a node's health (only ``online`` nodes get new work)."""
         node = self._nodes[name]
         node.view.health = health
+        node.view.health_reason = reason
         if health != "quarantined":
             node.recent_failures.clear()
             node.view.failures = 0
@@ -801,6 +801,7 @@ class SchedulerCore:
                 labels=node.view.labels,
                 consecutive_failures=node.view.failures,
                 drain_at=node.view.drain_at.isoformat() if node.view.drain_at else None,
+                reason=node.view.health_reason,
             )
             for node in sorted(self._nodes.values(), key=lambda n: n.view.name)
         ]
@@ -1100,14 +1101,24 @@ class SchedulerCore:
         if not able:
             sized = [n for n in accepting if fits(node_part, n.view.capacity)]
             if sized:
-                missing = sized[0].view.satisfies(task.requires)
-                return f"no online node has the label {missing!r} (required)"
+                return f"no online node has {_missing_labels(sized, task.requires)}"
             biggest = max(accepting, key=lambda n: _size(n.view.capacity))
             lacks = "; ".join(str(s) for s in shortfall(node_part, biggest.view.capacity))
             return f"no online node is big enough (largest, {biggest.view.name}, lacks {lacks})"
         allowed = [n for n in able if not (job.blocklist.get(n.view.name, now) > now)]
         if not allowed:
             return f"every node that fits is blocklisted for this job ({len(able)} nodes)"
+        runtime = job.view.spec.task_max_runtime(index)
+        if runtime is not None:
+            ends = now + timedelta(seconds=runtime)
+            before = [n for n in allowed if n.view.drain_at is None or ends <= n.view.drain_at]
+            if not before:
+                first = min(n.view.drain_at for n in allowed if n.view.drain_at is not None)
+                return (
+                    f"every node that fits drains before it could finish (max_runtime "
+                    f"{runtime:.0f} s; first drain at {first.isoformat()})"
+                )
+            allowed = before
         return f"all {len(allowed)} nodes that fit are busy"
 
     def why(self, job_id: str, now: datetime) -> list[str]:
@@ -1219,6 +1230,19 @@ class SchedulerCore:
             "cycles": self.cycles,
             "index_shapes": len(self._fit_index),
         }
+
+
+def _missing_labels(nodes: Sequence[_Node], requires: tuple[str, ...]) -> str:
+    """Name the required labels the closest node lacks (``the label 'os=linux' (required:
+    gpu, os=linux)``)."""
+    best: list[str] | None = None
+    for node in nodes:
+        missing = [r for r in requires if node.view.satisfies((r,)) is not None]
+        if best is None or len(missing) < len(best):
+            best = missing
+    missing = best or list(requires)
+    noun = "the label" if len(missing) == 1 else "the labels"
+    return f"{noun} {', '.join(repr(m) for m in missing)} (required: {', '.join(requires)})"
 
 
 def _held_by_error(job: _Job) -> bool:

@@ -99,7 +99,6 @@ class JobView:
     total: int
     running: int = 0
     queued: int = 0
-    blocked: int = 0
     completed: int = 0
     failed: int = 0
     cancelled: int = 0
@@ -125,6 +124,12 @@ class JobView:
     def remaining(self) -> int:
         """Return how many tasks are not finished."""
         return self.total - self.completed - self.failed - self.cancelled
+
+    @property
+    def blocked(self) -> int:
+        """Return how many unfinished tasks can neither run nor be placed now (a dependency,
+        a hold, a retry backoff counts as queued)."""
+        return self.remaining - self.running - self.queued
 
 
 @dataclass(slots=True, eq=False)
@@ -179,6 +184,7 @@ class NodeView:
     failures: int = 0
     drain_at: datetime | None = None
     label_map: Mapping[str, str] = field(default_factory=dict)
+    health_reason: str = ""
 
     def __post_init__(self) -> None:
         if not self.label_map and self.labels:

@@ -101,7 +101,7 @@ SchedulerMessage = (
 class KnownNode:
     """A node as the journal knows it: identity, and the health an operator gave it."""
 
-    __slots__ = ("capacity", "drain_at", "health", "labels", "remote")
+    __slots__ = ("capacity", "drain_at", "health", "labels", "reason", "remote")
 
     def __init__(
         self,
@@ -110,12 +110,14 @@ class KnownNode:
         remote: bool,
         health: str = "online",
         drain_at: datetime | None = None,
+        reason: str = "",
     ) -> None:
         self.capacity = capacity
         self.labels = labels
         self.remote = remote
         self.health = health
         self.drain_at = drain_at
+        self.reason = reason
 
 
 class SchedulerActor(Actor[SchedulerMessage]):
@@ -274,9 +276,19 @@ class SchedulerActor(Actor[SchedulerMessage]):
                         field=f"job {spec.job_id!r}",
                         problem="a job with this id is being submitted",
                     )
-                policy.validate(spec, now)
-                spec = policy.prepare(spec, now)
                 core.check_metadata(spec)
+                try:
+                    policy.validate(spec, now)
+                    spec = policy.prepare(spec, now)
+                except TaskfarmError:
+                    raise
+                except Exception as error:  # a policy bug refuses the job, not the farm
+                    core._policy_failed(None, "validate", error)
+                    raise SpecError(
+                        path=source or spec.source,
+                        field=f"job {spec.job_id!r}",
+                        problem=f"policy error: {type(error).__name__}: {error}",
+                    ) from None
                 prepared.append(spec)
             core.check_submission(prepared, source=source)
         except TaskfarmError as error:
@@ -431,6 +443,7 @@ class SchedulerActor(Actor[SchedulerMessage]):
         # Drain, sleep and quarantine are the operator's (journaled): a rejoin keeps them.
         health = known.health
         self.core.add_node(name, capacity, labels=labels, health=health, reachable="connected")
+        self.core.set_health(name, health, reason=known.reason)
         self.core.set_drain_at(name, known.drain_at)
         self._observe_node(name)
         _log.info("node_joined", node_id=name, capacity=str(capacity), health=health)
@@ -472,8 +485,8 @@ class SchedulerActor(Actor[SchedulerMessage]):
             [NodeHealthChanged(health=health, reason=reason, drain_at=drain_at)],
         )
         if known is not None:
-            known.health, known.drain_at = health, drain_at
-        core.set_health(name, health)
+            known.health, known.drain_at, known.reason = health, drain_at, reason
+        core.set_health(name, health, reason=reason)
         core.set_drain_at(name, drain_at)
         if drain_at is not None:
             self._arm_drain(name, drain_at)

@@ -59,3 +59,4 @@ class NodeSummary(msgspec.Struct, frozen=True, kw_only=True):
     remote: bool = False
     consecutive_failures: int = 0
     drain_at: str | None = None
+    reason: str = ""  # why it has its health (quarantined after ..., draining for ...)

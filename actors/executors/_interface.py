@@ -155,6 +155,9 @@ class AttemptSpec(
     checkpointable: bool = False
     max_runtime: Seconds | None = None
     stall_timeout: Seconds | None = None
+    # The memory the attempt asked for, in bytes (0: none stated); an executor may stop an
+    # attempt that uses far more, as out of memory.
+    memory: Annotated[int, msgspec.Meta(ge=0)] = 0
 
     def __post_init__(self) -> None:
         if bool(self.argv) == (self.function is not None):
