@@ -26,7 +26,7 @@ import msgspec
 
 from actors._errors import DependencyError, JobNotFoundError
 from actors.executors import AttemptReport, Executor
-from persistence import Event, Journal, rebuild_stream
+from persistence import Event, Journal, StreamAppend, rebuild_stream
 from runtime import (
     ActorRef,
     ActorStoppedError,
@@ -332,12 +332,17 @@ class Engine:
         prepared: tuple[SubmitJob, ...] = result
         now = self.system.clock.now()
         try:
-            await _append_atomically(
-                self.journal,
+            # One transaction for the whole file: a crash never leaves a dependant journaled
+            # without its parent.
+            await self.journal.append_many(
                 [
-                    (job_stream(spec.job_id), [JobSubmitted(job=spec, submitted_at=now)], 0)
+                    StreamAppend(
+                        stream_id=job_stream(spec.job_id),
+                        events=[JobSubmitted(job=spec, submitted_at=now)],
+                        expected_version=0,
+                    )
                     for spec in prepared
-                ],
+                ]
             )
         except BaseException:
             with anyio.CancelScope(shield=True):
@@ -860,18 +865,6 @@ def _task_outcome(status: str) -> Outcome | None:
         "cancelled": Outcome.CANCELLED,
         "skipped": Outcome.CANCELLED,
     }.get(status)
-
-
-async def _append_atomically(
-    journal: Journal, items: Sequence[tuple[str, Sequence[Event], int | None]]
-) -> None:
-    """Append to several streams in one transaction (all or nothing)."""
-    append_many = getattr(journal, "append_many", None)
-    if append_many is not None:
-        await append_many(items)
-        return
-    for stream_id, events, expected in items:  # journals without multi-stream appends
-        await journal.append(stream_id, events, expected_version=expected)
 
 
 @asynccontextmanager

@@ -33,7 +33,7 @@ from actors import (
     open_inprocess_executor,
 )
 from actors.executors import AttemptReport, ReportSink, Work
-from persistence import AppendResult, Event, InMemoryJournal, Journal
+from persistence import AppendResult, Event, InMemoryJournal, Journal, StreamAppend
 from runtime import Clock, VirtualClock
 
 CPU4 = Resources.of(cores=4, memory="8GiB")
@@ -198,6 +198,7 @@ class CountingJournal(InMemoryJournal):
     def __init__(self, *, clock: Clock) -> None:
         super().__init__(clock=clock, codec=ENGINE_CODEC)
         self.appends: defaultdict[str, int] = defaultdict(int)
+        self.multi_appends: list[int] = []  # streams per append_many
 
     async def append(
         self,
@@ -212,6 +213,13 @@ class CountingJournal(InMemoryJournal):
         )
         self.appends[stream_id] += 1
         return result
+
+    async def append_many(
+        self, appends: Sequence[StreamAppend], *, correlation_id: str | None = None
+    ) -> list[AppendResult]:
+        results = await super().append_many(appends, correlation_id=correlation_id)
+        self.multi_appends.append(len(appends))
+        return results
 
 
 class OnNode:
