@@ -814,10 +814,7 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
         await self.after_commit(self.context.stop)  # passivate: the journal keeps the state
 
     def _scale_snapshots(self) -> None:
-        # A snapshot holds every task: with one every N events, a job of T tasks would write
-        # O(T^2 / N) bytes of snapshots.  Snapshotting every 4*T events keeps it O(events).
-        every = self.settings.snapshot_every
-        self.snapshot_every = max(every, 4 * len(self.state.tasks)) if every else 0
+        self.snapshot_every = self.settings.snapshot_interval(len(self.state.tasks))
 
     async def on_start(self) -> None:
         await super().on_start()

@@ -206,10 +206,17 @@ class SchedulerCore:
                 )
             seen.add(spec.job_id)
         self.graph.check_new(spec.graph_job() for spec in specs)
+        if not self._nodes:
+            return  # held, visibly, until a node that fits joins (see ``never_fits``)
+        checked: set[tuple[Resources, tuple[str, ...]]] = set()
         for spec in specs:
             for index in range(len(spec.tasks)):
+                key = (spec.task_resources(index), spec.task_requires(index))
+                if key in checked:
+                    continue  # a 10,000-task job has a handful of distinct requests
+                checked.add(key)
                 problem = self.never_fits(spec, index)
-                if problem is not None and self._nodes:
+                if problem is not None:
                     raise SpecError(
                         path=source or spec.source,
                         field=f"jobs.{spec.name}.resources",
@@ -230,12 +237,10 @@ class SchedulerCore:
         if not self._nodes:
             return "no node has joined the farm yet"
         requires = spec.task_requires(index)
-        able = [
-            n
+        if any(
+            fits(node_part, n.view.capacity) and n.view.satisfies(requires) is None
             for n in self._nodes.values()
-            if fits(node_part, n.view.capacity) and n.view.satisfies(requires) is None
-        ]
-        if able:
+        ):
             return None
         fitting = [n for n in self._nodes.values() if fits(node_part, n.view.capacity)]
         if fitting:

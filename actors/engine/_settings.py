@@ -25,3 +25,12 @@ class EngineSettings:
     # Farm-wide licence counters (``{"nuke": 10}``), enforced across every node; counters not
     # named here are node-local (an agent's ``--counter NAME=N``).
     counters: Mapping[str, int] = field(default_factory=dict)
+
+    def snapshot_interval(self, tasks: int) -> int:
+        """Return how many events a job of ``tasks`` tasks journals between snapshots (0: none).
+
+        A snapshot holds every task: with one every N events, a job of T tasks would write
+        O(T^2 / N) bytes of snapshots.  Snapshotting every 4*T events keeps it O(events).
+        """
+        every = self.snapshot_every
+        return max(every, 4 * tasks) if every else 0
