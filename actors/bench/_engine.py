@@ -667,7 +667,7 @@ def _bare_simulation(nodes: int, durations: list[int]) -> float:
 
 
 async def _figure_simulated_farm(ctx: BenchContext, rounds: int) -> list[Figure]:
-    tasks = 2_000 if ctx.quick else 20_000
+    tasks = 1_000 if ctx.quick else 20_000
     durations = _trace(tasks)
     figures = []
     for nodes in (50, 200, 500, 1000):
