@@ -20,6 +20,7 @@ from ._errors import (
     ReportLineError,
     ResourceError,
     SpecError,
+    TaskNotFoundError,
     UnknownDependencyError,
     UnknownFunctionError,
 )
@@ -110,6 +111,7 @@ from .engine import (
     parse_duration,
     parse_size,
     parse_spec,
+    read_spec_text,
     shape_key,
     shortfall,
 )
@@ -209,6 +211,7 @@ __all__ = [
     "TaskCompleted",
     "TaskFailed",
     "TaskMetricRecorded",
+    "TaskNotFoundError",
     "TaskPreempted",
     "TaskPreviewed",
     "TaskProgressed",
@@ -240,6 +243,7 @@ __all__ = [
     "parse_duration",
     "parse_size",
     "parse_spec",
+    "read_spec_text",
     "run_agent",
     "run_coordinator",
     "shape_key",

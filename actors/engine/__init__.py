@@ -43,6 +43,7 @@ from ._graph import (
     Outcome,
     TaskRef,
 )
+from ._limits import MAX_SPEC_BYTES
 from ._placement import NodeHealth, Placement, SchedulerCore
 from ._policy import (
     FarmView,
@@ -86,6 +87,7 @@ from ._spec import (
     load_spec,
     parse_duration,
     parse_spec,
+    read_spec_text,
 )
 from ._summaries import JobSummary, NodeSummary, TaskSummary
 
@@ -93,6 +95,7 @@ __all__ = [
     "DEFAULT_FIT_WEIGHTS",
     "DIMENSIONS",
     "ENGINE_CODEC",
+    "MAX_SPEC_BYTES",
     "Blocker",
     "Condition",
     "Dependency",
@@ -169,6 +172,7 @@ __all__ = [
     "parse_duration",
     "parse_size",
     "parse_spec",
+    "read_spec_text",
     "shape_key",
     "shortfall",
     "subtract",

@@ -16,6 +16,7 @@ from time import perf_counter
 
 from actors._errors import SpecError
 
+from ._fit import never_fits
 from ._graph import DependencyGraph, Outcome, TaskRef
 from ._policy import FarmView, JobView, NodeView, Policy, RunningView, TaskView
 from ._resources import Resources, add, fits, shortfall, subtract
@@ -553,9 +554,10 @@ class SchedulerCore:
         )
 
     def _placement_failure(self, job: _Job, request: Resources, now: datetime) -> str:
+        unfit = never_fits(request, {n.name: n.capacity for n in self._nodes.values()})
+        if unfit is not None:
+            return unfit
         online = [n for n in self._nodes.values() if n.health == "online"]
-        if not self._nodes:
-            return "no node has joined the farm yet"
         if not online:
             return "no node is online"
         able = [n for n in online if fits(request, n.capacity)]
