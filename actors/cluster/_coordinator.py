@@ -59,6 +59,7 @@ from ._protocol import (
     CancelAttempt,
     CancelJobRequest,
     ClientRequest,
+    CoordinatorInbound,
     ErrorReply,
     Heartbeat,
     JobsReply,
@@ -83,6 +84,9 @@ __all__ = ["WIRE_CODEC", "Coordinator", "CoordinatorConfig", "open_coordinator",
 _log = get_logger("actors.coordinator")
 
 WIRE_CODEC: FrameCodec[WireMessage] = FrameCodec(WireMessage)
+# The coordinator's own end decodes only what a peer may send it: a reply type sent by a
+# client is refused by its tag, before its body (maybe a million summaries) is built.
+_INBOUND_CODEC: FrameCodec[WireMessage] = FrameCodec(CoordinatorInbound)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -448,7 +452,7 @@ async def open_coordinator(
             coordinator._task_group = task_group
             async with open_server(
                 handler=coordinator._handle,
-                codec=WIRE_CODEC,
+                codec=_INBOUND_CODEC,
                 token=config.token,
                 host=config.host,
                 port=config.port,
