@@ -95,6 +95,7 @@ class CoordinatorConfig:
     """Everything ``taskfarm serve`` takes."""
 
     journal: Path
+    init_journal: bool = False  # initialise an existing empty journal file (`serve --init`)
     token: bytes
     host: str = "127.0.0.1"
     port: int = 7717
@@ -463,7 +464,11 @@ async def open_coordinator(
     settings = config.settings
     async with (
         open_sqlite_journal(
-            config.journal, clock=clock, codec=ENGINE_CODEC, synchronous=config.synchronous
+            config.journal,
+            clock=clock,
+            codec=ENGINE_CODEC,
+            synchronous=config.synchronous,
+            create="if_missing_or_empty" if config.init_journal else "if_missing",
         ) as journal,
         open_engine(journal=journal, clock=clock, policy=policy, settings=settings) as engine,
     ):
