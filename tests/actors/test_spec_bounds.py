@@ -111,10 +111,7 @@ REFUSED: dict[str, tuple[str, str, tuple[str, ...]]] = {
         ("more than the maximum of 1,000,000",),
     ),
     "counters": (
-        JOB
-        + "resources = { counters = { "
-        + ", ".join(f"c{i} = 1" for i in range(65))
-        + " } }\n",
+        JOB + "resources = { counters = { " + ", ".join(f"c{i} = 1" for i in range(65)) + " } }\n",
         "jobs[0].resources.counters",
         ("more than the maximum of 64 entries",),
     ),
@@ -244,7 +241,11 @@ REFUSED: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "jobs[0].tasks[0].command[1]",
         ("format width 200000",),
     ),
-    "nested-deeply": (JOB + "metadata = { a = " + "[" * DEEP + "]" * DEEP + " }\n", "", ("nested",)),
+    "nested-deeply": (
+        JOB + "metadata = { a = " + "[" * DEEP + "]" * DEEP + " }\n",
+        "",
+        ("nested",),
+    ),
     "nested-33-levels": (JOB + "metadata = { a = " + "[" * 33 + "]" * 33 + " }\n", "", ("32",)),
     "integer-of-5000-digits": (
         JOB + "metadata = { a = 1" + "0" * 5000 + " }\n",
@@ -283,7 +284,7 @@ def test_a_spec_at_the_maxima_is_accepted() -> None:
         'retries = { max_attempts = 1000, backoff = "30d", max_backoff = "30d", '
         "backoff_factor = 100 }\n"
         'timeouts = { max_runtime = "366d", stall = "30d" }\n'
-        'labels = [' + ", ".join(f'"l{i}"' for i in range(64)) + "]\n"
+        "labels = [" + ", ".join(f'"l{i}"' for i in range(64)) + "]\n"
     )
     # One frame per chunk would make a frame sequence of 1000 x 60 KB: use chunk = 1 here.
     text = text.replace("chunk = 1000", "chunk = 1")
@@ -322,7 +323,9 @@ def test_a_backoff_never_exceeds_the_maximum_whatever_the_policy_holds() -> None
         (b'[[jobs]]\nname = "caf\xe9"\n', ("not UTF-8 text", "offset 20", "line 2")),
     ],
 )
-def test_a_file_that_is_not_utf8_is_named(tmp_path: Path, content: bytes, words: tuple[str]) -> None:
+def test_a_file_that_is_not_utf8_is_named(
+    tmp_path: Path, content: bytes, words: tuple[str]
+) -> None:
     """A spec file that is not UTF-8 is refused in one line naming the file and the byte."""
     path = tmp_path / "latin1.toml"
     path.write_bytes(content)
@@ -364,7 +367,7 @@ def test_a_deep_json_spec_is_refused_in_one_line() -> None:
 def test_an_unknown_field_of_any_length_stays_one_short_line() -> None:
     """An unknown field named by a 100,000-character key is shown cut short."""
     with pytest.raises(SpecError) as caught:
-        parse_spec(JOB + f'{"k" * 100_000} = 1\n', fmt="toml", source=SOURCE)
+        parse_spec(JOB + f"{'k' * 100_000} = 1\n", fmt="toml", source=SOURCE)
     assert len(str(caught.value)) < 400
 
 
