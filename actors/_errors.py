@@ -14,6 +14,7 @@ __all__ = [
     "ReportLineError",
     "ResourceError",
     "SpecError",
+    "TaskNotFoundError",
     "UnknownDependencyError",
     "UnknownFunctionError",
 ]
@@ -82,6 +83,17 @@ class JobNotFoundError(TaskfarmError):
     def __init__(self, job_id: str) -> None:
         self.job_id = job_id
         super().__init__(f"no job {job_id!r} in this farm")
+
+
+class TaskNotFoundError(TaskfarmError):
+    """Raised when a command names a task, or an attempt of a task, that a job does not have;
+    ``job_id``, ``task`` and ``attempt`` (None when the task itself is missing) say which."""
+
+    def __init__(self, message: str, *, job_id: str, task: int, attempt: int | None = None) -> None:
+        self.job_id = job_id
+        self.task = task
+        self.attempt = attempt
+        super().__init__(message)
 
 
 class AttemptSpecError(TaskfarmError, ValueError):

@@ -24,6 +24,7 @@ from ._wire_errors import (
     FrameDecodeError,
     FrameTooLargeError,
     FrameValidationError,
+    ProtocolError,
     TruncatedFrameError,
 )
 
@@ -231,6 +232,9 @@ class _FrameStream:
                 (size,) = _HEADER.unpack(header)
                 if size > limit:
                     self._receive_failure = ("an earlier frame was too large to read", False)
+                    foreign = foreign_protocol(header)
+                    if foreign is not None:
+                        raise ProtocolError(self.peer, reason=f"not a taskfarm peer: {foreign}")
                     raise FrameTooLargeError(self.peer, size=size, limit=limit)
                 self._pending_size = size
             size = self._pending_size
@@ -385,6 +389,28 @@ def peer_of(stream: AnyByteStream) -> str:
         host, port = str(address[0]), address[1]
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     return "unknown" if address is None else str(address)
+
+
+# What other protocols send first: their opening bytes, read as a length, are a frame of
+# hundreds of megabytes.  Saying which protocol it looks like tells the operator what is wrong.
+_FOREIGN_PREFIXES = (
+    (
+        (b"GET ", b"POST", b"PUT ", b"HEAD", b"DELE", b"OPTI", b"PATC", b"CONN", b"TRAC", b"HTTP"),
+        "looks like HTTP",
+    ),
+    ((b"PRI ",), "looks like HTTP/2"),
+    ((b"SSH-",), "looks like SSH"),
+    ((b"\x16\x03",), "looks like a TLS handshake (this endpoint does not use TLS)"),
+)
+
+
+def foreign_protocol(header: bytes) -> str | None:
+    """Return which protocol a frame header's 4 bytes look like (``"looks like HTTP"``), or
+    None when they are no protocol's opening that this module knows."""
+    for prefixes, what in _FOREIGN_PREFIXES:
+        if header.startswith(prefixes):
+            return what
+    return None
 
 
 def _describe(error: BaseException) -> str:

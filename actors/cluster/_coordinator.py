@@ -28,6 +28,7 @@ import anyio
 import msgspec
 from anyio.abc import TaskStatus
 
+from actors._errors import TaskNotFoundError
 from actors.engine import (
     ENGINE_CODEC,
     Engine,
@@ -39,7 +40,7 @@ from actors.engine import (
     open_engine,
 )
 from actors.executors import AttemptReport
-from persistence import open_sqlite_journal
+from persistence import JournalError, JournalFileError, open_sqlite_journal
 from runtime import (
     Clock,
     Connection,
@@ -59,6 +60,7 @@ from ._protocol import (
     CancelAttempt,
     CancelJobRequest,
     ClientRequest,
+    CoordinatorInbound,
     ErrorReply,
     Heartbeat,
     JobsReply,
@@ -83,6 +85,9 @@ __all__ = ["WIRE_CODEC", "Coordinator", "CoordinatorConfig", "open_coordinator",
 _log = get_logger("actors.coordinator")
 
 WIRE_CODEC: FrameCodec[WireMessage] = FrameCodec(WireMessage)
+# The coordinator's own end decodes only what a peer may send it: a reply type sent by a
+# client is refused by its tag, before its body (maybe a million summaries) is built.
+_INBOUND_CODEC: FrameCodec[WireMessage] = FrameCodec(CoordinatorInbound)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -243,7 +248,12 @@ class Coordinator:
         # Marked before the request is queued: a reconnect from now on restores "online", and
         # its request reaches the scheduler after this one.
         self._suspended.add(name)
-        await self.engine.set_node_reachable(name, "unreachable")
+        try:
+            await self.engine.set_node_reachable(name, "unreachable")
+        except TaskfarmError as error:
+            # The engine is stopping (a shutdown closes every agent connection at once): there
+            # is nothing left to hold back, and the next start recovers from the journal.
+            _log.info("node_suspend_skipped", node_id=name, reason=str(error))
 
     async def _abandon(
         self, name: str, executor: RemoteExecutor, gone: frozenset[tuple[str, str, int]]
@@ -304,14 +314,27 @@ class Coordinator:
     async def _logs(self, job_id: str, task: int | None, attempt: int | None) -> str:
         (summary,) = await self.engine.status(job_id, tasks=True)
         tasks = [t for t in summary.tasks if task is None or t.index == task]
-        if not tasks:
-            return f"job {job_id} has no task {task}"
+        if task is not None and not tasks:
+            raise TaskNotFoundError(
+                f"job {job_id} has no task {task} (it has {len(summary.tasks)}, numbered from 0)",
+                job_id=job_id,
+                task=task,
+            )
         parts = []
         for info in tasks:
+            number = attempt or info.attempt
+            if task is not None and attempt is not None and not 1 <= attempt <= info.attempt:
+                # The one attempt asked for does not exist: an error, not an empty answer.
+                ran = f"attempts 1-{info.attempt}" if info.attempt else "no attempt has run yet"
+                raise TaskNotFoundError(
+                    f"task {task} of job {job_id} has no attempt {attempt} ({ran})",
+                    job_id=job_id,
+                    task=task,
+                    attempt=attempt,
+                )
             if not info.attempt or info.node is None:
                 parts.append(f"== task {info.index}: no attempt has run yet")
                 continue
-            number = attempt or info.attempt
             if not 1 <= number <= info.attempt:
                 parts.append(f"== task {info.index}: no attempt {number} (latest {info.attempt})")
                 continue
@@ -446,7 +469,7 @@ async def open_coordinator(
             coordinator._task_group = task_group
             async with open_server(
                 handler=coordinator._handle,
-                codec=WIRE_CODEC,
+                codec=_INBOUND_CODEC,
                 token=config.token,
                 host=config.host,
                 port=config.port,
@@ -472,10 +495,47 @@ async def run_coordinator(
     policy: Policy | None = None,
     task_status: TaskStatus[Coordinator] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run a coordinator until cancelled."""
-    async with open_coordinator(config, clock=clock, policy=policy) as coordinator:
-        task_status.started(coordinator)
-        await anyio.sleep_forever()
+    """Run a coordinator until cancelled.
+
+    A failure to start is raised as the one error that caused it, out of the task groups it
+    crossed; a journal error names the journal file.
+
+    Raises:
+        JournalFileError: the journal cannot be opened or recovered.
+        TaskfarmError: the coordinator cannot start (its address is taken, ...).
+    """
+    started = False
+    try:
+        async with open_coordinator(config, clock=clock, policy=policy) as coordinator:
+            started = True
+            task_status.started(coordinator)
+            await anyio.sleep_forever()
+    except Exception as error:
+        cause = None if started else _startup_failure(error, config.journal)
+        if cause is None:
+            raise
+        raise cause from error
+
+
+def _startup_failure(error: Exception, journal: Path) -> TaskfarmError | None:
+    """Return the taskfarm error that stopped a coordinator from starting, None if another
+    failure (a bug) is involved: that one keeps its traceback."""
+    leaves: list[BaseException] = [error]
+    while any(isinstance(leaf, BaseExceptionGroup) for leaf in leaves):
+        leaves = [
+            inner
+            for leaf in leaves
+            for inner in (leaf.exceptions if isinstance(leaf, BaseExceptionGroup) else (leaf,))
+        ]
+    failures = [leaf for leaf in leaves if isinstance(leaf, Exception)]
+    if not failures or not all(isinstance(leaf, TaskfarmError) for leaf in failures):
+        return None
+    first = failures[0]
+    assert isinstance(first, TaskfarmError)
+    if isinstance(first, JournalError) and not isinstance(first, JournalFileError):
+        # An event that cannot be decoded, a stream that cannot be rebuilt: say which file.
+        return JournalFileError(path=journal, problem=str(first))
+    return first
 
 
 def summaries_json(nodes: list[NodeSummary]) -> Any:

@@ -52,6 +52,7 @@ from ._graph import (
     Outcome,
     TaskRef,
 )
+from ._limits import MAX_SPEC_BYTES
 from ._placement import NodeHealth, Placement, SchedulerCore
 from ._policy import (
     Failure,
@@ -107,6 +108,7 @@ from ._spec import (
     load_spec,
     parse_duration,
     parse_spec,
+    read_spec_text,
 )
 from ._summaries import JobSummary, NodeSummary, TaskSummary
 
@@ -114,6 +116,7 @@ __all__ = [
     "DEFAULT_FIT_WEIGHTS",
     "DIMENSIONS",
     "ENGINE_CODEC",
+    "MAX_SPEC_BYTES",
     "Blocker",
     "Condition",
     "Dependency",
@@ -211,6 +214,7 @@ __all__ = [
     "parse_labels",
     "parse_size",
     "parse_spec",
+    "read_spec_text",
     "shape_key",
     "shortfall",
     "subtract",

@@ -32,6 +32,7 @@ from actors._errors import SpecError
 from runtime import get_logger
 
 from ._events import JobState
+from ._fit import never_fits
 from ._graph import DependencyGraph, Outcome, TaskRef
 from ._policy import (
     Failure,
@@ -220,7 +221,7 @@ class SchedulerCore:
                     raise SpecError(
                         path=source or spec.source,
                         field=f"jobs.{spec.name}.resources",
-                        problem=f"no node could ever fit task {spec.tasks[index].name}: {problem}",
+                        problem=f"task {spec.tasks[index].name}: {problem}",
                     )
 
     def never_fits(self, spec: SubmitJob, index: int) -> str | None:
@@ -234,8 +235,6 @@ class SchedulerCore:
             limit = self.pool.limits.get(name, 0)
             if count > limit:
                 return f"it needs {count} {name} licence(s); the farm has {limit}"
-        if not self._nodes:
-            return "no node has joined the farm yet"
         requires = spec.task_requires(index)
         if any(
             fits(node_part, n.view.capacity) and n.view.satisfies(requires) is None
@@ -245,9 +244,7 @@ class SchedulerCore:
         fitting = [n for n in self._nodes.values() if fits(node_part, n.view.capacity)]
         if fitting:
             return f"no node has {_missing_labels(fitting, requires)}"
-        biggest = max(self._nodes.values(), key=lambda n: _size(n.view.capacity))
-        lacks = "; ".join(str(s) for s in shortfall(node_part, biggest.view.capacity))
-        return f"largest node {biggest.view.name} lacks {lacks}"
+        return never_fits(node_part, {n.view.name: n.view.capacity for n in self._nodes.values()})
 
     def add_job(
         self,
@@ -1093,7 +1090,7 @@ class SchedulerCore:
             return "waiting for farm-wide licence " + ", ".join(short)
         never = self.never_fits(job.view.spec, index)
         if never is not None:
-            return f"no node of the farm could ever run it: {never}"
+            return never
         accepting = [n for n in self._nodes.values() if n.view.accepts_work]
         if not accepting:
             states = sorted({_display_health(n.view) for n in self._nodes.values()})
