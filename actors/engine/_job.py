@@ -175,8 +175,8 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
             case Dispatch(placements=placements):
                 await self._dispatch(placements)
                 return None
-            case ReportAttempt(report=report):
-                return await self._on_report(report)
+            case ReportAttempt(report=report, node=node):
+                return await self._on_report(report, node)
             case AttemptLost(task=task, node=node, reason=reason):
                 current = self.state.tasks[task]
                 if current.node == node:
@@ -308,11 +308,12 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
             if ref is None:
                 await self._lost(task_index, token, f"node {node} left before dispatch")
                 continue
-            await ref.tell(
-                StartAttempt(
-                    spec=self._attempt_spec(task_index, attempt, token), job=self.context.self_ref
-                )
+            # After the commit: inside a batch the assignment is only staged, and an attempt
+            # must never run (or report) before its assignment is durable.
+            start = StartAttempt(
+                spec=self._attempt_spec(task_index, attempt, token), job=self.context.self_ref
             )
+            await self._after(ref, start)
 
     def _attempt_spec(self, index: int, attempt: int, token: int) -> AttemptSpec:
         spec = self.state.job
@@ -351,14 +352,20 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
 
     # -- reports --------------------------------------------------------------------------------
 
-    async def _on_report(self, report: Any) -> bool:
+    async def _on_report(self, report: Any, node: str | None = None) -> bool:
+        """Journal a report of the task's current attempt; refuse a stale one (wrong token,
+        ended, or sent through another node than the one it was assigned to)."""
         state = self.state
         index = _task_index(report.task_id, len(state.tasks))
         if index is None:
             return False
         task = state.tasks[index]
         token = report.fencing_token
-        if task.token != token or task.status not in ("assigned", "running"):
+        if (
+            task.token != token
+            or task.status not in ("assigned", "running")
+            or (node is not None and task.node is not None and node != task.node)
+        ):
             _log.info(
                 "stale_report_rejected",
                 job_id=self.job_id,
