@@ -11,8 +11,10 @@ executors -> engine -> cluster -> cli / bench.
 """
 
 from ._errors import (
+    AccessDeniedError,
     AgentUnavailableError,
     AttemptSpecError,
+    CredentialError,
     DependencyCycleError,
     DependencyError,
     ExecutorError,
@@ -134,6 +136,7 @@ from .executors import (
 __all__ = [
     "DIMENSIONS",
     "ENGINE_CODEC",
+    "AccessDeniedError",
     "AgentConfig",
     "AgentHandle",
     "AgentUnavailableError",
@@ -152,6 +155,7 @@ __all__ = [
     "Condition",
     "Coordinator",
     "CoordinatorConfig",
+    "CredentialError",
     "Dependency",
     "DependencyCycleError",
     "DependencyError",

@@ -52,6 +52,13 @@ from runtime import (
     tune_gc_for_many_objects,
 )
 
+from ._security import (
+    add_client_credential_argument,
+    add_serve_security_arguments,
+    client_secret,
+    serve_security,
+)
+
 __all__ = [
     "configure_cancel",
     "configure_logs",
@@ -133,6 +140,7 @@ def configure_serve(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-ca", help="CA that signs agent/client certificates (mutual TLS)")
     parser.add_argument("--tls-cert", help="the coordinator's certificate")
     parser.add_argument("--tls-key", help="the key of --tls-cert")
+    add_serve_security_arguments(parser)
     parser.set_defaults(handler=_serve)
 
 
@@ -143,10 +151,13 @@ async def _serve(args: argparse.Namespace) -> int:
         raise ConfigurationError("must be >= 0", where="--local-agents")
     if args.heartbeat_timeout <= 0:
         raise ConfigurationError("must be > 0", where="--heartbeat-timeout")
-    token_file, token = ensure_token_file(args.token_file)
+    join_token, join_client_role, client_idle = serve_security(args)
+    token_file, token = ensure_token_file(args.token_file) if join_token else (None, None)
     config = CoordinatorConfig(
         journal=Path(args.journal),
         token=token,
+        join_client_role=join_client_role,
+        client_idle_timeout=client_idle,
         host=host,
         port=port,
         tls=_tls(args, server=True),
@@ -162,7 +173,7 @@ async def _serve(args: argparse.Namespace) -> int:
         coordinator = await tg.start(run_coordinator, config)
         print(
             f"taskfarm coordinator on {host}:{coordinator.port}, journal {config.journal}, "
-            f"token {token_file}",
+            f"token {token_file or 'off'}",
             flush=True,
         )
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -187,6 +198,7 @@ def _add_client_arguments(parser: argparse.ArgumentParser) -> None:
         default=os.environ.get("TASKFARM_TOKEN_FILE", DEFAULT_TOKEN_FILE),
         help="the shared secret (default: $TASKFARM_TOKEN_FILE or ./taskfarm.token)",
     )
+    add_client_credential_argument(parser)
     parser.add_argument("--tls-ca", help="CA certificate to verify the coordinator")
     parser.add_argument("--tls-cert", help="this client's certificate (mutual TLS)")
     parser.add_argument("--tls-key", help="the key of --tls-cert")
@@ -195,12 +207,13 @@ def _add_client_arguments(parser: argparse.ArgumentParser) -> None:
 @asynccontextmanager
 async def _client(args: argparse.Namespace) -> AsyncIterator[Connection[WireMessage]]:
     host, port = parse_address(args.connect, where="--connect")
-    token = load_token(args.token_file)
+    token, credential = client_secret(args)
     async with open_connection(
         host,
         port,
         codec=WIRE_CODEC,
         token=token,
+        credential=credential,
         name="cli",
         role="client",
         tls=_tls(args, server=False),

@@ -1,13 +1,35 @@
 """The cluster: the coordinator, the node agent (its outbox and host probe), the remote
 executor and the wire protocol."""
 
-from ._agent import AgentConfig, AgentHandle, AgentStatistics, run_agent
+from ._access import ACCESS, Rule, decide
+from ._agent import AgentConfig, AgentHandle, AgentStatistics, load_agent_secret, run_agent
 from ._coordinator import (
+    COORDINATOR_CODEC,
     WIRE_CODEC,
     Coordinator,
     CoordinatorConfig,
+    lock_journal,
     open_coordinator,
     run_coordinator,
+)
+from ._credentials import (
+    AUTH_CODEC,
+    AUTH_STREAM,
+    ROLES,
+    CredentialInfo,
+    CredentialIssued,
+    CredentialRecord,
+    CredentialRevoked,
+    CredentialsAggregate,
+    CredentialsReply,
+    CredentialStore,
+    CredentialTable,
+    IssueCredentialRequest,
+    IssuedCredentialReply,
+    ListCredentialsRequest,
+    RevokeCredentialRequest,
+    Role,
+    role_rank,
 )
 from ._outbox import (
     OUTBOX_CODEC,
@@ -50,7 +72,12 @@ from ._protocol import (
 from ._remote import OrphanReportSink, RemoteAttempt, RemoteExecutor, open_remote_executor
 
 __all__ = [
+    "ACCESS",
+    "AUTH_CODEC",
+    "AUTH_STREAM",
+    "COORDINATOR_CODEC",
     "OUTBOX_CODEC",
+    "ROLES",
     "WIRE_CODEC",
     "AgentConfig",
     "AgentHandle",
@@ -65,9 +92,20 @@ __all__ = [
     "Coordinator",
     "CoordinatorConfig",
     "CoordinatorToAgent",
+    "CredentialInfo",
+    "CredentialIssued",
+    "CredentialRecord",
+    "CredentialRevoked",
+    "CredentialStore",
+    "CredentialTable",
+    "CredentialsAggregate",
+    "CredentialsReply",
     "ErrorReply",
     "Heartbeat",
+    "IssueCredentialRequest",
+    "IssuedCredentialReply",
     "JobsReply",
+    "ListCredentialsRequest",
     "ListNodesRequest",
     "LogChunk",
     "LogsRequest",
@@ -83,6 +121,9 @@ __all__ = [
     "Reply",
     "Report",
     "ReportAck",
+    "RevokeCredentialRequest",
+    "Role",
+    "Rule",
     "RunAttempt",
     "StatusRequest",
     "SubmitRequest",
@@ -93,10 +134,14 @@ __all__ = [
     "WireMessage",
     "attempt_key",
     "check_label",
+    "decide",
     "default_name",
     "detect_resources",
+    "load_agent_secret",
+    "lock_journal",
     "open_coordinator",
     "open_remote_executor",
+    "role_rank",
     "run_agent",
     "run_coordinator",
 ]

@@ -25,6 +25,14 @@ from actors.engine import JobSummary, NodeSummary, Resources
 from actors.executors import AttemptReport, AttemptSpec, RunningAttempt
 from runtime import Message
 
+from ._credentials import (
+    CredentialsReply,
+    IssueCredentialRequest,
+    IssuedCredentialReply,
+    ListCredentialsRequest,
+    RevokeCredentialRequest,
+)
+
 __all__ = [
     "AgentHello",
     "AgentToCoordinator",
@@ -221,9 +229,25 @@ class ErrorReply(Message, frozen=True, kw_only=True, tag="coordinator.error"):
 
 
 ClientRequest = (
-    SubmitRequest | StatusRequest | CancelJobRequest | ListNodesRequest | WhyRequest | LogsRequest
+    SubmitRequest
+    | StatusRequest
+    | CancelJobRequest
+    | ListNodesRequest
+    | WhyRequest
+    | LogsRequest
+    | IssueCredentialRequest
+    | RevokeCredentialRequest
+    | ListCredentialsRequest
 )
-Reply = SubmittedReply | JobsReply | NodesReply | TextReply | ErrorReply
+Reply = (
+    SubmittedReply
+    | JobsReply
+    | NodesReply
+    | TextReply
+    | ErrorReply
+    | IssuedCredentialReply
+    | CredentialsReply
+)
 
 WireMessage = AgentToCoordinator | CoordinatorToAgent | ClientRequest | Reply
 """Everything that crosses a coordinator connection (the role from the handshake decides which

@@ -35,6 +35,7 @@ class JobSummary(msgspec.Struct, frozen=True, kw_only=True):
     progress: float = 0.0
     reason: str | None = None
     tasks: tuple[TaskSummary, ...] = ()
+    owner: str | None = None  # who submitted it (None: unknown, or the join token)
 
 
 class NodeSummary(msgspec.Struct, frozen=True, kw_only=True):
