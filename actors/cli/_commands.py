@@ -118,6 +118,12 @@ def _tls(args: argparse.Namespace, *, server: bool) -> TLSConfig | None:
 def configure_serve(parser: argparse.ArgumentParser) -> None:
     """Add ``serve``'s arguments."""
     parser.add_argument("--journal", default="taskfarm.db", help="the SQLite journal (created)")
+    parser.add_argument(
+        "--init",
+        action="store_true",
+        help="initialise --journal if it exists but is empty (zero bytes); without it an "
+        "empty file is refused",
+    )
     parser.add_argument("--listen", default=DEFAULT_ADDRESS, metavar="HOST:PORT")
     parser.add_argument(
         "--token-file",
@@ -155,6 +161,7 @@ async def _serve(args: argparse.Namespace) -> int:
     token_file, token = ensure_token_file(args.token_file) if join_token else (None, None)
     config = CoordinatorConfig(
         journal=Path(args.journal),
+        init_journal=args.init,
         token=token,
         join_client_role=join_client_role,
         client_idle_timeout=client_idle,

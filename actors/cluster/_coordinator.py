@@ -136,6 +136,7 @@ class CoordinatorConfig:
     """
 
     journal: Path
+    init_journal: bool = False  # initialise an existing empty journal file (`serve --init`)
     token: bytes | None
     join_client_role: Role | None = "admin"
     client_idle_timeout: float = 60.0
@@ -839,7 +840,11 @@ async def _open_coordinator(
     settings = config.settings
     async with (
         open_sqlite_journal(
-            config.journal, clock=clock, codec=COORDINATOR_CODEC, synchronous=config.synchronous
+            config.journal,
+            clock=clock,
+            codec=COORDINATOR_CODEC,
+            synchronous=config.synchronous,
+            create="if_missing_or_empty" if config.init_journal else "if_missing",
         ) as journal,
         open_engine(journal=journal, clock=clock, policy=policy, settings=settings) as engine,
     ):
