@@ -195,10 +195,10 @@ async def _offline(path: str) -> AsyncIterator[CredentialStore]:
     if not await anyio.Path(path).is_file():
         raise ConfigurationError("no such journal file", where=path)
     clock = SystemClock()
-    with lock_journal(
-        Path(path), hint="stop the coordinator, or run the command without --journal"
-    ):
-        async with open_sqlite_journal(Path(path), clock=clock, codec=COORDINATOR_CODEC) as journal:
+    async with open_sqlite_journal(Path(path), clock=clock, codec=COORDINATOR_CODEC) as journal:
+        with lock_journal(
+            Path(path), hint="stop the coordinator, or run the command without --journal"
+        ):
             store = CredentialStore(journal, clock, join_token=None)
             await store.load()
             yield store

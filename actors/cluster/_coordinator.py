@@ -817,6 +817,12 @@ def lock_journal(journal: Path, *, hint: str = "") -> Iterator[None]:
 
 
 @asynccontextmanager
+async def _locked(journal: Path) -> AsyncIterator[None]:
+    with lock_journal(journal):
+        yield
+
+
+@asynccontextmanager
 async def open_coordinator(
     config: CoordinatorConfig, *, clock: Clock | None = None, policy: Policy | None = None
 ) -> AsyncIterator[Coordinator]:
@@ -828,9 +834,8 @@ async def open_coordinator(
     """
     clock = clock or SystemClock()
     config.work_dir.mkdir(parents=True, exist_ok=True)
-    with lock_journal(config.journal):
-        async with _open_coordinator(config, clock=clock, policy=policy) as coordinator:
-            yield coordinator
+    async with _open_coordinator(config, clock=clock, policy=policy) as coordinator:
+        yield coordinator
 
 
 @asynccontextmanager
@@ -846,6 +851,9 @@ async def _open_coordinator(
             synchronous=config.synchronous,
             create="if_missing_or_empty" if config.init_journal else "if_missing",
         ) as journal,
+        # Locked once the journal is known to be usable (so its own errors come first), and
+        # before anything reads it to recover.
+        _locked(config.journal),
         open_engine(journal=journal, clock=clock, policy=policy, settings=settings) as engine,
     ):
         coordinator = Coordinator(config=config, engine=engine, clock=clock)
