@@ -29,11 +29,12 @@ from actors.cluster import (
     IssuedCredentialReply,
     ListCredentialsRequest,
     RevokeCredentialRequest,
+    Role,
     TextReply,
     lock_journal,
 )
 from persistence import open_sqlite_journal
-from runtime import ConfigurationError, SystemClock, write_private_file
+from runtime import ConfigurationError, Credential, SystemClock, write_private_file
 
 from ._commands import _add_client_arguments, _client, request
 
@@ -90,23 +91,25 @@ def _add_target_arguments(parser: argparse.ArgumentParser) -> None:
     _add_client_arguments(parser)
 
 
-def _issue_request(args: argparse.Namespace) -> IssueCredentialRequest:
+def _credential_to_issue(args: argparse.Namespace) -> tuple[Credential, Role | None]:
+    """Generate the credential ``issue`` asks for (here: its secret never leaves this host)."""
+    role: Role | None = None
+    for candidate in ROLES:
+        if candidate == args.role:
+            role = candidate
     if args.node is not None:
-        if args.role is not None:
+        if role is not None:
             raise ConfigurationError("a node credential has no role", where="--role")
         kind, name = "node", args.node
     else:
-        if args.role is None:
+        if role is None:
             raise ConfigurationError(
                 f"a client credential needs a role: one of {', '.join(ROLES)}", where="--role"
             )
         kind, name = "client", args.client
     try:
-        return msgspec.convert(
-            {"kind": kind, "name": name, "role": args.role, "replace": args.replace},
-            IssueCredentialRequest,
-        )
-    except msgspec.ValidationError:
+        return Credential.generate(kind=kind, name=name), role
+    except ConfigurationError:
         raise ConfigurationError(
             f"{name!r} is not a valid name (1-200 of letters, digits and _.@:-)",
             where=f"--{kind}",
@@ -114,29 +117,29 @@ def _issue_request(args: argparse.Namespace) -> IssueCredentialRequest:
 
 
 async def _issue(args: argparse.Namespace) -> int:
-    message = _issue_request(args)
+    credential, role = _credential_to_issue(args)
     if args.out is not None and await anyio.Path(args.out).exists():
         raise ConfigurationError("file already exists", where=args.out)
     if args.journal is not None:
         async with _offline(args.journal) as store:
-            credential = await store.issue(
-                kind=message.kind,
-                name=message.name,
-                role=message.role,
+            await store.register(
+                kind=credential.kind,
+                name=credential.name,
+                role=role,
+                verifier=credential.verifier(),
                 by=_offline_by(),
-                replace=message.replace,
+                replace=args.replace,
             )
-        text = credential.text()
     else:
+        message = IssueCredentialRequest.of(credential, role=role, replace=args.replace)
         async with _client(args) as connection:
             reply = await request(connection, message)
         assert isinstance(reply, IssuedCredentialReply)
-        text = reply.credential
     if args.out is not None:
-        write_private_file(args.out, text)
-        print(f"wrote the {message.kind} credential of {message.name} to {args.out}")
+        write_private_file(args.out, credential.text())
+        print(f"wrote the {credential.kind} credential of {credential.name} to {args.out}")
     else:
-        print(text)
+        print(credential.text())
     return 0
 
 

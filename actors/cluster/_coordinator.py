@@ -491,12 +491,15 @@ class Coordinator:
             case LogsRequest(job_id=job_id, task=task, attempt=attempt):
                 return TextReply(text=await self._logs(job_id, task, attempt))
             case IssueCredentialRequest(kind=kind, name=name, role=role, replace=replace):
-                credential = await self.credentials.issue(
-                    kind=kind, name=name, role=role, by=by, replace=replace
+                record = await self.credentials.register(
+                    kind=kind,
+                    name=name,
+                    role=role,
+                    verifier=request.verifier(),
+                    by=by,
+                    replace=replace,
                 )
-                record = self.credentials.bound(name)
-                assert record is not None
-                return IssuedCredentialReply(credential=credential.text(), info=record.info())
+                return IssuedCredentialReply(info=record.info())
             case RevokeCredentialRequest(name=name):
                 revoked = await self.credentials.revoke(name, by=by)
                 return TextReply(text=f"revoked the {revoked.kind} credential of {name}")

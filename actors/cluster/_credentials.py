@@ -3,10 +3,11 @@
 Design notes:
 
 - **A credential belongs to one principal**, a node or a client, by name: names form one
-  namespace.  ``taskfarm token issue`` creates it (a fresh 256-bit secret, shown once) and the
-  coordinator journals only its *verifier* (SCRAM's salt, stored key and server key; see
-  ``runtime``'s wire authentication), never the secret: reading the journal does not let
-  anyone log in as the principal.
+  namespace.  ``taskfarm token issue`` creates it where it runs (a fresh 256-bit secret,
+  shown once) and sends the coordinator only its *verifier* (SCRAM's salt, stored key and
+  server key; see ``runtime``'s wire authentication), which the coordinator journals: the
+  secret never crosses the network, and reading the journal does not let anyone log in as
+  the principal.
 - **Credentials are journaled facts** in their own stream, ``auth:credentials``
   (:class:`CredentialIssued`, :class:`CredentialRevoked`), decoded by :data:`AUTH_CODEC`
   (registered under the ``taskfarm.events`` entry point, so ``replay`` and ``journal
@@ -196,13 +197,45 @@ class _Request(Message, frozen=True, kw_only=True, forbid_unknown_fields=True):
 
 
 class IssueCredentialRequest(_Request, frozen=True, kw_only=True, tag="client.token_issue"):
-    """Issue a credential to a node, or to a client with a role (``replace``: a new secret
-    for a name that has one)."""
+    """Register a credential for a node, or for a client with a role (``replace``: a new
+    secret for a name that has one).
+
+    The client generates the secret and sends only its verifier, so the secret never crosses
+    the network, not even to the coordinator.
+    """
 
     kind: Kind
     name: Name
     role: Role | None = None
     replace: bool = False
+    salt: Annotated[bytes, msgspec.Meta(min_length=16, max_length=64)]
+    stored_key: Annotated[bytes, msgspec.Meta(min_length=32, max_length=32)]
+    server_key: Annotated[bytes, msgspec.Meta(min_length=32, max_length=32)]
+
+    @classmethod
+    def of(
+        cls, credential: Credential, *, role: Role | None = None, replace: bool = False
+    ) -> IssueCredentialRequest:
+        """Return the request that registers ``credential`` (a fresh salt each time)."""
+        verifier = credential.verifier()
+        return msgspec.convert(
+            {
+                "kind": credential.kind,
+                "name": credential.name,
+                "role": role,
+                "replace": replace,
+                "salt": verifier.salt,
+                "stored_key": verifier.stored_key,
+                "server_key": verifier.server_key,
+            },
+            cls,
+        )
+
+    def verifier(self) -> CredentialVerifier:
+        """Return the verifier to register."""
+        return CredentialVerifier(
+            salt=self.salt, stored_key=self.stored_key, server_key=self.server_key
+        )
 
 
 class RevokeCredentialRequest(_Request, frozen=True, kw_only=True, tag="client.token_revoke"):
@@ -226,9 +259,8 @@ class CredentialInfo(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class IssuedCredentialReply(Message, frozen=True, kw_only=True, tag="coordinator.credential"):
-    """The credential just issued, in its text form: shown once, stored nowhere."""
+    """The credential is registered (the client that generated it holds its secret)."""
 
-    credential: str
     info: CredentialInfo
 
 
@@ -324,13 +356,34 @@ class CredentialStore:
         by: str,
         replace: bool = False,
     ) -> Credential:
-        """Issue a new credential to ``name`` and journal its verifier; return the credential
-        (the only time its secret exists outside the principal's file).
+        """Generate a credential for ``name`` and register it; return it (the only time its
+        secret exists outside the principal's file).
+
+        Raises:
+            CredentialError: as :meth:`register`.
+            ConfigurationError: ``kind`` or ``name`` is not valid.
+        """
+        credential = Credential.generate(kind=kind, name=name)
+        await self.register(
+            kind=kind, name=name, role=role, verifier=credential.verifier(), by=by, replace=replace
+        )
+        return credential
+
+    async def register(
+        self,
+        *,
+        kind: str,
+        name: str,
+        role: str | None,
+        verifier: CredentialVerifier,
+        by: str,
+        replace: bool = False,
+    ) -> CredentialRecord:
+        """Journal the verifier of a credential issued to ``name``; return the record.
 
         Raises:
             CredentialError: the kind or role is wrong for it, or ``name`` already has a
                 credential and ``replace`` is False.
-            ConfigurationError: ``name`` is not a valid name.
         """
         if kind not in _ROLE_OF_KIND:
             raise CredentialError(f"unknown credential kind {kind!r}", name=name)
@@ -340,8 +393,6 @@ class CredentialStore:
             )
         if kind == "node" and role is not None:
             raise CredentialError("a node credential has no role", name=name)
-        credential = Credential.generate(kind=kind, name=name)
-        verifier = credential.verifier()
         event = CredentialIssued(
             name=name,
             kind=kind,
@@ -366,7 +417,9 @@ class CredentialStore:
         _log.warning(
             "credential_issued", principal=name, kind=kind, role=role, by=by, replaced=replace
         )
-        return credential
+        record = self.bound(name)
+        assert record is not None
+        return record
 
     async def revoke(self, name: str, *, by: str) -> CredentialRecord:
         """Revoke the credential of ``name``; return what it was.
