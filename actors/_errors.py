@@ -5,8 +5,10 @@ from __future__ import annotations
 from runtime import TaskfarmError
 
 __all__ = [
+    "AccessDeniedError",
     "AgentUnavailableError",
     "AttemptSpecError",
+    "CredentialError",
     "DependencyCycleError",
     "DependencyError",
     "ExecutorError",
@@ -149,3 +151,23 @@ class ReportLineError(TaskfarmError, ValueError):
 class AgentUnavailableError(ExecutorError):
     """Raised when a request needs the agent but it is not connected, the connection fails, or
     it does not answer in time; ``job_id``, ``task_id`` and ``attempt`` name the attempt."""
+
+
+class CredentialError(TaskfarmError):
+    """Raised when a credential cannot be issued or revoked (the name is taken or unknown, or
+    the kind and role do not go together); ``name`` names the principal."""
+
+    def __init__(self, message: str, *, name: str) -> None:
+        self.name = name
+        super().__init__(message)
+
+
+class AccessDeniedError(TaskfarmError):
+    """Raised when a client's role does not allow its request; ``principal`` names who asked,
+    ``role`` its role and ``request`` what it asked for."""
+
+    def __init__(self, message: str, *, principal: str, role: str, request: str) -> None:
+        self.principal = principal
+        self.role = role
+        self.request = request
+        super().__init__(message)

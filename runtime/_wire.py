@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
 import anyio
 import msgspec
@@ -27,6 +27,9 @@ from ._wire_errors import (
     ProtocolError,
     TruncatedFrameError,
 )
+
+if TYPE_CHECKING:
+    from ._wire_auth import Principal
 
 __all__ = [
     "DEFAULT_MAX_FRAME_SIZE",
@@ -284,7 +287,7 @@ class Connection(AsyncResource, Generic[M]):
     ``async for message in conn`` receives until the peer closes the connection cleanly.
     """
 
-    __slots__ = ("_codec", "_frames", "_remote_name", "_remote_role")
+    __slots__ = ("_codec", "_frames", "_principal", "_remote_name", "_remote_role")
 
     def __init__(
         self,
@@ -293,11 +296,13 @@ class Connection(AsyncResource, Generic[M]):
         *,
         remote_name: str,
         remote_role: str,
+        principal: Principal | None = None,
     ) -> None:
         self._frames = frames
         self._codec = codec
         self._remote_name = remote_name
         self._remote_role = remote_role
+        self._principal = principal
 
     def __repr__(self) -> str:
         return (
@@ -319,6 +324,11 @@ class Connection(AsyncResource, Generic[M]):
     def remote_role(self) -> str:
         """The role the other end authenticated as (``"agent"``, ``"cli"``; ``"server"``)."""
         return self._remote_role
+
+    @property
+    def principal(self) -> Principal | None:
+        """Who the other end authenticated as, and how (server side; None on a client)."""
+        return self._principal
 
     @property
     def codec(self) -> FrameCodec[M]:
@@ -411,6 +421,14 @@ def foreign_protocol(header: bytes) -> str | None:
         if header.startswith(prefixes):
             return what
     return None
+
+
+def host_of(stream: AnyByteStream) -> str:
+    """Return the remote host (address without the port) of a socket-backed stream."""
+    address = stream.extra(SocketAttribute.remote_address, None)
+    if isinstance(address, tuple):
+        return str(address[0])
+    return "unknown" if address is None else str(address)
 
 
 def _describe(error: BaseException) -> str:

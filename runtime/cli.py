@@ -51,6 +51,7 @@ _SUMMARIES = {
     "nodes": "list the nodes and their free resources",
     "why": "explain why a job or its tasks wait",
     "logs": "show a task attempt's log",
+    "token": "issue, revoke and list node and client credentials",
     "demo": "run a coordinator, two agents and a small real workload, with live progress",
 }
 

@@ -58,6 +58,13 @@ from runtime import (
     tune_gc_for_many_objects,
 )
 
+from ._security import (
+    add_client_credential_argument,
+    add_serve_security_arguments,
+    client_credential,
+    serve_security,
+)
+
 __all__ = [
     "configure_cancel",
     "configure_logs",
@@ -197,6 +204,7 @@ def configure_serve(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-ca", help="CA that signs agent/client certificates (mutual TLS)")
     parser.add_argument("--tls-cert", help="the coordinator's certificate")
     parser.add_argument("--tls-key", help="the key of --tls-cert")
+    add_serve_security_arguments(parser)
     parser.set_defaults(handler=_serve)
 
 
@@ -238,17 +246,23 @@ async def _serve(args: argparse.Namespace) -> int:
     _seconds(args.restart_grace, where="--restart-grace", allow_zero=True)
     journal = Path(args.journal)
     work_dir = _work_dir(args.work_dir)
-    token_path, blame = setting(
-        args.token_file,
-        flag="--token-file",
-        variable="TASKFARM_TOKEN_FILE",
-        default=DEFAULT_TOKEN_FILE,
-    )
-    token_file, token = _blaming(blame, lambda: ensure_token_file(token_path))
+    join_token, join_client_role, client_idle = serve_security(args)
+    token_file: Path | None = None
+    token: bytes | None = None
+    if join_token:
+        token_path, blame = setting(
+            args.token_file,
+            flag="--token-file",
+            variable="TASKFARM_TOKEN_FILE",
+            default=DEFAULT_TOKEN_FILE,
+        )
+        token_file, token = _blaming(blame, lambda: ensure_token_file(token_path))
     config = CoordinatorConfig(
         journal=journal,
         init_journal=args.init,
         token=token,
+        join_client_role=join_client_role,
+        client_idle_timeout=client_idle,
         host=host,
         port=port,
         tls=_tls(args, server=True),
@@ -264,7 +278,7 @@ async def _serve(args: argparse.Namespace) -> int:
         coordinator = await tg.start(run_coordinator, config)
         print(
             f"taskfarm coordinator on {host}:{coordinator.port}, journal {config.journal}, "
-            f"token {token_file}",
+            f"token {token_file or 'off'}",
             flush=True,
         )
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -288,6 +302,7 @@ def _add_client_arguments(parser: argparse.ArgumentParser) -> None:
         "--token-file",
         help="the shared secret (default: $TASKFARM_TOKEN_FILE or ./taskfarm.token)",
     )
+    add_client_credential_argument(parser)
     parser.add_argument("--tls-ca", help="CA certificate to verify the coordinator")
     parser.add_argument("--tls-cert", help="this client's certificate (mutual TLS)")
     parser.add_argument("--tls-key", help="the key of --tls-cert")
@@ -299,18 +314,22 @@ async def _client(args: argparse.Namespace) -> AsyncIterator[Connection[WireMess
         args.connect, flag="--connect", variable="TASKFARM_COORDINATOR", default=DEFAULT_ADDRESS
     )
     host, port = parse_address(address, where=blame)
-    token_file, blame = setting(
-        args.token_file,
-        flag="--token-file",
-        variable="TASKFARM_TOKEN_FILE",
-        default=DEFAULT_TOKEN_FILE,
-    )
-    token = _blaming(blame, lambda: load_token(token_file))
+    token: bytes | None = None
+    credential = client_credential(args)
+    if credential is None:
+        token_file, blame = setting(
+            args.token_file,
+            flag="--token-file",
+            variable="TASKFARM_TOKEN_FILE",
+            default=DEFAULT_TOKEN_FILE,
+        )
+        token = _blaming(blame, lambda: load_token(token_file))
     async with open_connection(
         host,
         port,
         codec=WIRE_CODEC,
         token=token,
+        credential=credential,
         name="cli",
         role="client",
         tls=_tls(args, server=False),

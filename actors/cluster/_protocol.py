@@ -29,6 +29,14 @@ from actors.engine import MAX_SPEC_BYTES, JobSummary, NodeSummary, Resources
 from actors.executors import AttemptReport, AttemptSpec, RunningAttempt
 from runtime import Message
 
+from ._credentials import (
+    CredentialsReply,
+    IssueCredentialRequest,
+    IssuedCredentialReply,
+    ListCredentialsRequest,
+    RevokeCredentialRequest,
+)
+
 __all__ = [
     "AgentHello",
     "AgentToCoordinator",
@@ -232,9 +240,25 @@ class ErrorReply(Message, frozen=True, kw_only=True, tag="coordinator.error"):
 
 
 ClientRequest = (
-    SubmitRequest | StatusRequest | CancelJobRequest | ListNodesRequest | WhyRequest | LogsRequest
+    SubmitRequest
+    | StatusRequest
+    | CancelJobRequest
+    | ListNodesRequest
+    | WhyRequest
+    | LogsRequest
+    | IssueCredentialRequest
+    | RevokeCredentialRequest
+    | ListCredentialsRequest
 )
-Reply = SubmittedReply | JobsReply | NodesReply | TextReply | ErrorReply
+Reply = (
+    SubmittedReply
+    | JobsReply
+    | NodesReply
+    | TextReply
+    | ErrorReply
+    | IssuedCredentialReply
+    | CredentialsReply
+)
 
 CoordinatorInbound = AgentToCoordinator | ClientRequest
 """What the coordinator accepts from any peer (the role decides which part it may send)."""

@@ -361,10 +361,16 @@ class Engine:
         spec_file = load_spec(path, known_jobs=self.core.graph.jobs())
         return await self.submit(spec_file.to_commands().jobs, source=str(path))
 
-    async def submit_text(self, text: str, *, fmt: str, source: str) -> list[str]:
-        """Parse spec text (``fmt`` "toml" or "json") and submit its jobs."""
+    async def submit_text(
+        self, text: str, *, fmt: str, source: str, owner: str | None = None
+    ) -> list[str]:
+        """Parse spec text (``fmt`` "toml" or "json") and submit its jobs (recording ``owner``,
+        the principal that submits them, on each)."""
         spec_file = parse_spec(text, fmt=fmt, source=source, known_jobs=self.core.graph.jobs())  # type: ignore[arg-type]
-        return await self.submit(spec_file.to_commands().jobs, source=source)
+        jobs = spec_file.to_commands().jobs
+        if owner is not None:
+            jobs = tuple(msgspec.structs.replace(job, owner=owner) for job in jobs)
+        return await self.submit(jobs, source=source)
 
     async def status(self, job_id: str | None = None, *, tasks: bool = False) -> list[JobSummary]:
         """Summarise one job (live or finished) or every job in the journal."""

@@ -872,6 +872,7 @@ def job_summary(job_id: str, state: JobState, *, tasks: bool) -> JobSummary:
         )
         if tasks
         else (),
+        owner=spec.owner if spec else None,
     )
 
 

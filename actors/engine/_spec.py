@@ -186,6 +186,7 @@ class SubmitJob(Message, frozen=True, kw_only=True, tag="engine.submit_job"):
     requires: tuple[str, ...] = ()
     metadata: bytes = b"{}"
     source: str = ""
+    owner: str | None = None  # the principal that submitted it (None: unknown, or the join token)
 
     def graph_job(self) -> GraphJob:
         """Return the job as the dependency graph sees it (frames, else task indices)."""

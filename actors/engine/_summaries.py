@@ -45,6 +45,7 @@ class JobSummary(msgspec.Struct, frozen=True, kw_only=True):
     tasks: tuple[TaskSummary, ...] = ()
     metrics: dict[str, float] = {}  # the latest value of each metric its tasks reported
     domain: dict[str, str] = {}  # the policy's columns (``Policy.describe``)
+    owner: str | None = None  # who submitted it (None: unknown, or the join token)
 
 
 class NodeSummary(msgspec.Struct, frozen=True, kw_only=True):
