@@ -128,7 +128,9 @@ def table(made: dict[str, Path], farm: Cluster) -> dict[str, Case]:
             ("agent", "--connect", "nowhere", "--token-file", token), ("--connect",)
         ),
         "agent-negative-cores": Case((*agent, "--cores", "-1"), ("--cores", "negative")),
-        "agent-no-token": Case(("agent", "--connect", "127.0.0.1:1"), ("required", "--token-file")),
+        "agent-no-token": Case(
+            ("agent", "--connect", "127.0.0.1:1"), ("--token-file", "--credential-file")
+        ),
         "submit-not-utf8": Case(
             ("submit", str(made["latin1.toml"])), ("latin1.toml", "not UTF-8", "0xe9"), client=True
         ),
