@@ -87,6 +87,7 @@ DEFAULT_TOKEN_FILE = "taskfarm.token"
 # What the coordinator's refusals mean for the exit status: these kinds blame the request.
 _INPUT_ERRORS = frozenset(
     {
+        "AccessDeniedError",
         "ConfigurationError",
         "DependencyCycleError",
         "DependencyError",

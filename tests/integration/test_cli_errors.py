@@ -128,6 +128,10 @@ def table(made: dict[str, Path], farm: Cluster) -> dict[str, Case]:
             ("agent", "--connect", "nowhere", "--token-file", token), ("--connect",)
         ),
         "agent-negative-cores": Case((*agent, "--cores", "-1"), ("--cores", "negative")),
+        "token-bad-name": Case(
+            ("token", "issue", "--node", "bad name", "--journal", str(made["a-folder"] / "t.db")),
+            ("--node", "not a valid name"),
+        ),
         "agent-no-token": Case(
             ("agent", "--connect", "127.0.0.1:1"), ("--token-file", "--credential-file")
         ),
