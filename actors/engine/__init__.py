@@ -37,6 +37,7 @@ from ._events import (
     TaskStatus,
     job_stream,
     node_stream,
+    policy_stream,
 )
 from ._fit import never_fits
 from ._graph import (
@@ -94,6 +95,7 @@ from ._limits import (
 )
 from ._placement import NodeHealth, Placement, SchedulerCore
 from ._policy import (
+    CommandResult,
     Failure,
     FailureClass,
     FarmView,
@@ -188,6 +190,7 @@ __all__ = [
     "MAX_VALUE_TEXT",
     "WORST_ATTEMPT",
     "Blocker",
+    "CommandResult",
     "Condition",
     "Dependency",
     "DependencyGraph",
@@ -289,6 +292,7 @@ __all__ = [
     "parse_labels",
     "parse_size",
     "parse_spec",
+    "policy_stream",
     "read_spec_text",
     "shape_key",
     "shortfall",

@@ -53,6 +53,7 @@ from ._events import (
     TaskRequeued,
     TaskStarted,
     job_stream,
+    policy_stream,
 )
 from ._graph import Outcome
 from ._job import JobActor, job_summary
@@ -73,6 +74,7 @@ from ._messages import (
     NodeJoined,
     NodeLeft,
     PauseJob,
+    PolicyCommand,
     PreemptTask,
     ReleaseJobIds,
     ReportAttempt,
@@ -590,6 +592,23 @@ class Engine:
             f"job {job_id} has no task {task!r} (tasks: {shown})", where="task"
         )
 
+    async def policy_command(self, name: str, arguments: Mapping[str, Any] | None = None) -> Any:
+        """Run a domain command of the policy; return its reply.
+
+        Its events are journaled in the policy's stream (``policy:<name>``) before the reply,
+        and replayed into the policy when the engine opens again.
+
+        Raises:
+            ConfigurationError: the policy has no such command, or an argument is bad.
+        """
+        result = await self.scheduler.ask(
+            PolicyCommand(name=name, arguments=dict(arguments or {})),
+            timeout=self.settings.ask_timeout,
+        )
+        if isinstance(result, TaskfarmError):
+            raise result
+        return result
+
     async def why(self, job_id: str) -> str:
         """Explain why a job (or its tasks) waits."""
         if self.job_ref(job_id) is None:
@@ -690,6 +709,8 @@ class Engine:
                     self.core.add_node(task.node, Resources(), reachable="offline")
                 self.core.mark_running(spec.job_id, index, task.node, task.attempt, started_at=None)
                 in_doubt[(spec.job_id, index)] = task.node
+        for record in await self.journal.read_stream(policy_stream(self.core.policy.name)):
+            self.core.apply_policy_event(record.event)
         if self.core.policy_wants_history():
             self.core.policy.recover(await _history(self.journal))
         _log.info(

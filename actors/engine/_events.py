@@ -53,6 +53,7 @@ __all__ = [
     "TaskStatus",
     "job_stream",
     "node_stream",
+    "policy_stream",
 ]
 
 ENGINE_CODEC = EventCodec()
@@ -71,6 +72,11 @@ def job_stream(job_id: str) -> str:
 def node_stream(name: str) -> str:
     """Return the stream id of a node."""
     return f"node:{name}"
+
+
+def policy_stream(name: str) -> str:
+    """Return the stream id of a policy's own events (reservations, configuration changes)."""
+    return f"policy:{name}"
 
 
 # -- job events ---------------------------------------------------------------------------------

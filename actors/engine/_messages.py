@@ -38,6 +38,7 @@ __all__ = [
     "NodeJoined",
     "NodeLeft",
     "PauseJob",
+    "PolicyCommand",
     "PreemptRun",
     "PreemptTask",
     "ReleaseJobIds",
@@ -318,6 +319,14 @@ class PreemptTask(Message, frozen=True, kw_only=True, tag="engine.cmd.preempt_ta
 
 class GetJobState(Message, frozen=True, kw_only=True, tag="engine.query.job_state"):
     """Ask a job actor for its state (a copy is not made: read, never write)."""
+
+
+class PolicyCommand(Message, frozen=True, kw_only=True, tag="engine.cmd.policy_command"):
+    """Run a domain command of the policy (to the scheduler); the reply is its result or the
+    error."""
+
+    name: str
+    arguments: Any  # a mapping of JSON-able values
 
 
 class DescribeJob(Message, frozen=True, kw_only=True, tag="engine.query.describe_job"):

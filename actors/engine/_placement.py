@@ -184,6 +184,10 @@ class SchedulerCore:
         """Return when the policy wants its next cycle (None: no need)."""
         return self._guarded(None, None, self.policy.next_wakeup, now)
 
+    def apply_policy_event(self, event: Any) -> None:
+        """Fold one of the policy's journaled events into it (an error is logged, not raised)."""
+        self._guarded(None, None, self.policy.apply, event)
+
     def observe(self, observation: Observation) -> None:
         """Hand a fact to the policy (an error is logged once, never raised)."""
         self._guarded(None, None, self.policy.observe, observation)

@@ -16,6 +16,8 @@ The engine owns the mechanics (queues, the placement index, dispatch, retries, t
 - ``observe`` -- facts in journal order (task start and end, progress, node changes), for
   learned state; ``recover`` rebuilds that state from the journal after a restart;
 - ``next_wakeup`` -- ask for a cycle at a time (a tariff boundary, a window start);
+- ``command`` / ``apply`` -- domain commands (reservations, configuration reloads): pure
+  decisions whose events are journaled in the policy's own stream and folded back in;
 - ``describe`` / ``explain_rank`` -- domain columns for ``status`` and ``why``.
 
 The views are the scheduler's own records, kept current incrementally (a cycle costs what
@@ -30,10 +32,14 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal, Protocol
 
+from persistence import Event
+from runtime import ConfigurationError
+
 from ._resources import Resources, add, fits
 from ._spec import Priority, SubmitJob
 
 __all__ = [
+    "CommandResult",
     "Failure",
     "FailureClass",
     "FarmView",
@@ -264,6 +270,15 @@ def parse_labels(labels: Sequence[str]) -> dict[str, str]:
 
 
 @dataclass(frozen=True, slots=True)
+class CommandResult:
+    """What a policy command decided: ``events`` to journal in the policy's stream (then
+    folded in with ``Policy.apply``) and the ``reply`` for the caller (msgspec-encodable)."""
+
+    reply: Any = None
+    events: Sequence[Event] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Hold:
     """Hold a whole job back: ``until`` a time (None: until the next cycle asks again)."""
 
@@ -401,6 +416,9 @@ class Policy(Protocol):
     metadata_type: type[Any] | None
     #: Whether ``recover`` gets the journal's history of facts when the engine opens.
     history: bool
+    #: The role each command needs (``read``, ``submit``, ``operator``, ``admin``); a command
+    #: not listed needs ``operator``.
+    command_roles: Mapping[str, str]
 
     def validate(self, spec: SubmitJob, now: datetime) -> None:
         """Refuse a job at submission by raising ``SpecError`` naming the field."""
@@ -465,6 +483,21 @@ class Policy(Protocol):
         """Return one line that explains the job's rank (for ``taskfarm why``)."""
         ...
 
+    def command(
+        self, name: str, arguments: Mapping[str, Any], farm: FarmView, now: datetime
+    ) -> CommandResult:
+        """Run a domain command (``taskfarm render ...``, ``taskfarm science ...``): decide
+        from the policy's state, the farm and ``now``; change nothing but return the events.
+
+        Raises ``ConfigurationError`` (naming the argument) for a bad command or argument.
+        """
+        ...
+
+    def apply(self, event: Event) -> None:
+        """Fold one of the policy's own journaled events into its state (a reservation, a
+        configuration change); called after the command's commit and on every restart."""
+        ...
+
 
 class FifoPolicy:
     """First in, first out within priority; best fit among fitting nodes; no preemption.
@@ -480,6 +513,7 @@ class FifoPolicy:
     metadata_type: type[Any] | None = None
     #: Whether ``recover`` gets the journal's history of facts when the engine opens.
     history = False
+    command_roles: Mapping[str, str] = {}
 
     def validate(self, spec: SubmitJob, now: datetime) -> None:
         return None
@@ -544,6 +578,16 @@ class FifoPolicy:
             f"priority {job.spec.priority.value} (FIFO within priority, submitted "
             f"{job.submitted_at.isoformat()})"
         )
+
+    def command(
+        self, name: str, arguments: Mapping[str, Any], farm: FarmView, now: datetime
+    ) -> CommandResult:
+        raise ConfigurationError(
+            f"the {self.name} policy has no command {name!r}", where="policy command"
+        )
+
+    def apply(self, event: Event) -> None:
+        return None
 
 
 class PriorityPreemptionPolicy(FifoPolicy):

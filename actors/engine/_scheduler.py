@@ -18,9 +18,9 @@ from typing import Any, assert_never
 
 from actors._errors import SpecError
 from persistence import Journal
-from runtime import Actor, ActorRef, TaskfarmError, get_logger
+from runtime import Actor, ActorRef, ConfigurationError, TaskfarmError, get_logger
 
-from ._events import NodeHealthChanged, NodeRegistered, node_stream
+from ._events import NodeHealthChanged, NodeRegistered, node_stream, policy_stream
 from ._graph import Outcome
 from ._messages import (
     AdmitJobs,
@@ -37,6 +37,7 @@ from ._messages import (
     Kick,
     NodeJoined,
     NodeLeft,
+    PolicyCommand,
     PreemptTask,
     ReleaseJobIds,
     SetNodeHealth,
@@ -94,6 +95,7 @@ SchedulerMessage = (
     | Kick
     | WhyJob
     | DescribeJob
+    | PolicyCommand
     | GetNodes
 )
 
@@ -252,6 +254,8 @@ class SchedulerActor(Actor[SchedulerMessage]):
                 return "\n".join(core.why(job_id, self.context.clock.now()))
             case DescribeJob(job_id=job_id):
                 return core.describe(job_id, self.context.clock.now())
+            case PolicyCommand(name=name, arguments=arguments):
+                return await self._policy_command(name, arguments)
             case GetNodes():
                 return self._node_summaries()
             case _:
@@ -303,6 +307,26 @@ class SchedulerActor(Actor[SchedulerMessage]):
         self.core.add_job(spec, submitted_at=state.submitted_at, state=state)
         _log.info("job_reopened", job_id=job_id)
         self._kick()
+
+    async def _policy_command(self, name: str, arguments: Any) -> Any:
+        """Decide, journal the policy's events, fold them in, reply (or return the error)."""
+        core = self.core
+        now = self.context.clock.now()
+        try:
+            result = core.policy.command(name, arguments, core.farm, now)
+        except TaskfarmError as error:
+            return error
+        except Exception as error:  # a policy bug answers the caller, it does not crash us
+            core._policy_failed(None, f"command {name}", error)
+            return ConfigurationError(
+                f"policy error: {type(error).__name__}: {error}", where=f"command {name}"
+            )
+        if result.events:
+            await self.journal.append(policy_stream(core.policy.name), list(result.events))
+            for event in result.events:
+                core.apply_policy_event(event)
+            self._kick()
+        return result.reply
 
     # -- task events ----------------------------------------------------------------------------
 
