@@ -662,7 +662,9 @@ class Engine:
                 health=node.health,
                 reachable="offline",
             )
-            self.core.set_health(node.name, node.health, reason=node.health_reason or "")
+            self.core.set_health(
+                node.name, node.health, reason=node.health_reason or "", by=node.health_by
+            )
             self.core.set_drain_at(node.name, node.drain_at)
             known[node.name] = KnownNode(
                 node.capacity,
@@ -671,6 +673,7 @@ class Engine:
                 node.health,
                 node.drain_at,
                 node.health_reason or "",
+                node.health_by,
             )
         jobs = [
             (state, version)

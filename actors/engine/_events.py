@@ -320,6 +320,7 @@ class NodeHealthChanged(Event, frozen=True, kw_only=True, tag="engine.node_healt
     health: str
     reason: str = ""
     drain_at: datetime | None = None
+    by: str = "operator"  # operator, policy or engine
 
 
 # -- the job aggregate --------------------------------------------------------------------------
@@ -522,6 +523,7 @@ class NodeState(msgspec.Struct, kw_only=True):
     remote: bool = False
     health: str = "online"
     health_reason: str | None = None
+    health_by: str = "engine"
     drain_at: datetime | None = None
 
     @property
@@ -548,9 +550,10 @@ class NodeAggregate:
             case NodeQuarantined(reason=reason, released=released):
                 state.health = "online" if released else "quarantined"
                 state.health_reason = None if released else reason
-            case NodeHealthChanged(health=health, reason=reason, drain_at=drain_at):
+            case NodeHealthChanged(health=health, reason=reason, drain_at=drain_at, by=by):
                 state.health = health
                 state.health_reason = reason or None
+                state.health_by = by
                 state.drain_at = drain_at
             case _:
                 pass

@@ -39,6 +39,7 @@ from ._policy import (
     FarmView,
     Hold,
     JobView,
+    NodeAction,
     NodeView,
     Observation,
     Policy,
@@ -179,6 +180,20 @@ class SchedulerCore:
             )
         if job is not None:
             job.policy_error = reason
+
+    def node_actions(self, now: datetime) -> Sequence[NodeAction]:
+        """Return the policy's node health changes that it may make now (the operator's and
+        the engine's decisions win: only nodes online or in a health the policy gave them)."""
+        actions = self._guarded(None, (), self.policy.node_actions, self.farm, now)
+        allowed = []
+        for action in actions:
+            view = self.node_view(action.node)
+            if view is None or (view.health != "online" and view.health_by != "policy"):
+                continue
+            if view.health == action.health and view.drain_at == action.at:
+                continue
+            allowed.append(action)
+        return allowed
 
     def next_wakeup(self, now: datetime) -> datetime | None:
         """Return when the policy wants its next cycle (None: no need)."""
@@ -760,11 +775,14 @@ class SchedulerCore:
             view.health, view.reachable = health, reachable
         self._reindex_node(node)
 
-    def set_health(self, name: str, health: NodeHealth, *, reason: str = "") -> None:
+    def set_health(
+        self, name: str, health: NodeHealth, *, reason: str = "", by: str = "engine"
+    ) -> None:
         """Change a node's health (only ``online`` nodes get new work)."""
         node = self._nodes[name]
         node.view.health = health
         node.view.health_reason = reason
+        node.view.health_by = by
         if health != "quarantined":
             node.recent_failures.clear()
             node.view.failures = 0

@@ -16,6 +16,7 @@ The engine owns the mechanics (queues, the placement index, dispatch, retries, t
 - ``observe`` -- facts in journal order (task start and end, progress, node changes), for
   learned state; ``recover`` rebuilds that state from the journal after a restart;
 - ``next_wakeup`` -- ask for a cycle at a time (a tariff boundary, a window start);
+- ``node_actions`` -- sleep idle nodes, wake them, drain them before maintenance;
 - ``command`` / ``apply`` -- domain commands (reservations, configuration reloads): pure
   decisions whose events are journaled in the policy's own stream and folded back in;
 - ``describe`` / ``explain_rank`` -- domain columns for ``status`` and ``why``.
@@ -46,6 +47,7 @@ __all__ = [
     "FifoPolicy",
     "Hold",
     "JobView",
+    "NodeAction",
     "NodeChanged",
     "NodeView",
     "Observation",
@@ -191,6 +193,7 @@ class NodeView:
     drain_at: datetime | None = None
     label_map: Mapping[str, str] = field(default_factory=dict)
     health_reason: str = ""
+    health_by: str = "engine"  # who set the health: operator, policy or engine
 
     def __post_init__(self) -> None:
         if not self.label_map and self.labels:
@@ -284,6 +287,18 @@ class Hold:
 
     reason: str
     until: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NodeAction:
+    """A policy's change to a node's health: sleep an idle node, wake it, drain it before a
+    maintenance window (``at`` plans the drain).  The operator's decisions win: a policy may
+    change a node only while it is online or in a health the policy itself gave it."""
+
+    node: str
+    health: str
+    reason: str
+    at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -475,6 +490,10 @@ class Policy(Protocol):
         """Return when the policy wants a cycle even if nothing happens (None: no need)."""
         ...
 
+    def node_actions(self, farm: FarmView, now: datetime) -> Sequence[NodeAction]:
+        """Return the node health changes the policy wants now (journaled, then applied)."""
+        ...
+
     def describe(self, job: JobView, now: datetime) -> Mapping[str, str]:
         """Return domain columns for ``status``, ``status --json`` and ``why``."""
         ...
@@ -569,6 +588,9 @@ class FifoPolicy:
 
     def next_wakeup(self, now: datetime) -> datetime | None:
         return None
+
+    def node_actions(self, farm: FarmView, now: datetime) -> Sequence[NodeAction]:
+        return ()
 
     def describe(self, job: JobView, now: datetime) -> Mapping[str, str]:
         return {}

@@ -103,7 +103,7 @@ SchedulerMessage = (
 class KnownNode:
     """A node as the journal knows it: identity, and the health an operator gave it."""
 
-    __slots__ = ("capacity", "drain_at", "health", "labels", "reason", "remote")
+    __slots__ = ("by", "capacity", "drain_at", "health", "labels", "reason", "remote")
 
     def __init__(
         self,
@@ -113,7 +113,9 @@ class KnownNode:
         health: str = "online",
         drain_at: datetime | None = None,
         reason: str = "",
+        by: str = "engine",
     ) -> None:
+        self.by = by
         self.capacity = capacity
         self.labels = labels
         self.remote = remote
@@ -250,6 +252,7 @@ class SchedulerActor(Actor[SchedulerMessage]):
                 self._kick_queued = False
                 self._arm_wakeup()
                 self._cycle()
+                await self._apply_node_actions()
             case WhyJob(job_id=job_id):
                 return "\n".join(core.why(job_id, self.context.clock.now()))
             case DescribeJob(job_id=job_id):
@@ -427,6 +430,13 @@ class SchedulerActor(Actor[SchedulerMessage]):
         if wakeup is not None and wakeup > now:
             self._wake_at(wakeup)
 
+    async def _apply_node_actions(self) -> None:
+        """Journal and apply the node health changes the policy asks for this cycle."""
+        for action in self.core.node_actions(self.context.clock.now()):
+            await self._set_health(
+                action.node, action.health, action.reason, action.at, by="policy"
+            )
+
     def _preempt(self, now: datetime) -> None:
         """Ask the victims the policy chose for the tasks this cycle could not place."""
         for _blocked, choice in self.core.preemption_choices(now):
@@ -467,7 +477,7 @@ class SchedulerActor(Actor[SchedulerMessage]):
         # Drain, sleep and quarantine are the operator's (journaled): a rejoin keeps them.
         health = known.health
         self.core.add_node(name, capacity, labels=labels, health=health, reachable="connected")
-        self.core.set_health(name, health, reason=known.reason)
+        self.core.set_health(name, health, reason=known.reason, by=known.by)
         self.core.set_drain_at(name, known.drain_at)
         self._observe_node(name)
         _log.info("node_joined", node_id=name, capacity=str(capacity), health=health)
@@ -492,7 +502,13 @@ class SchedulerActor(Actor[SchedulerMessage]):
         _log.warning("node_left", node_id=name, reason=reason)
 
     async def _set_health(
-        self, name: str, health: str, reason: str, drain_at: datetime | None
+        self,
+        name: str,
+        health: str,
+        reason: str,
+        drain_at: datetime | None,
+        *,
+        by: str = "operator",
     ) -> bool:
         core = self.core
         previous = core.node_health(name)
@@ -506,11 +522,11 @@ class SchedulerActor(Actor[SchedulerMessage]):
             return True
         await self.journal.append(
             node_stream(name),
-            [NodeHealthChanged(health=health, reason=reason, drain_at=drain_at)],
+            [NodeHealthChanged(health=health, reason=reason, drain_at=drain_at, by=by)],
         )
         if known is not None:
-            known.health, known.drain_at, known.reason = health, drain_at, reason
-        core.set_health(name, health, reason=reason)
+            known.health, known.drain_at, known.reason, known.by = health, drain_at, reason, by
+        core.set_health(name, health, reason=reason, by=by)
         core.set_drain_at(name, drain_at)
         if drain_at is not None:
             self._arm_drain(name, drain_at)
@@ -522,6 +538,7 @@ class SchedulerActor(Actor[SchedulerMessage]):
             node_id=name,
             health=health,
             reason=reason,
+            by=by,
             drain_at=drain_at.isoformat() if drain_at else None,
         )
         self._kick()
@@ -536,7 +553,7 @@ class SchedulerActor(Actor[SchedulerMessage]):
         if known is None or known.drain_at is None:
             return
         reason = f"drain planned for {known.drain_at.isoformat()}"
-        await self._set_health(name, "draining", reason, None)
+        await self._set_health(name, "draining", reason, None, by=known.by)
         for job_id, task in self.core.running_on(name):
             ref = self.job_ref(job_id)
             if ref is not None:
@@ -581,7 +598,7 @@ class SchedulerActor(Actor[SchedulerMessage]):
             distinct_jobs=self.settings.quarantine_distinct_jobs,
         )
         if reason is not None:
-            await self._set_health(node, "quarantined", reason, None)
+            await self._set_health(node, "quarantined", reason, None, by="engine")
             _log.warning("node_quarantined", node_id=node, reason=reason)
 
     def _node_summaries(self) -> list[NodeSummary]:

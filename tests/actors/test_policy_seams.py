@@ -24,7 +24,9 @@ from actors import (
     FifoPolicy,
     Hold,
     JobView,
+    NodeAction,
     NodeChanged,
+    NodeHealthChanged,
     NodeView,
     Observation,
     Resources,
@@ -465,3 +467,36 @@ async def test_a_policy_command_journals_its_events_and_a_restart_replays_them()
     async with open_farm({"n1": CPU4}, clock=clock, journal=journal, policy=policy) as farm:
         assert set(await farm.engine.policy_command("reservations")) == {"n1"}
         assert policy.reserved["n1"] > clock.now()
+
+
+class SleepyFarm(FifoPolicy):
+    """Sleeps every idle node beyond one, wakes them all when work waits."""
+
+    def node_actions(self, farm: FarmView, now: datetime) -> Sequence[NodeAction]:
+        if any(job.queued for job in farm.jobs.values()):
+            return [
+                NodeAction(node=name, health="online", reason="work waits")
+                for name, view in sorted(farm.nodes.items())
+                if view.health == "sleeping"
+            ]
+        idle = sorted(n for n, v in farm.nodes.items() if v.health == "online" and not v.running)
+        return [NodeAction(node=name, health="sleeping", reason="idle") for name in idle[1:]]
+
+
+async def test_a_policy_sleeps_and_wakes_nodes_but_never_overrides_the_operator() -> None:
+    """node_actions put idle nodes to sleep (journaled, by policy) and wake them when work
+    waits; a node the operator drained stays drained."""
+    async with open_farm({"n1": ONE, "n2": ONE, "n3": ONE}, policy=SleepyFarm()) as farm:
+        await farm.engine.set_node_health("n3", "draining", reason="disk swap")
+        with anyio.fail_after(WAIT):
+            while {n.name: n.health for n in await farm.engine.nodes()}["n2"] != "sleeping":
+                await anyio.lowlevel.checkpoint()
+        await farm.engine.submit([job("a", "sleep", "60", tasks=2)])
+        await farm.wait("a")
+        assert {r.node for r in farm.works.of("a")} == {"n1", "n2"}
+        health = {n.name: n.health for n in await farm.engine.nodes()}
+        assert health["n3"] == "draining"
+        events = [r.event for r in await farm.journal.read_stream("node:n2")]
+        changes = [(e.health, e.by) for e in events if isinstance(e, NodeHealthChanged)]
+        assert ("sleeping", "policy") in changes
+        assert ("online", "policy") in changes
