@@ -422,6 +422,7 @@ class SubprocessExecutor(ExecutorBase):
             # One host per line, leader first: ``mpirun -hostfile $TASKFARM_HOSTFILE``.
             hosts = spec.hosts or spec.nodes
             hostfile = paths.checkpoints / f"hostfile.{spec.attempt}"
+            hostfile.parent.mkdir(parents=True, exist_ok=True)
             hostfile.write_text("".join(f"{host}\n" for host in hosts), encoding="utf-8")
             env.update(gang_environment(spec, str(hostfile)))
         # Never let a value inherited from the agent's own environment pose as this job's.
