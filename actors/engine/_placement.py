@@ -19,8 +19,9 @@ everything else keeps scheduling.
 
 from __future__ import annotations
 
+import bisect
 import traceback
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from time import perf_counter
@@ -37,6 +38,7 @@ from ._graph import DependencyGraph, Outcome, TaskRef
 from ._policy import (
     Failure,
     FarmView,
+    FifoPolicy,
     Hold,
     JobView,
     NodeAction,
@@ -146,6 +148,11 @@ class SchedulerCore:
         self._split: dict[Resources, tuple[Resources, dict[str, int]]] = {}
         self.placements_made = 0
         self.cycles = 0
+        # FIFO's rank never changes with time or the farm: keep the order instead of sorting
+        # every cycle (a policy that overrides ``rank`` is ranked from scratch each cycle).
+        self._static_order: list[tuple[Any, str]] | None = (
+            [] if type(policy).rank is FifoPolicy.rank else None
+        )
         # Tasks the last cycle could not place (for the policy's preemption hook) and the
         # attempts already asked to yield (victim -> the task it yields to).
         self.blocked: list[tuple[JobView, TaskView]] = []
@@ -329,6 +336,7 @@ class SchedulerCore:
                 view.status = "cancelling"
         self._jobs[spec.job_id] = job
         self.farm.jobs[spec.job_id] = view  # type: ignore[index]
+        self._order_add(job)
         for parent in view.parents:
             parent_job = self._jobs.get(parent)
             if parent_job is not None:
@@ -613,9 +621,11 @@ class SchedulerCore:
 
     def job_ended(self, job_id: str, outcome: Outcome) -> list[TaskRef]:
         """The job is over: drop its queues and views (its reservations are released)."""
-        job = self._jobs.pop(job_id, None)
+        job = self._jobs.get(job_id)
         if job is None:
             return []
+        self._order_remove(job)
+        del self._jobs[job_id]
         del self.farm.jobs[job_id]  # type: ignore[attr-defined]
         for victim in [v for v in self.preempting if v[0] == job_id]:
             del self.preempting[victim]
@@ -668,9 +678,11 @@ class SchedulerCore:
         """Replace a live job's spec (priority or metadata amended)."""
         job = self._jobs.get(spec.job_id)
         if job is not None:
+            self._order_remove(job)
             job.view.spec = spec
             job.view.metadata = self._decode_metadata(spec)
             job.hold = None
+            self._order_add(job)
 
     def release_held(self, job_id: str, indices: Iterable[int] | None = None) -> list[int]:
         """Release held tasks of a live job (all when ``indices`` is None); return them."""
@@ -861,31 +873,29 @@ class SchedulerCore:
         self.cycles += 1
         self.blocked = []
         self.held_nodes = {}
-        candidates: list[_Job] = []
-        for job in self._jobs.values():
-            if not job.ready or job.view.status != "active":
-                continue
-            if job.hold is not None and job.hold.until is not None and job.hold.until > now:
-                continue
-            job.policy_error = None
-            candidates.append(job)
-        if not candidates:
+        if not any(self._fit_index.values()) and not self.exhaustive:
+            # No queued request fits anywhere now: nothing to place, nothing to rank.
+            self._note_unplaceable(now)
             return []
-        keyed: list[tuple[Any, _Job]] = []
-        for job in candidates:
-            key = self._guarded(job, None, policy.rank, job.view, farm, now)
-            if key is not None:
-                keyed.append((key, job))
-        try:
-            keyed.sort(key=lambda item: item[0])
-        except TypeError as error:  # keys of different shapes: a policy bug
-            for _, job in keyed:
-                job.policy_error = f"policy error: rank: {error}"
+        keyed = self._ranked(now)
+        if keyed is None:
             return []
         placements: list[Placement] = []
         timing = self.decision_seconds
+        fit_index = self._fit_index
         for _, job in keyed:
             view = job.view
+            if not self.exhaustive:
+                if not any(fit_index.values()):
+                    # The farm is full for every queued request: the rest only wait (they
+                    # are still offered to preemption, in rank order).
+                    if len(self.blocked) < _MAX_BLOCKED:
+                        self._note_blocked(job, next(iter(job.ready)))
+                        continue
+                    break
+                if not any(fit_index.get(k) for k in job.distinct):
+                    self._note_blocked(job, next(iter(job.ready)))
+                    continue
             hold = self._guarded(job, None, policy.admit_job, view, farm, now)
             if _held_by_error(job):
                 continue
@@ -895,9 +905,6 @@ class SchedulerCore:
                     self.hold_wakeups.append(hold.until)
                 continue
             job.deferred = None
-            if not self.exhaustive and not any(self._fit_index.get(k) for k in job.distinct):
-                self._note_blocked(job, next(iter(job.ready)))
-                continue
             unplaceable: set[FitKey] = set()
             for index in list(job.ready):
                 task = job.tasks[index]
@@ -949,6 +956,67 @@ class SchedulerCore:
                     return placements
         self.placements_made += len(placements)
         return placements
+
+    def _candidates(self, now: datetime) -> Iterator[_Job]:
+        for job in self._jobs.values():
+            if not job.ready or job.view.status != "active":
+                continue
+            if job.hold is not None and job.hold.until is not None and job.hold.until > now:
+                continue
+            job.policy_error = None
+            yield job
+
+    def _ranked(self, now: datetime) -> list[tuple[Any, _Job]] | None:
+        """Return this cycle's candidate jobs in rank order (None: a policy bug in ``rank``).
+
+        A policy whose ``rank`` is FIFO's (a pure function of the job, never of time or the
+        farm) is served from an order kept up to date as jobs come, go and are amended:
+        ranking every job each cycle would cost more than placing a freed slot's task.
+        """
+        if self._static_order is not None:
+            jobs = self._jobs
+            ranked = []
+            for key, job_id in self._static_order:
+                job = jobs[job_id]
+                if not job.ready or job.view.status != "active":
+                    continue
+                if job.hold is not None and job.hold.until is not None and job.hold.until > now:
+                    continue
+                job.policy_error = None
+                ranked.append((key, job))
+            return ranked
+        keyed: list[tuple[Any, _Job]] = []
+        for job in self._candidates(now):
+            key = self._guarded(job, None, self.policy.rank, job.view, self.farm, now)
+            if key is not None:
+                keyed.append((key, job))
+        try:
+            keyed.sort(key=lambda item: item[0])
+        except TypeError as error:  # keys of different shapes: a policy bug
+            for _, job in keyed:
+                job.policy_error = f"policy error: rank: {error}"
+            return None
+        return keyed
+
+    def _order_add(self, job: _Job) -> None:
+        if self._static_order is not None:
+            key = self.policy.rank(job.view, self.farm, job.view.submitted_at)
+            bisect.insort(self._static_order, (key, job.view.job_id))
+
+    def _order_remove(self, job: _Job) -> None:
+        if self._static_order is not None:
+            key = self.policy.rank(job.view, self.farm, job.view.submitted_at)
+            index = bisect.bisect_left(self._static_order, (key, job.view.job_id))
+            if index < len(self._static_order) and self._static_order[index][1] == job.view.job_id:
+                del self._static_order[index]
+
+    def _note_unplaceable(self, now: datetime) -> None:
+        """Offer the top-ranked waiting tasks to preemption although nothing fits now."""
+        if type(self.policy).preemptions is FifoPolicy.preemptions:
+            return  # no preemption: nobody to offer them to
+        ranked = self._ranked(now) or []
+        for _, job in ranked[:_MAX_BLOCKED]:
+            self._note_blocked(job, next(iter(job.ready)))
 
     def _note_blocked(self, job: _Job, index: int) -> None:
         if len(self.blocked) < _MAX_BLOCKED:
