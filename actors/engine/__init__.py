@@ -152,7 +152,7 @@ from ._spec import (
     parse_spec,
     read_spec_text,
 )
-from ._summaries import JobSummary, NodeSummary, TaskSummary
+from ._summaries import JobSummary, NodeSummary, RecoverySummary, TaskSummary
 
 __all__ = [
     "DEFAULT_FIT_WEIGHTS",
@@ -241,6 +241,7 @@ __all__ = [
     "Preemption",
     "Priority",
     "PriorityPreemptionPolicy",
+    "RecoverySummary",
     "ResourcePool",
     "Resources",
     "RetryDecision",

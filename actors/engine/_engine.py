@@ -91,7 +91,7 @@ from ._resources import Resources
 from ._scheduler import KnownNode, Recovered, SchedulerActor
 from ._settings import EngineSettings
 from ._spec import Priority, SubmitJob, load_spec, parse_spec
-from ._summaries import JobSummary, NodeSummary
+from ._summaries import JobSummary, NodeSummary, RecoverySummary
 
 __all__ = ["Engine", "open_engine"]
 
@@ -128,6 +128,8 @@ class Engine:
         self._nodes: dict[str, ActorRef[Any]] = {}
         self._finished: dict[str, anyio.Event] = {}
         self._scheduler_actor: SchedulerActor | None = None
+        self.recovery = RecoverySummary()
+        """What :func:`open_engine` rebuilt from the journal."""
 
     @property
     def policy(self) -> Policy:
@@ -718,6 +720,13 @@ class Engine:
             self.core.policy.recover(await _history(self.journal))
         _log.info(
             "engine_recovered",
+            jobs=len(jobs),
+            unfinished=len(unfinished),
+            in_doubt=len(in_doubt),
+            nodes=len(known),
+            orphans=orphans,
+        )
+        self.recovery = RecoverySummary(
             jobs=len(jobs),
             unfinished=len(unfinished),
             in_doubt=len(in_doubt),
