@@ -892,7 +892,8 @@ def _parents_first(jobs: list[tuple[JobState, int]]) -> list[tuple[JobState, int
             stack.extend(
                 (d.parent, False)
                 for d in reversed(spec.dependencies)
-                if d.parent in by_id and d.parent not in done
+                # A job's own task-level edges name itself: not a parent to visit first.
+                if d.parent in by_id and d.parent not in done and d.parent != job_id
             )
     return ordered
 
