@@ -40,7 +40,7 @@ from actors.cluster import (
     WireMessage,
     run_coordinator,
 )
-from actors.engine import EngineSettings, JobSummary, read_spec_text
+from actors.engine import EngineSettings, read_spec_text
 from runtime import (
     ConfigurationError,
     Connection,
@@ -63,7 +63,7 @@ from ._client import (
     setting,
     tls_config,
 )
-from ._format import EtaEstimator, format_counts, format_jobs, format_nodes, jobs_json
+from ._format import FINISHED, EtaEstimator, format_jobs, format_nodes, jobs_json, watch_counts
 from ._parsing import parse_counters
 from ._policies import load_event_codecs, load_policy
 from ._security import add_serve_security_arguments, serve_security
@@ -321,8 +321,26 @@ async def _status(args: argparse.Namespace) -> int:
 async def watch_jobs(
     connection: Connection[WireMessage], job_id: str | None, *, interval: float = 0.5
 ) -> None:
-    """Show live progress bars (rich), with each job's running, pending and blocked counts
-    and an ETA, until every watched job has finished."""
+    """Show each job's progress with its running, pending and blocked counts and an ETA
+    until every watched job has finished: live bars (rich) on a terminal, else one line per
+    job whenever it changes (for a log or a pipe)."""
+    eta = EtaEstimator()
+    if not sys.stdout.isatty():
+        shown: dict[str, str] = {}
+        while True:
+            reply = reply_of(await request(connection, StatusRequest(job_id=job_id)), JobsReply)
+            for job in reply.jobs:
+                line = (
+                    f"{job.job_id} {job.status} {job.progress:.0%}  {watch_counts(job)}  "
+                    f"{eta.describe(job, reply.as_of)}"
+                )
+                if shown.get(job.job_id) != line:
+                    shown[job.job_id] = line
+                    print(line, flush=True)
+            if all(job.status in FINISHED for job in reply.jobs):
+                return
+            await anyio.sleep(interval)
+
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     columns = (
@@ -334,14 +352,13 @@ async def watch_jobs(
         TextColumn("{task.fields[eta]}"),
         TimeElapsedColumn(),
     )
-    eta = EtaEstimator()
     with Progress(*columns, refresh_per_second=4) as progress:
         bars: dict[str, Any] = {}
         while True:
             reply = reply_of(await request(connection, StatusRequest(job_id=job_id)), JobsReply)
             for job in reply.jobs:
                 status = job.status
-                counts = format_counts(_watched_counts(job))
+                counts = watch_counts(job)
                 left = eta.describe(job, reply.as_of)
                 if job.job_id not in bars:
                     bars[job.job_id] = progress.add_task(
@@ -354,23 +371,9 @@ async def watch_jobs(
                     counts=counts,
                     eta=left,
                 )
-            if all(job.status in ("completed", "failed", "cancelled") for job in reply.jobs):
+            if all(job.status in FINISHED for job in reply.jobs):
                 return
             await anyio.sleep(interval)
-
-
-def _watched_counts(job: JobSummary) -> dict[str, int]:
-    # What a watcher needs at a glance: what runs, what waits its turn, what waits on another.
-    counts = job.task_counts
-    shown = {
-        "running": counts.get("running", 0) + counts.get("assigned", 0),
-        "pending": counts.get("pending", 0),
-        "blocked": counts.get("blocked", 0),
-    }
-    for extra in ("held", "failed"):
-        if counts.get(extra):
-            shown[extra] = counts[extra]
-    return {k: v for k, v in shown.items() if v or k in ("running", "pending", "blocked")}
 
 
 def configure_cancel(parser: argparse.ArgumentParser) -> None:

@@ -20,6 +20,7 @@ from actors.engine import JobSummary, NodeSummary, TaskSummary, format_size
 from ._parsing import format_elapsed
 
 __all__ = [
+    "FINISHED",
     "EtaEstimator",
     "elapsed_s",
     "format_counts",
@@ -27,9 +28,11 @@ __all__ = [
     "format_nodes",
     "format_progress",
     "jobs_json",
+    "watch_counts",
 ]
 
 FINISHED = ("completed", "failed", "cancelled")
+"""The statuses of a job that has ended."""
 # The counts an operator watches first, in this order; any other status follows.
 _COUNT_ORDER = ("running", "assigned", "pending", "blocked", "held", "completed", "failed")
 
@@ -57,6 +60,21 @@ def format_counts(counts: dict[str, int]) -> str:
     order = [s for s in _COUNT_ORDER if counts.get(s)]
     order += sorted(s for s in counts if s not in _COUNT_ORDER and counts[s])
     return ", ".join(f"{counts[s]} {s}" for s in order) or "no tasks"
+
+
+def watch_counts(job: JobSummary) -> str:
+    """Return what a watcher needs at a glance: what runs, what waits its turn, what waits
+    on another task, and how many are done (``2 running, 5 pending, 1 blocked, 3/11 done``)."""
+    counts = job.task_counts
+    running = counts.get("running", 0) + counts.get("assigned", 0)
+    parts = [
+        f"{running} running",
+        f"{counts.get('pending', 0)} pending",
+        f"{counts.get('blocked', 0)} blocked",
+    ]
+    parts += [f"{counts[s]} {s}" for s in ("held", "failed") if counts.get(s)]
+    parts.append(f"{counts.get('completed', 0)}/{job.tasks_total} done")
+    return ", ".join(parts)
 
 
 def _frames(task: TaskSummary) -> str:

@@ -94,7 +94,10 @@ async def _ask(args: argparse.Namespace, message: ClientRequest) -> Reply:
 
 
 def _print_json(data: Any) -> None:
-    sys.stdout.write(msgspec.json.encode(data).decode() + "\n")
+    plain = msgspec.to_builtins(data)
+    if isinstance(plain, dict):
+        plain.pop("type", None)  # the wire tag of a reply says nothing to a script
+    sys.stdout.write(msgspec.json.encode(plain).decode() + "\n")
 
 
 def _print_job(args: argparse.Namespace, reply: Reply, headline: str) -> int:
