@@ -6,10 +6,17 @@ Domain command modules (``taskfarm render ...``, ``taskfarm science ...``) stay 
 """
 
 from ._agent import main_with_executor
-from ._client import add_client_arguments, ensure_token_file, parse_address, run_policy_command
+from ._client import (
+    RequestError,
+    add_client_arguments,
+    ensure_token_file,
+    parse_address,
+    run_policy_command,
+)
 from ._policies import load_event_codecs, load_policy
 
 __all__ = [
+    "RequestError",
     "add_client_arguments",
     "ensure_token_file",
     "load_event_codecs",
