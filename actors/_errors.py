@@ -12,6 +12,7 @@ __all__ = [
     "DependencyCycleError",
     "DependencyError",
     "ExecutorError",
+    "JobFinishedError",
     "JobNotFoundError",
     "ReportLineError",
     "ResourceError",
@@ -85,6 +86,17 @@ class JobNotFoundError(TaskfarmError):
     def __init__(self, job_id: str) -> None:
         self.job_id = job_id
         super().__init__(f"no job {job_id!r} in this farm")
+
+
+class JobFinishedError(TaskfarmError):
+    """Raised when an operator verb (pause, resume, amend) names a job that has already
+    finished, so there is nothing to act on; ``job_id`` and ``status`` say which and how it
+    ended.  The farm refuses (exit status 1): the input named a real job."""
+
+    def __init__(self, job_id: str, status: str, *, verb: str) -> None:
+        self.job_id = job_id
+        self.status = status
+        super().__init__(f"job {job_id} already {status}: nothing to {verb}")
 
 
 class TaskNotFoundError(TaskfarmError):

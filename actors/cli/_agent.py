@@ -20,6 +20,7 @@ from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 import anyio
+import msgspec
 
 from actors.cluster import (
     AgentConfig,
@@ -30,6 +31,7 @@ from actors.cluster import (
     load_agent_secret,
     run_agent,
 )
+from actors.engine import Resources
 from actors.executors import Executor
 from runtime import (
     AuthenticationError,
@@ -39,6 +41,8 @@ from runtime import (
     load_token,
     tune_gc_for_many_objects,
 )
+
+from ._parsing import parse_counters
 
 __all__ = [
     "config_from_args",
@@ -82,6 +86,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu-memory", metavar="SIZE", help="memory of each GPU, e.g. 24GiB")
     parser.add_argument(
         "--scratch", metavar="SIZE", help="scratch disk to offer (default: free space of work dir)"
+    )
+    parser.add_argument(
+        "--counter",
+        dest="counters",
+        action="append",
+        default=[],
+        metavar="NAME=N",
+        help="a node-local licence counter this host offers, e.g. houdini=2 (repeatable; "
+        "farm-wide ones are serve --counter)",
     )
     parser.add_argument(
         "--label",
@@ -188,6 +201,12 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         gpu_memory=args.gpu_memory,
         scratch=args.scratch,
     )
+    counters = parse_counters(args.counters)
+    if counters:
+        # Built anew (not replaced): the constructor checks and canonicalises counters.
+        fields = msgspec.structs.asdict(capacity)
+        fields["counters"] = tuple(counters.items())
+        capacity = Resources(**fields)
     labels = tuple(dict.fromkeys(check_label(label, where="--label") for label in args.labels))
     if args.tls_key is not None and args.tls_cert is None:
         raise ConfigurationError("--tls-key needs --tls-cert", where="--tls-key")

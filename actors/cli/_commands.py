@@ -1,5 +1,5 @@
 """The coordinator and client commands: ``serve``, ``submit``, ``status``, ``cancel``,
-``nodes``, ``why``, ``logs``.
+``nodes``, ``why``, ``logs`` (the operator verbs are in ``_verbs``).
 
 Clients talk to the coordinator over the same authenticated protocol as agents, with the role
 ``client``.  The address and token default to ``$TASKFARM_COORDINATOR`` (``127.0.0.1:7717``)
@@ -16,28 +16,22 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import anyio
 import msgspec
 
 from actors.cluster import (
-    WIRE_CODEC,
     CancelJobRequest,
-    ClientRequest,
     CoordinatorConfig,
-    ErrorReply,
     JobsReply,
     ListNodesRequest,
     LogsRequest,
     NodesReply,
-    Reply,
     StatusRequest,
     SubmitRequest,
     SubmittedReply,
@@ -46,26 +40,37 @@ from actors.cluster import (
     WireMessage,
     run_coordinator,
 )
-from actors.engine import EngineSettings, JobSummary, format_size, read_spec_text
+from actors.engine import EngineSettings, read_spec_text
 from runtime import (
     ConfigurationError,
     Connection,
     TaskfarmError,
-    TLSConfig,
-    create_token_file,
-    load_token,
-    open_connection,
+    get_logger,
     tune_gc_for_many_objects,
 )
 
-from ._security import (
-    add_client_credential_argument,
-    add_serve_security_arguments,
-    client_credential,
-    serve_security,
+from ._client import (
+    DEFAULT_ADDRESS,
+    DEFAULT_TOKEN_FILE,
+    RequestError,
+    add_client_arguments,
+    blaming,
+    ensure_token_file,
+    open_client,
+    parse_address,
+    reply_of,
+    request,
+    setting,
+    tls_config,
 )
+from ._format import FINISHED, EtaEstimator, format_jobs, format_nodes, jobs_json, watch_counts
+from ._parsing import parse_counters
+from ._policies import load_event_codecs, load_policy
+from ._security import add_serve_security_arguments, serve_security
 
 __all__ = [
+    "AlreadyFinishedError",
+    "RequestError",
     "configure_cancel",
     "configure_logs",
     "configure_nodes",
@@ -74,41 +79,14 @@ __all__ = [
     "configure_submit",
     "configure_why",
     "ensure_token_file",
+    "format_jobs",
     "parse_address",
+    "request",
     "setting",
+    "watch_jobs",
 ]
 
-T = TypeVar("T")
-
-DEFAULT_ADDRESS = "127.0.0.1:7717"
-DEFAULT_TOKEN_FILE = "taskfarm.token"
-
-
-# What the coordinator's refusals mean for the exit status: these kinds blame the request.
-_INPUT_ERRORS = frozenset(
-    {
-        "AccessDeniedError",
-        "ConfigurationError",
-        "DependencyCycleError",
-        "DependencyError",
-        "JobNotFoundError",
-        "ResourceError",
-        "SpecError",
-        "TaskNotFoundError",
-        "UnknownDependencyError",
-    }
-)
-_REPLY_TIMEOUT = 60.0  # seconds for one reply (a submission of a large spec included)
-
-
-class RequestError(TaskfarmError):
-    """Raised when the coordinator refuses a request (the message says why); ``kind`` is the
-    coordinator's error class, and the exit status is 2 when it blames the request, else 1."""
-
-    def __init__(self, message: str, *, kind: str = "") -> None:
-        self.kind = kind
-        self.exit_status = 2 if kind in _INPUT_ERRORS else 1
-        super().__init__(message)
+_log = get_logger("actors.cli")
 
 
 class AlreadyFinishedError(TaskfarmError):
@@ -121,50 +99,6 @@ class AlreadyFinishedError(TaskfarmError):
         self.job_id = job_id
         self.status = status
         super().__init__(f"job {job_id} already {status}: nothing to cancel")
-
-
-def setting(value: str | None, *, flag: str, variable: str, default: str) -> tuple[str, str]:
-    """Return a client setting and what to blame if it is wrong: the flag when given, else
-    the environment variable when set, else the flag (whose default it is)."""
-    if value is not None:
-        return value, flag
-    from_environment = os.environ.get(variable)
-    if from_environment is not None:
-        return from_environment, f"${variable} (environment)"
-    return default, flag
-
-
-def parse_address(text: str, *, where: str) -> tuple[str, int]:
-    """Parse ``HOST:PORT`` (``[v6]:PORT`` too).
-
-    Raises:
-        ConfigurationError: not HOST:PORT, or the port is not 0-65535; ``where`` names the flag.
-    """
-    host, sep, port_text = text.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise ConfigurationError(f"expected HOST:PORT, got {text!r}", where=where)
-    return host, int(port_text)
-
-
-def ensure_token_file(path: str | Path) -> tuple[Path, bytes]:
-    """Return the token file's absolute path and its token, creating it (mode 600) if missing."""
-    absolute = Path(os.path.abspath(path))
-    return absolute, load_token(absolute) if absolute.is_file() else create_token_file(absolute)
-
-
-def _tls(args: argparse.Namespace, *, server: bool) -> TLSConfig | None:
-    ca, cert, key = args.tls_ca, getattr(args, "tls_cert", None), getattr(args, "tls_key", None)
-    if not (ca or cert or key):
-        return None
-    if server and not (cert and key):
-        raise ConfigurationError(
-            "a TLS server needs both --tls-cert and --tls-key", where="--tls-cert"
-        )
-    for flag, value in (("--tls-ca", ca), ("--tls-cert", cert), ("--tls-key", key)):
-        if value and not Path(value).is_file():
-            raise ConfigurationError(f"no such file: {value}", where=flag)
-    return TLSConfig(cafile=ca, certfile=cert, keyfile=key)
 
 
 # -- serve ----------------------------------------------------------------------------------------
@@ -200,6 +134,25 @@ def configure_serve(parser: argparse.ArgumentParser) -> None:
         default=10.0,
         metavar="S",
         help="after a restart, how long agents have to re-claim running work",
+    )
+    parser.add_argument(
+        "--policy",
+        default="fifo",
+        metavar="NAME",
+        help="the scheduling policy, a taskfarm.policies plugin (default: fifo; the engine "
+        "also has priority-preemption)",
+    )
+    parser.add_argument(
+        "--policy-config", metavar="FILE.toml", help="the policy's configuration file"
+    )
+    parser.add_argument(
+        "--counter",
+        dest="counters",
+        action="append",
+        default=[],
+        metavar="NAME=N",
+        help="a farm-wide licence counter, e.g. nuke=10: at most N units in use across every "
+        "node (repeatable; counters not named here are node-local: agent --counter)",
     )
     parser.add_argument("--synchronous", default="FULL", choices=("FULL", "NORMAL"))
     parser.add_argument("--tls-ca", help="CA that signs agent/client certificates (mutual TLS)")
@@ -246,6 +199,9 @@ async def _serve(args: argparse.Namespace) -> int:
     _seconds(args.heartbeat_timeout, where="--heartbeat-timeout", allow_zero=False)
     _seconds(args.restart_grace, where="--restart-grace", allow_zero=True)
     journal = Path(args.journal)
+    counters = parse_counters(args.counters)
+    policy = load_policy(args.policy, Path(args.policy_config) if args.policy_config else None)
+    events = load_event_codecs()
     work_dir = _work_dir(args.work_dir)
     join_token, join_client_role, client_idle = serve_security(args)
     token_file: Path | None = None
@@ -257,7 +213,7 @@ async def _serve(args: argparse.Namespace) -> int:
             variable="TASKFARM_TOKEN_FILE",
             default=DEFAULT_TOKEN_FILE,
         )
-        token_file, token = _blaming(blame, lambda: ensure_token_file(token_path))
+        token_file, token = blaming(blame, lambda: ensure_token_file(token_path))
     config = CoordinatorConfig(
         journal=journal,
         init_journal=args.init,
@@ -266,22 +222,33 @@ async def _serve(args: argparse.Namespace) -> int:
         client_idle_timeout=client_idle,
         host=host,
         port=port,
-        tls=_tls(args, server=True),
+        tls=tls_config(args, server=True),
         work_dir=work_dir,
         local_agents=args.local_agents,
         token_file=token_file,
         heartbeat_interval=max(0.2, args.heartbeat_timeout / 5),
         heartbeat_timeout=args.heartbeat_timeout,
         synchronous=args.synchronous,
-        settings=EngineSettings(restart_grace=args.restart_grace),
+        settings=EngineSettings(restart_grace=args.restart_grace, counters=counters),
+        events=events,
     )
     async with anyio.create_task_group() as tg:
-        coordinator = await tg.start(run_coordinator, config)
+        coordinator = await tg.start(partial(run_coordinator, config, policy=policy))
         print(
             f"taskfarm coordinator on {host}:{coordinator.port}, journal {config.journal}, "
-            f"token {token_file or 'off'}",
+            f"token {token_file or 'off'}, policy {policy.name}",
             flush=True,
         )
+        recovery = coordinator.engine.recovery
+        if recovery.jobs or recovery.nodes:
+            orphans = f", {recovery.orphans} orphaned job(s) ended" if recovery.orphans else ""
+            print(
+                f"recovered {recovery.jobs} job(s) ({recovery.unfinished} unfinished), "
+                f"{recovery.in_doubt} attempt(s) in doubt (their agents have "
+                f"{args.restart_grace:g} s to re-claim them), {recovery.nodes} node(s)"
+                f"{orphans} from {config.journal}",
+                flush=True,
+            )
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for _ in signals:
                 tg.cancel_scope.cancel()
@@ -289,87 +256,13 @@ async def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-# -- the client -----------------------------------------------------------------------------------
-
-
-def _add_client_arguments(parser: argparse.ArgumentParser) -> None:
-    # No argparse defaults: resolved in ``_client``, which knows what to blame for an error.
-    parser.add_argument(
-        "--connect",
-        metavar="HOST:PORT",
-        help="the coordinator (default: $TASKFARM_COORDINATOR or 127.0.0.1:7717)",
-    )
-    parser.add_argument(
-        "--token-file",
-        help="the shared secret (default: $TASKFARM_TOKEN_FILE or ./taskfarm.token)",
-    )
-    add_client_credential_argument(parser)
-    parser.add_argument("--tls-ca", help="CA certificate to verify the coordinator")
-    parser.add_argument("--tls-cert", help="this client's certificate (mutual TLS)")
-    parser.add_argument("--tls-key", help="the key of --tls-cert")
-
-
-@asynccontextmanager
-async def _client(args: argparse.Namespace) -> AsyncIterator[Connection[WireMessage]]:
-    address, blame = setting(
-        args.connect, flag="--connect", variable="TASKFARM_COORDINATOR", default=DEFAULT_ADDRESS
-    )
-    host, port = parse_address(address, where=blame)
-    token: bytes | None = None
-    credential = client_credential(args)
-    if credential is None:
-        token_file, blame = setting(
-            args.token_file,
-            flag="--token-file",
-            variable="TASKFARM_TOKEN_FILE",
-            default=DEFAULT_TOKEN_FILE,
-        )
-        token = _blaming(blame, lambda: load_token(token_file))
-    async with open_connection(
-        host,
-        port,
-        codec=WIRE_CODEC,
-        token=token,
-        credential=credential,
-        name="cli",
-        role="client",
-        tls=_tls(args, server=False),
-    ) as connection:
-        yield connection
-
-
-def _blaming(blame: str, load: Callable[[], T]) -> T:
-    """Run ``load``; a ConfigurationError from it also names where the value came from."""
-    try:
-        return load()
-    except ConfigurationError as error:
-        if blame.startswith("--"):
-            raise
-        raise ConfigurationError(str(error), where=blame) from None
-
-
-async def request(connection: Connection[WireMessage], message: ClientRequest) -> Reply:
-    """Send one request and return its reply.
-
-    Raises:
-        RequestError: the coordinator refused it (the message says why), or did not answer
-            within a minute.
-    """
-    await connection.send(message)
-    with anyio.move_on_after(_REPLY_TIMEOUT):
-        reply = await connection.receive()
-        if isinstance(reply, ErrorReply):
-            raise RequestError(reply.error, kind=reply.kind)
-        return reply  # type: ignore[return-value]
-    raise RequestError(
-        f"the coordinator at {connection.peer} did not answer within {_REPLY_TIMEOUT:g} s"
-    )
+# -- the client commands -------------------------------------------------------------------
 
 
 def configure_submit(parser: argparse.ArgumentParser) -> None:
     """Add ``submit``'s arguments."""
     parser.add_argument("spec", help="a TOML or JSON job spec file")
-    _add_client_arguments(parser)
+    add_client_arguments(parser)
     parser.set_defaults(handler=_submit)
 
 
@@ -380,167 +273,190 @@ async def _submit(args: argparse.Namespace) -> int:
         raise ConfigurationError(f"{path}: a spec file ends in .toml or .json", where="SPEC")
     # Read (bounded, UTF-8 checked) before connecting: a bad file is named, the farm untouched.
     text = await anyio.to_thread.run_sync(read_spec_text, path)
-    async with _client(args) as connection:
+    async with open_client(args) as connection:
         reply = await request(
             connection, SubmitRequest(text=text, format=suffix[1:], source=str(path))
         )
-    assert isinstance(reply, SubmittedReply)
-    for job_id in reply.job_ids:
+    for job_id in reply_of(reply, SubmittedReply).job_ids:
         print(job_id)
     return 0
 
 
 def configure_status(parser: argparse.ArgumentParser) -> None:
     """Add ``status``'s arguments."""
-    parser.add_argument("job", nargs="?", help="one job (default: all)")
+    parser.add_argument("job", nargs="?", help="one job, with its tasks (default: all jobs)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
-    parser.add_argument("--watch", action="store_true", help="live progress bars until done")
-    _add_client_arguments(parser)
+    parser.add_argument(
+        "--tasks",
+        action="store_true",
+        help="with no JOB: include every job's tasks (and metric series) too",
+    )
+    parser.add_argument(
+        "--watch",
+        action="store_true",
+        help="live progress: running, pending and blocked counts and an ETA, until done",
+    )
+    add_client_arguments(parser)
     parser.set_defaults(handler=_status)
 
 
 async def _status(args: argparse.Namespace) -> int:
-    async with _client(args) as connection:
+    with_tasks = args.job is not None or args.tasks
+    async with open_client(args) as connection:
         if args.watch:
             await watch_jobs(connection, args.job)
             return 0
-        reply = await request(connection, StatusRequest(job_id=args.job))
-    assert isinstance(reply, JobsReply)
+        reply = reply_of(
+            await request(connection, StatusRequest(job_id=args.job, tasks=args.tasks)),
+            JobsReply,
+        )
     if args.json:
-        sys.stdout.write(msgspec.json.encode(reply.jobs).decode() + "\n")
+        data = jobs_json(reply.jobs, as_of=reply.as_of, with_tasks=with_tasks)
+        sys.stdout.write(msgspec.json.encode(data).decode() + "\n")
     else:
-        print(format_jobs(reply.jobs))
+        print(format_jobs(reply.jobs, as_of=reply.as_of))
     return 0
 
 
-def format_jobs(jobs: tuple[JobSummary, ...] | list[JobSummary]) -> str:
-    """Render job summaries as a table (and a job's tasks, when present)."""
-    lines = [f"{'JOB':<24} {'STATUS':<11} {'PRIORITY':<9} {'PROGRESS':>8}  TASKS"]
-    for job in jobs:
-        counts = " ".join(f"{k}={v}" for k, v in sorted(job.task_counts.items()))
-        lines.append(
-            f"{job.job_id:<24} {job.status:<11} {job.priority:<9} {job.progress:>7.0%}  {counts}"
-        )
-        if job.reason:
-            lines.append(f"    reason: {job.reason}")
-        lines.extend(
-            f"    task {task.index:>4} {task.status:<10} attempt {task.attempt} "
-            f"{task.progress:>5.0%} {task.node or '-'}"
-            + (f"  {task.last_error}" if task.last_error else "")
-            for task in job.tasks
-        )
-    return "\n".join(lines)
+async def watch_jobs(
+    connection: Connection[WireMessage], job_id: str | None, *, interval: float = 0.5
+) -> None:
+    """Show each job's progress with its running, pending and blocked counts and an ETA
+    until every watched job has finished: live bars (rich) on a terminal, else one line per
+    job whenever it changes (for a log or a pipe)."""
+    eta = EtaEstimator()
+    if not sys.stdout.isatty():
+        shown: dict[str, str] = {}
+        while True:
+            reply = reply_of(await request(connection, StatusRequest(job_id=job_id)), JobsReply)
+            for job in reply.jobs:
+                line = (
+                    f"{job.job_id} {job.status} {job.progress:.0%}  {watch_counts(job)}  "
+                    f"{eta.describe(job, reply.as_of)}"
+                )
+                if shown.get(job.job_id) != line:
+                    shown[job.job_id] = line
+                    print(line, flush=True)
+            if all(job.status in FINISHED for job in reply.jobs):
+                return
+            await anyio.sleep(interval)
 
-
-async def watch_jobs(connection: Connection[WireMessage], job_id: str | None) -> None:
-    """Show live progress bars (rich) until every watched job has finished."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     columns = (
-        TextColumn("{task.description:<28}"),
+        TextColumn("{task.description:<24}"),
         BarColumn(),
         TextColumn("{task.percentage:>5.1f}%"),
         TextColumn("{task.fields[status]:<10}"),
+        TextColumn("{task.fields[counts]}"),
+        TextColumn("{task.fields[eta]}"),
         TimeElapsedColumn(),
     )
     with Progress(*columns, refresh_per_second=4) as progress:
         bars: dict[str, Any] = {}
         while True:
-            reply = await request(connection, StatusRequest(job_id=job_id))
-            assert isinstance(reply, JobsReply)
+            reply = reply_of(await request(connection, StatusRequest(job_id=job_id)), JobsReply)
             for job in reply.jobs:
+                status = job.status
+                counts = watch_counts(job)
+                left = eta.describe(job, reply.as_of)
                 if job.job_id not in bars:
-                    bars[job.job_id] = progress.add_task(job.name, total=100, status=job.status)
-                progress.update(bars[job.job_id], completed=job.progress * 100, status=job.status)
-            if all(job.status in ("completed", "failed", "cancelled") for job in reply.jobs):
+                    bars[job.job_id] = progress.add_task(
+                        job.job_id, total=100, status=status, counts=counts, eta=left
+                    )
+                progress.update(
+                    bars[job.job_id],
+                    completed=job.progress * 100,
+                    status=status,
+                    counts=counts,
+                    eta=left,
+                )
+            if all(job.status in FINISHED for job in reply.jobs):
                 return
-            await anyio.sleep(0.5)
+            await anyio.sleep(interval)
 
 
 def configure_cancel(parser: argparse.ArgumentParser) -> None:
     """Add ``cancel``'s arguments."""
     parser.add_argument("job")
     parser.add_argument("--reason", default="cancelled by user")
-    _add_client_arguments(parser)
+    add_client_arguments(parser)
     parser.set_defaults(handler=_cancel)
 
 
 async def _cancel(args: argparse.Namespace) -> int:
-    async with _client(args) as connection:
+    async with open_client(args) as connection:
         reply = await request(connection, CancelJobRequest(job_id=args.job, reason=args.reason))
-    assert isinstance(reply, JobsReply)
-    (job,) = reply.jobs
+    (job,) = reply_of(reply, JobsReply).jobs
     # A finished job's summary comes back unchanged: say that nothing was cancelled.  (One
     # cancelled before stays "cancelled": cancelling is idempotent.)
     if job.status in ("completed", "failed"):
         raise AlreadyFinishedError(job.job_id, job.status)
-    print(format_jobs(reply.jobs))
+    print(format_jobs((job,)))
     return 0
 
 
 def configure_nodes(parser: argparse.ArgumentParser) -> None:
     """Add ``nodes``'s arguments."""
     parser.add_argument("--json", action="store_true")
-    _add_client_arguments(parser)
+    add_client_arguments(parser)
     parser.set_defaults(handler=_nodes)
 
 
 async def _nodes(args: argparse.Namespace) -> int:
-    async with _client(args) as connection:
-        reply = await request(connection, ListNodesRequest())
-    assert isinstance(reply, NodesReply)
+    async with open_client(args) as connection:
+        reply = reply_of(await request(connection, ListNodesRequest()), NodesReply)
     if args.json:
         sys.stdout.write(msgspec.json.encode(reply.nodes).decode() + "\n")
-        return 0
-    header = ("NODE", "HEALTH", "RUNNING", "CORES FREE", "MEMORY FREE")
-    print(
-        f"{header[0]:<20} {header[1]:<12} {header[2]:>7}  {header[3]:>12}  {header[4]:>18}  LABELS"
-    )
-    for node in reply.nodes:
-        cores = f"{node.free.cores:g}/{node.capacity.cores:g}"
-        memory = f"{format_size(node.free.memory)}/{format_size(node.capacity.memory)}"
-        print(
-            f"{node.name:<20} {node.health:<12} {node.running:>7}  {cores:>12}  {memory:>18}  "
-            f"{','.join(node.labels)}"
-        )
+    else:
+        print(format_nodes(reply.nodes))
     return 0
 
 
 def configure_why(parser: argparse.ArgumentParser) -> None:
     """Add ``why``'s arguments."""
     parser.add_argument("job")
-    _add_client_arguments(parser)
+    add_client_arguments(parser)
     parser.set_defaults(handler=_why)
 
 
 async def _why(args: argparse.Namespace) -> int:
-    async with _client(args) as connection:
+    async with open_client(args) as connection:
         reply = await request(connection, WhyRequest(job_id=args.job))
-    assert isinstance(reply, TextReply)
-    print(reply.text)
+    print(reply_of(reply, TextReply).text)
     return 0
 
 
 def configure_logs(parser: argparse.ArgumentParser) -> None:
     """Add ``logs``'s arguments."""
     parser.add_argument("job")
-    parser.add_argument("task", nargs="?", type=int)
-    parser.add_argument("--attempt", type=int)
-    _add_client_arguments(parser)
+    parser.add_argument(
+        "task", nargs="?", help="a task's name (stage-2, a chunk 11-20) or index (default: all)"
+    )
+    parser.add_argument(
+        "--attempt",
+        type=int,
+        help="which attempt (default: the latest); any attempt that ran, cancelled ones too",
+    )
+    add_client_arguments(parser)
     parser.set_defaults(handler=_logs)
 
 
 async def _logs(args: argparse.Namespace) -> int:
-    if args.task is not None and args.task < 0:
-        raise ConfigurationError(f"a task number is 0 or more, got {args.task}", where="TASK")
+    task: str | None = args.task
+    if task is not None and (not task.strip() or task.startswith("-")):
+        raise ConfigurationError(
+            f"a task is a name or an index of 0 or more, got {task!r}", where="TASK"
+        )
     if args.attempt is not None and args.attempt < 1:
         raise ConfigurationError(
             f"attempts are numbered from 1, got {args.attempt}", where="--attempt"
         )
-    async with _client(args) as connection:
+    if args.attempt is not None and task is None:
+        raise ConfigurationError("--attempt needs a TASK", where="--attempt")
+    async with open_client(args) as connection:
         reply = await request(
-            connection, LogsRequest(job_id=args.job, task=args.task, attempt=args.attempt)
+            connection, LogsRequest(job_id=args.job, task=task, attempt=args.attempt)
         )
-    assert isinstance(reply, TextReply)
-    print(reply.text)
+    print(reply_of(reply, TextReply).text)
     return 0

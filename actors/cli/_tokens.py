@@ -36,7 +36,7 @@ from actors.cluster import (
 from persistence import open_sqlite_journal
 from runtime import ConfigurationError, Credential, SystemClock, write_private_file
 
-from ._commands import _add_client_arguments, _client, request
+from ._client import add_client_arguments, open_client, request
 
 __all__ = ["configure"]
 
@@ -88,7 +88,7 @@ def _add_target_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="DB",
         help="change the journal file directly (offline) instead of asking the coordinator",
     )
-    _add_client_arguments(parser)
+    add_client_arguments(parser)
 
 
 def _credential_to_issue(args: argparse.Namespace) -> tuple[Credential, Role | None]:
@@ -132,7 +132,7 @@ async def _issue(args: argparse.Namespace) -> int:
             )
     else:
         message = IssueCredentialRequest.of(credential, role=role, replace=args.replace)
-        async with _client(args) as connection:
+        async with open_client(args) as connection:
             reply = await request(connection, message)
         assert isinstance(reply, IssuedCredentialReply)
     if args.out is not None:
@@ -150,7 +150,7 @@ async def _revoke(args: argparse.Namespace) -> int:
             record = await store.revoke(message.name, by=_offline_by())
         print(f"revoked the {record.kind} credential of {message.name}")
         return 0
-    async with _client(args) as connection:
+    async with open_client(args) as connection:
         reply = await request(connection, message)
     assert isinstance(reply, TextReply)
     print(reply.text)
@@ -162,7 +162,7 @@ async def _list(args: argparse.Namespace) -> int:
         async with _offline(args.journal) as store:
             infos = tuple(record.info() for record in store.records())
     else:
-        async with _client(args) as connection:
+        async with open_client(args) as connection:
             reply = await request(connection, ListCredentialsRequest())
         assert isinstance(reply, CredentialsReply)
         infos = reply.credentials

@@ -5,6 +5,11 @@ it may.  A rule names the weakest role that may send a request; a rule with ``an
 that role act only on jobs its principal submitted, and ``any_job`` (or stronger) on any job.
 Add a row for every new request kind: a request without one is refused to everyone but
 ``admin`` (and a test checks that every request of the protocol has a row).
+
+A policy's domain commands (``PolicyCommandRequest``) are guarded per command: the policy's
+``command_roles`` names the role of each (``{"deadline": "submit"}``); a command it does not
+list needs the row's role, ``operator``.  A role name the protocol does not know is read as
+``admin`` (a typo in a policy must not open a command to everyone).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from typing import Literal
 from runtime import Message, Principal
 
 from ._credentials import (
+    ROLES,
     IssueCredentialRequest,
     ListCredentialsRequest,
     RevokeCredentialRequest,
@@ -23,9 +29,17 @@ from ._credentials import (
     role_rank,
 )
 from ._protocol import (
+    AmendJobRequest,
     CancelJobRequest,
+    CheckpointTaskRequest,
     ListNodesRequest,
     LogsRequest,
+    PauseJobRequest,
+    PolicyCommandRequest,
+    PreemptTaskRequest,
+    ResumeJobRequest,
+    RetryTasksRequest,
+    SetNodeHealthRequest,
     StatusRequest,
     SubmitRequest,
     WhyRequest,
@@ -52,6 +66,16 @@ ACCESS: Mapping[type[Message], Rule] = {
     # submit: its own jobs
     SubmitRequest: Rule("submit"),
     CancelJobRequest: Rule("submit", any_job="operator"),
+    # operator: job and node verbs, on any job
+    AmendJobRequest: Rule("operator"),
+    PauseJobRequest: Rule("operator"),
+    ResumeJobRequest: Rule("operator"),
+    RetryTasksRequest: Rule("operator"),
+    CheckpointTaskRequest: Rule("operator"),
+    PreemptTaskRequest: Rule("operator"),
+    SetNodeHealthRequest: Rule("operator"),
+    # a policy's domain commands: per command, from the policy's ``command_roles``
+    PolicyCommandRequest: Rule("operator"),
     # admin: who may connect
     IssueCredentialRequest: Rule("admin"),
     RevokeCredentialRequest: Rule("admin"),
@@ -65,14 +89,22 @@ Decision = Literal["allow", "own", "deny"]
 """``own``: allowed if the job the request names was submitted by the principal."""
 
 
-def rule_for(request: Message) -> Rule:
-    """Return the rule of ``request``'s kind (``admin`` only for a kind without a row)."""
-    return ACCESS.get(type(request), _UNLISTED)
+def rule_for(request: Message, command_roles: Mapping[str, str] | None = None) -> Rule:
+    """Return the rule of ``request``'s kind (``admin`` only for a kind without a row); a
+    policy command's from ``command_roles`` (the policy's), when it names the command."""
+    rule = ACCESS.get(type(request), _UNLISTED)
+    if isinstance(request, PolicyCommandRequest) and command_roles:
+        named = command_roles.get(request.name)
+        if named is not None:
+            rule = Rule(named if named in ROLES else "admin")
+    return rule
 
 
-def decide(principal: Principal, request: Message) -> Decision:
+def decide(
+    principal: Principal, request: Message, command_roles: Mapping[str, str] | None = None
+) -> Decision:
     """Decide from the principal's role alone; ``own`` leaves the job's owner to check."""
-    rule = rule_for(request)
+    rule = rule_for(request, command_roles)
     rank = role_rank(principal.grant)
     if rank < role_rank(rule.role):
         return "deny"
@@ -83,5 +115,7 @@ def decide(principal: Principal, request: Message) -> Decision:
 
 def describe_request(request: Message) -> str:
     """Return a request kind as a verb for messages (``client.cancel`` -> ``cancel``)."""
+    if isinstance(request, PolicyCommandRequest):
+        return f"run the policy command {request.name!r}"
     tag = type(request).__struct_config__.tag
     return str(tag).removeprefix("client.").replace("_", " ")

@@ -26,6 +26,7 @@ import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal, assert_never, get_args
 
@@ -33,7 +34,7 @@ import anyio
 import msgspec
 from anyio.abc import TaskStatus
 
-from actors._errors import AccessDeniedError, TaskNotFoundError
+from actors._errors import AccessDeniedError, JobFinishedError, TaskNotFoundError
 from actors.engine import (
     ENGINE_CODEC,
     Engine,
@@ -41,6 +42,7 @@ from actors.engine import (
     NodeSummary,
     Policy,
     TaskAssigned,
+    TaskSummary,
     job_stream,
     open_engine,
 )
@@ -80,8 +82,10 @@ from ._credentials import (
 )
 from ._protocol import (
     AgentHello,
+    AmendJobRequest,
     CancelAttempt,
     CancelJobRequest,
+    CheckpointTaskRequest,
     ClientRequest,
     CoordinatorInbound,
     ErrorReply,
@@ -91,11 +95,20 @@ from ._protocol import (
     LogChunk,
     LogsRequest,
     NodesReply,
+    PauseJobRequest,
+    PolicyCommandRequest,
+    PolicyReply,
+    PreemptTaskRequest,
     Reply,
     Report,
+    ResumeJobRequest,
+    RetriedReply,
+    RetryTasksRequest,
+    SetNodeHealthRequest,
     StatusRequest,
     SubmitRequest,
     SubmittedReply,
+    TaskVerbReply,
     TextReply,
     Welcome,
     WhyRequest,
@@ -121,7 +134,8 @@ WIRE_CODEC: FrameCodec[WireMessage] = FrameCodec(WireMessage)
 _INBOUND_CODEC: FrameCodec[WireMessage] = FrameCodec(CoordinatorInbound)
 
 COORDINATOR_CODEC = EventCodec()
-"""Every event a coordinator journals: the engine's and the credentials'."""
+"""Every event a coordinator journals: the engine's and the credentials' (a policy's domain
+events are added per coordinator: ``CoordinatorConfig.events``)."""
 COORDINATOR_CODEC.update(ENGINE_CODEC)
 COORDINATOR_CODEC.update(AUTH_CODEC)
 
@@ -154,6 +168,9 @@ class CoordinatorConfig:
     heartbeat_timeout: float = 5.0
     synchronous: Literal["OFF", "NORMAL", "FULL", "EXTRA"] = "FULL"
     settings: EngineSettings = field(default_factory=EngineSettings)
+    # Domain event codecs (the ``taskfarm.events`` plugins) merged into the journal's codec,
+    # so a policy's command events can be journaled and read back.
+    events: tuple[EventCodec, ...] = ()
 
 
 class Coordinator:
@@ -432,10 +449,11 @@ class Coordinator:
             JobNotFoundError: a job-scoped request names no job (own-jobs roles only).
         """
         principal = _principal(connection)
-        decision = decide(principal, request)
+        roles = self.engine.policy.command_roles
+        decision = decide(principal, request, roles)
         if decision == "allow":
             return
-        rule = rule_for(request)
+        rule = rule_for(request, roles)
         verb = describe_request(request)
         role = principal.grant or "none"
         job_id: str | None = getattr(request, "job_id", None)
@@ -482,9 +500,9 @@ class Coordinator:
                 owner = principal.name if principal.method == "credential" else None
                 ids = await engine.submit_text(text, fmt=fmt, source=source, owner=owner)
                 return SubmittedReply(job_ids=tuple(ids))
-            case StatusRequest(job_id=job_id):
-                jobs = await engine.status(job_id, tasks=job_id is not None)
-                return JobsReply(jobs=tuple(jobs))
+            case StatusRequest(job_id=job_id, tasks=tasks):
+                jobs = await engine.status(job_id, tasks=tasks or job_id is not None)
+                return JobsReply(jobs=tuple(jobs), as_of=self.clock.now())
             case CancelJobRequest(job_id=job_id, reason=reason):
                 return JobsReply(jobs=(await engine.cancel(job_id, reason=reason),))
             case ListNodesRequest():
@@ -497,6 +515,17 @@ class Coordinator:
                 return TextReply(text=await engine.why(job_id))
             case LogsRequest(job_id=job_id, task=task, attempt=attempt):
                 return TextReply(text=await self._logs(job_id, task, attempt))
+            case (
+                AmendJobRequest()
+                | PauseJobRequest()
+                | ResumeJobRequest()
+                | RetryTasksRequest()
+                | CheckpointTaskRequest()
+                | PreemptTaskRequest()
+                | SetNodeHealthRequest()
+                | PolicyCommandRequest()
+            ):
+                return await self._verb(request)
             case IssueCredentialRequest(kind=kind, name=name, role=role, replace=replace):
                 record = await self.credentials.register(
                     kind=kind,
@@ -517,47 +546,162 @@ class Coordinator:
             case _:
                 assert_never(request)
 
-    async def _logs(self, job_id: str, task: int | None, attempt: int | None) -> str:
-        (summary,) = await self.engine.status(job_id, tasks=True)
-        tasks = [t for t in summary.tasks if task is None or t.index == task]
-        if task is not None and not tasks:
-            raise TaskNotFoundError(
-                f"job {job_id} has no task {task} (it has {len(summary.tasks)}, numbered from 0)",
-                job_id=job_id,
-                task=task,
-            )
-        parts = []
-        for info in tasks:
-            number = attempt or info.attempt
-            if task is not None and attempt is not None and not 1 <= attempt <= info.attempt:
-                # The one attempt asked for does not exist: an error, not an empty answer.
-                ran = f"attempts 1-{info.attempt}" if info.attempt else "no attempt has run yet"
-                raise TaskNotFoundError(
-                    f"task {task} of job {job_id} has no attempt {attempt} ({ran})",
+    async def _verb(
+        self,
+        request: AmendJobRequest
+        | PauseJobRequest
+        | ResumeJobRequest
+        | RetryTasksRequest
+        | CheckpointTaskRequest
+        | PreemptTaskRequest
+        | SetNodeHealthRequest
+        | PolicyCommandRequest,
+    ) -> Reply:
+        """Run an operator verb or a policy command (the engine journals each)."""
+        engine = self.engine
+        now = self.clock.now()
+        match request:
+            case AmendJobRequest(job_id=job_id, priority=priority, metadata=metadata):
+                values = {
+                    key: _json_value(text, where=f"--set {key}") for key, text in metadata.items()
+                }
+                if priority is None and not values:
+                    raise ConfigurationError("nothing to change", where="--priority/--set")
+                await self._live(job_id, "amend")
+                summary = await engine.amend(job_id, priority=priority, set_metadata=values)
+                return JobsReply(jobs=(summary,), as_of=now)
+            case PauseJobRequest(job_id=job_id, mode=mode, reason=reason):
+                await self._live(job_id, "pause")
+                summary = await engine.pause(job_id, mode=mode, reason=reason)
+                return JobsReply(jobs=(summary,), as_of=now)
+            case ResumeJobRequest(job_id=job_id, reason=reason):
+                await self._live(job_id, "resume")
+                summary = await engine.resume(job_id, reason=reason)
+                return JobsReply(jobs=(summary,), as_of=now)
+            case RetryTasksRequest(job_id=job_id, tasks=tasks, reason=reason):
+                chosen = await engine.retry(job_id, tasks, reason=reason)
+                (summary,) = await engine.status(job_id, tasks=bool(chosen))
+                return RetriedReply(
                     job_id=job_id,
-                    task=task,
-                    attempt=attempt,
+                    tasks=tuple(chosen),
+                    names=tuple(_task_label(summary.tasks[i]) for i in chosen),
                 )
-            if not info.attempt or info.node is None:
-                parts.append(f"== task {info.index}: no attempt has run yet")
-                continue
-            if not 1 <= number <= info.attempt:
-                parts.append(f"== task {info.index}: no attempt {number} (latest {info.attempt})")
-                continue
-            # An earlier attempt may have run on another node: its log lives there.
-            node = info.node if number == info.attempt else None
-            if node is None:
-                node = await self._attempt_node(job_id, info.index, number)
-            executor = self._executors.get(node) if node is not None else None
-            text = None
-            if executor is not None and executor.attached:
+            case CheckpointTaskRequest(job_id=job_id, task=task):
+                index = await engine.task_index(job_id, task)
+                done = await engine.checkpoint(job_id, index)
+                return TaskVerbReply(job_id=job_id, task=index, name=str(task), done=done)
+            case PreemptTaskRequest(job_id=job_id, task=task, reason=reason):
+                index = await engine.task_index(job_id, task)
+                done = await engine.preempt(job_id, index, reason=reason)
+                return TaskVerbReply(job_id=job_id, task=index, name=str(task), done=done)
+            case SetNodeHealthRequest(node=node, health=health, reason=reason):
+                nodes = {summary.name: summary for summary in await engine.nodes()}
+                if node not in nodes:
+                    known = ", ".join(sorted(nodes)[:20]) or "none yet"
+                    raise ConfigurationError(
+                        f"no node named {node!r} (nodes: {known})", where="NODE"
+                    )
+                at = request.at
+                if request.after_s is not None:
+                    at = now + timedelta(seconds=request.after_s)
+                if at is not None:
+                    if at.tzinfo is None:
+                        raise ConfigurationError("a time needs a timezone", where="--at")
+                    if at <= now:
+                        raise ConfigurationError(
+                            f"{at.isoformat()} is not in the future (the coordinator's time is "
+                            f"{now.isoformat()}); drain now without --at",
+                            where="--at",
+                        )
+                await engine.set_node_health(node, health, reason=reason, at=at)
+                changed = [summary for summary in await engine.nodes() if summary.name == node]
+                return NodesReply(nodes=tuple(changed))
+            case PolicyCommandRequest(name=name, arguments=text):
+                arguments = _json_value(text, where="arguments")
+                if not isinstance(arguments, dict):
+                    raise ConfigurationError(
+                        f"the arguments of a policy command are a JSON object, got {text[:80]!r}",
+                        where="arguments",
+                    )
+                result = await engine.policy_command(name, arguments)
                 try:
-                    text = await executor.read_log(job_id, str(info.index), number)
-                except TaskfarmError as error:
-                    text = f"(could not read the log from {node}: {error})"
-            header = f"== task {info.index}, attempt {number}, on {node or 'an unknown node'}"
-            parts.append(f"{header}\n{text if text is not None else '(log not available)'}")
-        return "\n".join(parts)
+                    encoded = msgspec.json.encode(result).decode()
+                except (TypeError, msgspec.EncodeError) as error:
+                    raise TaskfarmError(
+                        f"the policy command {name!r} returned what JSON cannot carry: {error}"
+                    ) from None
+                return PolicyReply(result=encoded)
+            case _:
+                assert_never(request)
+
+    async def _live(self, job_id: str, verb: str) -> None:
+        """Refuse a verb on a job that has finished (the farm's refusal, not bad input).
+
+        Raises:
+            JobNotFoundError: no such job.  JobFinishedError: it has finished.
+        """
+        (summary,) = await self.engine.status(job_id)
+        if summary.status in ("completed", "failed", "cancelled"):
+            raise JobFinishedError(job_id, summary.status, verb=verb)
+
+    async def _logs(self, job_id: str, task: int | str | None, attempt: int | None) -> str:
+        engine = self.engine
+        if task is None:
+            (summary,) = await engine.status(job_id, tasks=True)
+            parts = []
+            for info in summary.tasks:
+                if not info.attempt:
+                    parts.append(f"== task {_task_label(info)}: no attempt has run yet")
+                    continue
+                parts.append(await self._attempt_log(job_id, info, info.attempt))
+            return "\n".join(parts)
+        index = await engine.task_index(job_id, task)
+        (summary,) = await engine.status(job_id, tasks=True)
+        info = summary.tasks[index]
+        label = _task_label(info)
+        if not info.attempt:
+            raise TaskNotFoundError(
+                f"task {label} of job {job_id} has not run yet: it has no attempt, so no log",
+                job_id=job_id,
+                task=index,
+                attempt=attempt,
+            )
+        number = attempt or info.attempt
+        if not 1 <= number <= info.attempt:
+            raise TaskNotFoundError(
+                f"task {label} of job {job_id} has no attempt {number} "
+                f"(attempt{'s 1-' if info.attempt > 1 else ' '}{info.attempt} ran)",
+                job_id=job_id,
+                task=index,
+                attempt=number,
+            )
+        return await self._attempt_log(job_id, info, number)
+
+    async def _attempt_log(self, job_id: str, info: TaskSummary, number: int) -> str:
+        """Fetch one attempt's log from the node it ran on (kept for every attempt)."""
+        node = info.nodes[number - 1] if number <= len(info.nodes) else None
+        if not node:
+            node = await self._attempt_node(job_id, info.index, number)
+        label = _task_label(info)
+        if not node:
+            raise TaskNotFoundError(
+                f"attempt {number} of task {label} of job {job_id} never ran on a node",
+                job_id=job_id,
+                task=info.index,
+                attempt=number,
+            )
+        executor = self._executors.get(node)
+        text: str | None
+        if executor is None or not executor.attached:
+            text = f"(log not available: the agent of node {node} is not connected)"
+        else:
+            try:
+                text = await executor.read_log(job_id, str(info.index), number)
+            except TaskfarmError as error:
+                text = f"(could not read the log from {node}: {error})"
+            if text is None:
+                text = f"(no log for this attempt on {node}: it wrote none, or it was removed)"
+        return f"== task {label}, attempt {number}, on {node}\n{text}"
 
     async def _attempt_node(self, job_id: str, task: int, attempt: int) -> str | None:
         """Return the node an attempt was assigned to, as journaled."""
@@ -774,6 +918,23 @@ class Coordinator:
         registry.unlink(missing_ok=True)
 
 
+def _task_label(task: TaskSummary) -> str:
+    """Name a task as an operator knows it: its name (``stage-2``, a chunk ``11-20``)."""
+    return task.name or str(task.index)
+
+
+def _json_value(text: str, *, where: str) -> Any:
+    """Decode a JSON document a client sent.
+
+    Raises:
+        ConfigurationError: it is not JSON (``where`` names the flag or field).
+    """
+    try:
+        return msgspec.json.decode(text)
+    except msgspec.DecodeError as error:
+        raise ConfigurationError(f"not JSON: {error}", where=where) from None
+
+
 def _principal(connection: Connection[WireMessage]) -> Principal:
     principal = connection.principal
     if principal is None:  # a connection the server did not authenticate: a bug, not a peer
@@ -867,11 +1028,17 @@ async def _open_coordinator(
     config: CoordinatorConfig, *, clock: Clock, policy: Policy | None
 ) -> AsyncIterator[Coordinator]:
     settings = config.settings
+    codec = COORDINATOR_CODEC
+    if config.events:
+        codec = EventCodec()
+        codec.update(COORDINATOR_CODEC)
+        for extra in config.events:
+            codec.update(extra)  # a conflicting tag is a ConfigurationError naming it
     async with (
         open_sqlite_journal(
             config.journal,
             clock=clock,
-            codec=COORDINATOR_CODEC,
+            codec=codec,
             synchronous=config.synchronous,
             create="if_missing_or_empty" if config.init_journal else "if_missing",
         ) as journal,
@@ -882,6 +1049,17 @@ async def _open_coordinator(
     ):
         coordinator = Coordinator(config=config, engine=engine, clock=clock)
         await coordinator.credentials.load()
+        recovery = engine.recovery
+        if recovery.jobs or recovery.nodes:
+            _log.info(
+                "coordinator_recovered",
+                jobs=recovery.jobs,
+                unfinished=recovery.unfinished,
+                in_doubt=recovery.in_doubt,
+                nodes=recovery.nodes,
+                orphans=recovery.orphans,
+                journal=str(config.journal),
+            )
         # The block's own exception is re-raised as itself.  (Cancelling the task group while
         # the server was still closing used to turn it into a cancellation that the task group
         # then swallowed: a failing block looked like a clean exit.)

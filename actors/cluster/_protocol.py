@@ -12,7 +12,10 @@ Agent conversation::
     agent -> Heartbeat | Report(sequence, report) | LogChunk
     coord -> ReportAck(sequence)     (the agent drops acknowledged reports from its outbox)
 
-Client conversation: one request, one reply (``Reply`` or ``ErrorReply``).
+Client conversation: one request, one reply (``Reply`` or ``ErrorReply``).  Operator verbs
+(``amend``, ``pause``, ``resume``, ``retry``, ``checkpoint``, ``preempt``, ``node ...``) and a
+policy's domain commands (``PolicyCommandRequest``, arguments and result as JSON text) are
+requests like any other; :mod:`._access` says who may send each.
 
 What the coordinator decodes (``CoordinatorInbound``) is bounded beyond the frame limit:
 every string and container a peer sends has a maximum length, checked while decoding, so a
@@ -21,7 +24,8 @@ every string and container a peer sends has a maximum length, checked while deco
 
 from __future__ import annotations
 
-from typing import Annotated
+from datetime import datetime
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -40,9 +44,11 @@ from ._credentials import (
 __all__ = [
     "AgentHello",
     "AgentToCoordinator",
+    "AmendJobRequest",
     "CancelAttempt",
     "CancelJobRequest",
     "CheckpointAttempt",
+    "CheckpointTaskRequest",
     "ClientRequest",
     "CoordinatorInbound",
     "CoordinatorToAgent",
@@ -53,14 +59,23 @@ __all__ = [
     "LogChunk",
     "LogsRequest",
     "NodesReply",
+    "PauseJobRequest",
+    "PolicyCommandRequest",
+    "PolicyReply",
+    "PreemptTaskRequest",
     "ReadLog",
     "Reply",
     "Report",
     "ReportAck",
+    "ResumeJobRequest",
+    "RetriedReply",
+    "RetryTasksRequest",
     "RunAttempt",
+    "SetNodeHealthRequest",
     "StatusRequest",
     "SubmitRequest",
     "SubmittedReply",
+    "TaskVerbReply",
     "TextReply",
     "Welcome",
     "WhyRequest",
@@ -73,6 +88,10 @@ Sequence_ = Annotated[int, msgspec.Meta(ge=1)]
 _Identifier = Annotated[str, msgspec.Meta(max_length=256)]  # a job id (a name, or renamed)
 _Short = Annotated[str, msgspec.Meta(max_length=4096)]  # a reason, a file name
 _Index = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]
+_Attempt = Annotated[int, msgspec.Meta(ge=1, le=2**31 - 1)]
+_Json = Annotated[str, msgspec.Meta(max_length=1024 * 1024)]  # a JSON document, as text
+_MAX_TASKS_NAMED = 100_000  # tasks one request names (a job has at most that many)
+_MAX_KEYS = 64  # metadata keys one amend sets (the spec's metadata is bounded as well)
 _MAX_LABELS = 256  # an agent's node labels
 _MAX_RUNNING = 65_536  # attempts an agent reports running
 
@@ -178,9 +197,10 @@ class SubmitRequest(_Inbound, frozen=True, kw_only=True, tag="client.submit"):
 
 
 class StatusRequest(_Inbound, frozen=True, kw_only=True, tag="client.status"):
-    """Ask for the status of one job, or all jobs."""
+    """Ask for the status of one job (with its tasks), or all jobs (with theirs if ``tasks``)."""
 
     job_id: _Identifier | None = None
+    tasks: bool = False
 
 
 class CancelJobRequest(_Inbound, frozen=True, kw_only=True, tag="client.cancel"):
@@ -204,8 +224,79 @@ class LogsRequest(_Inbound, frozen=True, kw_only=True, tag="client.logs"):
     """Fetch an attempt's log (the latest attempt of the task when ``attempt`` is None)."""
 
     job_id: _Identifier
-    task: _Index | None = None
-    attempt: Annotated[int, msgspec.Meta(ge=1, le=2**31 - 1)] | None = None
+    task: _Index | _Identifier | None = None  # an index, or a task's name (``stage-2``)
+    attempt: _Attempt | None = None
+
+
+# -- operator verbs -------------------------------------------------------------------------
+
+
+class AmendJobRequest(_Inbound, frozen=True, kw_only=True, tag="client.amend"):
+    """Change a live job's priority and metadata keys (each value a JSON document)."""
+
+    job_id: _Identifier
+    priority: _Short | None = None
+    metadata: Annotated[dict[_Short, _Json], msgspec.Meta(max_length=_MAX_KEYS)] = {}
+
+
+class PauseJobRequest(_Inbound, frozen=True, kw_only=True, tag="client.pause"):
+    """Pause a job: running attempts checkpoint and yield, finish, or are killed."""
+
+    job_id: _Identifier
+    mode: Literal["checkpoint", "finish", "kill"] = "checkpoint"
+    reason: _Short = "paused by operator"
+
+
+class ResumeJobRequest(_Inbound, frozen=True, kw_only=True, tag="client.resume"):
+    """Resume a paused job (and release tasks held for an operator)."""
+
+    job_id: _Identifier
+    reason: _Short = "resumed by operator"
+
+
+class RetryTasksRequest(_Inbound, frozen=True, kw_only=True, tag="client.retry"):
+    """Run a job's failed, cancelled or held tasks again (all of them when ``tasks`` is
+    empty); each task by index or by name."""
+
+    job_id: _Identifier
+    tasks: Annotated[
+        tuple[_Index | _Identifier, ...], msgspec.Meta(max_length=_MAX_TASKS_NAMED)
+    ] = ()
+    reason: _Short = "retried by operator"
+
+
+class CheckpointTaskRequest(_Inbound, frozen=True, kw_only=True, tag="client.checkpoint"):
+    """Ask a task's running attempt to checkpoint now."""
+
+    job_id: _Identifier
+    task: _Index | _Identifier
+
+
+class PreemptTaskRequest(_Inbound, frozen=True, kw_only=True, tag="client.preempt"):
+    """Checkpoint and yield a task's running attempt (requeued, no attempt spent)."""
+
+    job_id: _Identifier
+    task: _Index | _Identifier
+    reason: _Short = "preempted by operator"
+
+
+class SetNodeHealthRequest(_Inbound, frozen=True, kw_only=True, tag="client.node_health"):
+    """Set a node's health (``online`` for ``node resume`` and ``node release``); a drain
+    may be planned ``at`` a time, or ``after_s`` seconds from the coordinator's now."""
+
+    node: _Identifier
+    health: Literal["online", "draining", "sleeping"]
+    reason: _Short = ""
+    at: datetime | None = None
+    after_s: Annotated[float, msgspec.Meta(ge=0, le=366 * 86_400)] | None = None
+
+
+class PolicyCommandRequest(_Inbound, frozen=True, kw_only=True, tag="client.policy_command"):
+    """Run a domain command of the coordinator's policy (``taskfarm render ...``); the
+    arguments are a JSON object, as text."""
+
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+    arguments: _Json = "{}"
 
 
 class SubmittedReply(Message, frozen=True, kw_only=True, tag="coordinator.submitted"):
@@ -215,9 +306,34 @@ class SubmittedReply(Message, frozen=True, kw_only=True, tag="coordinator.submit
 
 
 class JobsReply(Message, frozen=True, kw_only=True, tag="coordinator.jobs"):
-    """Job summaries."""
+    """Job summaries, as of the coordinator's time ``as_of`` (for "running 0:41")."""
 
     jobs: tuple[JobSummary, ...]
+    as_of: datetime | None = None
+
+
+class RetriedReply(Message, frozen=True, kw_only=True, tag="coordinator.retried"):
+    """The tasks a retry runs again (none: nothing was failed, cancelled or held)."""
+
+    job_id: str
+    tasks: tuple[int, ...]
+    names: tuple[str, ...] = ()
+
+
+class TaskVerbReply(Message, frozen=True, kw_only=True, tag="coordinator.task_verb"):
+    """The answer to ``checkpoint`` and ``preempt``: ``done`` is False when the task had no
+    running attempt to ask."""
+
+    job_id: str
+    task: int
+    name: str
+    done: bool
+
+
+class PolicyReply(Message, frozen=True, kw_only=True, tag="coordinator.policy_reply"):
+    """A policy command's result, as JSON text."""
+
+    result: str
 
 
 class NodesReply(Message, frozen=True, kw_only=True, tag="coordinator.nodes"):
@@ -246,6 +362,14 @@ ClientRequest = (
     | ListNodesRequest
     | WhyRequest
     | LogsRequest
+    | AmendJobRequest
+    | PauseJobRequest
+    | ResumeJobRequest
+    | RetryTasksRequest
+    | CheckpointTaskRequest
+    | PreemptTaskRequest
+    | SetNodeHealthRequest
+    | PolicyCommandRequest
     | IssueCredentialRequest
     | RevokeCredentialRequest
     | ListCredentialsRequest
@@ -255,6 +379,9 @@ Reply = (
     | JobsReply
     | NodesReply
     | TextReply
+    | RetriedReply
+    | TaskVerbReply
+    | PolicyReply
     | ErrorReply
     | IssuedCredentialReply
     | CredentialsReply

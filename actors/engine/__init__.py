@@ -68,6 +68,7 @@ from ._limits import (
     MAX_ENV_VARS,
     MAX_FRAME_NUMBER,
     MAX_FRAMES,
+    MAX_GANG_NODES,
     MAX_GPU_MEMORY,
     MAX_GPUS,
     MAX_JOBS,
@@ -152,7 +153,7 @@ from ._spec import (
     parse_spec,
     read_spec_text,
 )
-from ._summaries import JobSummary, NodeSummary, TaskSummary
+from ._summaries import JobSummary, NodeSummary, RecoverySummary, TaskSummary
 
 __all__ = [
     "DEFAULT_FIT_WEIGHTS",
@@ -171,6 +172,7 @@ __all__ = [
     "MAX_ENV_VARS",
     "MAX_FRAMES",
     "MAX_FRAME_NUMBER",
+    "MAX_GANG_NODES",
     "MAX_GPUS",
     "MAX_GPU_MEMORY",
     "MAX_JOBS",
@@ -241,6 +243,7 @@ __all__ = [
     "Preemption",
     "Priority",
     "PriorityPreemptionPolicy",
+    "RecoverySummary",
     "ResourcePool",
     "Resources",
     "RetryDecision",

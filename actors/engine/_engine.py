@@ -91,7 +91,7 @@ from ._resources import Resources
 from ._scheduler import KnownNode, Recovered, SchedulerActor
 from ._settings import EngineSettings
 from ._spec import Priority, SubmitJob, load_spec, parse_spec
-from ._summaries import JobSummary, NodeSummary
+from ._summaries import JobSummary, NodeSummary, RecoverySummary
 
 __all__ = ["Engine", "open_engine"]
 
@@ -129,6 +129,8 @@ class Engine:
         self._finished: dict[str, anyio.Event] = {}
         self._addresses: dict[str, str] = {}  # node -> its network address (agents)
         self._scheduler_actor: SchedulerActor | None = None
+        self.recovery = RecoverySummary()
+        """What :func:`open_engine` rebuilt from the journal."""
 
     @property
     def policy(self) -> Policy:
@@ -740,6 +742,13 @@ class Engine:
             nodes=len(known),
             orphans=orphans,
         )
+        self.recovery = RecoverySummary(
+            jobs=len(jobs),
+            unfinished=len(unfinished),
+            in_doubt=len(in_doubt),
+            nodes=len(known),
+            orphans=orphans,
+        )
         return _Recovered(unfinished=unfinished, in_doubt=in_doubt, nodes=known)
 
     async def _end_orphan(
@@ -899,7 +908,8 @@ def _parents_first(jobs: list[tuple[JobState, int]]) -> list[tuple[JobState, int
             stack.extend(
                 (d.parent, False)
                 for d in reversed(spec.dependencies)
-                if d.parent in by_id and d.parent not in done
+                # A job's own task-level edges name itself: not a parent to visit first.
+                if d.parent in by_id and d.parent not in done and d.parent != job_id
             )
     return ordered
 

@@ -109,6 +109,7 @@ class TaskStarted(Event, frozen=True, kw_only=True, tag="engine.task_started"):
     task: int
     token: int
     pid: int | None = None
+    at: datetime | None = None  # when it started (None in journals written before 0.2)
 
 
 @ENGINE_CODEC.register
@@ -356,6 +357,7 @@ class TaskState(msgspec.Struct, kw_only=True):
     metrics: dict[str, float] = msgspec.field(default_factory=dict)
     nodes: list[str] = msgspec.field(default_factory=list)
     gang: list[str] = msgspec.field(default_factory=list)  # the current attempt's nodes
+    started_at: datetime | None = None  # of the current attempt, once it started
 
     def holds(self, node: str | None) -> bool:
         """Return whether ``node`` runs (a rank of) the current attempt."""
@@ -419,11 +421,13 @@ class JobAggregate:
                 task.node = node
                 task.gang = list(members)
                 task.retry_at = None
+                task.started_at = None
                 del task.nodes[attempt - 1 :]
                 task.nodes.extend([""] * (attempt - 1 - len(task.nodes)))
                 task.nodes.append(node)
-            case TaskStarted(task=i):
+            case TaskStarted(task=i, at=at):
                 state.tasks[i].status = "running"
+                state.tasks[i].started_at = at
             case TaskProgressed(task=i, fraction=fraction):
                 state.tasks[i].progress = fraction
             case TaskCheckpointed(task=i, checkpoint=checkpoint, at=at):

@@ -397,7 +397,9 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
         match report:
             case AttemptStarted(pid=pid):
                 if task.status == "assigned":
-                    await self.persist([TaskStarted(task=index, token=token, pid=pid)])
+                    await self.persist(
+                        [TaskStarted(task=index, token=token, pid=pid, at=self.clock.now())]
+                    )
                     await self._after(
                         self.scheduler,
                         TaskUpdate(
@@ -913,12 +915,20 @@ def job_summary(job_id: str, state: JobState, *, tasks: bool) -> JobSummary:
                 runtime_s=t.runtime_s,
                 nodes=tuple(t.nodes),
                 held_reason=t.held_reason,
+                started_at=(
+                    t.started_at.isoformat()
+                    if t.started_at is not None and t.status == "running"
+                    else None
+                ),
             )
             for i, t in enumerate(state.tasks)
         )
         if tasks
         else (),
         owner=spec.owner if spec else None,
+        metric_series=(
+            {name: tuple(values) for name, values in state.metric_series.items()} if tasks else {}
+        ),
     )
 
 

@@ -20,6 +20,7 @@ everything else keeps scheduling.
 from __future__ import annotations
 
 import bisect
+import re
 import traceback
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -65,6 +66,7 @@ T = TypeVar("T")
 
 # How many unplaceable tasks a cycle offers to the policy's preemption hook.
 _MAX_BLOCKED = 16
+_TASK_LABEL = re.compile(r"([^\s\[\]]+)\[(\d+)\]")  # the graph's label of a task: job[index]
 _HEALTHS = frozenset({"online", "draining", "sleeping", "quarantined"})
 _REACHABLE = frozenset({"connected", "unreachable", "offline"})
 
@@ -1409,10 +1411,10 @@ class SchedulerCore:
             ref = TaskRef(job.view.job_id, index)
             unreachable = self.graph.unreachable(ref)
             if unreachable is not None:
-                return f"can no longer run: {unreachable}"
+                return f"can no longer run: {self._named(unreachable)}"
             blocked = self.graph.blockers(ref)
             if blocked:
-                return "waiting on " + "; ".join(b.reason for b in blocked)
+                return "; ".join(self._named(b.reason) for b in blocked)
             return "waiting to be dispatched"
         task = job.tasks[index]
         if task.not_before is not None and task.not_before > now:
@@ -1426,6 +1428,20 @@ class SchedulerCore:
         if job.deferred:
             return f"deferred by policy: {job.deferred}"
         return self._placement_failure(job, index, now)
+
+    def _named(self, text: str) -> str:
+        """Name the tasks the graph labels by index (``sim[1]``) as their spec did
+        (``sim[stage-2]``), for the live jobs this core knows."""
+
+        def name(match: re.Match[str]) -> str:
+            job = self._jobs.get(match.group(1))
+            index = int(match.group(2))
+            if job is None or not 0 <= index < len(job.tasks):
+                return match.group(0)
+            task_name = job.tasks[index].name
+            return match.group(0) if task_name == str(index) else f"{match.group(1)}[{task_name}]"
+
+        return _TASK_LABEL.sub(name, text)
 
     def task_status(self, job_id: str, index: int) -> str | None:
         """Return ``blocked`` or ``held`` for a pending task that cannot run yet, else None."""

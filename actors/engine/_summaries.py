@@ -6,7 +6,7 @@ import msgspec
 
 from ._resources import Resources
 
-__all__ = ["JobSummary", "NodeSummary", "TaskSummary"]
+__all__ = ["JobSummary", "NodeSummary", "RecoverySummary", "TaskSummary"]
 
 
 class TaskSummary(msgspec.Struct, frozen=True, kw_only=True):
@@ -46,6 +46,9 @@ class JobSummary(msgspec.Struct, frozen=True, kw_only=True):
     metrics: dict[str, float] = {}  # the latest value of each metric its tasks reported
     domain: dict[str, str] = {}  # the policy's columns (``Policy.describe``)
     owner: str | None = None  # who submitted it (None: unknown, or the join token)
+    # every metric value its tasks reported, in report order: name -> ((task, value), ...)
+    # (with the tasks only: it grows with the job)
+    metric_series: dict[str, tuple[tuple[int, float], ...]] = {}
 
 
 class NodeSummary(msgspec.Struct, frozen=True, kw_only=True):
@@ -61,3 +64,13 @@ class NodeSummary(msgspec.Struct, frozen=True, kw_only=True):
     consecutive_failures: int = 0
     drain_at: str | None = None
     reason: str = ""  # why it has its health (quarantined after ..., draining for ...)
+
+
+class RecoverySummary(msgspec.Struct, frozen=True, kw_only=True):
+    """What an engine rebuilt from its journal when it opened (all zero for a new journal)."""
+
+    jobs: int = 0  # every job in the journal, finished ones included
+    unfinished: int = 0  # jobs that still have work to do
+    in_doubt: int = 0  # attempts that were out on a node when the previous process stopped
+    nodes: int = 0  # nodes the journal knows
+    orphans: int = 0  # jobs ended because their parent was never journaled

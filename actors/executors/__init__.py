@@ -18,6 +18,7 @@ from ._interface import (
     ReportSink,
     RunningAttempt,
     attempt_identity,
+    gang_environment,
 )
 from ._simulated import SimulatedExecutor, open_simulated_executor
 from ._subprocess import (
@@ -52,6 +53,7 @@ __all__ = [
     "SubprocessExecutor",
     "Work",
     "attempt_identity",
+    "gang_environment",
     "open_inprocess_executor",
     "open_simulated_executor",
     "open_subprocess_executor",

@@ -147,7 +147,7 @@ async def test_element_wise_dependency_releases_task_i_after_parent_task_i() -> 
         farm.works.open("a1")
         await farm.works.wait_until(lambda: bool(farm.works.of("b")))
         assert [r.task for r in farm.works.of("b")] == [1]
-        assert "task(s) 0: waiting on" in await farm.engine.why("b")
+        assert "task(s) 0: waits on" in await farm.engine.why("b")
         farm.works.open("a0")
         assert (await farm.wait("b")).status == "completed"
         records = [r async for batch in farm.journal.read_all() for r in batch]

@@ -135,7 +135,12 @@ class Cluster:
         self.coordinator = None
 
     def start_agent(
-        self, name: str, *, cores: str = "1", work_dir: Path | None = None
+        self,
+        name: str,
+        *,
+        cores: str = "1",
+        work_dir: Path | None = None,
+        extra: tuple[str, ...] = (),
     ) -> subprocess.Popen[bytes]:
         """Start ``taskfarm agent --name NAME`` with a fixed capacity (its folder is kept, so a
         restart with the same name finds its outbox)."""
@@ -166,6 +171,7 @@ class Cluster:
                     "10GiB",
                     "--terminate-grace",
                     "1",
+                    *extra,
                 ),
                 stdout=output,
                 stderr=output,

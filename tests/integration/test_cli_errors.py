@@ -190,14 +190,50 @@ def table(made: dict[str, Path], farm: Cluster) -> dict[str, Case]:
             ("nodes", "--connect", "127.0.0.1:1", "--token-file", token), ("127.0.0.1:1",)
         ),
         "why-unknown-job": Case(("why", "nosuchjob"), ("no job 'nosuchjob'",), client=True),
-        "logs-no-such-task": Case(("logs", "waiting", "99"), ("has no task 99",), client=True),
-        "logs-no-such-attempt": Case(
-            ("logs", "waiting", "0", "--attempt", "5"), ("has no attempt 5",), client=True
+        "logs-no-such-task": Case(("logs", "waiting", "99"), ("has no task '99'",), client=True),
+        "logs-never-ran": Case(
+            ("logs", "waiting", "0", "--attempt", "5"), ("has not run yet",), client=True
         ),
         "logs-negative-attempt": Case(
             ("logs", "waiting", "--attempt", "-1"), ("--attempt", "from 1"), client=True
         ),
         "logs-negative-task": Case(("logs", "waiting", "-1"), ("TASK",), client=True),
+        "serve-unknown-policy": Case(
+            serve("--policy", "fastest"), ("--policy", "unknown policy 'fastest'", "fifo")
+        ),
+        "serve-policy-config-missing": Case(
+            serve("--policy-config", str(made["a-folder"] / "none.toml")),
+            ("--policy-config", "no such file"),
+        ),
+        "serve-bad-counter": Case(serve("--counter", "nuke"), ("--counter", "NAME=N")),
+        "agent-bad-counter": Case((*agent, "--counter", "nuke=lots"), ("--counter", "NAME=N")),
+        "amend-unknown-job": Case(
+            ("amend", "nosuchjob", "--priority", "high"), ("no job 'nosuchjob'",), client=True
+        ),
+        "amend-nothing": Case(("amend", "waiting"), ("give --priority",), client=True),
+        "amend-bad-set": Case(
+            ("amend", "waiting", "--set", "novalue"), ("--set", "KEY=VALUE"), client=True
+        ),
+        "amend-bad-priority": Case(
+            ("amend", "waiting", "--priority", "urgent"),
+            ("unknown priority 'urgent'",),
+            client=True,
+        ),
+        "pause-bad-mode": Case(("pause", "waiting", "--mode", "later"), ("--mode",), client=True),
+        "pause-unknown-job": Case(("pause", "nosuchjob"), ("no job 'nosuchjob'",), client=True),
+        "resume-unknown-job": Case(("resume", "nosuchjob"), ("no job 'nosuchjob'",), client=True),
+        "retry-unknown-task": Case(
+            ("retry", "waiting", "nope"), ("has no task 'nope'",), client=True
+        ),
+        "checkpoint-unknown-task": Case(
+            ("checkpoint", "waiting", "7"), ("has no task '7'",), client=True
+        ),
+        "preempt-negative-task": Case(("preempt", "waiting", "-1"), ("task",), client=True),
+        "node-unknown": Case(
+            ("node", "drain", "nosuchnode"), ("NODE", "no node named 'nosuchnode'"), client=True
+        ),
+        "node-bad-at": Case(("node", "drain", "n1", "--at", "soon"), ("--at",), client=True),
+        "node-at-on-sleep": Case(("node", "sleep", "n1", "--at", "+1h"), ("--at",), client=True),
         "journal-missing": Case(
             ("journal", "inspect", str(made["a-folder"] / "none.db")), ("none.db",)
         ),
