@@ -295,7 +295,7 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
             )
             await self._finish_if_done()
             return
-        if report.outcome == "cancelled":
+        if report.outcome in ("cancelled", "lost"):
             if state.status == "cancelling":
                 events.append(TaskCancelled(task=index, reason=state.reason or "cancelled"))
                 await self.persist(events)
@@ -304,8 +304,9 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
                     TaskEnded(job_id=self.job_id, task=index, outcome=Outcome.CANCELLED),
                 )
                 await self._finish_if_done()
-            else:  # preempted or stopped by the farm: not the task's fault
-                events.append(TaskRequeued(task=index, token=token, reason="preempted"))
+            else:  # preempted, or lost with its node's contact: not the task's fault
+                reason = "preempted" if report.outcome == "cancelled" else report.error or "lost"
+                events.append(TaskRequeued(task=index, token=token, reason=reason))
                 await self.persist(events)
                 await self._after(
                     self.scheduler, TaskEnded(job_id=self.job_id, task=index, outcome=None)

@@ -487,6 +487,7 @@ async def test_subprocess_environment(tmp_path: Path, monkeypatch: pytest.Monkey
         "TASKFARM_ATTEMPT": "3",
         "TASKFARM_CHECKPOINT_DIR": str(tmp_path / "checkpoints" / "job-1" / "t0"),
         "TASKFARM_OUTPUT_DIR": str(workdir / "out"),
+        "TASKFARM_EXECUTOR_ID": executor.executor_id,
         "CUSTOM": "yes",
         "cwd": str(workdir),
     }
