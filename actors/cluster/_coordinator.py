@@ -1,11 +1,14 @@
 """The coordinator: the engine behind an authenticated TCP endpoint for agents and clients.
 
 ``taskfarm serve`` runs :func:`run_coordinator`.  On start it recovers the engine from the
-journal; attempts that were running are *in doubt* for ``restart_grace`` seconds, during which
-their agents reconnect (by themselves, with backoff), re-report what they still run and replay
-the reports they could not deliver.  An agent whose connection drops keeps its node, and its
-attempts, for ``heartbeat_timeout`` seconds; after that the node goes offline and its attempts
-are requeued from their last checkpoint.
+journal; attempts that were running are *in doubt* for ``restart_grace`` seconds (at least the
+fence), during which their agents reconnect (by themselves, with backoff), re-report what they
+still run and replay the reports they could not deliver.  An agent that sends nothing for
+``heartbeat_timeout`` seconds is disconnected and its node shown ``unreachable`` (no new work);
+its attempts are leased (see ``_lease.py``): the agent stops them itself once its lease runs
+out, and only after the fence, counted from the last frame read from it, does its node go
+offline and its attempts get requeued from their last checkpoint.  An agent back within the
+fence re-claims whatever it still runs.
 
 One connection, one role (from the handshake): an ``agent`` speaks the agent protocol, a
 ``client`` (the CLI) sends one request at a time and gets one reply.
@@ -20,7 +23,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -54,6 +57,7 @@ from runtime import (
     open_server,
 )
 
+from ._lease import LeaseTiming, lease_timing
 from ._protocol import (
     AgentHello,
     CancelAttempt,
@@ -68,6 +72,7 @@ from ._protocol import (
     NodesReply,
     Reply,
     Report,
+    Reports,
     StatusRequest,
     SubmitRequest,
     SubmittedReply,
@@ -99,8 +104,26 @@ class CoordinatorConfig:
     token_file: Path | None = None  # local agents read the token from here
     heartbeat_interval: float = 1.0
     heartbeat_timeout: float = 5.0
+    lease: float | None = None  # default: 2 x heartbeat_timeout (see _lease.py)
+    fence: float | None = None  # default: lease + lease / 2 + max(2 s, lease / 5)
     synchronous: Literal["OFF", "NORMAL", "FULL", "EXTRA"] = "FULL"
     settings: EngineSettings = field(default_factory=EngineSettings)
+
+    def __post_init__(self) -> None:
+        self.lease_timing()  # a bad lease or fence is named now, not when an agent connects
+
+    def lease_timing(self) -> LeaseTiming:
+        """Return the agents' lease, its grace and the fence.
+
+        Raises:
+            ConfigurationError: the lease or the fence is out of range (see ``lease_timing``).
+        """
+        return lease_timing(
+            heartbeat_interval=self.heartbeat_interval,
+            heartbeat_timeout=self.heartbeat_timeout,
+            lease=self.lease,
+            fence=self.fence,
+        )
 
 
 class Coordinator:
@@ -116,8 +139,12 @@ class Coordinator:
         self._generation: dict[str, int] = {}
         self._task_group: anyio.abc.TaskGroup | None = None
         self.local_agent_pids: list[int] = []
-        # Nodes this coordinator set draining because their agent went away (undone on return).
+        # Nodes this coordinator set unreachable because their agent went away (undone on
+        # return).
         self._suspended: set[str] = set()
+        self.timing = config.lease_timing()
+        # When the last frame of each agent was read (the fence counts from it).
+        self._last_heard: dict[str, float] = {}
 
     # -- agents ---------------------------------------------------------------------------------
 
@@ -160,6 +187,7 @@ class Coordinator:
                 connection.peer, reason=f"an agent named {name!r} is already connected"
             )
         self._connections[name] = connection
+        self._last_heard[name] = self.clock.monotonic()
         generation = self._generation[name] = self._generation.get(name, 0) + 1
         executor = await self._executor_for(name)
         # Attempts this node ran when the agent left that it no longer runs: unless the reports
@@ -170,7 +198,15 @@ class Coordinator:
         gone = executor.waiting_on() - listed
         replay = hello.unacknowledged
         try:
-            await connection.send(Welcome(node=name, heartbeat_interval=config.heartbeat_interval))
+            timing = self.timing
+            await connection.send(
+                Welcome(
+                    node=name,
+                    heartbeat_interval=config.heartbeat_interval,
+                    lease=timing.lease,
+                    lease_grace=timing.grace,
+                )
+            )
             # Only now: attaching wakes the executor's sender (re-sent cancellations), and the
             # agent accepts nothing before its Welcome.
             executor.attach(connection)
@@ -183,17 +219,17 @@ class Coordinator:
             elif name in self._suspended:
                 self._suspended.discard(name)
                 await engine.set_node_health(name, "online", reason="agent reconnected")
-            _log.info(
-                "agent_connected", node_id=name, peer=connection.peer, running=len(hello.running)
-            )
+            claimed = 0
             for running in hello.running:
                 try:
                     task = int(running.task_id)
                 except ValueError:
                     task = -1
-                if task < 0 or not await engine.claim_attempt(
+                if task >= 0 and await engine.claim_attempt(
                     running.job_id, task, running.fencing_token, name
                 ):
+                    claimed += 1
+                else:
                     await connection.send(
                         CancelAttempt(
                             job_id=running.job_id,
@@ -203,6 +239,13 @@ class Coordinator:
                             reason="stale attempt (reassigned while the agent was away)",
                         )
                     )
+            _log.info(
+                "agent_connected",
+                node_id=name,
+                peer=connection.peer,
+                running=len(hello.running),
+                reclaimed=claimed,
+            )
             if replay <= 0:
                 await self._abandon(name, executor, gone)
             while True:
@@ -211,15 +254,19 @@ class Coordinator:
                 if scope.cancelled_caught:
                     _log.warning("agent_heartbeat_missed", node_id=name)
                     return
+                self._last_heard[name] = self.clock.monotonic()
                 match message:
-                    case Heartbeat():
-                        pass
-                    case Report() | LogChunk():
-                        await executor.deliver(message)
-                        if isinstance(message, Report) and replay > 0:
-                            replay -= 1
-                            if replay == 0:
-                                await self._abandon(name, executor, gone)
+                    case Heartbeat(sequence=sequence):
+                        if sequence:
+                            executor.acknowledge_heartbeat(sequence)
+                    case Report() | Reports() | LogChunk():
+                        reports = message.reports if isinstance(message, Reports) else (message,)
+                        for one in reports:
+                            await executor.deliver(one)
+                            if isinstance(one, Report) and replay > 0:
+                                replay -= 1
+                                if replay == 0:
+                                    await self._abandon(name, executor, gone)
                     case _:
                         raise ProtocolError(
                             connection.peer, reason=f"agent sent {type(message).__name__}"
@@ -235,8 +282,9 @@ class Coordinator:
                 self._task_group.start_soon(self._expire_agent, name, generation)
 
     async def _suspend_agent(self, name: str, generation: int) -> None:
-        """Place no new work on a node whose agent is away: it would fail to start there (and
-        count against the task and the node) although the agent may well come back."""
+        """Show a node whose agent is away as ``unreachable`` and place no new work there: it
+        would fail to start (and count against the task and the node) although the agent may
+        well come back."""
         nodes = {node.name: node for node in await self.engine.nodes()}
         node = nodes.get(name)
         if node is None or node.health != "online":
@@ -247,7 +295,7 @@ class Coordinator:
         # its request reaches the scheduler after this one.
         self._suspended.add(name)
         try:
-            await self.engine.set_node_health(name, "draining", reason="agent disconnected")
+            await self.engine.set_node_health(name, "unreachable", reason="agent disconnected")
         except TaskfarmError as error:  # it was removed meanwhile: nothing to hold back
             _log.info("node_suspend_skipped", node_id=name, reason=str(error))
 
@@ -259,11 +307,18 @@ class Coordinator:
                 _log.warning("attempt_lost_by_agent", node_id=name, job_id=key[0], task=key[1])
 
     async def _expire_agent(self, name: str, generation: int) -> None:
-        """Give a disconnected agent ``heartbeat_timeout`` to come back, then requeue its work."""
-        await self.clock.sleep(self.config.heartbeat_timeout)
+        """Give a disconnected agent until the fence to come back, then requeue its work (its
+        lease ran out before: it has stopped it)."""
+        last_heard = self._last_heard.get(name, self.clock.monotonic())
+        await self.clock.sleep_until(last_heard + self.timing.fence)
         if name in self._connections or self._generation.get(name) != generation:
             return
-        _log.warning("node_lost", node_id=name)
+        _log.warning(
+            "node_lost",
+            node_id=name,
+            silent_for=round(self.clock.monotonic() - last_heard, 3),
+            fence=self.timing.fence,
+        )
         try:
             await self.engine.remove_node(name, reason="agent did not come back")
         except TaskfarmError as error:
@@ -437,6 +492,12 @@ async def open_coordinator(
     clock = clock or SystemClock()
     config.work_dir.mkdir(parents=True, exist_ok=True)
     settings = config.settings
+    fence = config.lease_timing().fence
+    if settings.restart_grace < fence:
+        # Agents cut off since before the restart may run their attempts until their lease
+        # runs out: work out on a node is not requeued before the fence.
+        _log.info("restart_grace_raised", restart_grace=settings.restart_grace, fence=fence)
+        settings = replace(settings, restart_grace=fence)
     async with (
         open_sqlite_journal(
             config.journal, clock=clock, codec=ENGINE_CODEC, synchronous=config.synchronous
@@ -444,27 +505,38 @@ async def open_coordinator(
         open_engine(journal=journal, clock=clock, policy=policy, settings=settings) as engine,
     ):
         coordinator = Coordinator(config=config, engine=engine, clock=clock)
+        body_error: Exception | None = None
         async with anyio.create_task_group() as task_group:
             coordinator._task_group = task_group
-            async with open_server(
-                handler=coordinator._handle,
-                codec=WIRE_CODEC,
-                token=config.token,
-                host=config.host,
-                port=config.port,
-                tls=config.tls,
-                name="coordinator",
-            ) as server:
-                coordinator.port = server.port
-                _log.info(
-                    "coordinator_listening", address=server.address, journal=str(config.journal)
-                )
-                coordinator._start_local_agents()
-                try:
-                    yield coordinator
-                finally:
-                    coordinator.stop_local_agents()
-                    task_group.cancel_scope.cancel()
+            try:
+                async with open_server(
+                    handler=coordinator._handle,
+                    codec=WIRE_CODEC,
+                    token=config.token,
+                    host=config.host,
+                    port=config.port,
+                    tls=config.tls,
+                    name="coordinator",
+                ) as server:
+                    coordinator.port = server.port
+                    _log.info(
+                        "coordinator_listening",
+                        address=server.address,
+                        journal=str(config.journal),
+                    )
+                    coordinator._start_local_agents()
+                    try:
+                        yield coordinator
+                    finally:
+                        coordinator.stop_local_agents()
+            except Exception as error:
+                # Kept and re-raised below, unwrapped: cancelling the task group before the
+                # server had closed would let that cancellation replace the block's error.
+                body_error = error
+            finally:
+                task_group.cancel_scope.cancel()
+        if body_error is not None:
+            raise body_error
 
 
 async def run_coordinator(

@@ -7,10 +7,19 @@ understand gets its connection closed rather than a silent misreading.
 Agent conversation::
 
     agent -> AgentHello(name, capacity, labels, running=[...])   (also after every reconnect)
-    coord -> Welcome(node, heartbeat_interval)
+    coord -> Welcome(node, heartbeat_interval, lease, lease_grace)
     coord -> RunAttempt(spec) | CancelAttempt | CheckpointAttempt | ReadLog
-    agent -> Heartbeat | Report(sequence, report) | LogChunk
+    agent -> Heartbeat(sequence) | Report(sequence, report) | Reports([...]) | LogChunk
+    coord -> HeartbeatAck(sequence)  (renews the agent's lease on its attempts)
     coord -> ReportAck(sequence)     (the agent drops acknowledged reports from its outbox)
+
+The lease: an agent runs its attempts only while it hears from the coordinator.  Each
+``Heartbeat`` carries a number; the coordinator answers it with ``HeartbeatAck`` of the same
+number as it reads it; the agent's lease then runs until the time it *sent* that heartbeat plus
+``lease`` (so an answer delayed in the network never stretches it).  When the lease runs out the
+agent asks its checkpointable attempts to checkpoint, stops them all within ``lease_grace`` and
+reports them ``lost``; the coordinator requeues a silent node's attempts only after its fence,
+measured from the last frame it read from the agent and longer than ``lease + lease_grace``.
 
 Client conversation: one request, one reply (``Reply`` or ``ErrorReply``).
 """
@@ -35,6 +44,7 @@ __all__ = [
     "CoordinatorToAgent",
     "ErrorReply",
     "Heartbeat",
+    "HeartbeatAck",
     "JobsReply",
     "ListNodesRequest",
     "LogChunk",
@@ -44,6 +54,7 @@ __all__ = [
     "Reply",
     "Report",
     "ReportAck",
+    "Reports",
     "RunAttempt",
     "StatusRequest",
     "SubmitRequest",
@@ -76,9 +87,11 @@ class AgentHello(_Inbound, frozen=True, kw_only=True, tag="agent.hello"):
 
 
 class Heartbeat(_Inbound, frozen=True, kw_only=True, tag="agent.heartbeat"):
-    """The agent is alive; ``running`` counts its attempts."""
+    """The agent is alive; ``running`` counts its attempts; ``sequence`` (from 1; 0 asks for no
+    answer) is echoed by ``HeartbeatAck``."""
 
     running: int = 0
+    sequence: Annotated[int, msgspec.Meta(ge=0)] = 0
 
 
 class Report(_Inbound, frozen=True, kw_only=True, tag="agent.report"):
@@ -86,6 +99,12 @@ class Report(_Inbound, frozen=True, kw_only=True, tag="agent.report"):
 
     sequence: Sequence_
     report: AttemptReport
+
+
+class Reports(_Inbound, frozen=True, kw_only=True, tag="agent.reports"):
+    """Several outbox reports in one frame, in sequence order (what piled up since the last)."""
+
+    reports: tuple[Report, ...]
 
 
 class LogChunk(_Inbound, frozen=True, kw_only=True, tag="agent.log_chunk"):
@@ -97,10 +116,22 @@ class LogChunk(_Inbound, frozen=True, kw_only=True, tag="agent.log_chunk"):
 
 
 class Welcome(Message, frozen=True, kw_only=True, tag="coordinator.welcome"):
-    """The coordinator accepted the agent as node ``node``."""
+    """The coordinator accepted the agent as node ``node``.
+
+    ``lease`` (seconds, 0 for none) is how long the agent may run its attempts without hearing
+    from the coordinator, ``lease_grace`` how long it then has to checkpoint and stop them.
+    """
 
     node: str
     heartbeat_interval: float
+    lease: float = 0.0
+    lease_grace: float = 0.0
+
+
+class HeartbeatAck(Message, frozen=True, kw_only=True, tag="coordinator.heartbeat_ack"):
+    """The coordinator read the agent's heartbeat ``sequence``: the agent's lease is renewed."""
+
+    sequence: int
 
 
 class RunAttempt(Message, frozen=True, kw_only=True, tag="coordinator.run_attempt"):
@@ -143,8 +174,10 @@ class ReadLog(Message, frozen=True, kw_only=True, tag="coordinator.read_log"):
     max_bytes: int = 64 * 1024
 
 
-AgentToCoordinator = AgentHello | Heartbeat | Report | LogChunk
-CoordinatorToAgent = Welcome | RunAttempt | CancelAttempt | CheckpointAttempt | ReportAck | ReadLog
+AgentToCoordinator = AgentHello | Heartbeat | Report | Reports | LogChunk
+CoordinatorToAgent = (
+    Welcome | HeartbeatAck | RunAttempt | CancelAttempt | CheckpointAttempt | ReportAck | ReadLog
+)
 AgentWire = AgentToCoordinator | CoordinatorToAgent
 
 # -- client <-> coordinator -----------------------------------------------------------------

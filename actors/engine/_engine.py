@@ -71,7 +71,7 @@ _FINISHED = {
 }
 
 
-_HEALTHS = frozenset({"online", "draining", "sleeping", "quarantined"})
+_HEALTHS = frozenset({"online", "draining", "sleeping", "quarantined", "unreachable"})
 
 
 class Engine:
@@ -163,8 +163,8 @@ class Engine:
 
     async def set_node_health(self, name: str, health: str, *, reason: str = "") -> None:
         """Set a node's health: ``online`` gets new work; ``draining`` (before maintenance),
-        ``sleeping`` (to save energy) and ``quarantined`` do not, and their running attempts
-        carry on.
+        ``sleeping`` (to save energy), ``quarantined`` and ``unreachable`` (its agent lost
+        contact; set by the coordinator) do not, and their running attempts carry on.
 
         Raises:
             ConfigurationError: the health is not one of those, or the node is unknown.

@@ -24,7 +24,7 @@ from ._summaries import NodeSummary
 
 __all__ = ["NodeHealth", "Placement", "SchedulerCore"]
 
-NodeHealth = str  # "online" | "draining" | "offline" | "quarantined"
+NodeHealth = str  # "online" | "draining" | "sleeping" | "quarantined" | "unreachable" | "offline"
 
 
 # How many unplaceable tasks a cycle offers to the policy's preemption hook.

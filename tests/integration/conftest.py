@@ -135,10 +135,16 @@ class Cluster:
         self.coordinator = None
 
     def start_agent(
-        self, name: str, *, cores: str = "1", work_dir: Path | None = None
+        self,
+        name: str,
+        *,
+        cores: str = "1",
+        work_dir: Path | None = None,
+        port: int | None = None,
     ) -> subprocess.Popen[bytes]:
         """Start ``taskfarm agent --name NAME`` with a fixed capacity (its folder is kept, so a
-        restart with the same name finds its outbox)."""
+        restart with the same name finds its outbox), connecting to ``port`` (a proxy's) if
+        given, else to the coordinator."""
         assert name not in self.agents, f"agent {name} is already running"
         work = work_dir or self.root / "agents" / name
         log = self._log_file(f"agent-{name}")
@@ -151,7 +157,7 @@ class Cluster:
                     "info",
                     "agent",
                     "--connect",
-                    f"{HOST}:{self.port}",
+                    f"{HOST}:{port or self.port}",
                     "--token-file",
                     str(self.token_file),
                     "--name",
