@@ -20,6 +20,7 @@ The machine is shared: every rate is the best of several rounds, and the table s
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import subprocess
@@ -62,7 +63,14 @@ from actors.engine import (
 )
 from actors.executors import AttemptContext, open_inprocess_executor
 from persistence import Event, open_sqlite_journal, rebuild_all
-from runtime import BenchContext, Figure, Suite, SystemClock, percentile
+from runtime import (
+    BenchContext,
+    Figure,
+    Suite,
+    SystemClock,
+    percentile,
+    tune_gc_for_many_objects,
+)
 
 __all__ = ["SUITE"]
 
@@ -354,6 +362,8 @@ async def _loopback(
         heartbeat_interval=0.5,
         heartbeat_timeout=10.0,
     )
+    # The coordinator runs here as `taskfarm serve` runs it (with the collector tuned).
+    previous = tune_gc_for_many_objects()
     async with (
         open_coordinator(config) as coordinator,
         _agents(ctx, coordinator.port, token_file, module, agents, slots),
@@ -367,8 +377,11 @@ async def _loopback(
         jobs = agents
         specs = [_job(f"job-{j}", tasks // jobs, command, one) for j in range(jobs)]
         started = time.perf_counter()
-        with anyio.fail_after(600):
-            await _wait_all(engine, await engine.submit(specs))
+        try:
+            with anyio.fail_after(600):
+                await _wait_all(engine, await engine.submit(specs))
+        finally:
+            gc.set_threshold(*previous)
         return (tasks // jobs) * jobs / (time.perf_counter() - started)
 
 
@@ -433,7 +446,7 @@ async def _figure_loopback(ctx: BenchContext, rounds: int, in_process_rate: floa
             unit="tasks/s",
             baseline_name=f"raw posix_spawn of /bin/true, {agents} processes x {slots} at a time",
             baseline_value=spawn_rate,
-            target=1_000,
+            ratio_target=0.3,
             note=setup,
         ),
         Figure(

@@ -71,11 +71,13 @@ from actors.executors import (
     AttemptCheckpointed,
     AttemptFinished,
     AttemptHandle,
+    AttemptOutcome,
     AttemptReport,
     AttemptSpec,
     AttemptStarted,
     Executor,
     RunningAttempt,
+    SubprocessExecutor,
     kill_marked,
     open_subprocess_executor,
 )
@@ -295,7 +297,7 @@ class _Agent:
         # Attempts stopped because the lease ran out: their end is reported "lost".
         self.lost: set[AttemptKey] = set()
         self.checkpoints_seen: set[AttemptKey] = set()
-        self.reported = anyio.Event()
+        self.reported: anyio.Event | None = None  # made by a waiter, set by the next report
         self.connection_scope: anyio.CancelScope | None = None
 
     # -- attempts ----------------------------------------------------------------------------
@@ -330,9 +332,17 @@ class _Agent:
                     report = msgspec.structs.replace(
                         report, outcome="lost", error=self._lost_reason()
                     )
-        self.reported.set()
-        self.reported = anyio.Event()
-        await self.outbox.put(OutboxReport(report=report))
+        if self.reported is not None:
+            self.reported.set()
+            self.reported = None
+        # A start is journaled with whatever comes next (for a short task, its end: one commit
+        # and one frame for both) rather than making the attempt wait for its own commit; it is
+        # still journaled before it is sent, and before anything after it.
+        if not (
+            isinstance(report, AttemptStarted)
+            and self.outbox.put_nowait(OutboxReport(report=report))
+        ):
+            await self.outbox.put(OutboxReport(report=report))
         if isinstance(report, AttemptStarted):
             _log.info(
                 "attempt_started",
@@ -363,7 +373,8 @@ class _Agent:
         """Return whether the agent may run attempts (its lease has not run out)."""
         return self.clock.monotonic() < self.lease_until
 
-    async def start(self, spec: AttemptSpec) -> None:
+    def start_soon(self, spec: AttemptSpec) -> None:
+        """Start an attempt the coordinator sent, unless it is a repeat or the lease ran out."""
         key = attempt_key(spec)
         if key in self.recent:
             _log.warning(
@@ -379,39 +390,48 @@ class _Agent:
             self.recent.popitem(last=False)
         if not self.lease_valid():
             # Sent before the coordinator lost us: it may run elsewhere by now.
-            await self.report(
-                AttemptFinished(
-                    job_id=spec.job_id,
-                    task_id=spec.task_id,
-                    attempt=spec.attempt,
-                    fencing_token=spec.fencing_token,
-                    outcome="lost",
-                    error=f"not started: {self._lost_reason()}",
-                )
-            )
+            error = f"not started: {self._lost_reason()}"
+            self.task_group.start_soon(self._not_started, spec, "lost", error)
             return
+        executor = self.executor
+        if not isinstance(executor, SubprocessExecutor):
+            self.task_group.start_soon(self._start, spec)  # an executor with only start()
+            return
+        try:
+            executor.start_nowait(spec, self.report)
+        except ExecutorError as error:
+            self._start_failed(spec, error)
+
+    async def _start(self, spec: AttemptSpec) -> None:
         try:
             await self.executor.start(spec, self.report)
         except ExecutorError as error:
-            # Nothing ran and nothing was reported: the coordinator still needs an answer.
-            _log.warning(
-                "attempt_start_failed",
-                node_id=self.node_id,
+            self._start_failed(spec, error)
+
+    def _start_failed(self, spec: AttemptSpec, error: ExecutorError) -> None:
+        # Nothing ran and nothing was reported: the coordinator still needs an answer.
+        _log.warning(
+            "attempt_start_failed",
+            node_id=self.node_id,
+            job_id=spec.job_id,
+            task_id=spec.task_id,
+            attempt=spec.attempt,
+            error=str(error),
+        )
+        message = f"the agent could not start it: {error}"
+        self.task_group.start_soon(self._not_started, spec, "failed", message)
+
+    async def _not_started(self, spec: AttemptSpec, outcome: AttemptOutcome, error: str) -> None:
+        await self.report(
+            AttemptFinished(
                 job_id=spec.job_id,
                 task_id=spec.task_id,
                 attempt=spec.attempt,
-                error=str(error),
+                fencing_token=spec.fencing_token,
+                outcome=outcome,
+                error=error,
             )
-            await self.report(
-                AttemptFinished(
-                    job_id=spec.job_id,
-                    task_id=spec.task_id,
-                    attempt=spec.attempt,
-                    fencing_token=spec.fencing_token,
-                    outcome="failed",
-                    error=f"the agent could not start it: {error}",
-                )
-            )
+        )
 
     async def recover(self, lost: Iterable[AttemptStarted]) -> None:
         """Report the attempts the previous agent process ran as lost (their processes were
@@ -519,6 +539,8 @@ class _Agent:
                 waiting = [k for k in keys if k in running and k not in self.checkpoints_seen]
                 if not waiting:
                     break
+                if self.reported is None:
+                    self.reported = anyio.Event()
                 await self.reported.wait()
             task_group.cancel_scope.cancel()
 
@@ -660,8 +682,9 @@ class _Agent:
     ) -> None:
         match message:
             case RunAttempt(spec=spec):
-                # Starting outlives this connection: the attempt runs on whatever happens to it.
-                self.task_group.start_soon(self.start, spec)
+                # The attempt runs in the executor's task group: whatever happens to this
+                # connection, it runs on.
+                self.start_soon(spec)
             case CancelAttempt():
                 handle = self._handle(attempt_key(message))
                 if handle is not None:

@@ -168,6 +168,15 @@ class Outbox:
         if batch.error is not None:
             raise batch.error
 
+    def put_nowait(self, *events: Event) -> bool:
+        """Queue ``events`` for the next append without waiting for it; return False (and do
+        nothing) when :meth:`run` is not running.  A failure of that append fails ``run``."""
+        if not self._writing:
+            return False
+        self._buffer.extend(events)
+        self._wakeup.set()
+        return True
+
     async def _append(self, events: list[Event]) -> None:
         """Append ``events`` (with the acknowledgement, if it moved) and queue their reports."""
         acked = self._acked

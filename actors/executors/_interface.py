@@ -95,10 +95,10 @@ outcome), e.g.
     9.802 sys exited with code 0: completed
 ```
 
-The file is created at the first output (report lines too), or once the attempt has run for a
-second, or when it ends other than `completed`: an attempt that completes within a second without printing a
-word leaves no log file (its start and end are in the journal), which spares the agent's disk a
-new file per task on farms of very short tasks.
+The file is created at the first output (report lines too), once the attempt has run for a
+second, or when it ends other than `completed`: an attempt that completes within a second
+without printing a word leaves no log file (its start and end are in the journal), which spares
+the agent's disk a new file per task on farms of very short tasks.
 """
 
 from __future__ import annotations

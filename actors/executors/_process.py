@@ -30,6 +30,7 @@ from pathlib import Path
 
 import anyio
 import anyio.to_thread
+from anyio.abc import TaskGroup
 
 __all__ = ["Child", "Warden", "seal_inherited_descriptors", "spawn_child", "start_warden"]
 
@@ -98,11 +99,33 @@ class Child:
         self.stderr = stderr
         self.returncode: int | None = None
         self._popen = popen
+        self._exit_pipe: tuple[int, int] | None = None
         self._pidfd: int | None
         try:
             self._pidfd = os.pidfd_open(pid)
         except (AttributeError, OSError):
             self._pidfd = None  # an old kernel: wait in a thread
+
+    def exit_descriptor(self, task_group: TaskGroup) -> int:
+        """Return a descriptor that becomes readable once the child exited (its pidfd; without
+        one, a pipe that a task in ``task_group`` writes to once a thread saw the exit)."""
+        if self._pidfd is not None:
+            return self._pidfd
+        if self._exit_pipe is None:
+            read, write = os.pipe()
+            self._exit_pipe = (read, write)
+
+            async def watch() -> None:
+                await self.wait()
+                os.write(write, b"x")
+
+            task_group.start_soon(watch)
+        return self._exit_pipe[0]
+
+    def reap(self) -> None:
+        """Collect the exit status now, if the child exited."""
+        if self.returncode is None:
+            self._reap(os.WNOHANG)
 
     def _reap(self, options: int) -> bool:
         """Collect the exit status if the child exited; return whether it did."""
@@ -135,14 +158,15 @@ class Child:
 
     def close(self) -> None:
         """Close the pipes and the pidfd (the caller has stopped reading them)."""
-        for fd in (self.stdout, self.stderr, self._pidfd):
+        pipe = self._exit_pipe or (None, None)
+        for fd in (self.stdout, self.stderr, self._pidfd, *pipe):
             if fd is not None and fd >= 0:
                 try:
                     os.close(fd)
                 except OSError:
                     pass
         self.stdout = self.stderr = -1
-        self._pidfd = None
+        self._pidfd = self._exit_pipe = None
 
 
 def spawn_child(argv: Sequence[str], *, env: Mapping[str, str], cwd: str | None) -> Child:

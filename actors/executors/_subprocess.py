@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import select
 import shlex
 import signal
 import sys
@@ -160,14 +161,16 @@ def _describe_exit(code: int) -> str:
 
 
 class _Paths:
-    """The directories and files one attempt uses, made before it starts."""
+    """The directories and files one attempt uses (strings: this runs once per task)."""
+
+    __slots__ = ("checkpoints", "log", "output")
 
     def __init__(self, executor: SubprocessExecutor, spec: AttemptSpec) -> None:
-        self.log = executor._log_dir / spec.job_id / f"{spec.task_id}.{spec.attempt}.log"
-        self.checkpoints = executor._checkpoint_dir / spec.job_id / spec.task_id
+        self.log = f"{executor._log_root}/{spec.job_id}/{spec.task_id}.{spec.attempt}.log"
+        self.checkpoints = f"{executor._checkpoint_root}/{spec.job_id}/{spec.task_id}"
         # Relative to the command's working directory, like every path the command sees.
         self.output = (
-            Path(os.path.abspath(Path(spec.cwd or ".") / spec.output_dir))
+            os.path.abspath(os.path.join(spec.cwd or ".", spec.output_dir))
             if spec.output_dir is not None
             else None
         )
@@ -186,17 +189,17 @@ class _Paths:
         try:
             return os.open(self.log, flags, 0o644)
         except FileNotFoundError:
-            self.log.parent.mkdir(parents=True, exist_ok=True)
+            os.makedirs(os.path.dirname(self.log), exist_ok=True)
             return os.open(self.log, flags, 0o644)
 
 
-def _make_dir(path: Path) -> None:
+def _make_dir(path: str) -> None:
     try:
         os.mkdir(path)
     except FileExistsError:
         pass
     except FileNotFoundError:
-        path.mkdir(parents=True, exist_ok=True)
+        os.makedirs(path, exist_ok=True)
 
 
 class _SubprocessAttempt(BaseAttempt):
@@ -221,8 +224,6 @@ class _SubprocessAttempt(BaseAttempt):
         self._stop_sleep: anyio.CancelScope | None = None
         self._task_group: TaskGroup | None = None
         self._enforcing = False
-        self._open_pipes = 2
-        self._drained = anyio.Event()
 
     @property
     def pid(self) -> int | None:
@@ -334,7 +335,7 @@ class _SubprocessAttempt(BaseAttempt):
                 self._write(
                     "sys", f"started pid {child.pid}: {shlex.join(spec.argv)}", notable=False
                 )
-                await self._emit(self._started(pid=child.pid, log_path=str(self._paths.log)))
+                await self._emit(self._started(pid=child.pid, log_path=self._paths.log))
                 task_status.started()
                 code = await self._supervise(child)
                 result = self._outcome(code)
@@ -360,25 +361,90 @@ class _SubprocessAttempt(BaseAttempt):
         spec = self._spec
         async with anyio.create_task_group() as task_group:
             self._task_group = task_group
-            task_group.start_soon(self._pump, child.stdout, "out")
-            task_group.start_soon(self._pump, child.stderr, "err")
             if spec.max_runtime is not None or spec.stall_timeout is not None:
                 task_group.start_soon(self._watch)
             self._enforce_soon()  # a stop requested while the start was being reported
-            # Real time, like the drain: it bounds the host's I/O, not farm time.
-            with anyio.move_on_after(_LOG_AFTER):
-                await child.wait()
-            if child.returncode is None:
-                self._keep_log()
-            code = await child.wait()
-            self._exited.set()
-            # Nothing the attempt started may outlive it (nor hold its pipes open).
-            _signal_group(child.pid, signal.SIGKILL)
-            with anyio.move_on_after(_DRAIN_TIMEOUT):
-                await self._drained.wait()
+            code = await self._pump(child, task_group)
             task_group.cancel_scope.cancel()
         self._task_group = None
         return code
+
+    async def _pump(self, child: Child, task_group: TaskGroup) -> int:
+        """Copy both pipes to the log line by line (stdout report lines become reports) and
+        wait for the exit, all through one epoll: one task per attempt, not one per pipe.
+
+        Once the main process exited its group is killed (nothing outlives the attempt) and
+        the pipes get ``_DRAIN_TIMEOUT`` to reach end of file (a process that escaped the group
+        may hold them open).  The log file is wanted once the attempt has run ``_LOG_AFTER``.
+        Both bounds are real time: they bound this host's I/O, not farm time.
+        """
+        streams: dict[int, tuple[str, bytearray]] = {
+            child.stdout: ("out", bytearray()),
+            child.stderr: ("err", bytearray()),
+        }
+        poller = select.epoll()
+        try:
+            for fd in streams:
+                poller.register(fd, select.EPOLLIN)
+            exit_fd = child.exit_descriptor(task_group)
+            poller.register(exit_fd, select.EPOLLIN)
+            now = anyio.current_time()
+            log_at = now + _LOG_AFTER
+            give_up_at = math.inf
+            while streams or child.returncode is None:
+                ready = poller.poll(0)
+                if not ready:
+                    now = anyio.current_time()
+                    if now >= give_up_at:
+                        break
+                    if now >= log_at:
+                        self._keep_log()
+                        log_at = math.inf
+                        continue
+                    with anyio.CancelScope(deadline=min(log_at, give_up_at)):
+                        await anyio.wait_readable(poller.fileno())
+                    continue
+                for fd, _ in ready:
+                    if fd == exit_fd:
+                        poller.unregister(exit_fd)
+                        child.reap()
+                        self._exited.set()
+                        # Nothing the attempt started may outlive it (nor hold its pipes open).
+                        _signal_group(child.pid, signal.SIGKILL)
+                        give_up_at = anyio.current_time() + _DRAIN_TIMEOUT
+                    elif fd in streams and not await self._read(fd, *streams[fd]):
+                        poller.unregister(fd)
+                        del streams[fd]
+        finally:
+            poller.close()
+        return await child.wait()
+
+    async def _read(self, fd: int, name: str, pending: bytearray) -> bool:
+        """Read what the pipe has and handle its complete lines; return False at end of file."""
+        try:
+            chunk = os.read(fd, _READ_SIZE)
+        except BlockingIOError:
+            return True
+        except OSError:
+            chunk = b""
+        if not chunk:
+            if pending:
+                await self._line(name, bytes(pending))
+                pending.clear()
+            self._flush_log()
+            return False
+        self._keep_log()  # any output, report lines too: the attempt gets its log
+        pending += chunk
+        if b"\n" in chunk:
+            *lines, rest = pending.split(b"\n")
+            pending[:] = rest
+            for line in lines:
+                await self._line(name, line)
+        while len(pending) > _MAX_LINE:
+            await self._line(name, bytes(pending[:_MAX_LINE]))
+            del pending[:_MAX_LINE]
+        self._flush_log()
+        return True
 
     def _outcome(self, code: int) -> AttemptFinished:
         if self._stop_reason is not None:
@@ -402,38 +468,7 @@ class _SubprocessAttempt(BaseAttempt):
         self._write("sys", "killing (SIGKILL to the process group)")
         _signal_group(pgid, signal.SIGKILL)
 
-    async def _pump(self, fd: int, name: str) -> None:
-        """Copy one pipe to the log line by line, turning stdout report lines into reports."""
-        pending = b""
-        try:
-            while True:
-                try:
-                    chunk = os.read(fd, _READ_SIZE)
-                except BlockingIOError:
-                    await anyio.wait_readable(fd)
-                    continue
-                except OSError:
-                    break
-                if not chunk:
-                    break
-                self._keep_log()  # any output, report lines too: the attempt gets its log
-                pending += chunk
-                *lines, pending = pending.split(b"\n")
-                for line in lines:
-                    await self._line(name, line)
-                while len(pending) > _MAX_LINE:
-                    await self._line(name, pending[:_MAX_LINE])
-                    pending = pending[_MAX_LINE:]
-                self._flush_log()
-            if pending:
-                await self._line(name, pending)
-            self._flush_log()
-        finally:
-            self._open_pipes -= 1
-            if not self._open_pipes:
-                self._drained.set()
-
-    async def _line(self, name: str, raw: bytes) -> None:
+    async def _line(self, name: str, raw: bytes | bytearray) -> None:
         text = raw.decode("utf-8", errors="replace").rstrip("\r")
         if name == "out":
             try:
@@ -479,8 +514,8 @@ class SubprocessExecutor(ExecutorBase):
         executor_id: str,
     ) -> None:
         super().__init__(task_group=task_group, clock=clock, terminate_grace=terminate_grace)
-        self._log_dir = log_dir
-        self._checkpoint_dir = checkpoint_dir
+        self._log_root = str(log_dir)
+        self._checkpoint_root = str(checkpoint_dir)
         self._base_env = dict(base_env)
         self._executor_id = executor_id
 
@@ -491,11 +526,11 @@ class SubprocessExecutor(ExecutorBase):
 
     def log_path(self, spec: AttemptSpec) -> Path:
         """Return the log file of the attempt ``spec`` describes."""
-        return _Paths(self, spec).log
+        return Path(_Paths(self, spec).log)
 
     def checkpoint_dir(self, spec: AttemptSpec) -> Path:
         """Return the checkpoint directory of the task ``spec`` runs (shared by its attempts)."""
-        return _Paths(self, spec).checkpoints
+        return Path(_Paths(self, spec).checkpoints)
 
     async def start(self, spec: AttemptSpec, report: ReportSink) -> AttemptHandle:
         """Start ``spec.argv``; return once it runs and was reported started.
@@ -504,6 +539,25 @@ class SubprocessExecutor(ExecutorBase):
             ExecutorError: the spec names a function, the command could not be started (no
                 such file, not executable, bad cwd) or the executor is closed.
         """
+        attempt = self._attempt(spec, report)
+        return await self._launch(attempt, attempt._run)
+
+    def start_nowait(self, spec: AttemptSpec, report: ReportSink) -> AttemptHandle:
+        """Start ``spec.argv`` and return its handle at once, without waiting for it to run.
+
+        What :meth:`start` raises once the attempt was accepted (the program is missing, the
+        cwd is unusable) ends the attempt instead, with a ``failed`` :class:`AttemptFinished`
+        through ``report``, as a remote agent's attempt does.  A node agent starts its attempts
+        this way: a task less per attempt.
+
+        Raises:
+            ExecutorError: the spec names a function, or the executor is closed.
+        """
+        attempt = self._attempt(spec, report)
+        self._launch_nowait(attempt, attempt._run)
+        return attempt
+
+    def _attempt(self, spec: AttemptSpec, report: ReportSink) -> _SubprocessAttempt:
         if not spec.argv:
             raise ExecutorError(
                 "the subprocess executor runs commands; this spec names a function",
@@ -512,7 +566,7 @@ class SubprocessExecutor(ExecutorBase):
                 attempt=spec.attempt,
             )
         paths = _Paths(self, spec)
-        attempt = _SubprocessAttempt(
+        return _SubprocessAttempt(
             spec,
             report,
             clock=self._clock,
@@ -520,7 +574,6 @@ class SubprocessExecutor(ExecutorBase):
             paths=paths,
             env=self._environment(spec, paths),
         )
-        return await self._launch(attempt, attempt._run)
 
     def _environment(self, spec: AttemptSpec, paths: _Paths) -> dict[str, str]:
         env = {**self._base_env, **spec.env}
@@ -528,13 +581,13 @@ class SubprocessExecutor(ExecutorBase):
             TASKFARM_JOB_ID=spec.job_id,
             TASKFARM_TASK_ID=spec.task_id,
             TASKFARM_ATTEMPT=str(spec.attempt),
-            TASKFARM_CHECKPOINT_DIR=str(paths.checkpoints),
+            TASKFARM_CHECKPOINT_DIR=paths.checkpoints,
         )
         env[EXECUTOR_ID_VARIABLE] = self._executor_id
         # Never let a value inherited from the agent's own environment pose as this job's.
         for name, value in (
             ("TASKFARM_RESUME_FROM", spec.resume_from),
-            ("TASKFARM_OUTPUT_DIR", str(paths.output) if paths.output is not None else None),
+            ("TASKFARM_OUTPUT_DIR", paths.output),
         ):
             if value is None:
                 env.pop(name, None)

@@ -7,6 +7,7 @@ import json
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -139,7 +140,7 @@ async def test_an_interrupted_sequence_resumes_after_its_last_finished_frame(
     out.mkdir()
     frames = [[sys.executable, "-c", FRAME, str(frame), str(out)] for frame in range(1, 7)]
     argv = (FRAME_SEQUENCE, json.dumps(frames))
-    ident = {"job_id": "seq", "task_id": "0", "fencing_token": 1}
+    ident: dict[str, Any] = {"job_id": "seq", "task_id": "0", "fencing_token": 1}
     reports: list[AttemptReport] = []
     changed = anyio.Event()
 
