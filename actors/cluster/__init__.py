@@ -9,6 +9,7 @@ from ._coordinator import (
     open_coordinator,
     run_coordinator,
 )
+from ._lease import LeaseTiming, lease_timing
 from ._outbox import (
     OUTBOX_CODEC,
     AttemptKey,
@@ -71,6 +72,7 @@ __all__ = [
     "Heartbeat",
     "HeartbeatAck",
     "JobsReply",
+    "LeaseTiming",
     "ListNodesRequest",
     "LogChunk",
     "LogsRequest",
@@ -99,6 +101,7 @@ __all__ = [
     "check_label",
     "default_name",
     "detect_resources",
+    "lease_timing",
     "open_coordinator",
     "open_remote_executor",
     "run_agent",

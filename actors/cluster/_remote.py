@@ -215,12 +215,13 @@ class RemoteExecutor:
         return self._connection is not None
 
     def statistics(self) -> dict[str, int]:
-        """Return counters: reports delivered, duplicates dropped, orphans passed on, and
-        attempts not finished."""
+        """Return counters: reports delivered, duplicates dropped, orphans passed on, reports
+        received but not journaled yet, and attempts not finished."""
         return {
             "delivered": self._delivered,
             "duplicates": self._duplicates,
             "orphans": self._orphans,
+            "queued": self._queued,
             "running": len(self._attempts),
         }
 

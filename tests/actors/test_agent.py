@@ -108,6 +108,8 @@ class Coordinator:
         self.frames: list[tuple[int, Report]] = []  # (connection number, frame)
         self.heartbeats = 0
         self.acking = True
+        self.lease = 0.0  # granted in Welcome (0: none)
+        self.answering = True  # answer heartbeats (renewing the lease)
         self._changed = anyio.Event()
 
     def _notify(self) -> None:
@@ -127,7 +129,10 @@ class Coordinator:
         assert isinstance(hello, AgentHello)
         self.hellos.append(hello)
         number = len(self.hellos)
-        await connection.send(Welcome(node=hello.name, heartbeat_interval=0.2))
+        welcome = Welcome(
+            node=hello.name, heartbeat_interval=0.2, lease=self.lease, lease_grace=self.lease / 2
+        )
+        await connection.send(welcome)
         self.remote.attach(connection)
         self._notify()
         try:
@@ -141,8 +146,10 @@ class Coordinator:
                                 await self.remote.deliver(report)
                     case LogChunk():
                         await self.remote.deliver(message)
-                    case Heartbeat():
+                    case Heartbeat(sequence=sequence):
                         self.heartbeats += 1
+                        if self.answering:
+                            self.remote.acknowledge_heartbeat(sequence)
                     case _:
                         raise AssertionError(f"unexpected {message!r}")
                 self._notify()
@@ -615,6 +622,66 @@ async def test_a_second_agent_on_the_same_work_directory_is_refused(tmp_path: Pa
         assert first.returncode is None
 
 
+async def test_answered_heartbeats_keep_the_lease(tmp_path: Path) -> None:
+    """While the coordinator answers its heartbeats, an agent runs its attempt for many leases."""
+    async with (
+        _coordinator() as (coordinator, server),
+        _control() as (listener, control_port),
+        AsyncExitStack() as stack,
+        _agent(tmp_path, server.port),
+    ):
+        coordinator.lease = 0.6
+        await coordinator.wait_until(lambda: coordinator.remote.attached)
+        recorder = Recorder()
+        handle = await coordinator.remote.start(_spec(control_port), recorder)
+        link = await _accept(listener, stack)
+        beats = coordinator.heartbeats
+        await coordinator.wait_until(lambda: coordinator.heartbeats >= beats + 12)  # 4 leases
+        assert await link.command("log still running") == "ok"
+        await link.exit(0)
+        with anyio.fail_after(WAIT):
+            result = await handle.wait()
+    assert result.outcome == "completed"
+    assert "agent_lease_expired" not in {e["event"] for e in _events(tmp_path / "agent.log")}
+
+
+@pytest.mark.parametrize(("granted", "flags"), [(1.0, ()), (0.0, ("--lease", "1"))])
+async def test_unanswered_heartbeats_stop_the_attempts_when_the_lease_runs_out(
+    tmp_path: Path, granted: float, flags: tuple[str, ...]
+) -> None:
+    """No answer for a lease (the coordinator's, or the agent's own shorter one): the agent
+    asks for a checkpoint, stops the attempt, reports it lost with that checkpoint, and
+    reconnects."""
+    async with (
+        _coordinator() as (coordinator, server),
+        _control() as (listener, control_port),
+        AsyncExitStack() as stack,
+        _agent(tmp_path, server.port, *flags),
+    ):
+        coordinator.lease = granted
+        coordinator.answering = False
+        await coordinator.wait_until(lambda: coordinator.remote.attached)
+        recorder = Recorder()
+        handle = await coordinator.remote.start(_spec(control_port, checkpointable=True), recorder)
+        await _accept(listener, stack)
+        (started,) = await recorder.wait_for(AttemptStarted)
+        assert started.pid is not None
+        exited = _watch_exit(started.pid, stack)
+        with anyio.fail_after(WAIT):
+            result = await handle.wait()
+            await anyio.wait_readable(exited)
+        assert len(coordinator.hellos) == 2  # it dropped the silent connection and came back
+    assert result.outcome == "lost"
+    assert result.checkpoint == "ck-signal"
+    assert result.error is not None
+    assert "lease" in result.error
+    events = _events(tmp_path / "agent.log")
+    (expired,) = [e for e in events if e["event"] == "agent_lease_expired"]
+    assert (expired["lease"], expired["attempts"]) == (1.0, 1)
+    stopped = [e for e in events if e["event"] == "attempt_stopped_lease_expired"]
+    assert [e["checkpointed"] for e in stopped] == [True]
+
+
 async def _no_orphans(report: AttemptReport) -> None:
     raise AssertionError(f"orphan report {report!r}")
 
@@ -644,6 +711,8 @@ def _parse(tmp_path: Path, *extra: str) -> argparse.Namespace:
         (("--name", "bad/name"), "--name"),
         (("--heartbeat", "0"), "--heartbeat"),
         (("--heartbeat", "soon"), "--heartbeat"),
+        (("--lease", "0"), "--lease"),
+        (("--lease", "inf"), "--lease"),
         (("--terminate-grace", "-1"), "--terminate-grace"),
         (("--tls-key", "key.pem"), "--tls-key"),
         (("--tls-ca", "/no/such/ca.pem"), "--tls-ca"),
