@@ -5,8 +5,10 @@ from __future__ import annotations
 from runtime import TaskfarmError
 
 __all__ = [
+    "AccessDeniedError",
     "AgentUnavailableError",
     "AttemptSpecError",
+    "CredentialError",
     "DependencyCycleError",
     "DependencyError",
     "ExecutorError",
@@ -14,6 +16,7 @@ __all__ = [
     "ReportLineError",
     "ResourceError",
     "SpecError",
+    "TaskNotFoundError",
     "UnknownDependencyError",
     "UnknownFunctionError",
 ]
@@ -84,6 +87,17 @@ class JobNotFoundError(TaskfarmError):
         super().__init__(f"no job {job_id!r} in this farm")
 
 
+class TaskNotFoundError(TaskfarmError):
+    """Raised when a command names a task, or an attempt of a task, that a job does not have;
+    ``job_id``, ``task`` and ``attempt`` (None when the task itself is missing) say which."""
+
+    def __init__(self, message: str, *, job_id: str, task: int, attempt: int | None = None) -> None:
+        self.job_id = job_id
+        self.task = task
+        self.attempt = attempt
+        super().__init__(message)
+
+
 class AttemptSpecError(TaskfarmError, ValueError):
     """Raised when an :class:`AttemptSpec` is inconsistent; ``field`` names the culprit.
 
@@ -137,3 +151,23 @@ class ReportLineError(TaskfarmError, ValueError):
 class AgentUnavailableError(ExecutorError):
     """Raised when a request needs the agent but it is not connected, the connection fails, or
     it does not answer in time; ``job_id``, ``task_id`` and ``attempt`` name the attempt."""
+
+
+class CredentialError(TaskfarmError):
+    """Raised when a credential cannot be issued or revoked (the name is taken or unknown, or
+    the kind and role do not go together); ``name`` names the principal."""
+
+    def __init__(self, message: str, *, name: str) -> None:
+        self.name = name
+        super().__init__(message)
+
+
+class AccessDeniedError(TaskfarmError):
+    """Raised when a client's role does not allow its request; ``principal`` names who asked,
+    ``role`` its role and ``request`` what it asked for."""
+
+    def __init__(self, message: str, *, principal: str, role: str, request: str) -> None:
+        self.principal = principal
+        self.role = role
+        self.request = request
+        super().__init__(message)

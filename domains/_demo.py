@@ -83,7 +83,14 @@ depends_on = [{{ job = "heat-main-{run}" }}]
 
 def _prepare(folder: str) -> Path:
     root = Path(os.path.abspath(folder))
-    root.mkdir(parents=True, exist_ok=True)
+    if root.exists() and not root.is_dir():
+        raise ConfigurationError(f"{folder} is not a directory", where="--dir")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigurationError(
+            f"cannot create {folder}: {error.strerror or error}", where="--dir"
+        ) from None
     return root
 
 

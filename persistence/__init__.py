@@ -2,6 +2,7 @@
 
 from ._codec import EncodedEvent, Event, EventCodec, UndecodedEvent, Upcaster, default_codec
 from ._errors import (
+    EventChecksumError,
     EventDecodeError,
     EventEncodeError,
     JournalClosedError,
@@ -10,7 +11,7 @@ from ._errors import (
     VersionConflictError,
 )
 from ._event_sourced import EventSourcedActor
-from ._journal import AppendResult, Journal, RecordedEvent, StreamInfo
+from ._journal import AppendResult, Journal, RecordedEvent, StreamAppend, StreamInfo
 from ._memory import InMemoryJournal
 from ._replay import Aggregate, rebuild_all, rebuild_stream
 from ._sqlite import (
@@ -20,19 +21,30 @@ from ._sqlite import (
     SQLiteJournal,
     open_sqlite_journal,
 )
+from ._sqlite_tools import (
+    BadEvent,
+    JournalCheck,
+    SalvageReport,
+    check_sqlite_journal,
+    salvage_sqlite_journal,
+)
+from ._subscription import Subscription
 
 __all__ = [
     "SCHEMA_VERSION",
     "Aggregate",
     "AppendResult",
+    "BadEvent",
     "EncodedEvent",
     "Event",
+    "EventChecksumError",
     "EventCodec",
     "EventDecodeError",
     "EventEncodeError",
     "EventSourcedActor",
     "InMemoryJournal",
     "Journal",
+    "JournalCheck",
     "JournalClosedError",
     "JournalDescription",
     "JournalError",
@@ -40,12 +52,17 @@ __all__ = [
     "JournalStatistics",
     "RecordedEvent",
     "SQLiteJournal",
+    "SalvageReport",
+    "StreamAppend",
     "StreamInfo",
+    "Subscription",
     "UndecodedEvent",
     "Upcaster",
     "VersionConflictError",
+    "check_sqlite_journal",
     "default_codec",
     "open_sqlite_journal",
     "rebuild_all",
     "rebuild_stream",
+    "salvage_sqlite_journal",
 ]

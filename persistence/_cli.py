@@ -1,4 +1,9 @@
-"""``taskfarm journal inspect`` and ``taskfarm replay``: read a journal file from the shell.
+"""``taskfarm journal inspect|check|salvage`` and ``taskfarm replay``: journal files from the
+shell.
+
+Every command here opens its journal read-only and writes nothing beside it (``salvage``
+writes only its ``--out`` file).  Output that goes into a closed pipe (``taskfarm replay DB |
+head``) ends the command quietly with status 141, as ``SIGPIPE`` ends ``cat`` or ``grep``.
 
 The CLI knows no domain.  Event classes come from the ``taskfarm.events`` entry-point group:
 each entry names a module whose import registers its events into
@@ -12,6 +17,7 @@ decoded (unknown tag, missing upcaster) are shown raw instead of stopping the re
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections import Counter
 from collections.abc import Callable
@@ -27,17 +33,33 @@ from runtime import ConfigurationError, SystemClock
 from ._codec import EventCodec, UndecodedEvent, default_codec
 from ._journal import RecordedEvent
 from ._sqlite import JournalDescription, SQLiteJournal, open_sqlite_journal
+from ._sqlite_tools import (
+    JournalCheck,
+    SalvageReport,
+    check_sqlite_journal,
+    salvage_sqlite_journal,
+)
 
-__all__ = ["configure_journal", "configure_replay", "inspect_journal", "replay_journal"]
+__all__ = [
+    "check_journal",
+    "configure_journal",
+    "configure_replay",
+    "inspect_journal",
+    "replay_journal",
+    "salvage_journal",
+]
 
 EVENTS_GROUP = "taskfarm.events"
 AGGREGATES_GROUP = "taskfarm.aggregates"
 # Undecodable events printed in text mode (--json lists every one).
 _RAW_SHOWN = 20
+# The exit status of a command whose output pipe was closed (128 + SIGPIPE, as a shell
+# reports a process that SIGPIPE ended).
+CLOSED_PIPE = 141
 
 
 def configure_journal(parser: argparse.ArgumentParser) -> None:
-    """Add ``journal``'s actions (``inspect``) and their arguments."""
+    """Add ``journal``'s actions (``inspect``, ``check``, ``salvage``) and their arguments."""
     actions = parser.add_subparsers(dest="journal_action", metavar="ACTION", required=True)
     inspect = actions.add_parser(
         "inspect",
@@ -47,6 +69,26 @@ def configure_journal(parser: argparse.ArgumentParser) -> None:
     inspect.add_argument("db", metavar="DB", help="the journal file")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
     inspect.set_defaults(handler=inspect_journal)
+    check = actions.add_parser(
+        "check",
+        help="verify a journal: SQLite's integrity check and every event's checksum",
+        description="Verify a journal read-only: SQLite's integrity check, then every event's "
+        "position, version and checksum, and every snapshot's checksum.  Exit status: 0 sound, "
+        "1 damaged (the first bad position is reported), 2 not a journal or bad arguments.",
+    )
+    check.add_argument("db", metavar="DB", help="the journal file")
+    check.add_argument("--json", action="store_true", help="print JSON instead of text")
+    check.set_defaults(handler=check_journal)
+    salvage = actions.add_parser(
+        "salvage",
+        help="copy a damaged journal's events up to its last good position into a new journal",
+        description="Copy the events of DB up to its last good position (and its sound "
+        "snapshots within them) into a new journal NEW; DB is only read.",
+    )
+    salvage.add_argument("db", metavar="DB", help="the damaged journal file")
+    salvage.add_argument("--out", metavar="NEW", required=True, help="the new journal (created)")
+    salvage.add_argument("--json", action="store_true", help="print JSON instead of text")
+    salvage.set_defaults(handler=salvage_journal)
 
 
 def configure_replay(parser: argparse.ArgumentParser) -> None:
@@ -147,6 +189,22 @@ def _time(value: datetime | None) -> str:
     return value.isoformat() if value is not None else "-"
 
 
+def _emit(lines: list[str]) -> int:
+    """Print ``lines`` to stdout; return 0, or ``CLOSED_PIPE`` if the reader went away."""
+    try:
+        for line in lines:
+            print(line)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Nothing more can be said on stdout, and the interpreter's last flush at exit would
+        # fail again and print a complaint: point stdout at /dev/null for that flush.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return CLOSED_PIPE
+    return 0
+
+
 # -- journal inspect ----------------------------------------------------------------------------
 
 
@@ -163,10 +221,8 @@ async def inspect_journal(args: argparse.Namespace) -> int:
     ) as journal:
         description = await journal.describe()
     if args.json:
-        print(msgspec.json.encode(description).decode())
-    else:
-        print(_format_description(description))
-    return 0
+        return _emit([msgspec.json.encode(description).decode()])
+    return _emit([_format_description(description)])
 
 
 def _format_description(d: JournalDescription) -> str:
@@ -293,11 +349,13 @@ async def replay_journal(args: argparse.Namespace) -> int:
                 for record in batch:
                     replay.add(record)
     report = _report(path, until, position, replay, notes)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     if args.json:
-        print(msgspec.json.encode(report).decode())
-    else:
-        _print_report(report, print)
-    return 0
+        return _emit([msgspec.json.encode(report).decode()])
+    lines: list[str] = []
+    _print_report(report, lines.append)
+    return _emit(lines)
 
 
 async def _until_position(journal: SQLiteJournal, until: int | datetime | None) -> int:
@@ -393,5 +451,105 @@ def _print_report(report: dict[str, Any], out: Callable[[str], None]) -> None:
             out(f"    {msgspec.json.encode(item['payload']).decode()}")
         if len(report["undecoded"]) > _RAW_SHOWN:
             out(f"  ... and {len(report['undecoded']) - _RAW_SHOWN} more (--json lists them all)")
-    for note in report["notes"]:
-        print(f"note: {note}", file=sys.stderr)
+
+
+# -- journal check and salvage ------------------------------------------------------------------
+
+
+def _bad(first_bad: Any) -> str:
+    stream = "" if first_bad.stream_id is None else f" (stream {first_bad.stream_id!r})"
+    return f"position {first_bad.position:,}{stream}: {first_bad.reason}"
+
+
+def _format_check(check: JournalCheck) -> list[str]:
+    lines = [f"journal {check.path}: {'ok' if check.ok else 'DAMAGED'}"]
+    if check.problem is not None:
+        lines.append(f"file        {check.problem}")
+    if check.first_bad is None:
+        events = f"{check.good_events:,} checked, every position, version and checksum is sound"
+    else:
+        events = (
+            f"{check.good_events:,} sound (positions 1-{check.last_good_position:,}); "
+            f"first bad {_bad(check.first_bad)}"
+        )
+        if check.stored_events is not None:
+            events += f" ({check.stored_events:,} stored in all)"
+    lines.append(f"events      {events}")
+    if check.bad_snapshots:
+        lines.append(
+            f"snapshots   {check.snapshots:,}, damaged: {', '.join(check.bad_snapshots)} "
+            "(caches: replay does without them)"
+        )
+    else:
+        lines.append(f"snapshots   {check.snapshots:,}, all sound")
+    lines.append(f"sqlite      integrity_check: {'; '.join(check.integrity) or '-'}")
+    if not check.ok:
+        lines.append(
+            f"recover     taskfarm journal salvage {check.path} --out NEW "
+            f"(keeps positions 1-{check.last_good_position:,})"
+        )
+    return lines
+
+
+def _verdict(check: JournalCheck) -> str:
+    if check.problem is not None:
+        where = check.problem
+    elif check.first_bad is not None:
+        where = f"first bad {_bad(check.first_bad)}"
+    elif check.integrity != ["ok"]:
+        where = f"SQLite's integrity check fails: {check.integrity[0]}"
+    else:
+        where = f"damaged snapshots: {', '.join(check.bad_snapshots)}"
+    return (
+        f"taskfarm: journal {check.path} is damaged ({where}); recover with "
+        f"`taskfarm journal salvage {check.path} --out NEW`"
+    )
+
+
+async def check_journal(args: argparse.Namespace) -> int:
+    """Verify a journal file; exit 0 when sound, 1 when damaged.
+
+    Raises:
+        ConfigurationError: ``DB`` does not exist.
+        JournalFileError: the file is not a taskfarm journal.
+    """
+    path = _journal_path(args.db)
+    check = await check_sqlite_journal(path)
+    if not check.ok:
+        print(_verdict(check), file=sys.stderr)
+    if args.json:
+        status = _emit(
+            [msgspec.json.encode({**msgspec.to_builtins(check), "ok": check.ok}).decode()]
+        )
+    else:
+        status = _emit(_format_check(check))
+    return status or (0 if check.ok else 1)
+
+
+async def salvage_journal(args: argparse.Namespace) -> int:
+    """Copy a journal's events up to its last good position into a new journal.
+
+    Raises:
+        ConfigurationError: ``DB`` does not exist.
+        JournalFileError: ``DB`` is not a readable taskfarm journal, or ``--out`` exists.
+    """
+    path = _journal_path(args.db)
+    report = await salvage_sqlite_journal(path, out=args.out)
+    if args.json:
+        return _emit([msgspec.json.encode(report).decode()])
+    return _emit(_format_salvage(report))
+
+
+def _format_salvage(report: SalvageReport) -> list[str]:
+    lines = [
+        f"salvaged {report.events:,} events (positions 1-{report.last_good_position:,}) and "
+        f"{report.snapshots:,} snapshots from {report.source} into {report.out}"
+    ]
+    if report.first_bad is None:
+        lines.append("nothing was left out: the source is sound")
+    else:
+        dropped = ""
+        if report.stored_events is not None:
+            dropped = f" ({report.stored_events - report.events:,} stored events left out)"
+        lines.append(f"stopped at {_bad(report.first_bad)}{dropped}")
+    return lines

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from runtime import Clock, ConfigurationError, get_logger
 
 from ._codec import Event
 from ._errors import JournalError
 
+if TYPE_CHECKING:
+    from ._journal import StreamAppend
+
 __all__ = [
     "check_after",
     "check_append",
+    "check_append_many",
     "check_batch_size",
     "check_until",
     "format_timestamp",
@@ -47,6 +51,26 @@ def check_append(stream_id: str, events: Sequence[Event], expected_version: int 
         raise JournalError(
             f"expected_version must be None or an int >= 0, got {expected_version!r}"
         )
+
+
+def check_append_many(appends: Sequence[StreamAppend]) -> None:
+    """Validate an ``append_many``'s arguments.
+
+    Raises:
+        JournalError: there are no appends, a stream appears twice, or an entry is invalid
+            (see :func:`check_append`).
+    """
+    if not appends:
+        raise JournalError("append_many needs at least one stream")
+    seen: set[str] = set()
+    for part in appends:
+        check_append(part.stream_id, part.events, part.expected_version)
+        if part.stream_id in seen:
+            raise JournalError(
+                f"append_many names stream {part.stream_id!r} twice (give it one entry with "
+                "all its events)"
+            )
+        seen.add(part.stream_id)
 
 
 def check_after(name: str, value: int) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 from runtime import TaskfarmError
 
 __all__ = [
+    "EventChecksumError",
     "EventDecodeError",
     "EventEncodeError",
     "JournalClosedError",
@@ -30,6 +31,26 @@ class JournalFileError(JournalError):
         self.path = str(path)
         self.problem = problem
         super().__init__(f"journal file {self.path}: {problem}")
+
+
+class EventChecksumError(JournalFileError):
+    """Raised when a stored event fails its checksum (the row was damaged after it was
+    written); ``position`` and ``stream_id`` name it as stored.
+
+    Nothing at or after ``position`` can be trusted to be what was written;
+    ``taskfarm journal salvage`` copies the events before it into a new journal.
+    """
+
+    def __init__(self, *, path: str | Path, position: int, stream_id: str, reason: str) -> None:
+        self.position = position
+        self.stream_id = stream_id
+        self.reason = reason
+        super().__init__(
+            path=path,
+            problem=f"the event at position {position} (stream {stream_id!r}) is damaged: "
+            f"{reason}; `taskfarm journal check {path}` shows the damage, and "
+            f"`taskfarm journal salvage {path} --out NEW` keeps the events before it",
+        )
 
 
 class VersionConflictError(JournalError):

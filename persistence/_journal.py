@@ -5,6 +5,10 @@ history of one actor: ``"job:42"``), has a 1-based ``version`` within it and a 1
 ``position`` across all streams.  Appends use optimistic concurrency (``expected_version``);
 timestamps come from the journal's injected clock and never decrease with position, so "as of
 a time" and "as of a position" mean the same thing.
+
+An append is atomic, and so is ``append_many`` across several streams (one transaction: all
+of it or none of it, never half visible to a reader, a subscriber or a recovery).  A
+subscription reads what is stored after a position and then follows new commits.
 """
 
 from __future__ import annotations
@@ -16,8 +20,9 @@ from typing import Protocol, TypeVar
 import msgspec
 
 from ._codec import Event
+from ._subscription import Subscription
 
-__all__ = ["AppendResult", "Journal", "RecordedEvent", "StreamInfo"]
+__all__ = ["AppendResult", "Journal", "RecordedEvent", "StreamAppend", "StreamInfo"]
 
 S = TypeVar("S")
 
@@ -50,6 +55,18 @@ class AppendResult(msgspec.Struct, frozen=True, kw_only=True):
     last_position: int
     version: int
     timestamp: datetime
+
+
+class StreamAppend(msgspec.Struct, frozen=True, kw_only=True):
+    """One stream's part of an ``append_many``: its events and the version it must be at.
+
+    ``expected_version`` means what it means for ``append`` (``0``: the stream must not exist
+    yet; ``None``: no check).
+    """
+
+    stream_id: str
+    events: Sequence[Event]
+    expected_version: int | None = None
 
 
 class StreamInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -86,6 +103,42 @@ class Journal(Protocol):
             VersionConflictError: the stream is not at ``expected_version``.
             EventEncodeError: an event's class is not registered in the codec.
             JournalError: ``events`` is empty, or the journal cannot commit.
+            JournalClosedError: the journal is closed.
+        """
+        ...
+
+    async def append_many(
+        self, appends: Sequence[StreamAppend], *, correlation_id: str | None = None
+    ) -> list[AppendResult]:
+        """Append to several streams in one transaction: all of it is committed, or none.
+
+        Each stream's ``expected_version`` is checked; if any fails, nothing is written and
+        the error names that stream (the first in ``appends`` order).  The events take
+        consecutive positions in ``appends`` order, all with one timestamp.  Returns one result
+        per entry, in order.  Returning means committed; raising (``Cancelled`` included)
+        means nothing was committed.
+
+        Raises:
+            VersionConflictError: a stream is not at its ``expected_version``.
+            EventEncodeError: an event's class is not registered in the codec.
+            JournalError: ``appends`` is empty, names a stream twice, has an entry without
+                events, or the journal cannot commit.
+            JournalClosedError: the journal is closed.
+        """
+        ...
+
+    def subscribe(self, *, after: int = 0, batch_size: int = DEFAULT_BATCH_SIZE) -> Subscription:
+        """Return a subscription to every event after position ``after``, in position order:
+        first what is stored, then each new commit as it becomes durable.
+
+        Iterate it (``async for batch in subscription``) for batches of at most
+        ``batch_size`` events; close it with ``aclose()`` or ``async with``.  It buffers
+        nothing: a subscriber that falls behind reads the events it missed from the journal
+        when it asks for them, so a slow subscriber costs no memory and never slows an
+        appender.  The iteration ends when the journal closes.
+
+        Raises:
+            JournalError: ``after`` or ``batch_size`` is invalid.
             JournalClosedError: the journal is closed.
         """
         ...

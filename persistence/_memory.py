@@ -15,6 +15,7 @@ from ._codec import Event, EventCodec
 from ._common import (
     check_after,
     check_append,
+    check_append_many,
     check_batch_size,
     check_until,
     log,
@@ -22,7 +23,15 @@ from ._common import (
     utc,
 )
 from ._errors import JournalClosedError, JournalError, VersionConflictError
-from ._journal import DEFAULT_BATCH_SIZE, AppendResult, RecordedEvent, S, StreamInfo
+from ._journal import (
+    DEFAULT_BATCH_SIZE,
+    AppendResult,
+    RecordedEvent,
+    S,
+    StreamAppend,
+    StreamInfo,
+)
+from ._subscription import CommitSignal, Subscription
 
 __all__ = ["InMemoryJournal"]
 
@@ -38,7 +47,9 @@ class InMemoryJournal:
     """A journal held in lists: every append is atomic and visible at once.
 
     Events are encoded on append (so an unregistered event fails here as it would in SQLite)
-    but stored as the frozen objects given; snapshot states are stored encoded.
+    but stored as the frozen objects given; snapshot states are stored encoded.  An append
+    runs without a checkpoint between its checks and its last write, so it is atomic against
+    every other task.
     """
 
     def __init__(self, *, clock: Clock, codec: EventCodec) -> None:
@@ -49,6 +60,7 @@ class InMemoryJournal:
         self._streams: dict[str, list[RecordedEvent]] = {}
         self._snapshots: dict[str, dict[int, _Snapshot]] = {}
         self._closed = False
+        self._commits = CommitSignal()
 
     def _check_open(self) -> None:
         if self._closed:
@@ -74,41 +86,94 @@ class InMemoryJournal:
         await anyio.lowlevel.checkpoint()
         self._check_open()
         check_append(stream_id, events, expected_version)
-        encoded = [self.codec.encode(event) for event in events]
-        stream = self._streams.get(stream_id)
-        current = len(stream) if stream else 0
-        if expected_version is not None and expected_version != current:
-            raise VersionConflictError(
-                stream_id=stream_id, expected=expected_version, actual=current
-            )
+        part = StreamAppend(stream_id=stream_id, events=events, expected_version=expected_version)
+        return self._commit([part], correlation_id)[0]
+
+    async def append_many(
+        self, appends: Sequence[StreamAppend], *, correlation_id: str | None = None
+    ) -> list[AppendResult]:
+        """Append to several streams at once, all or nothing (see ``Journal.append_many``).
+
+        Raises:
+            VersionConflictError: a stream is not at its ``expected_version``.
+            EventEncodeError: an event's class is not registered in the codec.
+            JournalError: the arguments are invalid.
+            JournalClosedError: the journal is closed.
+        """
+        await anyio.lowlevel.checkpoint()
+        self._check_open()
+        check_append_many(appends)
+        return self._commit(appends, correlation_id)
+
+    def _commit(
+        self, appends: Sequence[StreamAppend], correlation_id: str | None
+    ) -> list[AppendResult]:
+        # Everything that can fail (encoding, versions) runs before the first write.
+        encoded = [[self.codec.encode(event) for event in part.events] for part in appends]
+        for part in appends:
+            current = len(self._streams.get(part.stream_id, ()))
+            expected = part.expected_version
+            if expected is not None and expected != current:
+                raise VersionConflictError(
+                    stream_id=part.stream_id, expected=expected, actual=current
+                )
         previous = self._timestamps[-1] if self._timestamps else None
         timestamp = next_timestamp(self.clock, previous)
-        if stream is None:
-            stream = self._streams[stream_id] = []
-        first = len(self._records) + 1
-        for offset, (event, (tag, schema_version, _payload)) in enumerate(
-            zip(events, encoded, strict=True)
-        ):
-            record = RecordedEvent(
-                first + offset,
-                stream_id,
-                current + offset + 1,
-                tag,
-                schema_version,
-                timestamp,
-                correlation_id,
-                event,
+        results: list[AppendResult] = []
+        for part, part_encoded in zip(appends, encoded, strict=True):
+            stream = self._streams.setdefault(part.stream_id, [])
+            current = len(stream)
+            first = len(self._records) + 1
+            for offset, (event, (tag, schema_version, _payload)) in enumerate(
+                zip(part.events, part_encoded, strict=True)
+            ):
+                record = RecordedEvent(
+                    first + offset,
+                    part.stream_id,
+                    current + offset + 1,
+                    tag,
+                    schema_version,
+                    timestamp,
+                    correlation_id,
+                    event,
+                )
+                self._records.append(record)
+                self._timestamps.append(timestamp)
+                stream.append(record)
+            results.append(
+                AppendResult(
+                    stream_id=part.stream_id,
+                    first_position=first,
+                    last_position=len(self._records),
+                    version=len(stream),
+                    timestamp=timestamp,
+                )
             )
-            self._records.append(record)
-            self._timestamps.append(timestamp)
-            stream.append(record)
-        return AppendResult(
-            stream_id=stream_id,
-            first_position=first,
-            last_position=len(self._records),
-            version=len(stream),
-            timestamp=timestamp,
+        self._commits.notify()
+        return results
+
+    def subscribe(self, *, after: int = 0, batch_size: int = DEFAULT_BATCH_SIZE) -> Subscription:
+        """Return a subscription to the events after ``after`` (see ``Journal.subscribe``).
+
+        Raises:
+            JournalError: ``after`` or ``batch_size`` is invalid.
+            JournalClosedError: the journal is closed.
+        """
+        self._check_open()
+        check_after("after", after)
+        check_batch_size(batch_size)
+        return Subscription(
+            read=self._read_batch,
+            signal=self._commits,
+            after=after,
+            batch_size=batch_size,
+            clock=self.clock,
         )
+
+    async def _read_batch(self, after: int, batch_size: int) -> list[RecordedEvent]:
+        await anyio.lowlevel.checkpoint()
+        self._check_open()
+        return self._records[after : after + batch_size]
 
     async def read_stream(
         self, stream_id: str, *, after_version: int = 0, until_position: int | None = None
@@ -270,6 +335,8 @@ class InMemoryJournal:
         return None
 
     async def aclose(self) -> None:
-        """Close the journal; later calls raise ``JournalClosedError``."""
+        """Close the journal (its subscriptions end); later calls raise
+        ``JournalClosedError``."""
         self._closed = True
+        self._commits.close()
         await anyio.lowlevel.checkpoint()

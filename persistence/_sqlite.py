@@ -21,12 +21,27 @@ Design (this is the only module that imports aiosqlite):
   ``append`` returning means committed and ``Cancelled`` means not committed.
 - **Reads** go through their own aiosqlite connection (WAL readers never block the writer),
   in big keyset-paginated chunks decoded straight into event classes.
+- **Atomic multi-stream appends.**  ``append_many`` is one request to the same writer: its
+  expected versions are all checked first, then all its rows join the group's transaction, so
+  it commits whole or not at all (a conflict fails it alone, naming the stream) and callers
+  get the same cancellation guarantee as ``append``.
+- **Checksums.**  Each row carries a CRC-32 of its fields (see ``_sqlite_file``), computed by
+  the writer and verified by every read that decodes events (``read_stream``, ``read_all``,
+  subscriptions, so every replay and rebuild); a damaged row raises ``EventChecksumError``
+  naming its position and stream.  A read-write open verifies the last ``_TAIL_CHECKED``
+  events first and refuses a journal whose tail is damaged, pointing to
+  ``taskfarm journal salvage``.
+- **Subscriptions** re-read from the reader connection after each commit of this journal's
+  writer (nothing is buffered per subscriber).  Appends by *another process* are seen when this
+  journal next commits or, with ``poll_interval``, within that interval of the journal's clock;
+  a read-only journal has no writer, so it follows a live file only by polling.
 - **Bad files are refused untouched.**  Before SQLite writes anything the header is checked
   (magic, page size, page count x page size against the file size), then a read-only
   connection checks the application id and ``PRAGMA user_version``; a file that is not
-  SQLite, is truncated, is another application's database or has a newer schema raises
-  ``JournalFileError`` naming the file and the problem.  Schema migrations are steps keyed on
-  ``PRAGMA user_version``, applied in one transaction.
+  SQLite, is truncated, is another application's database, has a newer schema, or is empty
+  (unless the caller asks to initialise it) raises ``JournalFileError`` naming the file and the
+  problem.  Schema migrations are steps keyed on ``PRAGMA user_version``, applied in one
+  transaction.  Read-only opens never create or change a file (``_sqlite_file`` says how).
 """
 
 from __future__ import annotations
@@ -35,7 +50,7 @@ import bisect
 import os
 import sqlite3
 import time
-import urllib.request
+import zlib
 from collections import deque
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
@@ -56,6 +71,7 @@ from ._codec import Event, EventCodec
 from ._common import (
     check_after,
     check_append,
+    check_append_many,
     check_batch_size,
     check_until,
     format_timestamp,
@@ -69,7 +85,33 @@ from ._errors import (
     JournalFileError,
     VersionConflictError,
 )
-from ._journal import DEFAULT_BATCH_SIZE, AppendResult, RecordedEvent, S, StreamInfo
+from ._journal import (
+    DEFAULT_BATCH_SIZE,
+    AppendResult,
+    RecordedEvent,
+    S,
+    StreamAppend,
+    StreamInfo,
+)
+from ._sqlite_file import (
+    EVENT_COLUMNS,
+    FILE_ERRORS,
+    SCHEMA_VERSION,
+    Create,
+    checksum_error,
+    create_journal_file,
+    empty_file_error,
+    first_bad_row,
+    inspect_file,
+    migrate,
+    probe,
+    read_only_uri,
+    register_functions,
+    snapshot_checksum,
+    wal_path,
+    warn_discarded_wal,
+)
+from ._subscription import CommitSignal, Subscription
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -81,62 +123,26 @@ __all__ = [
 
 Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
 
-# "tfj1" - marks a file as a taskfarm journal (PRAGMA application_id).
-APPLICATION_ID = 0x74666A31
-
-# Each step moves the schema from version i to i + 1; PRAGMA user_version records where a file
-# is.  Never edit a released step: append a new one.
-_MIGRATIONS: tuple[tuple[str, ...], ...] = (
-    (
-        """
-        CREATE TABLE events (
-            position INTEGER PRIMARY KEY,
-            stream_id TEXT NOT NULL,
-            version INTEGER NOT NULL CHECK (version >= 1),
-            tag TEXT NOT NULL,
-            schema_version INTEGER NOT NULL,
-            timestamp TEXT NOT NULL,
-            correlation_id TEXT,
-            payload TEXT NOT NULL
-        )
-        """,
-        "CREATE UNIQUE INDEX events_stream_version ON events (stream_id, version)",
-        """
-        CREATE TABLE snapshots (
-            stream_id TEXT NOT NULL,
-            version INTEGER NOT NULL,
-            schema_version INTEGER NOT NULL,
-            position INTEGER NOT NULL,
-            timestamp TEXT NOT NULL,
-            state TEXT NOT NULL,
-            PRIMARY KEY (stream_id, version)
-        ) WITHOUT ROWID
-        """,
-    ),
-)
-SCHEMA_VERSION = len(_MIGRATIONS)
-
-_SQLITE_MAGIC = b"SQLite format 3\x00"
-_COLUMNS = "position, stream_id, version, tag, schema_version, timestamp, correlation_id, payload"
-_INSERT_EVENT = f"INSERT INTO events ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+_COLUMNS = EVENT_COLUMNS
+_INSERT_EVENT = f"INSERT INTO events ({_COLUMNS}, checksum) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 _INSERT_SNAPSHOT = """
     INSERT OR REPLACE INTO snapshots
-        (stream_id, version, schema_version, position, timestamp, state)
-    SELECT stream_id, version, ?, position, ?, ? FROM events WHERE stream_id = ? AND version = ?
+        (stream_id, version, schema_version, position, timestamp, state, checksum)
+    SELECT stream_id, version, ?1, position, ?2, ?3,
+        taskfarm_snapshot_checksum(stream_id, version, ?1, position, ?2, ?3)
+    FROM events WHERE stream_id = ?4 AND version = ?5
 """
-_READ_ALL = (
-    f"SELECT {_COLUMNS} FROM events WHERE position > ? AND position <= ? ORDER BY position LIMIT ?"
-)
-_READ_STREAM = f"SELECT {_COLUMNS} FROM events WHERE stream_id = ? AND version > ? ORDER BY version"
+_SELECT = f"SELECT {_COLUMNS}, checksum FROM events"
+_READ_ALL = f"{_SELECT} WHERE position > ? AND position <= ? ORDER BY position LIMIT ?"
+_READ_STREAM = f"{_SELECT} WHERE stream_id = ? AND version > ? ORDER BY version"
 _READ_STREAM_CHUNK = _READ_STREAM + " LIMIT ?"
+_READ_TAIL = f"{_SELECT} ORDER BY position DESC LIMIT ?"
 _MAX_POSITION = 2**63 - 1
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _VERSION_LOOKUP_CHUNK = 500
-
-# SQLite result codes that mean the file itself is the problem.
-_FILE_ERRORS = frozenset(
-    {"SQLITE_CORRUPT", "SQLITE_NOTADB", "SQLITE_IOERR", "SQLITE_CANTOPEN", "SQLITE_FULL"}
-)
+# Events verified when a journal is opened for writing (its most recent writes, where a torn
+# or damaged page is most likely); every read verifies what it reads.
+_TAIL_CHECKED = 1000
 
 
 class JournalStatistics(msgspec.Struct, frozen=True, kw_only=True):
@@ -178,11 +184,15 @@ class _Batch:
         self.done = anyio.Event()
 
 
-class _Request:
-    __slots__ = ("batch", "error", "settled", "stream_id")
+Encoded = list[tuple[str, int, str]]  # (tag, schema_version, payload) per event
 
-    def __init__(self, stream_id: str) -> None:
+
+class _Request:
+    __slots__ = ("batch", "error", "settled", "size", "stream_id")
+
+    def __init__(self, stream_id: str, size: int) -> None:
         self.stream_id = stream_id
+        self.size = size  # rows it adds to a commit group
         self.batch: _Batch  # assigned when handed over
         self.error: JournalError | None = None
         self.settled = False
@@ -194,22 +204,36 @@ class _AppendRequest(_Request):
     def __init__(
         self,
         stream_id: str,
-        encoded: list[tuple[str, int, str]],
+        encoded: Encoded,
         expected_version: int | None,
         correlation_id: str | None,
     ) -> None:
-        super().__init__(stream_id)
+        super().__init__(stream_id, len(encoded))
         self.encoded = encoded
         self.expected_version = expected_version
         self.correlation_id = correlation_id
         self.result: AppendResult | None = None
 
 
+class _MultiAppendRequest(_Request):
+    """An ``append_many``: several streams' parts, committed together or not at all."""
+
+    __slots__ = ("correlation_id", "parts", "results")
+
+    def __init__(
+        self, parts: list[tuple[str, Encoded, int | None]], correlation_id: str | None
+    ) -> None:
+        super().__init__(parts[0][0], sum(len(encoded) for _, encoded, _ in parts))
+        self.parts = parts
+        self.correlation_id = correlation_id
+        self.results: list[AppendResult] = []
+
+
 class _SnapshotRequest(_Request):
     __slots__ = ("schema_version", "state", "version")
 
     def __init__(self, stream_id: str, version: int, schema_version: int, state: str) -> None:
-        super().__init__(stream_id)
+        super().__init__(stream_id, 1)
         self.version = version
         self.schema_version = schema_version
         self.state = state
@@ -230,9 +254,52 @@ def _translate(error: BaseException, path: Path, action: str) -> JournalError:
     if isinstance(error, closed_types) and "closed" in str(error).lower():
         return JournalClosedError("the journal is closed")
     name = getattr(error, "sqlite_errorname", "")
-    if name in _FILE_ERRORS or type(error) is sqlite3.DatabaseError:
-        return JournalFileError(path=path, problem=f"{action} failed: {error}")
+    if name in FILE_ERRORS or type(error) is sqlite3.DatabaseError:
+        problem = f"{action} failed: {error}"
+        if name in ("SQLITE_CORRUPT", "SQLITE_NOTADB") or type(error) is sqlite3.DatabaseError:
+            problem += (
+                f"; `taskfarm journal check {path}` shows the damage, and "
+                f"`taskfarm journal salvage {path} --out NEW` keeps what is readable"
+            )
+        return JournalFileError(path=path, problem=problem)
     return JournalError(f"{path}: {action} failed: {error}")
+
+
+def _add_rows(
+    rows: list[tuple[Any, ...]],
+    position: int,
+    stream_id: str,
+    current: int,
+    stamp: str,
+    correlation_id: str | None,
+    encoded: Encoded,
+) -> tuple[int, int]:
+    """Append one stream's rows (with their checksums) to ``rows``; return the last position
+    and version."""
+    crc32 = zlib.crc32
+    # The checksum's text, as ``_sqlite_file.event_checksum`` builds it (inlined: hot path).
+    correlation = "" if correlation_id is None else "\x1e" + correlation_id
+    for tag, schema_version, payload in encoded:
+        position += 1
+        current += 1
+        checksum = crc32(
+            f"{position}\x1f{stream_id}\x1f{current}\x1f{tag}\x1f{schema_version}\x1f"
+            f"{stamp}\x1f{correlation}\x1f{payload}".encode()
+        )
+        rows.append(
+            (
+                position,
+                stream_id,
+                current,
+                tag,
+                schema_version,
+                stamp,
+                correlation_id,
+                payload,
+                checksum,
+            )
+        )
+    return position, current
 
 
 class _Writer:
@@ -298,7 +365,12 @@ class _Writer:
         conn.execute("BEGIN IMMEDIATE")
         try:
             versions = self.versions
-            unknown = {r.stream_id for r in group if r.stream_id not in versions}
+            unknown: set[str] = set()
+            for request in group:
+                if type(request) is _MultiAppendRequest:
+                    unknown.update(sid for sid, _, _ in request.parts if sid not in versions)
+                elif request.stream_id not in versions:
+                    unknown.add(request.stream_id)
             if unknown:
                 self._load_versions(unknown)
             pending: dict[str, int] = {}
@@ -307,11 +379,11 @@ class _Writer:
             position = self.last_position
             conflicts = 0
             for request in group:
-                stream_id = request.stream_id
-                current = pending.get(stream_id)
-                if current is None:
-                    current = versions[stream_id]
-                if isinstance(request, _AppendRequest):
+                if type(request) is _AppendRequest:
+                    stream_id = request.stream_id
+                    current = pending.get(stream_id)
+                    if current is None:
+                        current = versions[stream_id]
                     expected = request.expected_version
                     if expected is not None and expected != current:
                         request.error = VersionConflictError(
@@ -320,22 +392,15 @@ class _Writer:
                         conflicts += 1
                         continue
                     first = position + 1
-                    correlation_id = request.correlation_id
-                    for tag, schema_version, payload in request.encoded:
-                        position += 1
-                        current += 1
-                        rows.append(
-                            (
-                                position,
-                                stream_id,
-                                current,
-                                tag,
-                                schema_version,
-                                stamp,
-                                correlation_id,
-                                payload,
-                            )
-                        )
+                    position, current = _add_rows(
+                        rows,
+                        position,
+                        stream_id,
+                        current,
+                        stamp,
+                        request.correlation_id,
+                        request.encoded,
+                    )
                     pending[stream_id] = current
                     request.result = AppendResult(
                         stream_id=stream_id,
@@ -344,7 +409,53 @@ class _Writer:
                         version=current,
                         timestamp=timestamp,
                     )
-                elif isinstance(request, _SnapshotRequest):
+                elif type(request) is _MultiAppendRequest:
+                    # Every expected version first: a conflict anywhere writes nothing.
+                    conflict: VersionConflictError | None = None
+                    for stream_id, _, expected in request.parts:
+                        current = pending.get(stream_id)
+                        if current is None:
+                            current = versions[stream_id]
+                        if expected is not None and expected != current:
+                            conflict = VersionConflictError(
+                                stream_id=stream_id, expected=expected, actual=current
+                            )
+                            break
+                    if conflict is not None:
+                        request.error = conflict
+                        conflicts += 1
+                        continue
+                    results: list[AppendResult] = []
+                    for stream_id, encoded, _ in request.parts:
+                        current = pending.get(stream_id)
+                        if current is None:
+                            current = versions[stream_id]
+                        first = position + 1
+                        position, current = _add_rows(
+                            rows,
+                            position,
+                            stream_id,
+                            current,
+                            stamp,
+                            request.correlation_id,
+                            encoded,
+                        )
+                        pending[stream_id] = current
+                        results.append(
+                            AppendResult(
+                                stream_id=stream_id,
+                                first_position=first,
+                                last_position=position,
+                                version=current,
+                                timestamp=timestamp,
+                            )
+                        )
+                    request.results = results
+                elif type(request) is _SnapshotRequest:
+                    stream_id = request.stream_id
+                    current = pending.get(stream_id)
+                    if current is None:
+                        current = versions[stream_id]
                     if request.version > current:
                         request.error = JournalError(
                             f"cannot snapshot {stream_id!r} at version {request.version}: "
@@ -428,6 +539,7 @@ class SQLiteJournal:
         self._writer_stopped = anyio.Event()
         self._closed = False
         self._connections_closed = False
+        self._commit_signal = CommitSignal()
         self._commits = 0
         self._events = 0
         self._snapshots = 0
@@ -463,7 +575,7 @@ class SQLiteJournal:
                 (),
             )
         )[0]
-        wal = self.path.with_name(self.path.name + "-wal")
+        wal = wal_path(self.path)
         return JournalDescription(
             path=str(self.path),
             size_bytes=self.path.stat().st_size,
@@ -507,6 +619,71 @@ class SQLiteJournal:
         await self._submit(request)
         assert request.result is not None
         return request.result
+
+    async def append_many(
+        self, appends: Sequence[StreamAppend], *, correlation_id: str | None = None
+    ) -> list[AppendResult]:
+        """Append to several streams in one transaction; return once it is durable (see
+        ``Journal.append_many``).
+
+        Raises:
+            VersionConflictError: a stream is not at its ``expected_version`` (nothing is
+                written).
+            EventEncodeError: an event's class is not registered in the codec.
+            JournalError: the arguments are invalid, the journal is read-only, or the commit
+                failed.
+            JournalClosedError: the journal is closed.
+        """
+        self._check_writable()
+        check_append_many(appends)
+        encode = self.codec.encode
+        parts: list[tuple[str, Encoded, int | None]] = []
+        for part in appends:
+            encoded: Encoded = []
+            for event in part.events:
+                tag, schema_version, payload = encode(event)
+                encoded.append((tag, schema_version, payload.decode()))
+            parts.append((part.stream_id, encoded, part.expected_version))
+        request = _MultiAppendRequest(parts, correlation_id)
+        await self._submit(request)
+        return request.results
+
+    def subscribe(
+        self,
+        *,
+        after: int = 0,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        poll_interval: float | None = None,
+    ) -> Subscription:
+        """Return a subscription to the events after ``after`` (see ``Journal.subscribe``).
+
+        It wakes after each commit of this journal's writer.  ``poll_interval`` (seconds of
+        the journal's clock) also makes it look for rows written by another process, or,
+        in a read-only journal, by the process that writes the file (a read-only journal
+        opened while no process had the file open reads it as immutable and sees no later
+        writes).
+
+        Raises:
+            JournalError: ``after``, ``batch_size`` or ``poll_interval`` is invalid.
+            JournalClosedError: the journal is closed.
+        """
+        if self._closed:
+            raise JournalClosedError("the journal is closed")
+        check_after("after", after)
+        check_batch_size(batch_size)
+        if poll_interval is not None and not poll_interval > 0:
+            raise JournalError(f"poll_interval must be None or > 0 seconds, got {poll_interval!r}")
+        return Subscription(
+            read=self._read_batch,
+            signal=self._commit_signal,
+            after=after,
+            batch_size=batch_size,
+            clock=self.clock,
+            poll_interval=poll_interval,
+        )
+
+    async def _read_batch(self, after: int, batch_size: int) -> list[RecordedEvent]:
+        return self._records(await self._fetch(_READ_ALL, (after, _MAX_POSITION, batch_size)))
 
     async def save_snapshot(
         self, stream_id: str, *, version: int, state: msgspec.Struct, schema_version: int = 1
@@ -577,6 +754,7 @@ class SQLiteJournal:
                 with anyio.CancelScope(shield=True):
                     await self._commit_group(group)
                 batch.done.set()
+                self._commit_signal.notify()
         finally:
             self._writer_running = False
             failure = JournalClosedError("the journal closed before this was committed")
@@ -602,7 +780,7 @@ class SQLiteJournal:
         while queue and (not group or size < self._max_group_events):
             request = queue.popleft()
             group.append(request)
-            size += len(request.encoded) if isinstance(request, _AppendRequest) else 1
+            size += request.size
         batch = self._batch
         self._batch = _Batch()
         # Requests left behind (the group was full) move to the next batch; their callers,
@@ -649,6 +827,8 @@ class SQLiteJournal:
         for request in group:
             if isinstance(request, _AppendRequest):
                 request.result = None
+            elif isinstance(request, _MultiAppendRequest):
+                request.results = []
             request.error = _clone(error)
             request.settled = True
 
@@ -664,23 +844,39 @@ class SQLiteJournal:
         return list(rows)
 
     def _records(self, rows: list[Any]) -> list[RecordedEvent]:
+        """Verify and decode rows (``_COLUMNS`` + checksum).
+
+        Raises:
+            EventChecksumError: a row fails its checksum.
+            EventDecodeError: a row cannot be decoded.
+        """
         fast = self.codec.fast_decoders()
         decode = self.codec.decode
         fromisoformat = datetime.fromisoformat
+        crc32 = zlib.crc32
         records: list[RecordedEvent] = []
         append = records.append
         last_stamp = ""
         timestamp = _EPOCH
-        for (
-            position,
-            stream_id,
-            version,
-            tag,
-            schema_version,
-            stamp,
-            correlation_id,
-            payload,
-        ) in rows:
+        for row in rows:
+            (
+                position,
+                stream_id,
+                version,
+                tag,
+                schema_version,
+                stamp,
+                correlation_id,
+                payload,
+                checksum,
+            ) = row
+            # As ``_sqlite_file.event_checksum`` computes it (inlined: replay's hot path).
+            correlation = "" if correlation_id is None else "\x1e" + correlation_id
+            if checksum != crc32(
+                f"{position}\x1f{stream_id}\x1f{version}\x1f{tag}\x1f{schema_version}\x1f"
+                f"{stamp}\x1f{correlation}\x1f{payload}".encode()
+            ):
+                raise checksum_error(self.path, row)
             if stamp != last_stamp:
                 timestamp = fromisoformat(stamp)
                 last_stamp = stamp
@@ -713,6 +909,7 @@ class SQLiteJournal:
 
         Raises:
             EventDecodeError: a stored event cannot be decoded.
+            EventChecksumError: a stored event is damaged.
             JournalError: the bounds are invalid, or the read failed.
             JournalClosedError: the journal is closed.
         """
@@ -744,6 +941,7 @@ class SQLiteJournal:
 
         Raises:
             EventDecodeError: a stored event cannot be decoded.
+            EventChecksumError: a stored event is damaged.
             JournalError: the bounds are invalid, or the read failed.
             JournalClosedError: the journal is closed.
         """
@@ -843,7 +1041,7 @@ class SQLiteJournal:
             JournalClosedError: the journal is closed.
         """
         rows = await self._fetch(
-            "SELECT version, state FROM snapshots"
+            "SELECT version, position, timestamp, state, checksum FROM snapshots"
             " WHERE stream_id = ? AND schema_version = ? AND version <= ? AND position <= ?"
             " ORDER BY version DESC",
             (
@@ -853,7 +1051,19 @@ class SQLiteJournal:
                 _MAX_POSITION if max_position is None else max_position,
             ),
         )
-        for version, data in rows:
+        for version, position, stamp, data, checksum in rows:
+            if checksum != snapshot_checksum(
+                stream_id, version, schema_version, position, stamp, data
+            ):
+                # A cache that is damaged is a cache that is missing: replay instead.
+                log().warning(
+                    "snapshot_ignored",
+                    stream_id=stream_id,
+                    version=version,
+                    path=str(self.path),
+                    reason="the snapshot fails its checksum (damaged)",
+                )
+                continue
             try:
                 return version, self.codec.decode_state(data, state_type)
             except JournalError as error:
@@ -865,8 +1075,10 @@ class SQLiteJournal:
     # -- closing -----------------------------------------------------------------------------
 
     async def aclose(self) -> None:
-        """Commit what was handed over, stop the writer and close the connections."""
+        """Commit what was handed over, stop the writer, end the subscriptions and close the
+        connections."""
         self._closed = True
+        self._commit_signal.close()
         self._wakeup.set()
         self._space.set()
         with anyio.move_on_after(30, shield=True):
@@ -889,141 +1101,12 @@ class SQLiteJournal:
 # -- opening -----------------------------------------------------------------------------------
 
 
-def _check_header(path: Path) -> bool:
-    """Check the file before SQLite touches it; return whether it holds a database already.
-
-    Raises:
-        JournalFileError: it is not a regular file, not SQLite, or truncated.
-    """
-    try:
-        status = path.stat()
-    except FileNotFoundError:
-        return False
-    except OSError as error:
-        raise JournalFileError(path=path, problem=f"cannot stat it: {error}") from error
-    if not path.is_file():
-        raise JournalFileError(path=path, problem="not a regular file")
-    size = status.st_size
-    if size == 0:
-        return False
-    try:
-        with path.open("rb") as file:
-            header = file.read(100)
-    except OSError as error:
-        raise JournalFileError(path=path, problem=f"cannot read it: {error}") from error
-    if not header.startswith(_SQLITE_MAGIC[: len(header)]) or len(header) < len(_SQLITE_MAGIC):
-        raise JournalFileError(path=path, problem="not an SQLite database (bad header)")
-    if len(header) < 100:
-        raise JournalFileError(
-            path=path, problem=f"truncated: {size} bytes, shorter than SQLite's 100-byte header"
-        )
-    page_size = int.from_bytes(header[16:18], "big")
-    if page_size == 1:
-        page_size = 65536
-    if page_size < 512 or page_size & (page_size - 1):
-        raise JournalFileError(path=path, problem=f"not an SQLite database (page size {page_size})")
-    wal = path.with_name(path.name + "-wal")
-    try:
-        wal_size = wal.stat().st_size
-    except FileNotFoundError:
-        wal_size = 0
-    # With a non-empty WAL the main file may legitimately lag (a checkpoint was interrupted);
-    # SQLite recovers it, so only a file standing on its own is measured against its header.
-    if wal_size == 0:
-        page_count = int.from_bytes(header[28:32], "big")
-        header_valid = page_count > 0 and header[24:28] == header[92:96]
-        if header_valid and page_count * page_size > size:
-            raise JournalFileError(
-                path=path,
-                problem=f"truncated: the header records {page_count} pages of {page_size} "
-                f"bytes ({page_count * page_size} bytes) but the file has {size} bytes",
-            )
-        if size % page_size:
-            raise JournalFileError(
-                path=path,
-                problem=f"truncated: {size} bytes is not a whole number of {page_size}-byte pages",
-            )
-    return True
-
-
-def _uri(path: Path, mode: str) -> str:
-    return f"file:{urllib.request.pathname2url(str(path))}?mode={mode}"
-
-
-async def _probe(path: Path, *, read_only: bool) -> int:
-    """Check an existing file read-only; return its schema version (0: an empty database).
-
-    Raises:
-        JournalFileError: SQLite cannot read it, it belongs to another application, or its
-            schema is newer than this code (or, read-only, older).
-    """
-    try:
-        async with aiosqlite.connect(_uri(path, "ro"), uri=True) as conn:
-            rows = await conn.execute_fetchall(
-                "SELECT (SELECT user_version FROM pragma_user_version),"
-                " (SELECT application_id FROM pragma_application_id),"
-                " (SELECT count(*) FROM sqlite_master)"
-            )
-    except sqlite3.Error as error:
-        raise JournalFileError(path=path, problem=f"SQLite cannot read it: {error}") from error
-    user_version, application_id, objects = next(iter(rows))
-    if application_id != APPLICATION_ID:
-        if application_id == 0 and user_version == 0 and objects == 0:
-            if read_only:
-                raise JournalFileError(path=path, problem="an empty database, not a journal")
-            return 0
-        raise JournalFileError(
-            path=path,
-            problem=f"not a taskfarm journal (application_id {application_id:#x}, "
-            f"{objects} schema objects)",
-        )
-    if user_version > SCHEMA_VERSION:
-        raise JournalFileError(
-            path=path,
-            problem=f"schema version {user_version} is newer than this taskfarm supports "
-            f"({SCHEMA_VERSION}); upgrade taskfarm to open it",
-        )
-    if read_only and user_version != SCHEMA_VERSION:
-        raise JournalFileError(
-            path=path,
-            problem=f"schema version {user_version} needs migrating to {SCHEMA_VERSION}; "
-            "open it read-write once",
-        )
-    return int(user_version)
-
-
-def _migrate(conn: sqlite3.Connection, path: Path) -> int:
-    """Bring the schema to ``SCHEMA_VERSION`` in one transaction (runs in a thread); return
-    the version the file was at.
-
-    Raises:
-        JournalFileError: another process changed the file into something else meanwhile.
-    """
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        version, application_id = conn.execute(
-            "SELECT (SELECT user_version FROM pragma_user_version),"
-            " (SELECT application_id FROM pragma_application_id)"
-        ).fetchone()
-        if application_id not in (0, APPLICATION_ID) or version > SCHEMA_VERSION:
-            raise JournalFileError(path=path, problem="changed by another process while opening")
-        for number in range(version, SCHEMA_VERSION):
-            for statement in _MIGRATIONS[number]:
-                conn.execute(statement)
-            conn.execute(f"PRAGMA user_version = {number + 1}")
-        conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
-    return int(version)
-
-
 def _open_writer(path: Path, synchronous: Synchronous, busy_timeout: float) -> _Writer:
-    """Open the write connection, switch to WAL, migrate and load the caches (in a thread).
+    """Open the write connection, switch to WAL, migrate, load the caches and verify the tail
+    (in a thread).
 
     Raises:
+        EventChecksumError: one of the last ``_TAIL_CHECKED`` events is damaged.
         JournalFileError: WAL mode is unavailable, or SQLite cannot use the file.
     """
     # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE ... COMMIT).
@@ -1033,12 +1116,19 @@ def _open_writer(path: Path, synchronous: Synchronous, busy_timeout: float) -> _
         path, isolation_level=None, check_same_thread=False, timeout=busy_timeout
     )
     try:
+        register_functions(conn)
         conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if str(mode).lower() != "wal":
             raise JournalFileError(path=path, problem=f"cannot use WAL mode (got {mode!r})")
         conn.execute(f"PRAGMA synchronous = {synchronous}")
-        migrated_from = _migrate(conn, path)
+        # Before anything is written (a migration would bless damage with fresh checksums).
+        if conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
+            tail = conn.execute(_READ_TAIL, (_TAIL_CHECKED,)).fetchall()
+            damaged = first_bad_row(path, tail[::-1])
+            if damaged is not None:
+                raise damaged
+        migrated_from = migrate(conn, path)
         writer = _Writer(conn, path)
         writer.migrated_from = migrated_from if migrated_from != SCHEMA_VERSION else None
         writer.reload()
@@ -1050,22 +1140,6 @@ def _open_writer(path: Path, synchronous: Synchronous, busy_timeout: float) -> _
     return writer
 
 
-async def _open_reader(path: Path, *, read_only: bool, busy_timeout: float) -> aiosqlite.Connection:
-    # A read-only open of a read-only journal must not create or change anything.
-    if read_only:
-        conn = await aiosqlite.connect(_uri(path, "ro"), uri=True, isolation_level=None)
-    else:
-        conn = await aiosqlite.connect(str(path), isolation_level=None)
-    try:
-        await conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
-        await conn.execute("PRAGMA query_only = ON")
-    except BaseException:
-        with anyio.CancelScope(shield=True):
-            await conn.close()
-        raise
-    return conn
-
-
 async def _open(
     path: Path,
     *,
@@ -1074,23 +1148,39 @@ async def _open(
     synchronous: Synchronous,
     busy_timeout: float,
     read_only: bool,
+    create: Create,
     max_group_events: int,
     max_pending: int,
 ) -> SQLiteJournal:
     started = time.perf_counter()
     if not path.parent.is_dir():
         raise JournalFileError(path=path, problem=f"folder {path.parent} does not exist")
-    exists = await anyio.to_thread.run_sync(_check_header, path)
-    if exists:
-        await _probe(path, read_only=read_only)
-    elif read_only:
-        raise JournalFileError(path=path, problem="no such journal file")
+    state = await anyio.to_thread.run_sync(inspect_file, path)
+    if not state.exists:
+        if read_only or create == "never":
+            raise JournalFileError(path=path, problem="no such journal file")
+        await anyio.to_thread.run_sync(create_journal_file, path)
+        state = await anyio.to_thread.run_sync(inspect_file, path)
+    if state.empty:
+        if read_only or create != "if_missing_or_empty":
+            raise empty_file_error(path, read_only=read_only)
+    else:
+        await anyio.to_thread.run_sync(
+            lambda: probe(path, state, read_only=read_only, create=create)
+        )
+    warn_discarded_wal(path, state.wal)
     writer: _Writer | None = None
     reader: aiosqlite.Connection | None = None
     try:
-        if not read_only:
+        if read_only:
+            reader = await aiosqlite.connect(
+                read_only_uri(path, state), uri=True, isolation_level=None
+            )
+        else:
             writer = await anyio.to_thread.run_sync(_open_writer, path, synchronous, busy_timeout)
-        reader = await _open_reader(path, read_only=read_only, busy_timeout=busy_timeout)
+            reader = await aiosqlite.connect(str(path), isolation_level=None)
+        await reader.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+        await reader.execute("PRAGMA query_only = ON")
     except BaseException as error:
         with anyio.CancelScope(shield=True):
             if reader is not None:
@@ -1135,6 +1225,7 @@ async def open_sqlite_journal(
     synchronous: Synchronous = "FULL",
     busy_timeout: float = 5.0,
     read_only: bool = False,
+    create: Create = "if_missing",
     max_group_events: int = 10_000,
     max_pending: int = 100_000,
 ) -> AsyncIterator[SQLiteJournal]:
@@ -1142,17 +1233,31 @@ async def open_sqlite_journal(
 
     ``synchronous`` is SQLite's durability level (``FULL``: every commit is fsync'd);
     ``busy_timeout`` (seconds) is how long to wait for another process's lock;
-    ``read_only`` opens an existing journal for reading only (no writer, no migration);
-    ``max_group_events`` caps one commit; ``max_pending`` caps queued appends (backpressure).
+    ``read_only`` opens an existing journal for reading only (no writer, no migration, and no
+    file created or changed, not even SQLite's ``-wal``/``-shm`` when they are not there);
+    ``create`` says what a read-write open may initialise: ``"never"`` (the journal must
+    exist), ``"if_missing"`` (create a missing file; refuse an existing empty one), or
+    ``"if_missing_or_empty"`` (also initialise an existing empty file, as ``taskfarm serve
+    --init`` does); ``max_group_events`` caps one commit; ``max_pending`` caps queued appends
+    (backpressure).
+
+    A read-write open verifies the checksums of the last events and refuses a journal whose
+    tail is damaged; a WAL file SQLite will ignore is reported (``journal_wal_discarded``).
 
     Raises:
-        JournalFileError: the file is not SQLite, is truncated, is not a taskfarm journal, has
-            a newer schema, or cannot be opened; the file is left untouched.
+        JournalFileError: the file is missing (read-only, or ``create="never"``), empty, not
+            SQLite, truncated, not a taskfarm journal, has a newer schema, or cannot be
+            opened; the file is left untouched.
+        EventChecksumError: (read-write) an event near the end of the journal is damaged.
         ConfigurationError: an option is invalid.
     """
     if synchronous not in ("OFF", "NORMAL", "FULL", "EXTRA"):
         raise ConfigurationError(
             f"must be OFF, NORMAL, FULL or EXTRA, got {synchronous!r}", where="synchronous"
+        )
+    if create not in ("never", "if_missing", "if_missing_or_empty"):
+        raise ConfigurationError(
+            f"must be never, if_missing or if_missing_or_empty, got {create!r}", where="create"
         )
     if busy_timeout < 0:
         raise ConfigurationError("must be >= 0", where="busy_timeout")
@@ -1165,6 +1270,7 @@ async def open_sqlite_journal(
         synchronous=synchronous,
         busy_timeout=busy_timeout,
         read_only=read_only,
+        create=create,
         max_group_events=max_group_events,
         max_pending=max_pending,
     )

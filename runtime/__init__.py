@@ -21,7 +21,19 @@ from ._message import Message
 from ._supervision import Supervision
 from ._system import ActorSystem, DeadLetter, SystemStatistics, open_system
 from ._wire import Connection, ConnectionStatistics, FrameCodec
-from ._wire_auth import create_token_file, load_token
+from ._wire_auth import (
+    Admission,
+    Authority,
+    ClientHello,
+    Credential,
+    CredentialVerifier,
+    Principal,
+    TokenAuthority,
+    create_token_file,
+    load_credential,
+    load_token,
+    write_private_file,
+)
 from ._wire_errors import (
     AuthenticationError,
     ConnectError,
@@ -33,9 +45,24 @@ from ._wire_errors import (
     TruncatedFrameError,
     WireError,
 )
-from ._wire_net import ServerStatistics, TLSConfig, WireServer, open_connection, open_server, serve
+from ._wire_net import (
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_UNAUTHENTICATED,
+    DEFAULT_MAX_UNAUTHENTICATED_PER_PEER,
+    ServerStatistics,
+    TLSConfig,
+    WireServer,
+    open_connection,
+    open_server,
+    serve,
+)
 
 __all__ = [
+    "DEFAULT_HANDSHAKE_TIMEOUT",
+    "DEFAULT_MAX_CONNECTIONS",
+    "DEFAULT_MAX_UNAUTHENTICATED",
+    "DEFAULT_MAX_UNAUTHENTICATED_PER_PEER",
     "ActivityTracker",
     "Actor",
     "ActorContext",
@@ -44,15 +71,20 @@ __all__ = [
     "ActorStartError",
     "ActorStoppedError",
     "ActorSystem",
+    "Admission",
     "AskTimeoutError",
     "AuthenticationError",
+    "Authority",
     "BenchContext",
+    "ClientHello",
     "Clock",
     "ConfigurationError",
     "ConnectError",
     "Connection",
     "ConnectionClosedError",
     "ConnectionStatistics",
+    "Credential",
+    "CredentialVerifier",
     "DeadLetter",
     "EscalatedFailure",
     "Figure",
@@ -63,6 +95,7 @@ __all__ = [
     "MailboxFullError",
     "Message",
     "MessageFailedError",
+    "Principal",
     "ProtocolError",
     "SelfAskError",
     "ServerStatistics",
@@ -73,6 +106,7 @@ __all__ = [
     "TLSConfig",
     "TaskfarmError",
     "Terminated",
+    "TokenAuthority",
     "TruncatedFrameError",
     "VirtualClock",
     "WireError",
@@ -82,6 +116,7 @@ __all__ = [
     "create_token_file",
     "format_table",
     "get_logger",
+    "load_credential",
     "load_token",
     "open_connection",
     "open_server",
@@ -89,4 +124,5 @@ __all__ = [
     "percentile",
     "serve",
     "tune_gc_for_many_objects",
+    "write_private_file",
 ]

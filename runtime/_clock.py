@@ -86,8 +86,9 @@ class ActivityTracker:
 
     def __init__(self) -> None:
         self._count = 0
-        self._idle = anyio.Event()
-        self._idle.set()
+        # Created only while someone waits: units come and go thousands of times per simulated
+        # hour, and an event per busy period would cost more than the work it tracks.
+        self._idle: anyio.Event | None = None
 
     @property
     def count(self) -> int:
@@ -96,15 +97,14 @@ class ActivityTracker:
 
     def acquire(self) -> None:
         """Take one unit (called by the waker, or by an actor becoming busy)."""
-        if self._count == 0:
-            self._idle = anyio.Event()
         self._count += 1
 
     def release(self) -> None:
         """Give one unit back; the last release signals idleness."""
         self._count -= 1
-        if self._count == 0:
+        if self._count == 0 and self._idle is not None:
             self._idle.set()
+            self._idle = None
 
     def enter(self) -> None:
         """Mark the current task as holding a unit it has already acquired."""
@@ -123,6 +123,10 @@ class ActivityTracker:
 
     async def wait_idle(self) -> None:
         """Wait until no unit is held."""
+        if self._count == 0:
+            return
+        if self._idle is None:
+            self._idle = anyio.Event()
         await self._idle.wait()
 
 

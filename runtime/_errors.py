@@ -17,7 +17,14 @@ __all__ = [
 
 
 class TaskfarmError(Exception):
-    """Raised for every failure that taskfarm raises on purpose (the root of the hierarchy)."""
+    """Raised for every failure that taskfarm raises on purpose (the root of the hierarchy).
+
+    ``exit_status`` is what the ``taskfarm`` command exits with when the error ends it: 2 (the
+    default) for input at fault, which the user can correct (a flag, a file, a spec, a name);
+    leaves that report a failure of the farm rather than of the input set 1.
+    """
+
+    exit_status: int = 2
 
 
 class ConfigurationError(TaskfarmError):

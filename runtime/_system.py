@@ -255,7 +255,7 @@ async def open_system(
     """Open an actor system; on exit, stop its actors newest first, then cancel the rest.
 
     With a :class:`VirtualClock` created with ``auto_advance=True``, the system also runs the
-    clock's auto-advancer.
+    clock's auto-advancer, until the system starts to shut down (time stops there).
 
     Raises:
         EscalatedFailure: a top-level actor failed beyond its restart budget.
@@ -271,14 +271,23 @@ async def open_system(
         )
         task_group.start_soon(system.timers.run, name="timers")
         task_group.start_soon(system.ask_timeouts.run, name="ask-timeouts")
+        advancing = anyio.CancelScope()
         if isinstance(clock, VirtualClock) and clock.auto_advance:
-            task_group.start_soon(clock.run_auto_advance, name="virtual-clock")
+
+            async def advance() -> None:
+                with advancing:
+                    await clock.run_auto_advance()
+
+            task_group.start_soon(advance, name="virtual-clock")
         try:
             yield system
         except Exception as error:
             # Re-raised below, unwrapped, once every actor has stopped.
             body_error = error
         finally:
+            # Simulated time stops where the work stopped: a simulation ends at its horizon,
+            # not hours later because shutting down let timers run on.
+            advancing.cancel()
             with anyio.CancelScope(shield=True):
                 await system.shutdown()
             task_group.cancel_scope.cancel()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
 import anyio
 import msgspec
@@ -24,8 +24,12 @@ from ._wire_errors import (
     FrameDecodeError,
     FrameTooLargeError,
     FrameValidationError,
+    ProtocolError,
     TruncatedFrameError,
 )
+
+if TYPE_CHECKING:
+    from ._wire_auth import Principal
 
 __all__ = [
     "DEFAULT_MAX_FRAME_SIZE",
@@ -231,6 +235,9 @@ class _FrameStream:
                 (size,) = _HEADER.unpack(header)
                 if size > limit:
                     self._receive_failure = ("an earlier frame was too large to read", False)
+                    foreign = foreign_protocol(header)
+                    if foreign is not None:
+                        raise ProtocolError(self.peer, reason=f"not a taskfarm peer: {foreign}")
                     raise FrameTooLargeError(self.peer, size=size, limit=limit)
                 self._pending_size = size
             size = self._pending_size
@@ -280,7 +287,7 @@ class Connection(AsyncResource, Generic[M]):
     ``async for message in conn`` receives until the peer closes the connection cleanly.
     """
 
-    __slots__ = ("_codec", "_frames", "_remote_name", "_remote_role")
+    __slots__ = ("_codec", "_frames", "_principal", "_remote_name", "_remote_role")
 
     def __init__(
         self,
@@ -289,11 +296,13 @@ class Connection(AsyncResource, Generic[M]):
         *,
         remote_name: str,
         remote_role: str,
+        principal: Principal | None = None,
     ) -> None:
         self._frames = frames
         self._codec = codec
         self._remote_name = remote_name
         self._remote_role = remote_role
+        self._principal = principal
 
     def __repr__(self) -> str:
         return (
@@ -315,6 +324,11 @@ class Connection(AsyncResource, Generic[M]):
     def remote_role(self) -> str:
         """The role the other end authenticated as (``"agent"``, ``"cli"``; ``"server"``)."""
         return self._remote_role
+
+    @property
+    def principal(self) -> Principal | None:
+        """Who the other end authenticated as, and how (server side; None on a client)."""
+        return self._principal
 
     @property
     def codec(self) -> FrameCodec[M]:
@@ -384,6 +398,36 @@ def peer_of(stream: AnyByteStream) -> str:
     if isinstance(address, tuple):
         host, port = str(address[0]), address[1]
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return "unknown" if address is None else str(address)
+
+
+# What other protocols send first: their opening bytes, read as a length, are a frame of
+# hundreds of megabytes.  Saying which protocol it looks like tells the operator what is wrong.
+_FOREIGN_PREFIXES = (
+    (
+        (b"GET ", b"POST", b"PUT ", b"HEAD", b"DELE", b"OPTI", b"PATC", b"CONN", b"TRAC", b"HTTP"),
+        "looks like HTTP",
+    ),
+    ((b"PRI ",), "looks like HTTP/2"),
+    ((b"SSH-",), "looks like SSH"),
+    ((b"\x16\x03",), "looks like a TLS handshake (this endpoint does not use TLS)"),
+)
+
+
+def foreign_protocol(header: bytes) -> str | None:
+    """Return which protocol a frame header's 4 bytes look like (``"looks like HTTP"``), or
+    None when they are no protocol's opening that this module knows."""
+    for prefixes, what in _FOREIGN_PREFIXES:
+        if header.startswith(prefixes):
+            return what
+    return None
+
+
+def host_of(stream: AnyByteStream) -> str:
+    """Return the remote host (address without the port) of a socket-backed stream."""
+    address = stream.extra(SocketAttribute.remote_address, None)
+    if isinstance(address, tuple):
+        return str(address[0])
     return "unknown" if address is None else str(address)
 
 

@@ -127,12 +127,20 @@ class AuthenticationError(WireError):
     """Raised when the handshake fails: wrong token, malformed or out-of-order handshake frames,
     unsupported protocol version, failed TLS negotiation, or a handshake that timed out.
 
-    ``name`` is the name the peer claimed, when it got far enough to claim one.
+    ``name`` is the name the peer claimed, when it got far enough to claim one.  ``retryable``
+    is true when the server refused for now, not for good (a connection limit, a handshake that
+    ran out of time): trying again later may succeed.
     """
 
-    def __init__(self, peer: str, *, reason: str, name: str = "") -> None:
+    def __init__(self, peer: str, *, reason: str, name: str = "", retryable: bool = False) -> None:
         self.name = name
+        self.retryable = retryable
         super().__init__(peer, reason=reason)
 
     def fields(self) -> dict[str, object]:
-        return {**super().fields(), "name": self.name} if self.name else super().fields()
+        fields = super().fields()
+        if self.name:
+            fields["name"] = self.name
+        if self.retryable:
+            fields["retryable"] = True
+        return fields

@@ -4,15 +4,22 @@ Subcommands are plugins registered under the ``taskfarm.commands`` entry-point g
 module knows none of the layers above it, and only the module of the command being run is
 imported (``taskfarm --help`` stays fast).  A plugin is ``configure(parser)``: it adds its
 arguments and sets ``handler``, an async function ``(args) -> int`` (the exit status).
+
+Nothing a user does ends in a traceback.  A ``TaskfarmError`` that ends a command is printed
+as one line, ``taskfarm: error: ...``, and the process exits with its ``exit_status`` (2 when
+the input is at fault, 1 when the farm refused or failed); errors that reach this boundary
+inside anyio's exception groups are unwrapped first.  Argument errors are one line too.  Exit
+statuses: 0 done, 1 refused or failed, 2 bad input, 130 interrupted.  Anything else is a bug
+and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from importlib.metadata import EntryPoint, entry_points
-from typing import Any
+from typing import Any, NoReturn
 
 import anyio
 
@@ -22,6 +29,14 @@ from ._logging import configure_logging
 __all__ = ["main"]
 
 Handler = Callable[[argparse.Namespace], Awaitable[int]]
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (with where to find the usage)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
 
 # One-line help for each plugin command, shown without importing it.
 _SUMMARIES = {
@@ -36,6 +51,7 @@ _SUMMARIES = {
     "nodes": "list the nodes and their free resources",
     "why": "explain why a job or its tasks wait",
     "logs": "show a task attempt's log",
+    "token": "issue, revoke and list node and client credentials",
     "demo": "run a coordinator, two agents and a small real workload, with live progress",
 }
 
@@ -45,7 +61,7 @@ def _commands() -> dict[str, EntryPoint]:
 
 
 def _build_parser(commands: dict[str, EntryPoint], selected: str | None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="taskfarm",
         description="A concurrent task scheduler for render farms and compute clusters.",
     )
@@ -79,12 +95,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"command {args.command!r} is not available in this installation")
     try:
         status: int = anyio.run(_call, handler, args)
-    except TaskfarmError as error:
-        print(f"taskfarm: error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    except (TaskfarmError, KeyboardInterrupt, BaseExceptionGroup) as error:
+        return _report(error)
     return status
+
+
+def _report(error: BaseException) -> int:
+    """Print the error that ended a command as one line; return the exit status.
+
+    Raises:
+        BaseException: ``error`` itself when anything but taskfarm errors (and the
+            cancellations they caused) is inside it: a bug, whose traceback matters.
+    """
+    leaves = list(_leaves(error))
+    if any(isinstance(leaf, KeyboardInterrupt) for leaf in leaves):
+        return 130
+    # Cancellations (BaseException, not Exception) are the echo of the error that caused them.
+    failures = [leaf for leaf in leaves if isinstance(leaf, Exception)]
+    if not failures or not all(isinstance(leaf, TaskfarmError) for leaf in failures):
+        raise error
+    first = failures[0]
+    assert isinstance(first, TaskfarmError)
+    print(f"taskfarm: error: {_one_line(str(first))}", file=sys.stderr)
+    return first.exit_status
+
+
+def _leaves(error: BaseException) -> Iterator[BaseException]:
+    if isinstance(error, BaseExceptionGroup):
+        for inner in error.exceptions:
+            yield from _leaves(inner)
+    else:
+        yield error
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split("\n")) if "\n" in text else text
 
 
 async def _call(handler: Handler, args: Any) -> int:

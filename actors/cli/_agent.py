@@ -27,6 +27,7 @@ from actors.cluster import (
     check_label,
     default_name,
     detect_resources,
+    load_agent_secret,
     run_agent,
 )
 from actors.executors import Executor
@@ -34,6 +35,7 @@ from runtime import (
     AuthenticationError,
     ConfigurationError,
     get_logger,
+    load_credential,
     load_token,
     tune_gc_for_many_objects,
 )
@@ -54,11 +56,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--token-file",
-        required=True,
         metavar="FILE",
-        help="the shared secret (the coordinator's token file; chmod 600)",
+        help="the join token (the coordinator's token file; chmod 600)",
     )
-    parser.add_argument("--name", metavar="N", help="the node name (default: the host name)")
+    parser.add_argument(
+        "--credential-file",
+        metavar="FILE",
+        help="this node's credential (taskfarm token issue --node NAME; chmod 600), "
+        "instead of the join token",
+    )
+    parser.add_argument(
+        "--name",
+        metavar="N",
+        help="the node name (default: the credential's name, else the host name)",
+    )
     parser.add_argument(
         "--work-dir",
         metavar="DIR",
@@ -153,8 +164,18 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         ConfigurationError: an argument is invalid; ``where`` names its flag.
     """
     host, port = _address(args.connect)
-    load_token(args.token_file)  # fail now, naming the file, rather than after connecting
-    name = args.name if args.name is not None else default_name()
+    if (args.token_file is None) == (args.credential_file is None):
+        raise ConfigurationError(
+            "give the join token (--token-file) or this node's credential (--credential-file)",
+            where="--token-file",
+        )
+    # Read now, naming the file, rather than fail after connecting.
+    credential = load_credential(args.credential_file) if args.credential_file else None
+    if credential is None:
+        load_token(args.token_file)
+    name = args.name if args.name is not None else None
+    if name is None:
+        name = credential.name if credential is not None else default_name()
     if not re.fullmatch(r"[A-Za-z0-9_.@:-]{1,200}", name):
         raise ConfigurationError(
             f"{name!r} is not a valid node name (letters, digits and _.@:- only)", where="--name"
@@ -194,7 +215,8 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
     config = AgentConfig(
         host=host,
         port=port,
-        token_file=args.token_file,
+        token_file=args.token_file or "",
+        credential_file=args.credential_file,
         name=name,
         work_dir=str(work_dir.resolve()),
         capacity=capacity,
@@ -206,6 +228,7 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         lease=_seconds(args.lease, where="--lease"),
         terminate_grace=grace,
     )
+    load_agent_secret(config)  # a credential for another node or kind is named now
     tls = config.tls_config()
     if tls is not None:
         tls.client_context()  # a bad certificate or key is named now, not at the first connect
@@ -284,8 +307,13 @@ async def _run(args: argparse.Namespace) -> int:
     if isinstance(failure, AuthenticationError):
         print(
             f"taskfarm agent: error: the coordinator at {failure.peer} refused this agent "
-            f"({failure.reason}); check that --token-file {args.token_file} holds the "
-            "coordinator's token (and the TLS options, if any)",
+            f"({failure.reason}); check that "
+            + (
+                f"--credential-file {args.credential_file} holds this node's credential"
+                if args.credential_file
+                else f"--token-file {args.token_file} holds the coordinator's join token"
+            )
+            + " (and the TLS options, if any)",
             file=sys.stderr,
         )
         return 2

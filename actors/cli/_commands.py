@@ -4,19 +4,25 @@
 Clients talk to the coordinator over the same authenticated protocol as agents, with the role
 ``client``.  The address and token default to ``$TASKFARM_COORDINATOR`` (``127.0.0.1:7717``)
 and ``$TASKFARM_TOKEN_FILE`` (``taskfarm.token``), so that after ``taskfarm serve`` in a folder
-the other commands work from the same folder without flags.
+the other commands work from the same folder without flags; an error in a value that came from
+the environment blames the variable, not the flag.
+
+Every error is one line and an exit status (see ``runtime.cli``): 2 for input at fault (a flag,
+a file, a spec, a job or task that does not exist), 1 when the farm refused or failed (a job
+that already finished cannot be cancelled; the coordinator did not answer).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import msgspec
@@ -40,7 +46,7 @@ from actors.cluster import (
     WireMessage,
     run_coordinator,
 )
-from actors.engine import EngineSettings, JobSummary, format_size
+from actors.engine import EngineSettings, JobSummary, format_size, read_spec_text
 from runtime import (
     ConfigurationError,
     Connection,
@@ -50,6 +56,13 @@ from runtime import (
     load_token,
     open_connection,
     tune_gc_for_many_objects,
+)
+
+from ._security import (
+    add_client_credential_argument,
+    add_serve_security_arguments,
+    client_credential,
+    serve_security,
 )
 
 __all__ = [
@@ -62,14 +75,63 @@ __all__ = [
     "configure_why",
     "ensure_token_file",
     "parse_address",
+    "setting",
 ]
+
+T = TypeVar("T")
 
 DEFAULT_ADDRESS = "127.0.0.1:7717"
 DEFAULT_TOKEN_FILE = "taskfarm.token"
 
 
+# What the coordinator's refusals mean for the exit status: these kinds blame the request.
+_INPUT_ERRORS = frozenset(
+    {
+        "AccessDeniedError",
+        "ConfigurationError",
+        "DependencyCycleError",
+        "DependencyError",
+        "JobNotFoundError",
+        "ResourceError",
+        "SpecError",
+        "TaskNotFoundError",
+        "UnknownDependencyError",
+    }
+)
+_REPLY_TIMEOUT = 60.0  # seconds for one reply (a submission of a large spec included)
+
+
 class RequestError(TaskfarmError):
-    """Raised when the coordinator refuses a request (the message says why)."""
+    """Raised when the coordinator refuses a request (the message says why); ``kind`` is the
+    coordinator's error class, and the exit status is 2 when it blames the request, else 1."""
+
+    def __init__(self, message: str, *, kind: str = "") -> None:
+        self.kind = kind
+        self.exit_status = 2 if kind in _INPUT_ERRORS else 1
+        super().__init__(message)
+
+
+class AlreadyFinishedError(TaskfarmError):
+    """Raised when ``cancel`` names a job that had already finished (nothing was cancelled);
+    ``job_id`` and ``status`` say which and how it ended."""
+
+    exit_status = 1
+
+    def __init__(self, job_id: str, status: str) -> None:
+        self.job_id = job_id
+        self.status = status
+        super().__init__(f"job {job_id} already {status}: nothing to cancel")
+
+
+def setting(value: str | None, *, flag: str, variable: str, default: str) -> tuple[str, str]:
+    """Return a client setting and what to blame if it is wrong: the flag when given, else
+    the environment variable when set, else the flag (whose default it is)."""
+    if value is not None:
+        return value, flag
+    from_environment = os.environ.get(variable)
+    if from_environment is not None:
+        return from_environment, f"${variable} (environment)"
+    return default, flag
 
 
 def parse_address(text: str, *, where: str) -> tuple[str, int]:
@@ -111,14 +173,24 @@ def _tls(args: argparse.Namespace, *, server: bool) -> TLSConfig | None:
 def configure_serve(parser: argparse.ArgumentParser) -> None:
     """Add ``serve``'s arguments."""
     parser.add_argument("--journal", default="taskfarm.db", help="the SQLite journal (created)")
+    parser.add_argument(
+        "--init",
+        action="store_true",
+        help="initialise --journal if it exists but is empty (zero bytes); without it an "
+        "empty file is refused",
+    )
     parser.add_argument("--listen", default=DEFAULT_ADDRESS, metavar="HOST:PORT")
     parser.add_argument(
         "--token-file",
-        default=os.environ.get("TASKFARM_TOKEN_FILE", DEFAULT_TOKEN_FILE),
-        help="the shared secret (created, mode 600, if missing)",
+        help="the shared secret (created, mode 600, if missing; default: $TASKFARM_TOKEN_FILE "
+        "or ./taskfarm.token)",
     )
     parser.add_argument(
-        "--local-agents", type=int, default=0, metavar="N", help="start N agents here"
+        "--local-agents",
+        type=int,
+        default=0,
+        metavar="N",
+        help=f"start N agents here (at most {_MAX_LOCAL_AGENTS})",
     )
     parser.add_argument("--work-dir", default="taskfarm-work", help="local agents' folders")
     parser.add_argument(
@@ -157,24 +229,69 @@ def configure_serve(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-ca", help="CA that signs agent/client certificates (mutual TLS)")
     parser.add_argument("--tls-cert", help="the coordinator's certificate")
     parser.add_argument("--tls-key", help="the key of --tls-cert")
+    add_serve_security_arguments(parser)
     parser.set_defaults(handler=_serve)
+
+
+_MAX_LOCAL_AGENTS = 256  # processes on this host: more is a typo, not a farm
+_MAX_SECONDS = 86_400.0  # a heartbeat timeout or restart grace of more than a day is a typo
+
+
+def _seconds(value: float, *, where: str, allow_zero: bool) -> float:
+    low_ok = value >= 0 if allow_zero else value > 0
+    if not (math.isfinite(value) and low_ok and value <= _MAX_SECONDS):
+        low = ">= 0" if allow_zero else "> 0"
+        raise ConfigurationError(
+            f"expected seconds {low} and at most {_MAX_SECONDS:g}, got {value:g}", where=where
+        )
+    return value
+
+
+def _work_dir(path: str) -> Path:
+    work_dir = Path(path)
+    if work_dir.exists() and not work_dir.is_dir():
+        raise ConfigurationError(f"{work_dir} is not a directory", where="--work-dir")
+    try:
+        work_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigurationError(
+            f"cannot create {work_dir}: {error.strerror or error}", where="--work-dir"
+        ) from None
+    return work_dir
 
 
 async def _serve(args: argparse.Namespace) -> int:
     tune_gc_for_many_objects()
     host, port = parse_address(args.listen, where="--listen")
-    if args.local_agents < 0:
-        raise ConfigurationError("must be >= 0", where="--local-agents")
-    if args.heartbeat_timeout <= 0:
-        raise ConfigurationError("must be > 0", where="--heartbeat-timeout")
-    token_file, token = ensure_token_file(args.token_file)
+    if not 0 <= args.local_agents <= _MAX_LOCAL_AGENTS:
+        raise ConfigurationError(
+            f"expected 0 to {_MAX_LOCAL_AGENTS}, got {args.local_agents}", where="--local-agents"
+        )
+    _seconds(args.heartbeat_timeout, where="--heartbeat-timeout", allow_zero=False)
+    _seconds(args.restart_grace, where="--restart-grace", allow_zero=True)
+    journal = Path(args.journal)
+    work_dir = _work_dir(args.work_dir)
+    join_token, join_client_role, client_idle = serve_security(args)
+    token_file: Path | None = None
+    token: bytes | None = None
+    if join_token:
+        token_path, blame = setting(
+            args.token_file,
+            flag="--token-file",
+            variable="TASKFARM_TOKEN_FILE",
+            default=DEFAULT_TOKEN_FILE,
+        )
+        token_file, token = _blaming(blame, lambda: ensure_token_file(token_path))
     config = CoordinatorConfig(
-        journal=Path(args.journal),
+        journal=journal,
+        init_journal=args.init,
         token=token,
+        join_client_role=join_client_role,
+        client_idle_timeout=client_idle,
         host=host,
         port=port,
         tls=_tls(args, server=True),
-        work_dir=Path(args.work_dir),
+        work_dir=work_dir,
         local_agents=args.local_agents,
         token_file=token_file,
         heartbeat_interval=max(0.2, args.heartbeat_timeout / 5),
@@ -188,7 +305,7 @@ async def _serve(args: argparse.Namespace) -> int:
         coordinator = await tg.start(run_coordinator, config)
         print(
             f"taskfarm coordinator on {host}:{coordinator.port}, journal {config.journal}, "
-            f"token {token_file}",
+            f"token {token_file or 'off'}",
             flush=True,
         )
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -202,17 +319,17 @@ async def _serve(args: argparse.Namespace) -> int:
 
 
 def _add_client_arguments(parser: argparse.ArgumentParser) -> None:
+    # No argparse defaults: resolved in ``_client``, which knows what to blame for an error.
     parser.add_argument(
         "--connect",
-        default=os.environ.get("TASKFARM_COORDINATOR", DEFAULT_ADDRESS),
         metavar="HOST:PORT",
         help="the coordinator (default: $TASKFARM_COORDINATOR or 127.0.0.1:7717)",
     )
     parser.add_argument(
         "--token-file",
-        default=os.environ.get("TASKFARM_TOKEN_FILE", DEFAULT_TOKEN_FILE),
         help="the shared secret (default: $TASKFARM_TOKEN_FILE or ./taskfarm.token)",
     )
+    add_client_credential_argument(parser)
     parser.add_argument("--tls-ca", help="CA certificate to verify the coordinator")
     parser.add_argument("--tls-cert", help="this client's certificate (mutual TLS)")
     parser.add_argument("--tls-key", help="the key of --tls-cert")
@@ -220,13 +337,26 @@ def _add_client_arguments(parser: argparse.ArgumentParser) -> None:
 
 @asynccontextmanager
 async def _client(args: argparse.Namespace) -> AsyncIterator[Connection[WireMessage]]:
-    host, port = parse_address(args.connect, where="--connect")
-    token = load_token(args.token_file)
+    address, blame = setting(
+        args.connect, flag="--connect", variable="TASKFARM_COORDINATOR", default=DEFAULT_ADDRESS
+    )
+    host, port = parse_address(address, where=blame)
+    token: bytes | None = None
+    credential = client_credential(args)
+    if credential is None:
+        token_file, blame = setting(
+            args.token_file,
+            flag="--token-file",
+            variable="TASKFARM_TOKEN_FILE",
+            default=DEFAULT_TOKEN_FILE,
+        )
+        token = _blaming(blame, lambda: load_token(token_file))
     async with open_connection(
         host,
         port,
         codec=WIRE_CODEC,
         token=token,
+        credential=credential,
         name="cli",
         role="client",
         tls=_tls(args, server=False),
@@ -234,18 +364,32 @@ async def _client(args: argparse.Namespace) -> AsyncIterator[Connection[WireMess
         yield connection
 
 
+def _blaming(blame: str, load: Callable[[], T]) -> T:
+    """Run ``load``; a ConfigurationError from it also names where the value came from."""
+    try:
+        return load()
+    except ConfigurationError as error:
+        if blame.startswith("--"):
+            raise
+        raise ConfigurationError(str(error), where=blame) from None
+
+
 async def request(connection: Connection[WireMessage], message: ClientRequest) -> Reply:
     """Send one request and return its reply.
 
     Raises:
-        RequestError: the coordinator refused it (the message says why).
+        RequestError: the coordinator refused it (the message says why), or did not answer
+            within a minute.
     """
     await connection.send(message)
-    with anyio.fail_after(60):
+    with anyio.move_on_after(_REPLY_TIMEOUT):
         reply = await connection.receive()
-    if isinstance(reply, ErrorReply):
-        raise RequestError(reply.error)
-    return reply  # type: ignore[return-value]
+        if isinstance(reply, ErrorReply):
+            raise RequestError(reply.error, kind=reply.kind)
+        return reply  # type: ignore[return-value]
+    raise RequestError(
+        f"the coordinator at {connection.peer} did not answer within {_REPLY_TIMEOUT:g} s"
+    )
 
 
 def configure_submit(parser: argparse.ArgumentParser) -> None:
@@ -260,10 +404,8 @@ async def _submit(args: argparse.Namespace) -> int:
     suffix = path.suffix.lower()
     if suffix not in (".toml", ".json"):
         raise ConfigurationError(f"{path}: a spec file ends in .toml or .json", where="SPEC")
-    try:
-        text = await anyio.Path(path).read_text(encoding="utf-8")
-    except OSError as error:
-        raise ConfigurationError(f"cannot read {path}: {error.strerror}", where="SPEC") from None
+    # Read (bounded, UTF-8 checked) before connecting: a bad file is named, the farm untouched.
+    text = await anyio.to_thread.run_sync(read_spec_text, path)
     async with _client(args) as connection:
         reply = await request(
             connection, SubmitRequest(text=text, format=suffix[1:], source=str(path))
@@ -353,6 +495,11 @@ async def _cancel(args: argparse.Namespace) -> int:
     async with _client(args) as connection:
         reply = await request(connection, CancelJobRequest(job_id=args.job, reason=args.reason))
     assert isinstance(reply, JobsReply)
+    (job,) = reply.jobs
+    # A finished job's summary comes back unchanged: say that nothing was cancelled.  (One
+    # cancelled before stays "cancelled": cancelling is idempotent.)
+    if job.status in ("completed", "failed"):
+        raise AlreadyFinishedError(job.job_id, job.status)
     print(format_jobs(reply.jobs))
     return 0
 
@@ -410,6 +557,12 @@ def configure_logs(parser: argparse.ArgumentParser) -> None:
 
 
 async def _logs(args: argparse.Namespace) -> int:
+    if args.task is not None and args.task < 0:
+        raise ConfigurationError(f"a task number is 0 or more, got {args.task}", where="TASK")
+    if args.attempt is not None and args.attempt < 1:
+        raise ConfigurationError(
+            f"attempts are numbered from 1, got {args.attempt}", where="--attempt"
+        )
     async with _client(args) as connection:
         reply = await request(
             connection, LogsRequest(job_id=args.job, task=args.task, attempt=args.attempt)

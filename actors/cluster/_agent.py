@@ -88,6 +88,7 @@ from runtime import (
     ConfigurationError,
     Connection,
     ConnectionClosedError,
+    Credential,
     FrameCodec,
     ProtocolError,
     SystemClock,
@@ -95,6 +96,7 @@ from runtime import (
     TruncatedFrameError,
     WireError,
     get_logger,
+    load_credential,
     load_token,
     open_connection,
 )
@@ -128,7 +130,7 @@ from ._protocol import (
 if TYPE_CHECKING:
     from anyio.abc import TaskStatus
 
-__all__ = ["AgentConfig", "AgentHandle", "AgentStatistics", "run_agent"]
+__all__ = ["AgentConfig", "AgentHandle", "AgentStatistics", "load_agent_secret", "run_agent"]
 
 _log = get_logger("actors.agent")
 
@@ -167,7 +169,8 @@ class AgentConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
 
     host: str
     port: Annotated[int, msgspec.Meta(ge=1, le=65535)]
-    token_file: str
+    token_file: str = ""  # the join token; or:
+    credential_file: str | None = None  # this node's credential (its name must be ``name``)
     name: Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=_NAME_PATTERN)]
     work_dir: str
     capacity: Resources
@@ -200,6 +203,11 @@ class AgentConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
             check_label(label, where="AgentConfig.labels")
         if self.tls_key is not None and self.tls_cert is None:
             raise ConfigurationError("a key needs its certificate", where="AgentConfig.tls_cert")
+        if bool(self.token_file) == (self.credential_file is not None):
+            raise ConfigurationError(
+                "give exactly one of token_file and credential_file",
+                where="AgentConfig.credential_file",
+            )
         for field in (
             "heartbeat",
             "lease",
@@ -224,6 +232,30 @@ class AgentConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
         if self.tls_ca is None and self.tls_cert is None:
             return None
         return TLSConfig(cafile=self.tls_ca, certfile=self.tls_cert, keyfile=self.tls_key)
+
+
+def load_agent_secret(config: AgentConfig) -> tuple[bytes | None, Credential | None]:
+    """Return the join token or the node credential ``config`` names (exactly one is set).
+
+    Raises:
+        ConfigurationError: the file is unusable, or the credential is not a node credential
+            for ``config.name``; ``where`` names the file.
+    """
+    if config.credential_file is None:
+        return load_token(config.token_file), None
+    credential = load_credential(config.credential_file)
+    if credential.kind != "node":
+        raise ConfigurationError(
+            f"a {credential.kind} credential cannot run an agent: issue one with "
+            "taskfarm token issue --node NAME",
+            where=config.credential_file,
+        )
+    if credential.name != config.name:
+        raise ConfigurationError(
+            f"the credential is for node {credential.name!r}, not {config.name!r}",
+            where=config.credential_file,
+        )
+    return None, credential
 
 
 # -- the running agent ------------------------------------------------------------------------
@@ -270,7 +302,8 @@ class _Agent:
         self,
         config: AgentConfig,
         *,
-        token: bytes,
+        token: bytes | None,
+        credential: Credential | None = None,
         clock: Clock,
         outbox: Outbox,
         executor: Executor,
@@ -278,6 +311,7 @@ class _Agent:
     ) -> None:
         self.config = config
         self.token = token
+        self.credential = credential
         self.clock = clock
         self.outbox = outbox
         self.executor = executor
@@ -419,7 +453,7 @@ class _Agent:
             error=str(error),
         )
         message = f"the agent could not start it: {error}"
-        self.task_group.start_soon(self._not_started, spec, "failed", message)
+        self.task_group.start_soon(self._not_started, spec, "start_failed", message)
 
     async def _not_started(self, spec: AttemptSpec, outcome: AttemptOutcome, error: str) -> None:
         await self.report(
@@ -564,6 +598,7 @@ class _Agent:
                         config.port,
                         codec=_CODEC,
                         token=self.token,
+                        credential=self.credential,
                         name=config.name,
                         role="agent",
                         tls=tls,
@@ -812,8 +847,9 @@ def _wire_leaf(error: BaseException) -> WireError | None:
 
 
 def _transient(error: AuthenticationError) -> bool:
-    """Tell a handshake that merely broke off (retry) from a refusal (fatal)."""
-    if "timed out" in error.reason:
+    """Tell a handshake that merely broke off, or was refused for now, (retry) from a refusal
+    (fatal)."""
+    if error.retryable or "timed out" in error.reason:
         return True
     cause: Any = error.__cause__
     if isinstance(cause, ConnectionClosedError | TruncatedFrameError):
@@ -848,7 +884,7 @@ async def run_agent(
         JournalFileError: the outbox file is damaged.
     """
     chosen = clock if clock is not None else SystemClock()
-    token = load_token(config.token_file)
+    token, credential = load_agent_secret(config)
     tls = config.tls_config()
     if tls is not None:
         tls.client_context()  # a missing or invalid certificate is named now, not when connecting
@@ -897,6 +933,7 @@ async def run_agent(
                 agent = _Agent(
                     config,
                     token=token,
+                    credential=credential,
                     clock=chosen,
                     outbox=outbox,
                     executor=executor,

@@ -22,6 +22,10 @@ reports them ``lost``; the coordinator requeues a silent node's attempts only af
 measured from the last frame it read from the agent and longer than ``lease + lease_grace``.
 
 Client conversation: one request, one reply (``Reply`` or ``ErrorReply``).
+
+What the coordinator decodes (``CoordinatorInbound``) is bounded beyond the frame limit:
+every string and container a peer sends has a maximum length, checked while decoding, so a
+16 MiB frame of millions of tiny elements is refused before it costs memory.
 """
 
 from __future__ import annotations
@@ -30,9 +34,17 @@ from typing import Annotated
 
 import msgspec
 
-from actors.engine import JobSummary, NodeSummary, Resources
+from actors.engine import MAX_SPEC_BYTES, JobSummary, NodeSummary, Resources
 from actors.executors import AttemptReport, AttemptSpec, RunningAttempt
 from runtime import Message
+
+from ._credentials import (
+    CredentialsReply,
+    IssueCredentialRequest,
+    IssuedCredentialReply,
+    ListCredentialsRequest,
+    RevokeCredentialRequest,
+)
 
 __all__ = [
     "AgentHello",
@@ -41,6 +53,7 @@ __all__ = [
     "CancelJobRequest",
     "CheckpointAttempt",
     "ClientRequest",
+    "CoordinatorInbound",
     "CoordinatorToAgent",
     "ErrorReply",
     "Heartbeat",
@@ -67,6 +80,12 @@ __all__ = [
 
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.@:-]+$")]
 Sequence_ = Annotated[int, msgspec.Meta(ge=1)]
+# Bounds on what peers send (generous: a real request is far below each).
+_Identifier = Annotated[str, msgspec.Meta(max_length=256)]  # a job id (a name, or renamed)
+_Short = Annotated[str, msgspec.Meta(max_length=4096)]  # a reason, a file name
+_Index = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]
+_MAX_LABELS = 256  # an agent's node labels
+_MAX_RUNNING = 65_536  # attempts an agent reports running
 
 
 class _Inbound(Message, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -81,8 +100,8 @@ class AgentHello(_Inbound, frozen=True, kw_only=True, tag="agent.hello"):
 
     name: Name
     capacity: Resources
-    labels: tuple[str, ...] = ()
-    running: tuple[RunningAttempt, ...] = ()
+    labels: Annotated[tuple[_Short, ...], msgspec.Meta(max_length=_MAX_LABELS)] = ()
+    running: Annotated[tuple[RunningAttempt, ...], msgspec.Meta(max_length=_MAX_RUNNING)] = ()
     unacknowledged: int = 0  # reports waiting in its outbox (they follow as Report frames)
 
 
@@ -186,22 +205,22 @@ AgentWire = AgentToCoordinator | CoordinatorToAgent
 class SubmitRequest(_Inbound, frozen=True, kw_only=True, tag="client.submit"):
     """Submit a spec file's text (validated by the coordinator, which names file and field)."""
 
-    text: str
-    format: str  # "toml" or "json"
-    source: str  # the file name, for error messages
+    text: Annotated[str, msgspec.Meta(max_length=MAX_SPEC_BYTES)]
+    format: _Short  # "toml" or "json"
+    source: _Short  # the file name, for error messages
 
 
 class StatusRequest(_Inbound, frozen=True, kw_only=True, tag="client.status"):
     """Ask for the status of one job, or all jobs."""
 
-    job_id: str | None = None
+    job_id: _Identifier | None = None
 
 
 class CancelJobRequest(_Inbound, frozen=True, kw_only=True, tag="client.cancel"):
     """Cancel a job."""
 
-    job_id: str
-    reason: str = "cancelled by user"
+    job_id: _Identifier
+    reason: _Short = "cancelled by user"
 
 
 class ListNodesRequest(_Inbound, frozen=True, kw_only=True, tag="client.nodes"):
@@ -211,15 +230,15 @@ class ListNodesRequest(_Inbound, frozen=True, kw_only=True, tag="client.nodes"):
 class WhyRequest(_Inbound, frozen=True, kw_only=True, tag="client.why"):
     """Explain why a job (or its tasks) waits."""
 
-    job_id: str
+    job_id: _Identifier
 
 
 class LogsRequest(_Inbound, frozen=True, kw_only=True, tag="client.logs"):
     """Fetch an attempt's log (the latest attempt of the task when ``attempt`` is None)."""
 
-    job_id: str
-    task: int | None = None
-    attempt: int | None = None
+    job_id: _Identifier
+    task: _Index | None = None
+    attempt: Annotated[int, msgspec.Meta(ge=1, le=2**31 - 1)] | None = None
 
 
 class SubmittedReply(Message, frozen=True, kw_only=True, tag="coordinator.submitted"):
@@ -254,9 +273,28 @@ class ErrorReply(Message, frozen=True, kw_only=True, tag="coordinator.error"):
 
 
 ClientRequest = (
-    SubmitRequest | StatusRequest | CancelJobRequest | ListNodesRequest | WhyRequest | LogsRequest
+    SubmitRequest
+    | StatusRequest
+    | CancelJobRequest
+    | ListNodesRequest
+    | WhyRequest
+    | LogsRequest
+    | IssueCredentialRequest
+    | RevokeCredentialRequest
+    | ListCredentialsRequest
 )
-Reply = SubmittedReply | JobsReply | NodesReply | TextReply | ErrorReply
+Reply = (
+    SubmittedReply
+    | JobsReply
+    | NodesReply
+    | TextReply
+    | ErrorReply
+    | IssuedCredentialReply
+    | CredentialsReply
+)
+
+CoordinatorInbound = AgentToCoordinator | ClientRequest
+"""What the coordinator accepts from any peer (the role decides which part it may send)."""
 
 WireMessage = AgentToCoordinator | CoordinatorToAgent | ClientRequest | Reply
 """Everything that crosses a coordinator connection (the role from the handshake decides which

@@ -186,6 +186,7 @@ class RemoteExecutor:
         self._outgoing: deque[WireMessage] = deque()
         self._wakeup = anyio.Event()
         self._requests = itertools.count(1)
+        self._last_request = 0
         self._log_requests: dict[int, tuple[anyio.Event, list[LogChunk]]] = {}
         self._delivered = 0
         self._duplicates = 0
@@ -514,7 +515,7 @@ class RemoteExecutor:
                 task_id=task_id,
                 attempt=attempt,
             )
-        request = next(self._requests)
+        request = self._last_request = next(self._requests)
         done, answer = anyio.Event(), list[LogChunk]()
         self._log_requests[request] = (done, answer)
         limit = self._read_log_timeout
@@ -549,6 +550,11 @@ class RemoteExecutor:
             )
         chunk = answer[0]
         return None if chunk.missing else chunk.text
+
+    def asked_for_log(self, request: int) -> bool:
+        """Return whether a ``ReadLog`` numbered ``request`` was ever sent to this node (a
+        ``LogChunk`` answering anything else did not come from an honest agent)."""
+        return 1 <= request <= self._last_request
 
     # -- outbound commands -------------------------------------------------------------------
 

@@ -4,22 +4,29 @@
 job and node from the journal in one pass: finished jobs only feed the dependency graph (their
 actors stay passivated), unfinished jobs get their actor back, and attempts that were out on a
 node when the previous process stopped are *in doubt*: an agent that comes back within the
-restart grace period re-claims them, the rest are requeued from their last checkpoint.
+restart grace period re-claims them, the rest are requeued (lost, no attempt spent) from their
+last checkpoint.  Recovery never refuses to open a journal it wrote: a job whose parent was
+never journaled (a partial submission by an older version) ends, with that reason.
+
+A submission is journaled all or nothing: every job of a spec file in one atomic multi-stream
+append, while placement goes on.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
 
-from actors._errors import JobNotFoundError
+from actors._errors import DependencyError, JobNotFoundError
 from actors.executors import AttemptReport, Executor
-from persistence import Journal, rebuild_stream
+from persistence import Event, Journal, StreamAppend, rebuild_stream
 from runtime import (
     ActorRef,
     ActorStoppedError,
@@ -32,30 +39,58 @@ from runtime import (
     open_system,
 )
 
-from ._events import JobAggregate, JobState, NodeAggregate, NodeState, job_stream
+from ._events import (
+    JobAggregate,
+    JobFinished,
+    JobState,
+    JobSubmitted,
+    NodeAggregate,
+    NodeState,
+    TaskAssigned,
+    TaskCancelled,
+    TaskCompleted,
+    TaskFailed,
+    TaskRequeued,
+    TaskStarted,
+    job_stream,
+    policy_stream,
+)
 from ._graph import Outcome
 from ._job import JobActor, job_summary
 from ._messages import (
     AdmitJobs,
     AdoptAttempt,
+    AmendJob,
     CancelJob,
     CancelRuns,
+    CheckpointTask,
     ClaimAttempt,
+    DescribeJob,
+    GetJobState,
     GetJobSummary,
     GetNodes,
+    JobRevived,
+    JobsAdded,
     NodeJoined,
     NodeLeft,
+    PauseJob,
+    PolicyCommand,
+    PreemptTask,
+    ReleaseJobIds,
     ReportAttempt,
+    ResumeJob,
+    RetryTasks,
     SetNodeHealth,
+    SetNodeReachable,
     WhyJob,
 )
 from ._node import NodeActor
 from ._placement import SchedulerCore
-from ._policy import FifoPolicy, Policy
+from ._policy import FifoPolicy, Observation, Policy, TaskEndedObservation, TaskStartedObservation
 from ._resources import Resources
-from ._scheduler import Recovered, SchedulerActor
+from ._scheduler import KnownNode, Recovered, SchedulerActor
 from ._settings import EngineSettings
-from ._spec import SubmitJob, load_spec, parse_spec
+from ._spec import Priority, SubmitJob, load_spec, parse_spec
 from ._summaries import JobSummary, NodeSummary
 
 __all__ = ["Engine", "open_engine"]
@@ -69,9 +104,8 @@ _FINISHED = {
     "failed": Outcome.FAILED,
     "cancelled": Outcome.CANCELLED,
 }
-
-
-_HEALTHS = frozenset({"online", "draining", "sleeping", "quarantined", "unreachable"})
+_HEALTHS = frozenset({"online", "draining", "sleeping", "quarantined"})
+_REACHABLE = frozenset({"connected", "unreachable", "offline"})
 
 
 class Engine:
@@ -93,8 +127,12 @@ class Engine:
         self._jobs: dict[str, ActorRef[Any]] = {}
         self._nodes: dict[str, ActorRef[Any]] = {}
         self._finished: dict[str, anyio.Event] = {}
-        self._outcomes: dict[str, Outcome] = {}
         self._scheduler_actor: SchedulerActor | None = None
+
+    @property
+    def policy(self) -> Policy:
+        """Return the scheduling policy."""
+        return self.core.policy
 
     # -- refs -----------------------------------------------------------------------------------
 
@@ -108,10 +146,8 @@ class Engine:
         ref = self._nodes.get(name)
         return ref if ref is not None and ref.is_alive else None
 
-    async def _spawn_job(
-        self, job_id: str, recovered: tuple[JobState, int] | None = None
-    ) -> ActorRef[Any]:
-        once = [recovered] if recovered is not None else []
+    async def _spawn_job(self, job_id: str, recovered: tuple[JobState, int]) -> ActorRef[Any]:
+        once = [recovered]
 
         def factory() -> JobActor:
             # The recovered state seeds the first start only; a restart re-reads the journal.
@@ -130,7 +166,6 @@ class Engine:
 
     def _job_ended(self, job_id: str, outcome: Outcome) -> None:
         self._jobs.pop(job_id, None)
-        self._outcomes[job_id] = outcome
         event = self._finished.pop(job_id, None)
         if event is not None:
             event.set()
@@ -146,7 +181,11 @@ class Engine:
         labels: Sequence[str] = (),
         remote: bool = False,
     ) -> None:
-        """Add a node that runs work with ``executor`` (which the caller keeps open)."""
+        """Add a node that runs work with ``executor`` (which the caller keeps open).
+
+        A node the journal knows keeps the health an operator gave it (drain, sleep and
+        quarantine survive a rejoin and a restart).
+        """
         if self.node_ref(name) is not None:
             raise ConfigurationError(f"node {name!r} is already connected", where="add_node")
         old = self._nodes.pop(name, None)
@@ -161,10 +200,16 @@ class Engine:
             NodeJoined(name=name, capacity=capacity, labels=tuple(sorted(labels)), remote=remote)
         )
 
-    async def set_node_health(self, name: str, health: str, *, reason: str = "") -> None:
-        """Set a node's health: ``online`` gets new work; ``draining`` (before maintenance),
-        ``sleeping`` (to save energy), ``quarantined`` and ``unreachable`` (its agent lost
-        contact; set by the coordinator) do not, and their running attempts carry on.
+    async def set_node_health(
+        self, name: str, health: str, *, reason: str = "", at: datetime | None = None
+    ) -> None:
+        """Set a node's health (journaled, kept across rejoins and restarts).
+
+        ``online`` gets new work; ``draining`` (before maintenance), ``sleeping`` (to save
+        energy) and ``quarantined`` do not, and their running attempts carry on.  ``draining``
+        with ``at`` in the future plans the drain: until then work that cannot finish before
+        ``at`` (by its ``max_runtime``) is not placed there, and at ``at`` what still runs
+        there checkpoints and yields.
 
         Raises:
             ConfigurationError: the health is not one of those, or the node is unknown.
@@ -174,22 +219,48 @@ class Engine:
                 f"unknown health {health!r}; choose from {', '.join(sorted(_HEALTHS))}",
                 where="set_node_health",
             )
-        if health == "online" and self.node_ref(name) is None:
-            health = "offline"  # released, but nothing runs there until its agent connects
+        if at is not None and health != "draining":
+            raise ConfigurationError("only a drain can be planned for later", where="--at")
+        drain_at = at
+        if at is not None:
+            health = "online"  # until the time comes
         known = await self.scheduler.ask(
-            SetNodeHealth(name=name, health=health, reason=reason),
+            SetNodeHealth(name=name, health=health, reason=reason, drain_at=drain_at),
             timeout=self.settings.ask_timeout,
         )
         if not known:
             raise ConfigurationError(f"no node named {name!r}", where="set_node_health")
 
+    async def set_node_reachable(self, name: str, reachable: str) -> None:
+        """Record a node's connection state: ``unreachable`` (no heartbeat: no new work, its
+        attempts are not requeued yet), ``connected`` again, or ``offline``.
+
+        Raises:
+            ConfigurationError: the state is unknown.
+        """
+        if reachable not in _REACHABLE:
+            raise ConfigurationError(
+                f"unknown state {reachable!r}; choose from {', '.join(sorted(_REACHABLE))}",
+                where="set_node_reachable",
+            )
+        await self.scheduler.tell(SetNodeReachable(name=name, reachable=reachable))
+
     async def remove_node(self, name: str, *, reason: str) -> None:
-        """Take a node offline: its running attempts are requeued by their jobs and stopped."""
+        """Take a node offline: its running attempts are requeued (lost, no attempt spent) and
+        stopped there -- unless it is sleeping, whose work waits for it to wake up.
+
+        Raises:
+            ConfigurationError: the engine has never seen the node.
+        """
+        if self.core.node_health(name) is None and name not in self._nodes:
+            raise ConfigurationError(f"no node named {name!r}", where="remove_node")
         ref = self._nodes.pop(name, None)
+        sleeping = self.core.node_health(name) == "sleeping"
         await self.scheduler.tell(NodeLeft(name=name, reason=reason))
         if ref is not None:
-            # The requeued attempts run again elsewhere: the copies left here are stale work.
-            await ref.tell(CancelRuns(grace=self.settings.cancel_grace))
+            if not sleeping:
+                # The requeued attempts run again elsewhere: the copies left here are stale.
+                await ref.tell(CancelRuns(grace=self.settings.cancel_grace))
             await self.system.stop(ref)
 
     async def claim_attempt(self, job_id: str, task: int, token: int, node: str) -> bool:
@@ -228,6 +299,11 @@ class Engine:
             return False  # the job finished (passivated) meanwhile: the report is stale
         return bool(accepted)
 
+    def attempt_node(self, job_id: str, task: int) -> str | None:
+        """Return the node the task's current attempt was placed on (None: not running)."""
+        placements = self.core.farm.placements.get(job_id)
+        return placements.get(task) if placements else None
+
     async def nodes(self) -> list[NodeSummary]:
         """Describe every node."""
         result: list[NodeSummary] = await self.scheduler.ask(
@@ -238,29 +314,65 @@ class Engine:
     # -- jobs -----------------------------------------------------------------------------------
 
     async def submit(self, specs: Sequence[SubmitJob], *, source: str = "") -> list[str]:
-        """Validate and submit jobs; return their ids.
+        """Validate and submit jobs, all or nothing; return their ids.
+
+        The policy validates and prepares each job first (``Policy.validate``/``prepare``).
 
         Raises:
             SpecError, UnknownDependencyError, DependencyCycleError: the submission is invalid;
                 nothing was journaled.
         """
+        with _time_held(self.system.clock):
+            return await self._submit(specs, source)
+
+    async def _submit(self, specs: Sequence[SubmitJob], source: str) -> list[str]:
         result = await self.scheduler.ask(
             AdmitJobs(specs=tuple(specs), source=source), timeout=self.settings.ask_timeout
         )
         if isinstance(result, TaskfarmError):
             raise result
-        ids: list[str] = result
-        return ids
+        prepared: tuple[SubmitJob, ...] = result
+        now = self.system.clock.now()
+        try:
+            # One transaction for the whole file: a crash never leaves a dependant journaled
+            # without its parent.
+            await self.journal.append_many(
+                [
+                    StreamAppend(
+                        stream_id=job_stream(spec.job_id),
+                        events=[JobSubmitted(job=spec, submitted_at=now)],
+                        expected_version=0,
+                    )
+                    for spec in prepared
+                ]
+            )
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self.scheduler.tell(
+                    ReleaseJobIds(job_ids=tuple(spec.job_id for spec in prepared))
+                )
+            raise
+        for spec in prepared:
+            state = _JOB_AGGREGATE.apply(JobState(), JobSubmitted(job=spec, submitted_at=now))
+            await self._spawn_job(spec.job_id, recovered=(state, 1))
+        await self.scheduler.tell(JobsAdded(specs=prepared, submitted_at=now))
+        return [spec.job_id for spec in prepared]
 
     async def submit_file(self, path: str | Path) -> list[str]:
         """Load a TOML or JSON spec file and submit its jobs."""
         spec_file = load_spec(path, known_jobs=self.core.graph.jobs())
         return await self.submit(spec_file.to_commands().jobs, source=str(path))
 
-    async def submit_text(self, text: str, *, fmt: str, source: str) -> list[str]:
-        """Parse spec text (``fmt`` "toml" or "json") and submit its jobs."""
+    async def submit_text(
+        self, text: str, *, fmt: str, source: str, owner: str | None = None
+    ) -> list[str]:
+        """Parse spec text (``fmt`` "toml" or "json") and submit its jobs (recording ``owner``,
+        the principal that submits them, on each)."""
         spec_file = parse_spec(text, fmt=fmt, source=source, known_jobs=self.core.graph.jobs())  # type: ignore[arg-type]
-        return await self.submit(spec_file.to_commands().jobs, source=source)
+        jobs = spec_file.to_commands().jobs
+        if owner is not None:
+            jobs = tuple(msgspec.structs.replace(job, owner=owner) for job in jobs)
+        return await self.submit(jobs, source=source)
 
     async def status(self, job_id: str | None = None, *, tasks: bool = False) -> list[JobSummary]:
         """Summarise one job (live or finished) or every job in the journal."""
@@ -282,24 +394,220 @@ class Engine:
                 summary: JobSummary = await ref.ask(
                     GetJobSummary(tasks=tasks), timeout=self.settings.ask_timeout
                 )
+                domain, statuses = await self.scheduler.ask(
+                    DescribeJob(job_id=job_id), timeout=self.settings.ask_timeout
+                )
             except TaskfarmError:
                 pass  # it passivated meanwhile: read the journal
             else:
-                return summary
+                return _with_live_state(summary, domain, statuses)
         state, version = await rebuild_stream(self.journal, job_stream(job_id), _JOB_AGGREGATE)
         if version == 0:
             raise JobNotFoundError(job_id)
         return job_summary(job_id, state, tasks=tasks)
 
-    async def cancel(self, job_id: str, *, reason: str = "cancelled by user") -> JobSummary:
-        """Cancel a job: pending tasks at once, running attempts stopped with a grace period."""
+    async def _ask_job(self, job_id: str, message: Any) -> Any:
         ref = self.job_ref(job_id)
         if ref is None:
-            return await self._summary(job_id, tasks=False)
-        summary: JobSummary = await ref.ask(
-            CancelJob(reason=reason), timeout=self.settings.ask_timeout
+            await self._summary(job_id, tasks=False)  # raises JobNotFoundError if unknown
+            return None
+        return await ref.ask(message, timeout=self.settings.ask_timeout)
+
+    async def cancel(self, job_id: str, *, reason: str = "cancelled by user") -> JobSummary:
+        """Cancel a job: pending tasks at once, running attempts stopped with a grace period.
+
+        A finished job is left as it is (its summary says how it ended).
+
+        Raises:
+            JobNotFoundError: no such job.
+        """
+        summary = await self._ask_job(job_id, CancelJob(reason=reason))
+        return summary if summary is not None else await self._summary(job_id, tasks=False)
+
+    async def pause(
+        self, job_id: str, *, mode: str = "checkpoint", reason: str = "paused by operator"
+    ) -> JobSummary:
+        """Pause a job: no new attempts; running ones ``checkpoint`` and yield, ``finish``,
+        or are ``kill``ed (requeued without spending an attempt).
+
+        Raises:
+            JobNotFoundError: no such job.  ConfigurationError: the job is over or the mode
+            is unknown.
+        """
+        summary = await self._ask_job(job_id, PauseJob(mode=mode, reason=reason))
+        if summary is None:
+            raise ConfigurationError(f"job {job_id} is over; nothing to pause", where="pause")
+        result: JobSummary = summary
+        return result
+
+    async def resume(self, job_id: str, *, reason: str = "resumed by operator") -> JobSummary:
+        """Resume a paused job (and release tasks held for an operator).
+
+        Raises:
+            JobNotFoundError: no such job.  ConfigurationError: the job is over.
+        """
+        summary = await self._ask_job(job_id, ResumeJob(reason=reason))
+        if summary is None:
+            raise ConfigurationError(f"job {job_id} is over; nothing to resume", where="resume")
+        result: JobSummary = summary
+        return result
+
+    async def amend(
+        self,
+        job_id: str,
+        *,
+        priority: Priority | str | None = None,
+        set_metadata: Mapping[str, Any] | None = None,
+    ) -> JobSummary:
+        """Change a live job's base priority and metadata keys (journaled; the policy sees
+        the change at its next cycle).
+
+        Raises:
+            JobNotFoundError: no such job.  ConfigurationError: the job is over, the priority
+            is unknown, or the metadata no longer fits the policy's metadata type.
+        """
+        if isinstance(priority, str):
+            try:
+                priority = Priority(priority)
+            except ValueError:
+                choices = ", ".join(p.value for p in Priority)
+                raise ConfigurationError(
+                    f"unknown priority {priority!r}; choose from {choices}", where="--priority"
+                ) from None
+        metadata = tuple(
+            (key, msgspec.json.encode(value)) for key, value in sorted((set_metadata or {}).items())
         )
-        return summary
+        if metadata and self.core.policy.metadata_type is not None:
+            view = self.core.job_view(job_id)
+            if view is not None:
+                merged = msgspec.json.decode(view.spec.metadata)
+                merged.update({k: msgspec.json.decode(v) for k, v in metadata})
+                candidate = msgspec.structs.replace(
+                    view.spec, metadata=msgspec.json.encode(merged, order="sorted")
+                )
+                try:
+                    self.core.check_metadata(candidate)
+                except TaskfarmError as error:
+                    raise ConfigurationError(str(error), where="--set") from None
+        summary = await self._ask_job(job_id, AmendJob(priority=priority, metadata=metadata))
+        if summary is None:
+            raise ConfigurationError(f"job {job_id} is over; it cannot be amended", where="amend")
+        result: JobSummary = summary
+        return result
+
+    async def retry(
+        self, job_id: str, tasks: Sequence[int | str] = (), *, reason: str = "retried by operator"
+    ) -> list[int]:
+        """Run failed, cancelled or held tasks again (all of them when ``tasks`` is empty).
+
+        A finished job is reopened; dependants that wait on it (``on_parent_failure =
+        "wait"``) wait on it again.  Returns the task indices that will run.
+
+        Raises:
+            JobNotFoundError: no such job.  ConfigurationError: a task is unknown.
+        """
+        with _time_held(self.system.clock):
+            return await self._retry(job_id, tasks, reason)
+
+    async def _retry(self, job_id: str, tasks: Sequence[int | str], reason: str) -> list[int]:
+        indices = tuple([await self.task_index(job_id, task) for task in tasks])
+        ref = self.job_ref(job_id)
+        revived = False
+        if ref is None:
+            state, version = await rebuild_stream(self.journal, job_stream(job_id), _JOB_AGGREGATE)
+            if version == 0:
+                raise JobNotFoundError(job_id)
+            if state.status == "completed":
+                return []
+            ref = await self._spawn_job(job_id, recovered=(state, version))
+            revived = True
+        chosen: list[int] = await ref.ask(
+            RetryTasks(tasks=indices, reason=reason), timeout=self.settings.ask_timeout
+        )
+        if revived:
+            if not chosen:
+                await self.system.stop(ref)
+                self._jobs.pop(job_id, None)
+                return []
+            state = await ref.ask(GetJobState(), timeout=self.settings.ask_timeout)
+            await self.scheduler.tell(JobRevived(job_id=job_id, state=state))
+        return chosen
+
+    async def checkpoint(self, job_id: str, task: int | str) -> bool:
+        """Ask a task's running attempt to checkpoint now (SIGUSR1); False if none runs.
+
+        Raises:
+            JobNotFoundError: no such job.  ConfigurationError: the task is unknown.
+        """
+        index = await self.task_index(job_id, task)
+        result = await self._ask_job(job_id, CheckpointTask(task=index, reason="operator"))
+        return bool(result)
+
+    async def preempt(self, job_id: str, task: int | str, *, reason: str = "") -> bool:
+        """Checkpoint and yield a task's running attempt (it is requeued, no attempt spent).
+
+        Returns False when the task is not running.
+
+        Raises:
+            JobNotFoundError: no such job.  ConfigurationError: the task is unknown.
+        """
+        index = await self.task_index(job_id, task)
+        node = self.attempt_node(job_id, index)
+        ref = self.job_ref(job_id)
+        if node is None or ref is None:
+            await self._summary(job_id, tasks=False)
+            return False
+        await ref.tell(
+            PreemptTask(task=index, node=node, reason=reason or "preempted by operator", force=True)
+        )
+        return True
+
+    async def task_index(self, job_id: str, task: int | str) -> int:
+        """Resolve a task given by index or by name (``stage-2``, a frame chunk ``11-20``).
+
+        Raises:
+            JobNotFoundError: no such job.  ConfigurationError: no such task.
+        """
+        view = self.core.job_view(job_id)
+        if view is not None:
+            spec = view.spec
+        else:
+            state, version = await rebuild_stream(self.journal, job_stream(job_id), _JOB_AGGREGATE)
+            if version == 0 or state.job is None:
+                raise JobNotFoundError(job_id)
+            spec = state.job
+        names = {t.name: i for i, t in enumerate(spec.tasks)}
+        if isinstance(task, str) and task in names:
+            return names[task]
+        try:
+            index = int(task)
+        except ValueError:
+            index = -1
+        if not isinstance(task, str) and 0 <= index < len(spec.tasks):
+            return index
+        if isinstance(task, str) and task.isdigit() and 0 <= index < len(spec.tasks):
+            return index
+        shown = ", ".join(list(names)[:10]) + (" ..." if len(names) > 10 else "")
+        raise ConfigurationError(
+            f"job {job_id} has no task {task!r} (tasks: {shown})", where="task"
+        )
+
+    async def policy_command(self, name: str, arguments: Mapping[str, Any] | None = None) -> Any:
+        """Run a domain command of the policy; return its reply.
+
+        Its events are journaled in the policy's stream (``policy:<name>``) before the reply,
+        and replayed into the policy when the engine opens again.
+
+        Raises:
+            ConfigurationError: the policy has no such command, or an argument is bad.
+        """
+        result = await self.scheduler.ask(
+            PolicyCommand(name=name, arguments=dict(arguments or {})),
+            timeout=self.settings.ask_timeout,
+        )
+        if isinstance(result, TaskfarmError):
+            raise result
+        return result
 
     async def why(self, job_id: str) -> str:
         """Explain why a job (or its tasks) waits."""
@@ -342,11 +650,31 @@ class Engine:
                 states[info.stream_id] = await rebuild_stream(
                     self.journal, info.stream_id, aggregate
                 )
-        nodes = {k: v for k, v in states.items() if k.startswith("node:")}
-        for _stream, (node, _version) in sorted(nodes.items()):
+        known: dict[str, KnownNode] = {}
+        for stream, (node, _version) in sorted(states.items()):
+            if not stream.startswith("node:"):
+                continue
             assert isinstance(node, NodeState)
-            health = "quarantined" if node.quarantined else "offline"
-            self.core.add_node(node.name, node.capacity, labels=node.labels, health=health)
+            self.core.add_node(
+                node.name,
+                node.capacity,
+                labels=node.labels,
+                health=node.health,
+                reachable="offline",
+            )
+            self.core.set_health(
+                node.name, node.health, reason=node.health_reason or "", by=node.health_by
+            )
+            self.core.set_drain_at(node.name, node.drain_at)
+            known[node.name] = KnownNode(
+                node.capacity,
+                node.labels,
+                node.remote,
+                node.health,
+                node.drain_at,
+                node.health_reason or "",
+                node.health_by,
+            )
         jobs = [
             (state, version)
             for stream, (state, version) in states.items()
@@ -358,6 +686,7 @@ class Engine:
         jobs = _parents_first(jobs)
         in_doubt: dict[tuple[str, int], str] = {}
         unfinished: list[tuple[JobState, int]] = []
+        orphans = 0
         for state, version in jobs:
             spec = state.job
             assert spec is not None
@@ -366,46 +695,169 @@ class Engine:
             if state.status in _FINISHED:
                 self.core.add_finished_job(spec, _FINISHED[state.status], task_outcomes)
                 continue
+            try:
+                self.core.add_job(spec, submitted_at=state.submitted_at, state=state)
+            except DependencyError as error:
+                state, version = await self._end_orphan(state, version, str(error))
+                orphans += 1
+                self.core.add_finished_job(
+                    spec, Outcome.FAILED, [_task_outcome(t.status) for t in state.tasks]
+                )
+                continue
             unfinished.append((state, version))
-            pending = [
-                (i, t.attempt, t.failures, t.last_node, t.retry_at)
-                for i, t in enumerate(state.tasks)
-                if t.status == "pending" and state.status == "active"
-            ]
-            finished = [(i, o) for i, o in enumerate(task_outcomes) if o is not None]
-            self.core.add_job(
-                spec,
-                submitted_at=state.submitted_at,
-                pending=pending,
-                finished=finished,
-                blocklist=state.blocklist,
-            )
             for index in state.active_attempts():
                 task = state.tasks[index]
                 assert task.node is not None
                 if self.core.node_health(task.node) is None:
-                    self.core.add_node(task.node, Resources(), health="offline")
-                self.core.mark_running(spec.job_id, index, task.node, task.attempt)
+                    self.core.add_node(task.node, Resources(), reachable="offline")
+                self.core.mark_running(spec.job_id, index, task.node, task.attempt, started_at=None)
                 in_doubt[(spec.job_id, index)] = task.node
+        for record in await self.journal.read_stream(policy_stream(self.core.policy.name)):
+            self.core.apply_policy_event(record.event)
+        if self.core.policy_wants_history():
+            self.core.policy.recover(await _history(self.journal))
         _log.info(
             "engine_recovered",
             jobs=len(jobs),
             unfinished=len(unfinished),
             in_doubt=len(in_doubt),
-            nodes=len(nodes),
+            nodes=len(known),
+            orphans=orphans,
         )
-        known = {
-            node.name: (node.capacity, node.labels, node.remote)
-            for node, _ in (v for k, v in states.items() if k.startswith("node:"))
-        }
         return _Recovered(unfinished=unfinished, in_doubt=in_doubt, nodes=known)
+
+    async def _end_orphan(
+        self, state: JobState, version: int, problem: str
+    ) -> tuple[JobState, int]:
+        """End a job whose dependencies cannot be rebuilt (its parent was never journaled)."""
+        spec = state.job
+        assert spec is not None
+        reason = f"cannot run after a restart: {problem} (a partial submission before a crash)"
+        events: list[Event] = [
+            TaskCancelled(task=i, reason=reason)
+            for i, t in enumerate(state.tasks)
+            if t.status in ("pending", "held", "assigned", "running")
+        ]
+        events.append(
+            JobFinished(outcome="failed", reason=reason, finished_at=self.system.clock.now())
+        )
+        result = await self.journal.append(
+            job_stream(spec.job_id), events, expected_version=version
+        )
+        for event in events:
+            state = _JOB_AGGREGATE.apply(state, event)
+        _log.warning("orphan_job_ended", job_id=spec.job_id, reason=reason)
+        return state, result.version
+
+
+@contextmanager
+def _time_held(clock: Clock) -> Iterator[None]:
+    """Hold a virtual clock still while a caller outside any actor does several steps (an
+    atomic append, spawning job actors): otherwise it sees the farm idle and jumps ahead."""
+    tracker = clock.activity
+    if tracker is None:
+        yield
+        return
+    tracker.acquire()
+    try:
+        yield
+    finally:
+        tracker.release()
 
 
 @dataclass(frozen=True)
 class _Recovered:
     unfinished: list[tuple[JobState, int]]
     in_doubt: dict[tuple[str, int], str]
-    nodes: dict[str, tuple[Any, ...]]
+    nodes: dict[str, KnownNode]
+
+
+def _with_live_state(
+    summary: JobSummary, domain: Mapping[str, str], statuses: Mapping[int, str]
+) -> JobSummary:
+    """Add what only the scheduler knows: the policy's columns, blocked and held tasks."""
+    if statuses and summary.tasks:
+        tasks = tuple(
+            msgspec.structs.replace(t, status=statuses.get(t.index, t.status))
+            for t in summary.tasks
+        )
+        summary = msgspec.structs.replace(summary, tasks=tasks)
+    if statuses:
+        counts = dict(summary.task_counts)
+        for status in statuses.values():
+            counts["pending"] = counts.get("pending", 0) - 1
+            counts[status] = counts.get(status, 0) + 1
+        summary = msgspec.structs.replace(
+            summary, task_counts={k: v for k, v in counts.items() if v > 0}
+        )
+    if domain:
+        summary = msgspec.structs.replace(summary, domain=dict(domain))
+    return summary
+
+
+async def _history(journal: Journal) -> list[Observation]:
+    """The facts a policy learns from, rebuilt from the whole journal in order."""
+    observations: list[Observation] = []
+    nodes: dict[tuple[str, int], tuple[str, int]] = {}
+    async for batch in journal.read_all(until_position=await journal.last_position()):
+        for recorded in batch:
+            if not recorded.stream_id.startswith("job:"):
+                continue
+            job_id = recorded.stream_id[4:]
+            event = recorded.event
+            at = recorded.timestamp
+            match event:
+                case TaskStarted(task=task):
+                    node, attempt = nodes.get((job_id, task), ("", 0))
+                    observations.append(
+                        TaskStartedObservation(
+                            job_id=job_id, task=task, node=node, attempt=attempt, at=at
+                        )
+                    )
+                case TaskCompleted(task=task, runtime_s=runtime):
+                    node, attempt = nodes.get((job_id, task), ("", 0))
+                    observations.append(
+                        TaskEndedObservation(
+                            job_id=job_id,
+                            task=task,
+                            node=node or None,
+                            attempt=attempt,
+                            outcome="completed",
+                            runtime_s=runtime,
+                            at=at,
+                        )
+                    )
+                case TaskFailed(task=task, outcome=outcome, runtime_s=runtime):
+                    node, attempt = nodes.get((job_id, task), ("", 0))
+                    observations.append(
+                        TaskEndedObservation(
+                            job_id=job_id,
+                            task=task,
+                            node=node or None,
+                            attempt=attempt,
+                            outcome=outcome,
+                            runtime_s=runtime,
+                            at=at,
+                        )
+                    )
+                case TaskRequeued(task=task, lost=lost):
+                    node, attempt = nodes.get((job_id, task), ("", 0))
+                    observations.append(
+                        TaskEndedObservation(
+                            job_id=job_id,
+                            task=task,
+                            node=node or None,
+                            attempt=attempt,
+                            outcome="lost" if lost else "preempted",
+                            runtime_s=0.0,
+                            at=at,
+                        )
+                    )
+                case TaskAssigned(task=task, node=node, attempt=attempt):
+                    nodes[(job_id, task)] = (node, attempt)
+                case _:
+                    pass
+    return observations
 
 
 def _parents_first(jobs: list[tuple[JobState, int]]) -> list[tuple[JobState, int]]:
@@ -441,6 +893,7 @@ def _task_outcome(status: str) -> Outcome | None:
         "completed": Outcome.SUCCEEDED,
         "failed": Outcome.FAILED,
         "cancelled": Outcome.CANCELLED,
+        "skipped": Outcome.CANCELLED,
     }.get(status)
 
 
@@ -452,9 +905,13 @@ async def open_engine(
     policy: Policy | None = None,
     settings: EngineSettings | None = None,
 ) -> AsyncIterator[Engine]:
-    """Open an engine over ``journal``: recover, start the scheduler, yield the engine."""
+    """Open an engine over ``journal``: recover, start the scheduler, yield the engine.
+
+    With a :class:`VirtualClock`, time stops moving when the engine closes: a simulation ends
+    at its horizon, not hours later while the actors shut down (see ``open_system``).
+    """
     settings = settings or EngineSettings()
-    core = SchedulerCore(policy or FifoPolicy())
+    core = SchedulerCore(policy or FifoPolicy(), counters=settings.counters)
     async with open_system(clock=clock) as system:
         engine = Engine(system=system, journal=journal, core=core, settings=settings)
         recovered = await engine._rebuild()
@@ -464,7 +921,6 @@ async def open_engine(
                 core=core,
                 journal=journal,
                 settings=settings,
-                spawn_job=engine._spawn_job,
                 job_ref=engine.job_ref,
                 on_job_ended=engine._job_ended,
                 in_doubt=recovered.in_doubt,

@@ -16,22 +16,29 @@ import msgspec
 from persistence import Event, EventCodec
 
 from ._resources import Resources
-from ._spec import SubmitJob
+from ._spec import Priority, SubmitJob
 
 __all__ = [
     "ENGINE_CODEC",
     "JobAggregate",
+    "JobAmended",
     "JobCancelRequested",
     "JobFinished",
+    "JobPaused",
+    "JobReopened",
+    "JobResumed",
     "JobState",
+    "JobStatus",
     "JobSubmitted",
     "NodeAggregate",
     "NodeBlocklisted",
+    "NodeHealthChanged",
     "NodeQuarantined",
     "NodeRegistered",
     "NodeState",
     "TaskAssigned",
     "TaskCancelled",
+    "TaskCheckpointRequested",
     "TaskCheckpointed",
     "TaskCompleted",
     "TaskFailed",
@@ -39,18 +46,22 @@ __all__ = [
     "TaskPreempted",
     "TaskPreviewed",
     "TaskProgressed",
+    "TaskReleased",
     "TaskRequeued",
     "TaskStarted",
     "TaskState",
     "TaskStatus",
     "job_stream",
     "node_stream",
+    "policy_stream",
 ]
 
 ENGINE_CODEC = EventCodec()
 
-TaskStatus = Literal["pending", "assigned", "running", "completed", "failed", "cancelled"]
-JobStatus = Literal["new", "active", "cancelling", "completed", "failed", "cancelled"]
+TaskStatus = Literal[
+    "pending", "held", "assigned", "running", "completed", "failed", "cancelled", "skipped"
+]
+JobStatus = Literal["new", "active", "paused", "cancelling", "completed", "failed", "cancelled"]
 
 
 def job_stream(job_id: str) -> str:
@@ -61,6 +72,11 @@ def job_stream(job_id: str) -> str:
 def node_stream(name: str) -> str:
     """Return the stream id of a node."""
     return f"node:{name}"
+
+
+def policy_stream(name: str) -> str:
+    """Return the stream id of a policy's own events (reservations, configuration changes)."""
+    return f"policy:{name}"
 
 
 # -- job events ---------------------------------------------------------------------------------
@@ -110,6 +126,7 @@ class TaskCheckpointed(Event, frozen=True, kw_only=True, tag="engine.task_checkp
     task: int
     token: int
     checkpoint: str
+    at: datetime | None = None
 
 
 @ENGINE_CODEC.register
@@ -142,7 +159,13 @@ class TaskCompleted(Event, frozen=True, kw_only=True, tag="engine.task_completed
 
 @ENGINE_CODEC.register
 class TaskFailed(Event, frozen=True, kw_only=True, tag="engine.task_failed"):
-    """The attempt failed; ``retry_at`` is set when another attempt will follow."""
+    """The attempt failed; ``retry_at`` is set when another attempt will follow, ``held``
+    when the task waits for an operator instead.
+
+    ``kind`` is the failure class the engine detected (exit_code, signal, timeout, stall,
+    lost, oom, start); ``job_fault`` that it says nothing about the node; ``avoid_node`` and
+    ``resources`` are the retry's adjustments (from the policy's ``on_failure``).
+    """
 
     task: int
     token: int
@@ -150,15 +173,23 @@ class TaskFailed(Event, frozen=True, kw_only=True, tag="engine.task_failed"):
     error: str | None = None
     exit_code: int | None = None
     retry_at: datetime | None = None
+    kind: str = ""
+    job_fault: bool = False
+    held: str | None = None
+    avoid_node: str | None = None
+    resources: Resources | None = None
+    runtime_s: float = 0.0
 
 
 @ENGINE_CODEC.register
 class TaskRequeued(Event, frozen=True, kw_only=True, tag="engine.task_requeued"):
-    """The attempt was lost or preempted (not the task's fault): it runs again."""
+    """The attempt was lost (``lost``: its node or agent went away) or preempted, paused or
+    killed by the farm: not the task's fault, so it runs again without spending an attempt."""
 
     task: int
     token: int
     reason: str
+    lost: bool = False
 
 
 @ENGINE_CODEC.register
@@ -204,6 +235,58 @@ class JobFinished(Event, frozen=True, kw_only=True, tag="engine.job_finished"):
     finished_at: datetime
 
 
+@ENGINE_CODEC.register
+class JobPaused(Event, frozen=True, kw_only=True, tag="engine.job_paused"):
+    """No new attempts start; running ones ``checkpoint`` and yield, ``finish``, or are
+    ``kill``ed (requeued, no attempt spent)."""
+
+    mode: Literal["checkpoint", "finish", "kill"]
+    reason: str = ""
+
+
+@ENGINE_CODEC.register
+class JobResumed(Event, frozen=True, kw_only=True, tag="engine.job_resumed"):
+    """A paused job gets new attempts again."""
+
+    reason: str = ""
+
+
+@ENGINE_CODEC.register
+class JobAmended(Event, frozen=True, kw_only=True, tag="engine.job_amended"):
+    """An operator changed the job's priority or metadata (``changes`` says what, readably)."""
+
+    priority: Priority | None = None
+    metadata: bytes | None = None
+    changes: tuple[str, ...] = ()
+
+
+@ENGINE_CODEC.register
+class JobReopened(Event, frozen=True, kw_only=True, tag="engine.job_reopened"):
+    """``taskfarm retry``: these failed or cancelled tasks run again, with fresh attempts."""
+
+    tasks: tuple[int, ...]
+    reason: str = ""
+
+
+@ENGINE_CODEC.register
+class TaskReleased(Event, frozen=True, kw_only=True, tag="engine.task_released"):
+    """A held task (held for an operator after a failure) may run again."""
+
+    task: int
+    reason: str = ""
+
+
+@ENGINE_CODEC.register
+class TaskCheckpointRequested(
+    Event, frozen=True, kw_only=True, tag="engine.task_checkpoint_requested"
+):
+    """An operator asked the running attempt to checkpoint now (SIGUSR1)."""
+
+    task: int
+    token: int
+    reason: str = ""
+
+
 # -- node events --------------------------------------------------------------------------------
 
 
@@ -219,17 +302,36 @@ class NodeRegistered(Event, frozen=True, kw_only=True, tag="engine.node_register
 
 @ENGINE_CODEC.register
 class NodeQuarantined(Event, frozen=True, kw_only=True, tag="engine.node_quarantined"):
-    """The node failed too many attempts in a row and gets no work until released."""
+    """The node failed too many attempts in a row and gets no work until released.
+
+    Written by older versions; newer ones write :class:`NodeHealthChanged` for every health.
+    """
 
     reason: str
     released: bool = False
+
+
+@ENGINE_CODEC.register
+class NodeHealthChanged(Event, frozen=True, kw_only=True, tag="engine.node_health_changed"):
+    """An operator, a policy or the engine set the node's health (online, draining, sleeping,
+    quarantined); ``drain_at`` plans a drain (work that cannot finish before it is not placed
+    there, and what still runs then checkpoints and yields)."""
+
+    health: str
+    reason: str = ""
+    drain_at: datetime | None = None
+    by: str = "operator"  # operator, policy or engine
 
 
 # -- the job aggregate --------------------------------------------------------------------------
 
 
 class TaskState(msgspec.Struct, kw_only=True):
-    """One task of a job, as the journal says it is."""
+    """One task of a job, as the journal says it is.
+
+    ``nodes`` holds the node of every attempt (index = attempt - 1), so the log of any attempt
+    can be fetched, cancelled ones included.
+    """
 
     status: TaskStatus = "pending"
     attempt: int = 0
@@ -237,13 +339,21 @@ class TaskState(msgspec.Struct, kw_only=True):
     node: str | None = None
     last_node: str | None = None
     checkpoint: str | None = None
+    checkpoint_at: datetime | None = None
     progress: float = 0.0
     failures: int = 0
+    lost: int = 0
     last_error: str | None = None
+    last_outcome: str | None = None
     retry_at: datetime | None = None
     runtime_s: float = 0.0
     preview: str | None = None
     preemptions: int = 0
+    held_reason: str | None = None
+    avoid: list[str] = msgspec.field(default_factory=list)
+    resources: Resources | None = None
+    metrics: dict[str, float] = msgspec.field(default_factory=dict)
+    nodes: list[str] = msgspec.field(default_factory=list)
 
 
 class JobState(msgspec.Struct, kw_only=True):
@@ -254,9 +364,14 @@ class JobState(msgspec.Struct, kw_only=True):
     status: JobStatus = "new"
     tasks: list[TaskState] = msgspec.field(default_factory=list)
     blocklist: dict[str, datetime] = msgspec.field(default_factory=dict)
+    # failed attempts per node (that count against it) since its last blocklisting
+    node_failures: dict[str, int] = msgspec.field(default_factory=dict)
     finished_at: datetime | None = None
     reason: str | None = None
     metrics: dict[str, float] = msgspec.field(default_factory=dict)
+    # every metric value in report order: name -> [(task, value), ...]
+    metric_series: dict[str, list[tuple[int, float]]] = msgspec.field(default_factory=dict)
+    pause_mode: str | None = None
 
     def unfinished(self) -> list[int]:
         """Return the indices of tasks that are not completed, failed or cancelled."""
@@ -268,12 +383,17 @@ class JobState(msgspec.Struct, kw_only=True):
         """Return the indices of tasks with an attempt out on a node."""
         return [i for i, t in enumerate(self.tasks) if t.status in ("assigned", "running")]
 
+    @property
+    def live(self) -> bool:
+        """Return whether the job may still run work (active or paused)."""
+        return self.status in ("active", "paused")
+
 
 class JobAggregate:
     """Folds a job stream's events into a :class:`JobState` (deterministic, no I/O)."""
 
     state_type = JobState
-    schema_version = 1
+    schema_version = 2
 
     def initial_state(self, stream_id: str) -> JobState:
         return JobState()
@@ -292,45 +412,99 @@ class JobAggregate:
                 task.token = token
                 task.node = node
                 task.retry_at = None
+                del task.nodes[attempt - 1 :]
+                task.nodes.extend([""] * (attempt - 1 - len(task.nodes)))
+                task.nodes.append(node)
             case TaskStarted(task=i):
                 state.tasks[i].status = "running"
             case TaskProgressed(task=i, fraction=fraction):
                 state.tasks[i].progress = fraction
-            case TaskCheckpointed(task=i, checkpoint=checkpoint):
-                state.tasks[i].checkpoint = checkpoint
+            case TaskCheckpointed(task=i, checkpoint=checkpoint, at=at):
+                task = state.tasks[i]
+                task.checkpoint = checkpoint
+                task.checkpoint_at = at or task.checkpoint_at
             case TaskPreviewed(task=i, path=path):
                 state.tasks[i].preview = path
-            case TaskMetricRecorded(name=name, value=value):
+            case TaskMetricRecorded(task=i, name=name, value=value):
                 state.metrics[name] = value
+                state.tasks[i].metrics[name] = value
+                state.metric_series.setdefault(name, []).append((i, value))
             case TaskCompleted(task=i, runtime_s=runtime):
                 task = state.tasks[i]
                 task.status = "completed"
                 task.progress = 1.0
                 task.runtime_s += runtime
+                task.last_outcome = "completed"
                 task.last_node, task.node = task.node, None
-            case TaskFailed(task=i, outcome=outcome, error=error, retry_at=retry_at):
-                task = state.tasks[i]
+                if task.last_node:
+                    state.node_failures.pop(task.last_node, None)
+            case TaskFailed() as failed:
+                task = state.tasks[failed.task]
                 task.failures += 1
-                task.last_error = f"{outcome}: {error}" if error else outcome
-                task.retry_at = retry_at
-                task.status = "pending" if retry_at is not None else "failed"
-                task.last_node, task.node = task.node, None
-            case TaskRequeued(task=i, reason=reason):
+                task.last_error = (
+                    f"{failed.outcome}: {failed.error}" if failed.error else failed.outcome
+                )
+                task.last_outcome = failed.outcome
+                task.retry_at = failed.retry_at
+                task.runtime_s += failed.runtime_s
+                if failed.held is not None:
+                    task.status, task.held_reason = "held", failed.held
+                else:
+                    task.status = "pending" if failed.retry_at is not None else "failed"
+                if failed.avoid_node and failed.avoid_node not in task.avoid:
+                    task.avoid.append(failed.avoid_node)
+                if failed.resources is not None:
+                    task.resources = failed.resources
+                failed_on = task.node
+                task.last_node, task.node = failed_on, None
+                if failed_on and not failed.job_fault and failed.kind != "lost":
+                    state.node_failures[failed_on] = state.node_failures.get(failed_on, 0) + 1
+            case TaskRequeued(task=i, reason=reason, lost=lost):
                 task = state.tasks[i]
                 task.status = "pending"
                 task.last_error = reason
+                task.last_outcome = "lost" if lost else "requeued"
+                task.lost += 1 if lost else 0
                 task.last_node, task.node = task.node, None
             case TaskPreempted(task=i):
                 state.tasks[i].preemptions += 1
             case TaskCancelled(task=i):
                 task = state.tasks[i]
                 task.status = "cancelled"
+                if task.node:
+                    task.last_node = task.node
                 task.node = None
+            case TaskReleased(task=i):
+                task = state.tasks[i]
+                if task.status == "held":
+                    task.status, task.held_reason, task.retry_at = "pending", None, None
             case NodeBlocklisted(node=node, until=until):
                 state.blocklist[node] = until
+                state.node_failures.pop(node, None)
             case JobCancelRequested(reason=reason):
                 state.status = "cancelling"
                 state.reason = reason
+            case JobPaused(mode=mode):
+                if state.status == "active":
+                    state.status, state.pause_mode = "paused", mode
+            case JobResumed():
+                if state.status == "paused":
+                    state.status, state.pause_mode = "active", None
+            case JobAmended(priority=priority, metadata=metadata):
+                if state.job is not None:
+                    changes: dict[str, object] = {}
+                    if priority is not None:
+                        changes["priority"] = priority
+                    if metadata is not None:
+                        changes["metadata"] = metadata
+                    state.job = msgspec.structs.replace(state.job, **changes)
+            case JobReopened(tasks=indices):
+                state.status, state.reason, state.finished_at = "active", None, None
+                for i in indices:
+                    task = state.tasks[i]
+                    if task.status in ("failed", "cancelled", "held"):
+                        task.status, task.failures, task.lost = "pending", 0, 0
+                        task.retry_at, task.held_reason = None, None
             case JobFinished(outcome=outcome, reason=reason, finished_at=at):
                 state.status = outcome
                 state.reason = reason
@@ -347,15 +521,22 @@ class NodeState(msgspec.Struct, kw_only=True):
     capacity: Resources = Resources()
     labels: tuple[str, ...] = ()
     remote: bool = False
-    quarantined: bool = False
-    quarantine_reason: str | None = None
+    health: str = "online"
+    health_reason: str | None = None
+    health_by: str = "engine"
+    drain_at: datetime | None = None
+
+    @property
+    def quarantined(self) -> bool:
+        """Return whether the node is quarantined."""
+        return self.health == "quarantined"
 
 
 class NodeAggregate:
     """Folds a node stream into a :class:`NodeState`."""
 
     state_type = NodeState
-    schema_version = 1
+    schema_version = 2
 
     def initial_state(self, stream_id: str) -> NodeState:
         return NodeState(name=stream_id.partition(":")[2])
@@ -367,8 +548,13 @@ class NodeAggregate:
                 state.labels = labels
                 state.remote = remote
             case NodeQuarantined(reason=reason, released=released):
-                state.quarantined = not released
-                state.quarantine_reason = None if released else reason
+                state.health = "online" if released else "quarantined"
+                state.health_reason = None if released else reason
+            case NodeHealthChanged(health=health, reason=reason, drain_at=drain_at, by=by):
+                state.health = health
+                state.health_reason = reason or None
+                state.health_by = by
+                state.drain_at = drain_at
             case _:
                 pass
         return state

@@ -42,7 +42,7 @@ import bisect
 import enum
 import itertools
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Annotated, Any, Final, NamedTuple, TypeAlias
+from typing import Annotated, Any, Final, Literal, NamedTuple, TypeAlias
 
 import msgspec
 import networkx as nx
@@ -59,9 +59,13 @@ __all__ = [
     "GraphSnapshot",
     "GraphStatistics",
     "GraphUpdate",
+    "OnParentFailure",
     "Outcome",
     "TaskRef",
 ]
+
+
+OnParentFailure: TypeAlias = Literal["cancel", "wait"]
 
 
 class Outcome(enum.Enum):
@@ -124,6 +128,9 @@ class Dependency(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     child_task: Annotated[int, msgspec.Meta(ge=0)] | None = None
     elementwise: ElementMap | None = None
     threshold: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] | None = None
+    # When the parent can no longer satisfy the edge: cancel the dependant (naming the
+    # parent), or keep it blocked until the parent is retried.
+    on_parent_failure: OnParentFailure = "cancel"
 
 
 class GraphJob(msgspec.Struct, frozen=True, kw_only=True):
@@ -160,6 +167,7 @@ class Blocker(msgspec.Struct, frozen=True, kw_only=True):
     threshold: float | None = None
     unreachable: bool = False
     reason: str
+    on_parent_failure: OnParentFailure = "cancel"
 
 
 class GraphStatistics(msgspec.Struct, frozen=True, kw_only=True):
@@ -210,6 +218,8 @@ def _label(node: _Node) -> str:
 
 class _Job:
     __slots__ = (
+        "blocked",
+        "declared",
         "elements",
         "gate",
         "gate_blocker",
@@ -221,8 +231,12 @@ class _Job:
         "task_blockers",
     )
 
-    def __init__(self, elements: tuple[tuple[int, int], ...]) -> None:
+    def __init__(self, elements: tuple[tuple[int, int], ...], declared: GraphJob) -> None:
         self.elements = elements
+        self.declared = declared
+        # Edges decided unsatisfiable (still counted in gate/pending), with their blocker: a
+        # reopened parent (``taskfarm retry``) turns them back into pending edges.
+        self.blocked: dict[tuple[_Node, _Node], Blocker] = {}
         self.outcomes: list[Outcome | None] = [None] * len(elements)
         self.pending = [0] * len(elements)
         self.gate = 0
@@ -469,7 +483,7 @@ class DependencyGraph:
         batch = tuple(jobs)
         edges = self._plan(batch)
         for new in batch:
-            self._jobs[new.job_id] = _Job(new.elements)
+            self._jobs[new.job_id] = _Job(new.elements, new)
             self._g.add_edge(_start(new.job_id), _end(new.job_id), explicit=False)
         unreachable: list[TaskRef] = []
         for edge in edges:
@@ -614,6 +628,78 @@ class DependencyGraph:
                     data["done"] = True
                     self._satisfy(child, ready)
         return self._update(ready, [])
+
+    def reopen(self, job: GraphJob, outcomes: Sequence[Outcome | None]) -> GraphUpdate:
+        """Bring a passivated job back to life (``taskfarm retry``): its tasks without an
+        outcome in ``outcomes`` run again, and live dependants that were blocked on it
+        (``on_parent_failure = "wait"``) wait on it again instead.
+
+        Raises:
+            DependencyError: the job is not passivated, or the outcomes do not match its tasks.
+        """
+        job_id = job.job_id
+        if job_id not in self._passivated:
+            state = "live" if job_id in self._jobs else "unknown"
+            raise DependencyError(f"cannot reopen job {job_id!r}: it is {state}", job=job_id)
+        if len(outcomes) != len(job.elements):
+            raise DependencyError(
+                f"job {job_id!r} has {len(job.elements)} tasks, got {len(outcomes)} outcomes",
+                job=job_id,
+            )
+        del self._passivated[job_id]
+        update = self.add_jobs([job])
+        ready: list[TaskRef] = list(update.newly_ready)
+        unreachable: list[TaskRef] = list(update.newly_unreachable)
+        for index, outcome in enumerate(outcomes):
+            if outcome is not None:
+                self._record_task(TaskRef(job_id, index), outcome, ready, unreachable)
+        for child_id, child in sorted(self._jobs.items()):
+            if child_id != job_id:
+                self._relink(job_id, child_id, child)
+        return self._update(ready, unreachable)
+
+    def _relink(self, parent_id: str, child_id: str, child: _Job) -> None:
+        """Turn the child's edges that were blocked on a reopened parent back into pending."""
+        parent_job = self._jobs[parent_id]
+        for position, dependency in enumerate(child.declared.dependencies):
+            if dependency.parent != parent_id:
+                continue
+            for edge in self._expand(child.declared, position, dependency, {}):
+                key = (edge.parent, edge.child)
+                if key not in child.blocked:
+                    continue
+                parent = edge.parent
+                outcome = (
+                    parent_job.outcomes[parent[2]] if parent[0] == _TASK else parent_job.outcome
+                )
+                if outcome is not None:
+                    continue  # that part of the parent keeps its outcome
+                blocker = child.blocked.pop(key)
+                for node in (edge.parent, edge.child):
+                    if node[0] == _TASK:
+                        owner = self._jobs[node[1]]
+                        if node[2] not in owner.linked:
+                            owner.linked.add(node[2])
+                            self._g.add_edge(_start(node[1]), node, explicit=False)
+                            self._g.add_edge(node, _end(node[1]), explicit=False)
+                self._g.add_edge(
+                    edge.parent, edge.child, explicit=True, dependency=dependency, done=False
+                )
+                self._unblock(child, edge.child, blocker)
+
+    def _unblock(self, job: _Job, child: _Node, removed: Blocker) -> None:
+        """Drop a blocker; another blocked edge of the same child keeps it blocked."""
+        others = [b for (_, c), b in sorted(job.blocked.items()) if c == child]
+        if child[0] == _START:
+            if job.gate_blocker is removed:
+                job.gate_blocker = others[0] if others else None
+        else:
+            index: int = child[2]
+            if job.task_blockers.get(index) is removed:
+                if others:
+                    job.task_blockers[index] = others[0]
+                else:
+                    del job.task_blockers[index]
 
     def remove_job(self, job_id: str) -> None:
         """Passivate a finished job: drop its nodes and edges, keep its outcomes (and element
@@ -762,7 +848,9 @@ class DependencyGraph:
                 f"{_label(child)} waits on {_label(parent)} ({dependency.condition.value}), "
                 f"but {_label(parent)} {outcome.value}"
             ),
+            on_parent_failure=dependency.on_parent_failure,
         )
+        job.blocked[(parent, child)] = blocker
         if child[0] == _START:
             if job.gate_blocker is not None:
                 return []
@@ -863,11 +951,17 @@ class DependencyGraph:
                 and live.progress >= dependency.threshold
             ):
                 return []  # already past the threshold: satisfied
+        child_job = self._jobs[child[1]]
         if outcome is not None:
             if dependency.condition.satisfied_by(outcome):
                 return []
+            # Counted like an edge decided later, so that reopening the parent can turn it
+            # back into a pending edge without recounting.
+            if child[0] == _START:
+                child_job.gate += 1
+            else:
+                child_job.pending[child[2]] += 1
             return self._block(parent, child, dependency, outcome)
-        child_job = self._jobs[child[1]]
         for node in (parent, child):
             if node[0] == _TASK:
                 job_id, index = node[1], node[2]
@@ -1007,6 +1101,10 @@ class DependencyGraph:
                     local.add_edge(_start(node[1]), node, explicit=False)
                     local.add_edge(node, _end(node[1]), explicit=False)
             local.add_edge(edge.parent, edge.child, explicit=True)
+        # A linear-time check first: find_cycle walks from every node, which costs seconds on
+        # a chain of a thousand stages; it only runs to name the cycle in the error.
+        if nx.is_directed_acyclic_graph(local):
+            return edges
         try:
             found = nx.find_cycle(local)
         except nx.NetworkXNoCycle:

@@ -3,14 +3,27 @@
 It journals every decision before acting on it: an assignment before the attempt is sent to its
 node, an outcome before the scheduler frees the node.  A report whose fencing token is not the
 task's current one is stale: it is refused (the node then kills that work) and changes nothing.
+
+What follows a failed attempt is the scheduler's call (it owns the policy): the job asks
+``DecideRetry`` and journals the failure together with the decision (retry when, avoiding
+which node, with what resources; fail; or hold for an operator).  A *lost* attempt (its agent
+restarted, its node went away, the coordinator restarted and nobody re-claimed it) is not the
+task's fault: it is requeued without spending an attempt, up to the job's ``max_lost``.
+
+A command the actor cannot process (a bug, an absurd value that slipped through) must not
+wedge the farm: the task it concerns fails visibly with the error, and the job goes on.
 """
 
 from __future__ import annotations
 
 import json
+import traceback
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, assert_never
+
+import msgspec
+from msgspec.structs import replace
 
 from actors.executors import (
     FRAME_SEQUENCE,
@@ -22,47 +35,64 @@ from actors.executors import (
     AttemptSpec,
     AttemptStarted,
 )
-from persistence import Event, EventSourcedActor, Journal
-from runtime import ActorRef, get_logger
+from persistence import Event, EventSourcedActor, Journal, JournalError
+from runtime import ActorRef, AskTimeoutError, ConfigurationError, TaskfarmError, get_logger
 
 from ._events import (
     JobAggregate,
+    JobAmended,
     JobCancelRequested,
     JobFinished,
+    JobPaused,
+    JobReopened,
+    JobResumed,
     JobState,
-    JobSubmitted,
     NodeBlocklisted,
     TaskAssigned,
     TaskCancelled,
     TaskCheckpointed,
+    TaskCheckpointRequested,
     TaskCompleted,
     TaskFailed,
     TaskMetricRecorded,
     TaskPreempted,
     TaskPreviewed,
     TaskProgressed,
+    TaskReleased,
     TaskRequeued,
     TaskStarted,
     job_stream,
 )
 from ._graph import Outcome
 from ._messages import (
+    AmendJob,
     AttemptLost,
     CancelJob,
     CancelRun,
+    CancelTasks,
+    CheckpointRun,
+    CheckpointTask,
     ClaimAttempt,
-    CreateJob,
+    DecideRetry,
     Dispatch,
+    GetJobState,
     GetJobSummary,
+    JobChanged,
     JobEnded,
+    PauseJob,
     PreemptRun,
     PreemptTask,
     ReportAttempt,
+    ResumeJob,
+    RetryTasks,
     StartAttempt,
     TaskEnded,
+    TaskUpdate,
     Unplace,
 )
+from ._policy import Failure, FailureClass, RetryDecision, TaskView, default_retry
 from ._settings import EngineSettings
+from ._spec import Priority
 from ._summaries import JobSummary, TaskSummary
 
 __all__ = ["JobActor", "job_summary"]
@@ -70,20 +100,34 @@ __all__ = ["JobActor", "job_summary"]
 _log = get_logger("actors.job")
 
 JobMessage = (
-    CreateJob
-    | Dispatch
+    Dispatch
     | ReportAttempt
     | AttemptLost
     | ClaimAttempt
     | PreemptTask
     | CancelJob
+    | CancelTasks
     | GetJobSummary
+    | PauseJob
+    | ResumeJob
+    | AmendJob
+    | RetryTasks
+    | CheckpointTask
+    | GetJobState
 )
 
 _OUTCOME_OF_STATUS = {
     "completed": Outcome.SUCCEEDED,
     "failed": Outcome.FAILED,
     "cancelled": Outcome.CANCELLED,
+}
+# How an attempt's outcome is classified when it fails.
+_KIND_OF_OUTCOME: dict[str, FailureClass] = {
+    "timed_out": "timeout",
+    "stalled": "stall",
+    "oom": "oom",
+    "start_failed": "start",
+    "lost": "lost",
 }
 
 
@@ -116,21 +160,27 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
         self.settings = settings
 
     async def handle(self, command: JobMessage) -> Any:
+        try:
+            return await self._handle(command)
+        except (JournalError, AskTimeoutError):
+            raise  # the journal (or the farm) is in trouble: let the supervisor restart us
+        except Exception as error:
+            await self._poisoned(command, error)
+            if isinstance(command, ReportAttempt):
+                return True
+            return None
+
+    async def _handle(self, command: JobMessage) -> Any:
         match command:
-            case CreateJob(spec=spec):
-                if self.version == 0:
-                    await self.persist([JobSubmitted(job=spec, submitted_at=self.clock.now())])
-                self._scale_snapshots()
-                return None
             case Dispatch(placements=placements):
                 await self._dispatch(placements)
                 return None
-            case ReportAttempt(report=report):
-                return await self._on_report(report)
+            case ReportAttempt(report=report, node=node):
+                return await self._on_report(report, node)
             case AttemptLost(task=task, node=node, reason=reason):
                 current = self.state.tasks[task]
                 if current.node == node:
-                    await self._requeue(task, current.token, reason)
+                    await self._lost(task, current.token, reason)
                 return None
             case ClaimAttempt(task=task, token=token, node=node):
                 # The reply is the attempt's spec when the claim is current, else None.  A job
@@ -141,20 +191,77 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
                     current.token == token
                     and current.node == node
                     and current.status in ("assigned", "running")
-                    and self.state.status == "active"
+                    and self.state.live
                 ):
                     return self._attempt_spec(task, current.attempt, token)
                 return None
-            case PreemptTask(task=task, node=node, reason=reason):
-                await self._preempt(task, node, reason)
+            case PreemptTask(task=task, node=node, reason=reason, force=force):
+                await self._preempt(task, node, reason, force=force)
                 return None
             case CancelJob(reason=reason):
                 await self._cancel(reason)
                 return job_summary(self.job_id, self.state, tasks=False)
+            case CancelTasks(tasks=tasks, reason=reason):
+                await self._cancel_tasks(tasks, reason)
+                return None
             case GetJobSummary(tasks=tasks):
                 return job_summary(self.job_id, self.state, tasks=tasks)
+            case GetJobState():
+                return self.state
+            case PauseJob(mode=mode, reason=reason):
+                await self._pause(mode, reason)
+                return job_summary(self.job_id, self.state, tasks=False)
+            case ResumeJob(reason=reason):
+                await self._resume(reason)
+                return job_summary(self.job_id, self.state, tasks=False)
+            case AmendJob(priority=priority, metadata=metadata):
+                await self._amend(priority, metadata)
+                return job_summary(self.job_id, self.state, tasks=False)
+            case RetryTasks(tasks=tasks, reason=reason):
+                return await self._retry(tasks, reason)
+            case CheckpointTask(task=task, reason=reason):
+                return await self._request_checkpoint(task, reason)
             case _:
                 assert_never(command)
+
+    async def _poisoned(self, command: JobMessage, error: Exception) -> None:
+        """A command crashed the handler: fail the task it concerns, visibly, and go on."""
+        _log.error(
+            "job_command_failed",
+            job_id=self.job_id,
+            command=type(command).__name__,
+            error=str(error),
+            traceback="".join(traceback.format_exception(error)),
+        )
+        index: int | None = None
+        if isinstance(command, ReportAttempt):
+            index = _task_index(command.report.task_id, len(self.state.tasks))
+        elif isinstance(command, AttemptLost | PreemptTask | CheckpointTask):
+            index = command.task
+        if index is None:
+            return
+        task = self.state.tasks[index]
+        if task.status not in ("assigned", "running", "pending", "held"):
+            return
+        node = task.node
+        reason = f"internal error while handling {type(command).__name__}: {error}"
+        await self.persist(
+            [TaskFailed(task=index, token=task.token, outcome="failed", error=reason)]
+        )
+        if node is not None:
+            await self._stop_attempt(index, node, task.token)
+        await self._after(
+            self.scheduler,
+            TaskEnded(
+                job_id=self.job_id,
+                task=index,
+                outcome=Outcome.FAILED,
+                attempt_outcome="failed",
+                node=node,
+                attempt=task.attempt,
+            ),
+        )
+        await self._fail_job(f"task {self._name(index)} failed: {reason}")
 
     @property
     def clock(self) -> Any:
@@ -163,6 +270,10 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
     async def _after(self, ref: ActorRef[Any], message: Any) -> None:
         """Tell ``ref`` once what was persisted so far is durable."""
         await self.after_commit(lambda: ref.tell(message))
+
+    def _name(self, index: int) -> str:
+        spec = self.state.job
+        return spec.tasks[index].name if spec is not None else str(index)
 
     # -- dispatch -------------------------------------------------------------------------------
 
@@ -195,13 +306,14 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
         for task_index, node, attempt, token in accepted:
             ref = self.node_ref(node)
             if ref is None:
-                await self._requeue(task_index, token, f"node {node} left before dispatch")
+                await self._lost(task_index, token, f"node {node} left before dispatch")
                 continue
-            await ref.tell(
-                StartAttempt(
-                    spec=self._attempt_spec(task_index, attempt, token), job=self.context.self_ref
-                )
+            # After the commit: inside a batch the assignment is only staged, and an attempt
+            # must never run (or report) before its assignment is durable.
+            start = StartAttempt(
+                spec=self._attempt_spec(task_index, attempt, token), job=self.context.self_ref
             )
+            await self._after(ref, start)
 
     def _attempt_spec(self, index: int, attempt: int, token: int) -> AttemptSpec:
         spec = self.state.job
@@ -235,18 +347,25 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
             checkpointable=spec.checkpointable,
             max_runtime=spec.timeouts.max_runtime,
             stall_timeout=spec.timeouts.stall,
+            memory=(task.resources or spec.task_resources(index)).memory,
         )
 
     # -- reports --------------------------------------------------------------------------------
 
-    async def _on_report(self, report: Any) -> bool:
+    async def _on_report(self, report: Any, node: str | None = None) -> bool:
+        """Journal a report of the task's current attempt; refuse a stale one (wrong token,
+        ended, or sent through another node than the one it was assigned to)."""
         state = self.state
         index = _task_index(report.task_id, len(state.tasks))
         if index is None:
             return False
         task = state.tasks[index]
         token = report.fencing_token
-        if task.token != token or task.status not in ("assigned", "running"):
+        if (
+            task.token != token
+            or task.status not in ("assigned", "running")
+            or (node is not None and task.node is not None and node != task.node)
+        ):
             _log.info(
                 "stale_report_rejected",
                 job_id=self.job_id,
@@ -260,12 +379,31 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
             case AttemptStarted(pid=pid):
                 if task.status == "assigned":
                     await self.persist([TaskStarted(task=index, token=token, pid=pid)])
+                    await self._after(
+                        self.scheduler,
+                        TaskUpdate(
+                            job_id=self.job_id,
+                            task=index,
+                            node=task.node,
+                            attempt=task.attempt,
+                            started=True,
+                        ),
+                    )
             case AttemptProgress(fraction=fraction):
                 if int(fraction * 10) > int(task.progress * 10):
                     await self.persist([TaskProgressed(task=index, token=token, fraction=fraction)])
+                    await self._after(
+                        self.scheduler,
+                        TaskUpdate(job_id=self.job_id, task=index, progress=fraction),
+                    )
             case AttemptCheckpointed(checkpoint=checkpoint):
+                now = self.clock.now()
                 await self.persist(
-                    [TaskCheckpointed(task=index, token=token, checkpoint=checkpoint)]
+                    [TaskCheckpointed(task=index, token=token, checkpoint=checkpoint, at=now)]
+                )
+                await self._after(
+                    self.scheduler,
+                    TaskUpdate(job_id=self.job_id, task=index, checkpoint_at=now),
                 )
             case AttemptPreview(path=path):
                 await self.persist([TaskPreviewed(task=index, token=token, path=path)])
@@ -284,38 +422,74 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
         task = state.tasks[index]
         token = report.fencing_token
         node = task.node
+        attempt = task.attempt
         events: list[Event] = []
+        checkpoint_at = None
         if report.checkpoint and report.checkpoint != task.checkpoint:
-            events.append(TaskCheckpointed(task=index, token=token, checkpoint=report.checkpoint))
+            checkpoint_at = self.clock.now()
+            events.append(
+                TaskCheckpointed(
+                    task=index, token=token, checkpoint=report.checkpoint, at=checkpoint_at
+                )
+            )
+        ended = TaskEnded(
+            job_id=self.job_id,
+            task=index,
+            outcome=None,
+            node=node,
+            attempt=attempt,
+            runtime_s=report.runtime_s,
+            metrics=tuple(sorted(task.metrics.items())),
+            checkpoint_at=checkpoint_at,
+        )
         if report.outcome == "completed":
             events.append(TaskCompleted(task=index, token=token, runtime_s=report.runtime_s))
             await self.persist(events)
             await self._after(
-                self.scheduler, TaskEnded(job_id=self.job_id, task=index, outcome=Outcome.SUCCEEDED)
+                self.scheduler,
+                replace(ended, outcome=Outcome.SUCCEEDED, attempt_outcome="completed"),
             )
             await self._finish_if_done()
             return
-        if report.outcome in ("cancelled", "lost"):
+        if report.outcome == "cancelled":
             if state.status == "cancelling":
                 events.append(TaskCancelled(task=index, reason=state.reason or "cancelled"))
                 await self.persist(events)
                 await self._after(
                     self.scheduler,
-                    TaskEnded(job_id=self.job_id, task=index, outcome=Outcome.CANCELLED),
+                    replace(ended, outcome=Outcome.CANCELLED, attempt_outcome="cancelled"),
                 )
                 await self._finish_if_done()
-            else:  # preempted, or lost with its node's contact: not the task's fault
-                reason = "preempted" if report.outcome == "cancelled" else report.error or "lost"
-                events.append(TaskRequeued(task=index, token=token, reason=reason))
+            else:  # preempted, paused or stopped by the farm: not the task's fault
+                events.append(TaskRequeued(task=index, token=token, reason="preempted"))
                 await self.persist(events)
                 await self._after(
-                    self.scheduler, TaskEnded(job_id=self.job_id, task=index, outcome=None)
+                    self.scheduler,
+                    replace(ended, outcome=None, attempt_outcome="preempted"),
                 )
             return
-        # failed, timed out or stalled: the task's fault, counted against its attempts
+        if report.outcome == "lost":
+            if events:
+                await self.persist(events)
+            await self._lost(index, token, report.error or "the agent lost the attempt")
+            return
+        failure = Failure(
+            kind=_classify(report),
+            node=node,
+            attempt=attempt,
+            error=report.error,
+            exit_code=report.exit_code,
+        )
+        decision, failure = await self._decide(index, failure)
+        if state.status != "active" and decision.action == "retry":
+            decision = RetryDecision(action="fail", reason=decision.reason or "the job is over")
         now = self.clock.now()
-        retry = task.failures + 1 < spec.retries.max_attempts and state.status == "active"
-        retry_at = now + timedelta(seconds=spec.retries.delay(task.attempt + 1)) if retry else None
+        retry_at = None
+        held = None
+        if decision.action == "retry":
+            retry_at = now + _delay(decision.delay)
+        elif decision.action == "hold":
+            held = decision.reason or f"held after {report.outcome}"
         events.append(
             TaskFailed(
                 task=index,
@@ -324,110 +498,306 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
                 error=report.error,
                 exit_code=report.exit_code,
                 retry_at=retry_at,
+                kind=failure.kind,
+                job_fault=failure.job_fault,
+                held=held,
+                avoid_node=decision.avoid_node,
+                resources=decision.resources,
+                runtime_s=report.runtime_s,
             )
         )
         blocklist_until = None
-        failures_here = sum(1 for t in state.tasks if t.last_node == node and t.failures) + 1
-        if node is not None and failures_here >= self.settings.blocklist_after:
-            blocklist_until = now + timedelta(seconds=self.settings.blocklist_for)
-            events.append(
-                NodeBlocklisted(
-                    node=node, until=blocklist_until, reason=f"{failures_here} failed attempts"
+        if node is not None and not failure.job_fault:
+            failures_here = state.node_failures.get(node, 0) + 1
+            if failures_here >= self.settings.blocklist_after:
+                blocklist_until = now + _delay(self.settings.blocklist_for)
+                events.append(
+                    NodeBlocklisted(
+                        node=node,
+                        until=blocklist_until,
+                        reason=f"{failures_here} failed attempts of this job there",
+                    )
                 )
-            )
         await self.persist(events)
+        final = decision.action == "fail"
         await self._after(
             self.scheduler,
-            TaskEnded(
-                job_id=self.job_id,
-                task=index,
-                outcome=None if retry else Outcome.FAILED,
+            replace(
+                ended,
+                outcome=Outcome.FAILED if final else None,
                 retry_at=retry_at,
-                failed_on_node=True,
+                failure=failure,
                 blocklist_node=node if blocklist_until else None,
                 blocklist_until=blocklist_until,
+                attempt_outcome=report.outcome,
+                held=held,
+                avoid_node=decision.avoid_node,
+                resources=decision.resources,
             ),
         )
-        if not retry:
-            await self._fail_job(
-                f"task {index} failed after {task.failures} attempt(s): {task.last_error}"
-            )
+        if final:
+            why = decision.reason or f"failed: {failure.error or failure.kind}"
+            await self._fail_job(f"task {self._name(index)} {why}")
 
-    async def _preempt(self, index: int, node: str, reason: str) -> None:
+    async def _decide(self, index: int, failure: Failure) -> tuple[RetryDecision, Failure]:
+        """Ask the scheduler (which owns the policy) what follows; fall back to the engine's
+        own rule if it does not answer in time."""
+        try:
+            decision, classified = await self.scheduler.ask(
+                DecideRetry(job_id=self.job_id, task=index, failure=failure),
+                timeout=self.settings.ask_timeout,
+            )
+        except TaskfarmError as error:
+            _log.warning("retry_decision_defaulted", job_id=self.job_id, error=str(error))
+            spec = self.state.job
+            assert spec is not None
+            task = self.state.tasks[index]
+            view = TaskView(job_id=self.job_id, index=index, request=spec.task_resources(index))
+            view.failures = task.failures
+            return default_retry(spec, view, failure), failure
+        assert isinstance(decision, RetryDecision)
+        assert isinstance(classified, Failure)
+        return decision, classified
+
+    async def _lost(self, index: int, token: int, reason: str) -> None:
+        """The attempt's host is gone: requeue it without spending an attempt (or give up)."""
+        task = self.state.tasks[index]
+        spec = self.state.job
+        if spec is None or task.token != token or task.status not in ("assigned", "running"):
+            return
+        node, attempt = task.node, task.attempt
+        ended = TaskEnded(job_id=self.job_id, task=index, outcome=None, node=node, attempt=attempt)
+        if self.state.status == "cancelling":
+            await self.persist([TaskCancelled(task=index, reason=reason)])
+            await self._after(
+                self.scheduler,
+                replace(ended, outcome=Outcome.CANCELLED, attempt_outcome="lost"),
+            )
+            await self._finish_if_done()
+            return
+        if task.lost + 1 >= spec.retries.max_lost:
+            why = f"lost its host {task.lost + 1} times (max_lost {spec.retries.max_lost})"
+            await self.persist(
+                [
+                    TaskFailed(
+                        task=index,
+                        token=token,
+                        outcome="lost",
+                        error=f"{why}; last: {reason}",
+                        kind="lost",
+                    )
+                ]
+            )
+            await self._after(
+                self.scheduler,
+                replace(ended, outcome=Outcome.FAILED, attempt_outcome="lost", lost=True),
+            )
+            await self._fail_job(f"task {self._name(index)} {why}")
+            return
+        await self.persist([TaskRequeued(task=index, token=token, reason=reason, lost=True)])
+        await self._after(
+            self.scheduler, replace(ended, outcome=None, attempt_outcome="lost", lost=True)
+        )
+
+    async def _preempt(self, index: int, node: str, reason: str, *, force: bool) -> None:
         """Journal the preemption, then ask the node to checkpoint and yield the attempt."""
         task = self.state.tasks[index]
         spec = self.state.job
         if (
             spec is None
-            or not spec.preemptible
+            or (not spec.preemptible and not force)
             or task.node != node
             or task.status not in ("assigned", "running")
         ):
             return
         token = task.token
         await self.persist([TaskPreempted(task=index, token=token, node=node, reason=reason)])
+        await self._after(
+            self.scheduler, TaskUpdate(job_id=self.job_id, task=index, preempted=True)
+        )
+        await self._yield_attempt(index, node, token, checkpoint=True)
+
+    async def _yield_attempt(self, index: int, node: str, token: int, *, checkpoint: bool) -> None:
+        ref = self.node_ref(node)
+        spec = self.state.job
+        if ref is None or spec is None:
+            return
+        grace = self.settings.preempt_grace if (checkpoint and spec.checkpointable) else 0.0
+        run = PreemptRun(job_id=self.job_id, task_id=str(index), token=token, grace=grace)
+        await self._after(ref, run)
+
+    async def _stop_attempt(self, index: int, node: str, token: int) -> None:
         ref = self.node_ref(node)
         if ref is not None:
-            grace = self.settings.preempt_grace if spec.checkpointable else 0.0
-            run = PreemptRun(job_id=self.job_id, task_id=str(index), token=token, grace=grace)
-            await self._after(ref, run)
-
-    async def _requeue(self, index: int, token: int, reason: str) -> None:
-        task = self.state.tasks[index]
-        if task.token != token or task.status not in ("assigned", "running"):
-            return
-        if self.state.status == "cancelling":
-            await self.persist([TaskCancelled(task=index, reason=reason)])
-            await self._after(
-                self.scheduler, TaskEnded(job_id=self.job_id, task=index, outcome=Outcome.CANCELLED)
+            cancel = CancelRun(
+                job_id=self.job_id,
+                task_id=str(index),
+                token=token,
+                grace=self.settings.cancel_grace,
             )
-            await self._finish_if_done()
+            await self._after(ref, cancel)
+
+    # -- operator verbs -------------------------------------------------------------------------
+
+    async def _pause(self, mode: str, reason: str) -> None:
+        if mode not in ("checkpoint", "finish", "kill"):
+            raise ConfigurationError(
+                f"unknown pause mode {mode!r}; choose checkpoint, finish or kill", where="--mode"
+            )
+        if self.state.status != "active":
             return
-        await self.persist([TaskRequeued(task=index, token=token, reason=reason)])
-        await self._after(self.scheduler, TaskEnded(job_id=self.job_id, task=index, outcome=None))
+        await self.persist([JobPaused(mode=mode, reason=reason)])  # type: ignore[arg-type]
+        await self._after(self.scheduler, JobChanged(job_id=self.job_id, status="paused"))
+        if mode == "finish":
+            return
+        for index in self.state.active_attempts():
+            task = self.state.tasks[index]
+            assert task.node is not None
+            await self._yield_attempt(index, task.node, task.token, checkpoint=mode == "checkpoint")
+
+    async def _resume(self, reason: str) -> None:
+        state = self.state
+        events: list[Event] = []
+        if state.status == "paused":
+            events.append(JobResumed(reason=reason))
+        held = [i for i, t in enumerate(state.tasks) if t.status == "held"]
+        events.extend(TaskReleased(task=i, reason=reason) for i in held)
+        if not events:
+            return
+        await self.persist(events)
+        await self._after(
+            self.scheduler,
+            JobChanged(job_id=self.job_id, status=state.status, released=tuple(held)),
+        )
+
+    async def _amend(
+        self, priority: Priority | None, metadata: tuple[tuple[str, bytes], ...]
+    ) -> None:
+        spec = self.state.job
+        if spec is None or not self.state.live:
+            raise ConfigurationError(
+                f"job {self.job_id} is {self.state.status}: only a live job can be amended",
+                where="amend",
+            )
+        changes: list[str] = []
+        new_metadata: bytes | None = None
+        if metadata:
+            current = msgspec.json.decode(spec.metadata)
+            if not isinstance(current, dict):
+                current = {}
+            for key, raw in metadata:
+                value = msgspec.json.decode(raw)
+                changes.append(f"{key}: {json.dumps(current.get(key))} -> {json.dumps(value)}")
+                current[key] = value
+            new_metadata = msgspec.json.encode(current, order="sorted")
+        if priority is not None and priority is not spec.priority:
+            changes.insert(0, f"priority: {spec.priority.value} -> {priority.value}")
+        else:
+            priority = None
+        if not changes:
+            return
+        await self.persist(
+            [JobAmended(priority=priority, metadata=new_metadata, changes=tuple(changes))]
+        )
+        await self._after(self.scheduler, JobChanged(job_id=self.job_id, spec=self.state.job))
+
+    async def _retry(self, tasks: tuple[int, ...], reason: str) -> list[int]:
+        """Run failed, cancelled or held tasks again; return the ones that will."""
+        state = self.state
+        for index in tasks:
+            if not 0 <= index < len(state.tasks):
+                raise ConfigurationError(f"job {self.job_id} has no task {index}", where="retry")
+        chosen = tasks or tuple(range(len(state.tasks)))
+        if state.status in ("failed", "cancelled"):
+            reopen = tuple(
+                i for i in chosen if state.tasks[i].status in ("failed", "cancelled", "held")
+            )
+            if not reopen:
+                return []
+            await self.persist([JobReopened(tasks=reopen, reason=reason)])
+            return list(reopen)
+        if state.status == "completed":
+            return []
+        if state.status == "cancelling":
+            raise ConfigurationError(
+                f"job {self.job_id} is still stopping its attempts; retry once it has ended",
+                where="retry",
+            )
+        held = tuple(i for i in chosen if state.tasks[i].status == "held")
+        if not held:
+            return []
+        await self.persist([TaskReleased(task=i, reason=reason) for i in held])
+        await self._after(self.scheduler, JobChanged(job_id=self.job_id, released=held))
+        return list(held)
+
+    async def _request_checkpoint(self, index: int, reason: str) -> bool:
+        state = self.state
+        if not 0 <= index < len(state.tasks):
+            raise ConfigurationError(f"job {self.job_id} has no task {index}", where="checkpoint")
+        task = state.tasks[index]
+        if task.status not in ("assigned", "running") or task.node is None:
+            return False
+        await self.persist([TaskCheckpointRequested(task=index, token=task.token, reason=reason)])
+        ref = self.node_ref(task.node)
+        if ref is None:
+            return False
+        run = CheckpointRun(job_id=self.job_id, task_id=str(index), token=task.token)
+        await self._after(ref, run)
+        return True
 
     # -- ends -----------------------------------------------------------------------------------
 
     async def _cancel(self, reason: str) -> None:
         state = self.state
-        if state.status != "active":
+        if not state.live:
             return
         events: list[Event] = [JobCancelRequested(reason=reason)]
-        pending = [i for i, t in enumerate(state.tasks) if t.status == "pending"]
+        pending = [i for i, t in enumerate(state.tasks) if t.status in ("pending", "held")]
         events.extend(TaskCancelled(task=i, reason=reason) for i in pending)
         await self.persist(events)
-        for index in pending:
-            await self._after(
-                self.scheduler, TaskEnded(job_id=self.job_id, task=index, outcome=Outcome.CANCELLED)
-            )
+        await self._tell_cancelled(pending)
         await self._stop_active_attempts(reason)
         await self._finish_if_done()
 
+    async def _cancel_tasks(self, tasks: tuple[int, ...], reason: str) -> None:
+        """Cancel pending tasks whose dependency failed (``on_parent_failure = "cancel"``)."""
+        state = self.state
+        pending = [i for i in tasks if state.tasks[i].status in ("pending", "held")]
+        if not pending or not state.live:
+            return
+        await self.persist([TaskCancelled(task=i, reason=reason) for i in pending])
+        await self._tell_cancelled(pending)
+        if not any(t.status in _OPEN for t in state.tasks):
+            await self.persist([JobCancelRequested(reason=reason)])
+            await self._finish_if_done()
+
+    async def _tell_cancelled(self, indices: list[int]) -> None:
+        for index in indices:
+            await self._after(
+                self.scheduler,
+                TaskEnded(
+                    job_id=self.job_id,
+                    task=index,
+                    outcome=Outcome.CANCELLED,
+                    attempt_outcome="cancelled",
+                ),
+            )
+
     async def _fail_job(self, reason: str) -> None:
         state = self.state
-        pending = [i for i, t in enumerate(state.tasks) if t.status == "pending"]
+        pending = [i for i, t in enumerate(state.tasks) if t.status in ("pending", "held")]
         events: list[Event] = [JobCancelRequested(reason=reason)]
         events.extend(TaskCancelled(task=i, reason=reason) for i in pending)
         await self.persist(events)
-        for index in pending:
-            await self._after(
-                self.scheduler, TaskEnded(job_id=self.job_id, task=index, outcome=Outcome.CANCELLED)
-            )
+        await self._tell_cancelled(pending)
         await self._stop_active_attempts(reason)
         await self._finish_if_done(failed=reason)
 
     async def _stop_active_attempts(self, reason: str) -> None:
         for index in self.state.active_attempts():
             task = self.state.tasks[index]
-            ref = self.node_ref(task.node) if task.node else None
-            if ref is not None:
-                cancel = CancelRun(
-                    job_id=self.job_id,
-                    task_id=str(index),
-                    token=task.token,
-                    grace=self.settings.cancel_grace,
-                )
-                await self._after(ref, cancel)
+            if task.node:
+                await self._stop_attempt(index, task.node, task.token)
 
     async def _finish_if_done(self, *, failed: str | None = None) -> None:
         state = self.state
@@ -447,14 +817,11 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
         await self._after(
             self.scheduler, JobEnded(job_id=self.job_id, outcome=_OUTCOME_OF_STATUS[outcome])
         )
-        _log.info("job_finished", job_id=self.job_id, outcome=outcome)
+        _log.info("job_finished", job_id=self.job_id, outcome=outcome, reason=reason)
         await self.after_commit(self.context.stop)  # passivate: the journal keeps the state
 
     def _scale_snapshots(self) -> None:
-        # A snapshot holds every task: with one every N events, a job of T tasks would write
-        # O(T^2 / N) bytes of snapshots.  Snapshotting every 4*T events keeps it O(events).
-        every = self.settings.snapshot_every
-        self.snapshot_every = max(every, 4 * len(self.state.tasks)) if every else 0
+        self.snapshot_every = self.settings.snapshot_interval(len(self.state.tasks))
 
     async def on_start(self) -> None:
         await super().on_start()
@@ -483,6 +850,7 @@ def job_summary(job_id: str, state: JobState, *, tasks: bool) -> JobSummary:
         task_counts=counts,
         progress=progress / len(state.tasks) if state.tasks else 0.0,
         reason=state.reason,
+        metrics=dict(state.metrics),
         tasks=tuple(
             TaskSummary(
                 index=i,
@@ -492,12 +860,45 @@ def job_summary(job_id: str, state: JobState, *, tasks: bool) -> JobSummary:
                 progress=1.0 if t.status == "completed" else t.progress,
                 checkpoint=t.checkpoint,
                 last_error=t.last_error,
+                name=spec.tasks[i].name if spec else str(i),
+                frames=_frames(spec, i),
+                preview=t.preview,
+                metrics=dict(t.metrics),
+                runtime_s=t.runtime_s,
+                nodes=tuple(t.nodes),
+                held_reason=t.held_reason,
             )
             for i, t in enumerate(state.tasks)
         )
         if tasks
         else (),
+        owner=spec.owner if spec else None,
     )
+
+
+def _frames(spec: Any, index: int) -> tuple[int, int] | None:
+    if spec is None:
+        return None
+    task = spec.tasks[index]
+    if task.start is None or task.end is None:
+        return None
+    return (task.start, task.end)
+
+
+def _classify(report: AttemptFinished) -> FailureClass:
+    kind = _KIND_OF_OUTCOME.get(report.outcome)
+    if kind is not None:
+        return kind
+    if report.exit_code is not None and report.exit_code < 0:
+        return "signal"
+    if report.exit_code in (126, 127):
+        return "start"  # the shell's "cannot execute" / "command not found"
+    return "exit_code"
+
+
+def _delay(seconds: float) -> timedelta:
+    # Bounded: an absurd backoff must not crash the actor (specs bound it too).
+    return timedelta(seconds=min(max(seconds, 0.0), 365 * 86400.0))
 
 
 def _any_unfinished(state: JobState) -> bool:
@@ -506,7 +907,7 @@ def _any_unfinished(state: JobState) -> bool:
     return any(task.status in _OPEN for task in reversed(state.tasks))
 
 
-_OPEN = frozenset(("pending", "assigned", "running"))
+_OPEN = frozenset(("pending", "held", "assigned", "running"))
 
 
 def _task_index(task_id: str, count: int) -> int | None:

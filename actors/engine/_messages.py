@@ -15,34 +15,44 @@ from ._spec import SubmitJob
 __all__ = [
     "AdmitJobs",
     "AdoptAttempt",
+    "AmendJob",
     "AttemptLost",
     "CancelJob",
     "CancelRun",
     "CancelRuns",
+    "CancelTasks",
+    "CheckpointRun",
+    "CheckpointTask",
     "ClaimAttempt",
-    "CreateJob",
+    "DecideRetry",
+    "DescribeJob",
     "Dispatch",
+    "GetJobState",
     "GetJobSummary",
     "GetNodes",
+    "JobChanged",
     "JobEnded",
+    "JobRevived",
+    "JobsAdded",
     "Kick",
     "NodeJoined",
     "NodeLeft",
+    "PauseJob",
+    "PolicyCommand",
     "PreemptRun",
     "PreemptTask",
+    "ReleaseJobIds",
     "ReportAttempt",
+    "ResumeJob",
+    "RetryTasks",
     "SetNodeHealth",
+    "SetNodeReachable",
     "StartAttempt",
     "TaskEnded",
+    "TaskUpdate",
     "Unplace",
     "WhyJob",
 ]
-
-
-class CreateJob(Message, frozen=True, kw_only=True, tag="engine.cmd.create_job"):
-    """Journal a validated job (sent by the scheduler to the new job actor)."""
-
-    spec: SubmitJob
 
 
 class Dispatch(Message, frozen=True, kw_only=True, tag="engine.cmd.dispatch"):
@@ -79,22 +89,145 @@ class GetJobSummary(Message, frozen=True, kw_only=True, tag="engine.query.job_su
 
 
 class AdmitJobs(Message, frozen=True, kw_only=True, tag="engine.cmd.admit_jobs"):
-    """Validate and create jobs (to the scheduler; the reply is a list of ids or an error)."""
+    """Validate a submission and reserve its ids (to the scheduler; the reply is None or the
+    error).  The engine then journals every job in one atomic append and sends ``JobsAdded``
+    (or ``ReleaseJobIds`` when the append failed)."""
 
     specs: tuple[SubmitJob, ...]
     source: str = ""
 
 
+class JobsAdded(Message, frozen=True, kw_only=True, tag="engine.evt.jobs_added"):
+    """These jobs are journaled and their actors run: schedule them."""
+
+    specs: tuple[SubmitJob, ...]
+    submitted_at: datetime
+
+
+class ReleaseJobIds(Message, frozen=True, kw_only=True, tag="engine.cmd.release_job_ids"):
+    """A reserved submission was not journaled: free its ids."""
+
+    job_ids: tuple[str, ...]
+
+
+class JobRevived(Message, frozen=True, kw_only=True, tag="engine.evt.job_revived"):
+    """A finished job was reopened (``taskfarm retry``): track it again."""
+
+    job_id: str
+    state: Any  # its JobState after the reopening
+
+
+class TaskUpdate(Message, frozen=True, kw_only=True, tag="engine.evt.task_update"):
+    """A running attempt started, progressed or checkpointed (for the views and the policy)."""
+
+    job_id: str
+    task: int
+    node: str | None = None
+    attempt: int = 0
+    started: bool = False
+    progress: float | None = None
+    checkpoint_at: datetime | None = None
+    preempted: bool = False
+
+
+class DecideRetry(Message, frozen=True, kw_only=True, tag="engine.query.decide_retry"):
+    """A job asks what follows a failed attempt; the reply is (RetryDecision, Failure)."""
+
+    job_id: str
+    task: int
+    failure: Any  # a Failure
+
+
+class JobChanged(Message, frozen=True, kw_only=True, tag="engine.evt.job_changed"):
+    """A job was paused, resumed or amended, or tasks of it were released (to the scheduler)."""
+
+    job_id: str
+    status: str | None = None
+    spec: SubmitJob | None = None
+    released: tuple[int, ...] = ()
+
+
+class CancelTasks(Message, frozen=True, kw_only=True, tag="engine.cmd.cancel_tasks"):
+    """Cancel pending tasks whose dependency can no longer be met (to a job actor)."""
+
+    tasks: tuple[int, ...]
+    reason: str
+
+
+class PauseJob(Message, frozen=True, kw_only=True, tag="engine.cmd.pause_job"):
+    """Pause the job (to its actor); the reply is its summary."""
+
+    mode: str = "checkpoint"
+    reason: str = ""
+
+
+class ResumeJob(Message, frozen=True, kw_only=True, tag="engine.cmd.resume_job"):
+    """Resume a paused job, and release its held tasks (to its actor)."""
+
+    reason: str = ""
+
+
+class AmendJob(Message, frozen=True, kw_only=True, tag="engine.cmd.amend_job"):
+    """Change the job's priority and metadata keys (values are JSON) (to its actor)."""
+
+    priority: Any = None  # a Priority
+    metadata: tuple[tuple[str, bytes], ...] = ()
+
+
+class RetryTasks(Message, frozen=True, kw_only=True, tag="engine.cmd.retry_tasks"):
+    """Run failed, cancelled or held tasks again (all of them when ``tasks`` is empty)."""
+
+    tasks: tuple[int, ...] = ()
+    reason: str = ""
+
+
+class CheckpointTask(Message, frozen=True, kw_only=True, tag="engine.cmd.checkpoint_task"):
+    """Ask the task's running attempt to checkpoint now (to its job actor)."""
+
+    task: int
+    reason: str = ""
+
+
+class CheckpointRun(Message, frozen=True, kw_only=True, tag="engine.cmd.checkpoint_run"):
+    """Ask an attempt to checkpoint now, without stopping it (to a node actor)."""
+
+    job_id: str
+    task_id: str
+    token: int
+
+
+class SetNodeReachable(Message, frozen=True, kw_only=True, tag="engine.cmd.set_node_reachable"):
+    """A node's connection state changed (connected, unreachable, offline)."""
+
+    name: str
+    reachable: str
+
+
 class TaskEnded(Message, frozen=True, kw_only=True, tag="engine.evt.task_ended"):
-    """An attempt ended; ``outcome`` None means the task runs again (after ``retry_at``)."""
+    """An attempt ended (or a pending task was cancelled); ``outcome`` None means the task
+    runs again (after ``retry_at``), or waits for an operator (``held``).
+
+    ``attempt_outcome`` is what happened to the attempt (completed, failed, timed_out,
+    stalled, oom, lost, preempted, cancelled, ...); the rest feeds the views and the policy.
+    """
 
     job_id: str
     task: int
     outcome: Outcome | None
     retry_at: datetime | None = None
-    failed_on_node: bool = False
+    failure: Any = None  # a Failure, when the attempt failed
     blocklist_node: str | None = None
     blocklist_until: datetime | None = None
+    attempt_outcome: str | None = None
+    node: str | None = None
+    attempt: int = 0
+    runtime_s: float = 0.0
+    lost: bool = False
+    held: str | None = None
+    avoid_node: str | None = None
+    resources: Resources | None = None
+    metrics: tuple[tuple[str, float], ...] = ()
+    checkpoint_at: datetime | None = None
 
 
 class Unplace(Message, frozen=True, kw_only=True, tag="engine.evt.unplace"):
@@ -137,11 +270,13 @@ class ClaimAttempt(Message, frozen=True, kw_only=True, tag="engine.cmd.claim_att
 
 
 class SetNodeHealth(Message, frozen=True, kw_only=True, tag="engine.cmd.set_node_health"):
-    """Drain, sleep or resume a node (only ``online`` nodes get new work)."""
+    """Drain, sleep, quarantine or resume a node (only ``online`` nodes get new work);
+    ``drain_at`` plans a drain for later (the reply is whether the node is known)."""
 
     name: str
     health: str
     reason: str = ""
+    drain_at: datetime | None = None
 
 
 class Kick(Message, frozen=True, kw_only=True, tag="engine.cmd.kick"):
@@ -173,11 +308,31 @@ class AdoptAttempt(Message, frozen=True, kw_only=True, tag="engine.cmd.adopt_att
 
 
 class PreemptTask(Message, frozen=True, kw_only=True, tag="engine.cmd.preempt_task"):
-    """Checkpoint-and-yield the task's attempt on ``node`` (to a job actor)."""
+    """Checkpoint-and-yield the task's attempt on ``node`` (to a job actor); ``force`` for an
+    operator or a planned drain, which may stop work its job did not mark preemptible."""
 
     task: int
     node: str
     reason: str
+    force: bool = False
+
+
+class GetJobState(Message, frozen=True, kw_only=True, tag="engine.query.job_state"):
+    """Ask a job actor for its state (a copy is not made: read, never write)."""
+
+
+class PolicyCommand(Message, frozen=True, kw_only=True, tag="engine.cmd.policy_command"):
+    """Run a domain command of the policy (to the scheduler); the reply is its result or the
+    error."""
+
+    name: str
+    arguments: Any  # a mapping of JSON-able values
+
+
+class DescribeJob(Message, frozen=True, kw_only=True, tag="engine.query.describe_job"):
+    """Ask the scheduler for a live job's policy columns and its blocked and held tasks."""
+
+    job_id: str
 
 
 class PreemptRun(Message, frozen=True, kw_only=True, tag="engine.cmd.preempt_run"):

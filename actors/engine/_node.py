@@ -33,14 +33,22 @@ from runtime import (
     get_logger,
 )
 
-from ._messages import AdoptAttempt, CancelRun, CancelRuns, PreemptRun, ReportAttempt, StartAttempt
+from ._messages import (
+    AdoptAttempt,
+    CancelRun,
+    CancelRuns,
+    CheckpointRun,
+    PreemptRun,
+    ReportAttempt,
+    StartAttempt,
+)
 from ._settings import EngineSettings
 
 __all__ = ["NodeActor"]
 
 _log = get_logger("actors.node")
 
-NodeMessage = StartAttempt | AdoptAttempt | CancelRun | CancelRuns | PreemptRun
+NodeMessage = StartAttempt | AdoptAttempt | CancelRun | CancelRuns | PreemptRun | CheckpointRun
 
 
 class NodeActor(Actor[NodeMessage]):
@@ -81,6 +89,10 @@ class NodeActor(Actor[NodeMessage]):
                 self._cancel(job_id, task_id, token, grace)
             case PreemptRun(job_id=job_id, task_id=task_id, token=token, grace=grace):
                 self._preempt(job_id, task_id, token, grace)
+            case CheckpointRun(job_id=job_id, task_id=task_id, token=token):
+                handle = self._find(job_id, task_id, token)
+                if handle is not None:
+                    handle.request_checkpoint()
             case CancelRuns(grace=grace):
                 for handle in self.executor.running():
                     handle.cancel(grace=grace)
@@ -137,7 +149,7 @@ class NodeActor(Actor[NodeMessage]):
                 task_id=spec.task_id,
                 attempt=spec.attempt,
                 fencing_token=spec.fencing_token,
-                outcome="failed",
+                outcome="start_failed",
                 error=f"could not start on {self.name}: {error}",
             )
             self.context.start_work(lambda: self._deliver(job, failed), name="start-failed")

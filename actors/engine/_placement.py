@@ -1,34 +1,72 @@
 """The scheduler's core: runnable queues, node bookkeeping, the placement index, ``why``.
 
 Pure and synchronous (the SchedulerActor wraps it), so it is tested with tables and benchmarked
-without any I/O.  Placement is incremental: for each distinct resource request in the queue,
-the index keeps the set of nodes where it currently fits, updated only for the node whose free
-resources just changed.  A placement therefore looks at the nodes that fit (at most the
-policy's ``max_candidates`` of them), never at every node times every job.
+without any I/O.  Two things keep a cycle's cost to what changed plus what it places:
+
+- **Live views.** The policy's ``FarmView`` (every node, every live job, what runs where) is
+  the core's own bookkeeping, updated in place as tasks are queued, placed, progress and end.
+  Nothing is rebuilt per cycle; a placement updates the node's free resources and the job's
+  counts at once, so later decisions in the same cycle see it.
+- **The fit index.** For each distinct (request, requirements) in the queue, the set of nodes
+  that accept work, satisfy the requirements and have room for it now, updated only for the
+  node whose free resources or health just changed.  A placement looks at the nodes that fit
+  (at most the policy's ``max_candidates`` of them), never at every node times every job.
+
+Every policy hook is called through :meth:`SchedulerCore._guarded`: a policy that raises holds
+the job it was deciding about (``policy error: ...``, logged once with the traceback) and
+everything else keeps scheduling.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import traceback
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from time import perf_counter
+from typing import Any, TypeVar
+
+import msgspec
 
 from actors._errors import SpecError
+from runtime import get_logger
 
+from ._events import JobState
+from ._fit import never_fits
 from ._graph import DependencyGraph, Outcome, TaskRef
-from ._policy import FarmView, JobView, NodeView, Policy, RunningView, TaskView
-from ._resources import Resources, add, fits, shortfall, subtract
+from ._policy import (
+    Failure,
+    FarmView,
+    Hold,
+    JobView,
+    NodeAction,
+    NodeView,
+    Observation,
+    Policy,
+    Preemption,
+    RetryDecision,
+    RunningView,
+    TaskView,
+    default_retry,
+    parse_labels,
+)
+from ._resources import ResourcePool, Resources, add, fits, shortfall, subtract
 from ._spec import SubmitJob
 from ._summaries import NodeSummary
 
 __all__ = ["NodeHealth", "Placement", "SchedulerCore"]
 
-NodeHealth = str  # "online" | "draining" | "sleeping" | "quarantined" | "unreachable" | "offline"
+_log = get_logger("actors.scheduler")
 
+NodeHealth = str  # "online" | "draining" | "sleeping" | "quarantined"
+T = TypeVar("T")
 
 # How many unplaceable tasks a cycle offers to the policy's preemption hook.
 _MAX_BLOCKED = 16
+_HEALTHS = frozenset({"online", "draining", "sleeping", "quarantined"})
+_REACHABLE = frozenset({"connected", "unreachable", "offline"})
+
+FitKey = tuple[Resources, tuple[str, ...]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,65 +79,133 @@ class Placement:
     request: Resources
 
 
-@dataclass(slots=True)
-class _Task:
-    request: Resources
-    attempt: int = 0
-    failures: int = 0
-    last_node: str | None = None
-    not_before: datetime | None = None
-
-
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class _Job:
-    job_id: str
-    spec: SubmitJob
-    submitted_at: datetime
-    tasks: list[_Task]
+    view: JobView
+    tasks: list[TaskView]
+    keys: list[FitKey]  # per task: what the fit index knows it by
     ready: dict[int, None] = field(default_factory=dict)  # runnable, in index order
     running: dict[int, str] = field(default_factory=dict)  # task -> node
-    completed: int = 0
+    held: dict[int, str] = field(default_factory=dict)  # task -> why (on_failure hold)
+    finished: set[int] = field(default_factory=set)
     blocklist: dict[str, datetime] = field(default_factory=dict)
-    deferred: str | None = None  # the policy's last reason to hold it back
-    shapes: int = 1  # distinct requests among its tasks (a cycle stops once none fits)
+    hold: Hold | None = None  # the policy's job-level hold, until hold.until
+    deferred: str | None = None  # the policy's last reason to hold a task back
+    policy_error: str | None = None
+    distinct: set[FitKey] = field(default_factory=set)  # its tasks' distinct keys
+    # failure signature (kind, exit code) -> nodes where this job failed that way
+    signatures: dict[tuple[str, int | None], set[str]] = field(default_factory=dict)
+    progress_sum: float = 0.0  # sum of the progress of unfinished tasks
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class _Node:
-    name: str
-    capacity: Resources
-    free: Resources
-    labels: tuple[str, ...]
-    health: NodeHealth = "online"
-    running: dict[tuple[str, int], Resources] = field(default_factory=dict)
-    consecutive_failures: int = 0
-    view: NodeView | None = None  # cached for policies; rebuilt when the node changes
+    view: NodeView
+    running: dict[tuple[str, int], RunningView] = field(default_factory=dict)
+    # failed attempts since its last success that count against it: (job, signature)
+    recent_failures: list[tuple[str, tuple[str, int | None]]] = field(default_factory=list)
 
 
 class SchedulerCore:
-    """Queues, nodes and placement; see the module docstring."""
+    """Queues, nodes, live views and placement; see the module docstring."""
 
     def __init__(
-        self, policy: Policy, *, exhaustive: bool = False, time_decisions: bool = False
+        self,
+        policy: Policy,
+        *,
+        counters: Mapping[str, int] | None = None,
+        exhaustive: bool = False,
+        time_decisions: bool = False,
     ) -> None:
-        """``exhaustive`` scores every online node for every task, without the fit index (the
+        """``counters`` are the farm-wide licence counters (``{"nuke": 10}``), enforced across
+        every node; counters not named here are node-local (an agent's ``--counter``).
+        ``exhaustive`` scores every node for every task, without the fit index (the
         benchmark's brute-force baseline); ``time_decisions`` records each placement
-        decision's latency in ``decision_seconds`` (for the benchmark)."""
+        decision's latency in ``decision_seconds``."""
         self.policy = policy
         self.exhaustive = exhaustive
         self.decision_seconds: list[float] | None = [] if time_decisions else None
         self.graph = DependencyGraph()
+        self.pool = ResourcePool(counters or {})
         self._jobs: dict[str, _Job] = {}
         self._nodes: dict[str, _Node] = {}
-        # request -> {node name: None} for online nodes where the request fits right now
-        self._fit_index: dict[Resources, dict[str, None]] = {}
-        self._index_refs: dict[Resources, int] = {}
+        self.farm = FarmView(
+            nodes={},
+            jobs={},
+            running={},
+            placements={},
+            counters=self.pool.limits,
+            counters_free=dict(self.pool.limits),
+        )
+        # key -> {node name: None} for nodes that accept work, satisfy and fit it right now
+        self._fit_index: dict[FitKey, dict[str, None]] = {}
+        self._index_refs: dict[FitKey, int] = {}
+        self._split: dict[Resources, tuple[Resources, dict[str, int]]] = {}
         self.placements_made = 0
-        # Tasks the last cycle could not place (for the policy's preemption hook), the farm
-        # view it saw, and the attempts already asked to yield (victim -> the task it yields to).
+        self.cycles = 0
+        # Tasks the last cycle could not place (for the policy's preemption hook) and the
+        # attempts already asked to yield (victim -> the task it yields to).
         self.blocked: list[tuple[JobView, TaskView]] = []
-        self.last_farm: FarmView | None = None
         self.preempting: dict[tuple[str, int], tuple[str, int]] = {}
+        self._logged_errors: set[tuple[str, str]] = set()
+        # Times at which held or deferred work becomes placeable again (job holds).
+        self.hold_wakeups: list[datetime] = []
+        # Observations raised inside the core (none today) go to the policy in order.
+        self.on_unreachable: Callable[[str, list[int], str], None] | None = None
+
+    # -- the policy, guarded ------------------------------------------------------------------
+
+    def _guarded(self, job: _Job | None, fallback: Any, hook: Callable[..., T], *args: Any) -> T:
+        """Call a policy hook; on an exception hold ``job`` (if any) and return ``fallback``."""
+        try:
+            return hook(*args)
+        except Exception as error:
+            name = getattr(hook, "__name__", "hook")
+            self._policy_failed(job, name, error)
+            result: T = fallback
+            return result
+
+    def _policy_failed(self, job: _Job | None, hook: str, error: Exception) -> None:
+        """Hold the job (if any) with the error, and log it once with its traceback."""
+        reason = f"policy error: {hook}: {type(error).__name__}: {error}"
+        key = (job.view.job_id if job else "", f"{hook}:{type(error).__name__}:{error}")
+        if key not in self._logged_errors:
+            self._logged_errors.add(key)
+            _log.error(
+                "policy_error",
+                hook=hook,
+                job_id=job.view.job_id if job else None,
+                error=str(error),
+                traceback="".join(traceback.format_exception(error)),
+            )
+        if job is not None:
+            job.policy_error = reason
+
+    def node_actions(self, now: datetime) -> Sequence[NodeAction]:
+        """Return the policy's node health changes that it may make now (the operator's and
+        the engine's decisions win: only nodes online or in a health the policy gave them)."""
+        actions = self._guarded(None, (), self.policy.node_actions, self.farm, now)
+        allowed = []
+        for action in actions:
+            view = self.node_view(action.node)
+            if view is None or (view.health != "online" and view.health_by != "policy"):
+                continue
+            if view.health == action.health and view.drain_at == action.at:
+                continue
+            allowed.append(action)
+        return allowed
+
+    def next_wakeup(self, now: datetime) -> datetime | None:
+        """Return when the policy wants its next cycle (None: no need)."""
+        return self._guarded(None, None, self.policy.next_wakeup, now)
+
+    def apply_policy_event(self, event: Any) -> None:
+        """Fold one of the policy's journaled events into it (an error is logged, not raised)."""
+        self._guarded(None, None, self.policy.apply, event)
+
+    def observe(self, observation: Observation) -> None:
+        """Hand a fact to the policy (an error is logged once, never raised)."""
+        self._guarded(None, None, self.policy.observe, observation)
 
     # -- submission ---------------------------------------------------------------------------
 
@@ -121,58 +227,168 @@ class SchedulerCore:
             seen.add(spec.job_id)
         self.graph.check_new(spec.graph_job() for spec in specs)
         if not self._nodes:
-            return  # an empty farm cannot judge fit: `why` will say nothing fits yet
+            return  # held, visibly, until a node that fits joins (see ``never_fits``)
+        checked: set[tuple[Resources, tuple[str, ...]]] = set()
         for spec in specs:
             for index in range(len(spec.tasks)):
-                request = spec.task_resources(index)
-                if not any(fits(request, node.capacity) for node in self._nodes.values()):
-                    biggest = max(self._nodes.values(), key=lambda n: _size(n.capacity))
-                    missing = "; ".join(str(s) for s in shortfall(request, biggest.capacity))
+                key = (spec.task_resources(index), spec.task_requires(index))
+                if key in checked:
+                    continue  # a 10,000-task job has a handful of distinct requests
+                checked.add(key)
+                problem = self.never_fits(spec, index)
+                if problem is not None:
                     raise SpecError(
                         path=source or spec.source,
                         field=f"jobs.{spec.name}.resources",
-                        problem=f"no node could ever fit task {index}: largest node "
-                        f"{biggest.name} lacks {missing}",
+                        problem=f"task {spec.tasks[index].name}: {problem}",
                     )
+
+    def never_fits(self, spec: SubmitJob, index: int) -> str | None:
+        """Return why no node the farm has (had) could ever run the task, or None.
+
+        Farm-wide counters are checked against their limits; with no node at all, the answer
+        is "no node has joined yet" (the job is held, visibly, until one that fits joins).
+        """
+        node_part, pool_part = self._split_request(spec.task_resources(index))
+        for name, count in pool_part.items():
+            limit = self.pool.limits.get(name, 0)
+            if count > limit:
+                return f"it needs {count} {name} licence(s); the farm has {limit}"
+        requires = spec.task_requires(index)
+        if any(
+            fits(node_part, n.view.capacity) and n.view.satisfies(requires) is None
+            for n in self._nodes.values()
+        ):
+            return None
+        fitting = [n for n in self._nodes.values() if fits(node_part, n.view.capacity)]
+        if fitting:
+            return f"no node has {_missing_labels(fitting, requires)}"
+        return never_fits(node_part, {n.view.name: n.view.capacity for n in self._nodes.values()})
 
     def add_job(
         self,
         spec: SubmitJob,
         *,
         submitted_at: datetime,
-        pending: Iterable[tuple[int, int, int, str | None, datetime | None]] | None = None,
-        finished: Iterable[tuple[int, Outcome]] = (),
-        blocklist: dict[str, datetime] | None = None,
-    ) -> None:
-        """Track a job (new or recovered).
+        state: JobState | None = None,
+    ) -> list[TaskRef]:
+        """Track a job, new or recovered (``state`` is its journaled state).
 
-        ``pending`` lists the tasks still to run as ``(index, attempt, failures, last_node,
-        not_before)``; None means every task.  ``finished`` gives recovered task outcomes.
+        Returns the tasks of other jobs that became ready (a recovered job's progress can
+        release a threshold dependant).
         """
-        tasks = [_Task(request=spec.task_resources(i)) for i in range(len(spec.tasks))]
-        job = _Job(spec.job_id, spec, submitted_at, tasks, blocklist=dict(blocklist or {}))
-        job.shapes = len({task.request for task in tasks})
-        self._jobs[spec.job_id] = job
         if spec.job_id not in self.graph:
-            self.graph.add_jobs([spec.graph_job()])
-        for index, outcome in finished:
-            if outcome is Outcome.SUCCEEDED:
-                job.completed += 1
-            if self.graph.outcome(TaskRef(spec.job_id, index)) is None:
-                self.graph.record_outcome(TaskRef(spec.job_id, index), outcome)
-        pending_list = (
-            [(i, 0, 0, None, None) for i in range(len(tasks))] if pending is None else pending
+            self.graph.add_jobs([spec.graph_job()])  # first: it may refuse (orphaned parent)
+        metadata = self._decode_metadata(spec)
+        view = JobView(
+            job_id=spec.job_id,
+            spec=spec,
+            submitted_at=submitted_at,
+            total=len(spec.tasks),
+            metadata=metadata,
+            parents=tuple(sorted({d.parent for d in spec.dependencies} - {spec.job_id})),
         )
-        for index, attempt, failures, last_node, not_before in pending_list:
-            task = tasks[index]
-            task.attempt, task.failures = attempt, failures
-            task.last_node, task.not_before = last_node, not_before
-            if self.graph.is_ready(TaskRef(spec.job_id, index)):
-                self._enqueue(job, index)
+        tasks: list[TaskView] = []
+        keys: list[FitKey] = []
+        for i, task_spec in enumerate(spec.tasks):
+            request = spec.task_resources(i)
+            requires = spec.task_requires(i)
+            frames = (
+                (task_spec.start, task_spec.end)
+                if task_spec.start is not None and task_spec.end is not None
+                else None
+            )
+            tasks.append(
+                TaskView(
+                    job_id=spec.job_id,
+                    index=i,
+                    request=request,
+                    name=task_spec.name,
+                    frames=frames,
+                    requires=requires,
+                )
+            )
+            keys.append((self._split_request(request)[0], requires))
+        job = _Job(view=view, tasks=tasks, keys=keys, distinct=set(keys))
+        if state is not None:
+            job.blocklist = dict(state.blocklist)
+            if state.status == "paused":
+                view.status = "paused"
+            elif state.status == "cancelling":
+                view.status = "cancelling"
+        self._jobs[spec.job_id] = job
+        self.farm.jobs[spec.job_id] = view  # type: ignore[index]
+        for parent in view.parents:
+            parent_job = self._jobs.get(parent)
+            if parent_job is not None:
+                parent_job.view.children = (*parent_job.view.children, spec.job_id)
+        for i, task in enumerate(tasks):
+            recovered = state.tasks[i] if state is not None and i < len(state.tasks) else None
+            if recovered is not None:
+                if recovered.status not in ("completed", "failed", "cancelled", "skipped"):
+                    task.progress = recovered.progress
+                    job.progress_sum += recovered.progress
+                task.attempt, task.failures = recovered.attempt, recovered.failures
+                task.lost, task.last_node = recovered.lost, recovered.last_node
+                task.not_before, task.preemptions = recovered.retry_at, recovered.preemptions
+                task.checkpoint_at = recovered.checkpoint_at
+                task.last_outcome = recovered.last_outcome
+                if recovered.avoid:
+                    task.avoid = tuple(recovered.avoid)
+                if recovered.resources is not None:
+                    task.request = recovered.resources
+                    job.keys[i] = (self._split_request(task.request)[0], task.requires)
+                    job.distinct.add(job.keys[i])
+                status = recovered.status
+                if status == "completed":
+                    self._finish_task(job, i, Outcome.SUCCEEDED, runtime=recovered.runtime_s)
+                    continue
+                if status in ("failed", "cancelled", "skipped"):
+                    outcome = Outcome.FAILED if status == "failed" else Outcome.CANCELLED
+                    self._finish_task(job, i, outcome, runtime=None)
+                    continue
+                if status == "held":
+                    job.held[i] = recovered.held_reason or "held"
+                    continue
+                if status in ("assigned", "running"):
+                    continue  # the engine marks it running (in doubt) next
+            if self.graph.is_ready(TaskRef(spec.job_id, i)):
+                self._enqueue(job, i)
+        self._refresh_progress(job)
+        return self._record_progress(job)
+
+    def _decode_metadata(self, spec: SubmitJob) -> Any:
+        target = self.policy.metadata_type
+        if target is None:
+            return None
+        try:
+            return spec.metadata_as(target)
+        except msgspec.ValidationError:
+            return None  # refused at submission; an old journal's job keeps running
+
+    def check_metadata(self, spec: SubmitJob) -> None:
+        """Refuse a job whose metadata does not fit the policy's ``metadata_type``.
+
+        Raises:
+            SpecError: naming the metadata field at fault.
+        """
+        target = self.policy.metadata_type
+        if target is None:
+            return
+        try:
+            spec.metadata_as(target)
+        except msgspec.ValidationError as error:
+            text = str(error)
+            field_path = text.rpartition(" - at `$")[2].rstrip("`") if "- at `$" in text else ""
+            raise SpecError(
+                path=spec.source or "<submission>",
+                field=f"jobs.{spec.name}.metadata{field_path}",
+                problem=text.partition(" - at ")[0],
+            ) from None
 
     def wakeups(self, now: datetime) -> list[datetime]:
         """Return the future times at which queued work becomes placeable (retry backoffs,
-        blocklist expiries), sorted: a recovered scheduler arms its timer with them."""
+        blocklist expiries, job holds), sorted: the scheduler arms its timer with them."""
         times: set[datetime] = set()
         for job in self._jobs.values():
             for index in job.ready:
@@ -180,18 +396,34 @@ class SchedulerCore:
                 if not_before is not None and not_before > now:
                     times.add(not_before)
             times.update(until for until in job.blocklist.values() if until > now)
+            if job.hold is not None and job.hold.until is not None and job.hold.until > now:
+                times.add(job.hold.until)
         return sorted(times)
 
     def has_job(self, job_id: str) -> bool:
         """Return whether the job is tracked (not finished)."""
         return job_id in self._jobs
 
-    def mark_running(self, job_id: str, index: int, node: str, attempt: int) -> None:
+    def job_view(self, job_id: str) -> JobView | None:
+        """Return a live job's view (None when finished or unknown)."""
+        job = self._jobs.get(job_id)
+        return job.view if job else None
+
+    def task_view(self, job_id: str, index: int) -> TaskView | None:
+        """Return a live job's task view."""
+        job = self._jobs.get(job_id)
+        if job is None or not 0 <= index < len(job.tasks):
+            return None
+        return job.tasks[index]
+
+    def mark_running(
+        self, job_id: str, index: int, node: str, attempt: int, *, started_at: datetime | None
+    ) -> None:
         """Record a recovered attempt as running on ``node`` (reserving its resources)."""
         job = self._jobs[job_id]
         self._dequeue(job, index)
         job.tasks[index].attempt = attempt
-        self._reserve(job, index, node)
+        self._reserve(job, index, node, started_at=started_at)
 
     # -- task and job ends ----------------------------------------------------------------------
 
@@ -202,9 +434,17 @@ class SchedulerCore:
         *,
         outcome: Outcome | None,
         retry_at: datetime | None = None,
-        failed_on_node: bool = False,
+        failure: Failure | None = None,
+        attempt_outcome: str | None = None,
+        runtime_s: float | None = None,
+        lost: bool = False,
+        held: str | None = None,
+        avoid_node: str | None = None,
+        resources: Resources | None = None,
+        checkpoint_at: datetime | None = None,
     ) -> list[TaskRef]:
-        """An attempt ended: free its node; requeue (``outcome`` None) or record the outcome.
+        """An attempt ended: free its node, then requeue (``outcome`` None), hold (``held``)
+        or record the task's final outcome.
 
         Returns the tasks (of any job) that became ready.
         """
@@ -215,35 +455,159 @@ class SchedulerCore:
         node_name = job.running.get(index)
         self._release(job, index)
         task = job.tasks[index]
+        if attempt_outcome is not None:
+            task.last_outcome = attempt_outcome
+        if checkpoint_at is not None:
+            task.checkpoint_at = checkpoint_at
         node = self._nodes.get(node_name) if node_name else None
         if node is not None:
-            node.consecutive_failures = node.consecutive_failures + 1 if failed_on_node else 0
-        if outcome is None:
-            if failed_on_node:
-                task.failures += 1
+            self._count_node_outcome(node, job, failure, attempt_outcome)
+        if node_name is not None:
             task.last_node = node_name
+        if failure is not None:
+            task.failures += 1
+        if lost:
+            task.lost += 1
+        if outcome is None:
             task.not_before = retry_at
-            self._enqueue(job, index)
+            if avoid_node is not None and avoid_node not in task.avoid:
+                task.avoid = (*task.avoid, avoid_node)
+            if resources is not None and resources != task.request:
+                self._dequeue(job, index)
+                task.request = resources
+                job.keys[index] = (self._split_request(resources)[0], task.requires)
+                job.distinct.add(job.keys[index])
+            if held is not None:
+                self._dequeue(job, index)
+                job.held[index] = held
+                return []
+            if self.graph.is_ready(TaskRef(job_id, index)):
+                self._enqueue(job, index)
             return []
-        if outcome is Outcome.SUCCEEDED:
-            job.completed += 1
         self._dequeue(job, index)
-        update = self.graph.record_outcome(TaskRef(job_id, index), outcome)
+        job.held.pop(index, None)
+        return self._finish_task(job, index, outcome, runtime=runtime_s)
+
+    def _finish_task(
+        self, job: _Job, index: int, outcome: Outcome, *, runtime: float | None
+    ) -> list[TaskRef]:
+        if index in job.finished:
+            return []
+        job.finished.add(index)
+        task = job.tasks[index]
+        view = job.view
+        job.progress_sum -= task.progress
+        if outcome is Outcome.SUCCEEDED:
+            view.completed += 1
+            task.progress = 1.0
+            if runtime is not None:
+                view.runtime.add(runtime)
+        elif outcome is Outcome.FAILED:
+            view.failed += 1
+        else:
+            view.cancelled += 1
+        self._refresh_progress(job)
+        update = self.graph.record_outcome(TaskRef(view.job_id, index), outcome)
+        ready = self._release_ready(update.newly_ready)
+        self._report_unreachable(update.newly_unreachable)
+        return ready + self._record_progress(job)
+
+    def task_progressed(self, job_id: str, index: int, fraction: float) -> list[TaskRef]:
+        """A running attempt reported progress: update the views (and threshold dependants)."""
+        job = self._jobs.get(job_id)
+        if job is None or index in job.finished:
+            return []
+        task = job.tasks[index]
+        fraction = min(1.0, max(0.0, fraction))
+        job.progress_sum += fraction - task.progress
+        task.progress = fraction
+        running = self._running_view(job, index)
+        if running is not None:
+            running.progress = fraction
+        self._refresh_progress(job)
+        return self._record_progress(job)
+
+    def task_checkpointed(self, job_id: str, index: int, at: datetime) -> None:
+        """A running attempt reported a checkpoint (views only)."""
+        job = self._jobs.get(job_id)
+        if job is None:
+            return
+        job.tasks[index].checkpoint_at = at
+        running = self._running_view(job, index)
+        if running is not None:
+            running.checkpoint_at = at
+
+    def task_preempted(self, job_id: str, index: int) -> None:
+        """A running attempt was asked to yield (views only)."""
+        job = self._jobs.get(job_id)
+        if job is None:
+            return
+        job.tasks[index].preemptions += 1
+        job.view.preemptions += 1
+        running = self._running_view(job, index)
+        if running is not None:
+            running.preemptions += 1
+            running.yielding = True
+
+    def _running_view(self, job: _Job, index: int) -> RunningView | None:
+        node_name = job.running.get(index)
+        node = self._nodes.get(node_name) if node_name else None
+        return node.running.get((job.view.job_id, index)) if node else None
+
+    def _refresh_progress(self, job: _Job) -> None:
+        view = job.view
+        view.progress = min(1.0, (view.completed + job.progress_sum) / view.total)
+
+    def _record_progress(self, job: _Job) -> list[TaskRef]:
+        if not job.view.children:
+            return []
+        update = self.graph.record_progress(job.view.job_id, job.view.progress)
         return self._release_ready(update.newly_ready)
 
+    def _report_unreachable(self, refs: Sequence[TaskRef]) -> None:
+        if not refs or self.on_unreachable is None:
+            return
+        by_job: dict[str, list[int]] = {}
+        for ref in refs:
+            by_job.setdefault(ref.job, []).append(ref.index)
+        for job_id, indices in sorted(by_job.items()):
+            job = self._jobs.get(job_id)
+            if job is None:
+                continue
+            cancel = [
+                i
+                for i in indices
+                if self._unreachable_policy(job_id, i) == "cancel" and i not in job.finished
+            ]
+            if cancel:
+                reason = self.graph.unreachable(TaskRef(job_id, cancel[0])) or "dependency failed"
+                self.on_unreachable(job_id, cancel, reason)
+
+    def _unreachable_policy(self, job_id: str, index: int) -> str:
+        for blocker in self.graph.blockers(TaskRef(job_id, index)):
+            if blocker.unreachable:
+                return blocker.on_parent_failure
+        return "cancel"
+
     def job_ended(self, job_id: str, outcome: Outcome) -> list[TaskRef]:
-        """The job is over: drop its queues (its node reservations are already released)."""
+        """The job is over: drop its queues and views (its reservations are released)."""
         job = self._jobs.pop(job_id, None)
         if job is None:
             return []
+        del self.farm.jobs[job_id]  # type: ignore[attr-defined]
         for victim in [v for v in self.preempting if v[0] == job_id]:
             del self.preempting[victim]
         for index in list(job.ready):
             self._dequeue(job, index)
         for index in list(job.running):
             self._release(job, index)
+        for parent in job.view.parents:
+            parent_job = self._jobs.get(parent)
+            if parent_job is not None:
+                parent_job.view.children = tuple(c for c in parent_job.view.children if c != job_id)
         update = self.graph.record_outcome(job_id, outcome)
         ready = self._release_ready(update.newly_ready)
+        self._report_unreachable(update.newly_unreachable)
         self.graph.remove_job(job_id)
         return ready
 
@@ -266,35 +630,113 @@ class SchedulerCore:
             return
         self.graph.add_passivated(spec.graph_job(), outcome, task_outcomes)
 
-    def node_summaries(self) -> list[NodeSummary]:
-        """Describe every node, by name."""
-        return [
-            NodeSummary(
-                name=node.name,
-                health=node.health,
-                capacity=node.capacity,
-                free=node.free,
-                running=len(node.running),
-                labels=node.labels,
-                consecutive_failures=node.consecutive_failures,
-            )
-            for node in sorted(self._nodes.values(), key=lambda n: n.name)
-        ]
-
     def block_node(self, job_id: str, node: str, until: datetime) -> None:
         """Keep the job's tasks off ``node`` until ``until``."""
         job = self._jobs.get(job_id)
         if job is not None:
             job.blocklist[node] = until
 
+    def set_job_status(self, job_id: str, status: str) -> None:
+        """Pause, resume or mark a job as cancelling (only ``active`` jobs get new work)."""
+        job = self._jobs.get(job_id)
+        if job is not None:
+            job.view.status = status  # type: ignore[assignment]
+
+    def amend_job(self, spec: SubmitJob) -> None:
+        """Replace a live job's spec (priority or metadata amended)."""
+        job = self._jobs.get(spec.job_id)
+        if job is not None:
+            job.view.spec = spec
+            job.view.metadata = self._decode_metadata(spec)
+            job.hold = None
+
+    def release_held(self, job_id: str, indices: Iterable[int] | None = None) -> list[int]:
+        """Release held tasks of a live job (all when ``indices`` is None); return them."""
+        job = self._jobs.get(job_id)
+        if job is None:
+            return []
+        chosen = list(job.held) if indices is None else [i for i in indices if i in job.held]
+        for index in chosen:
+            del job.held[index]
+            job.tasks[index].not_before = None
+            if self.graph.is_ready(TaskRef(job_id, index)):
+                self._enqueue(job, index)
+        return chosen
+
     def _release_ready(self, refs: Iterable[TaskRef]) -> list[TaskRef]:
         released = []
         for ref in refs:
             job = self._jobs.get(ref.job)
-            if job is not None and ref.index not in job.running:
+            if (
+                job is not None
+                and ref.index not in job.running
+                and ref.index not in job.held
+                and ref.index not in job.finished
+            ):
                 self._enqueue(job, ref.index)
                 released.append(ref)
         return released
+
+    def decide_failure(
+        self, job_id: str, index: int, failure: Failure, now: datetime
+    ) -> tuple[RetryDecision, Failure]:
+        """Classify a failed attempt and decide what follows (the policy's ``on_failure``).
+
+        A failure is the job's fault (and never counts against a node) when its command could
+        not start, or when this job already failed the same way on another node.
+        """
+        job = self._jobs.get(job_id)
+        if job is None:
+            return RetryDecision(action="fail", reason="the job is over"), failure
+        signature = (failure.kind, failure.exit_code)
+        places = job.signatures.setdefault(signature, set())
+        if failure.node is not None:
+            places.add(failure.node)
+        job_fault = failure.job_fault or failure.kind == "start" or len(places) > 1
+        if job_fault and not failure.job_fault:
+            failure = Failure(
+                kind=failure.kind,
+                node=failure.node,
+                attempt=failure.attempt,
+                error=failure.error,
+                exit_code=failure.exit_code,
+                job_fault=True,
+            )
+            self._forgive_nodes(job_id, signature)
+        task = job.tasks[index]
+        default = default_retry(job.view.spec, task, failure)
+        decision = self._guarded(
+            job, default, self.policy.on_failure, job.view, task, failure, default, now
+        )
+        return decision, failure
+
+    def _forgive_nodes(self, job_id: str, signature: tuple[str, int | None]) -> None:
+        for node in self._nodes.values():
+            node.recent_failures = [f for f in node.recent_failures if f != (job_id, signature)]
+            node.view.failures = len(node.recent_failures)
+
+    def _count_node_outcome(
+        self, node: _Node, job: _Job, failure: Failure | None, attempt_outcome: str | None
+    ) -> None:
+        if attempt_outcome == "completed":
+            node.recent_failures.clear()
+        elif failure is not None and not failure.job_fault and failure.kind != "lost":
+            node.recent_failures.append((job.view.job_id, (failure.kind, failure.exit_code)))
+        node.view.failures = len(node.recent_failures)
+
+    def quarantine_due(self, name: str, *, after: int, distinct_jobs: int) -> str | None:
+        """Return why ``name`` should be quarantined now (enough failures from enough jobs)."""
+        node = self._nodes.get(name)
+        if node is None or node.view.health != "online":
+            return None
+        failures = node.recent_failures
+        jobs = {job for job, _ in failures}
+        if len(failures) >= after and len(jobs) >= distinct_jobs:
+            return (
+                f"{len(failures)} failed attempts in a row from {len(jobs)} jobs "
+                f"({', '.join(sorted(jobs)[:3])})"
+            )
+        return None
 
     # -- nodes ----------------------------------------------------------------------------------
 
@@ -305,267 +747,402 @@ class SchedulerCore:
         *,
         labels: tuple[str, ...] = (),
         health: str = "online",
+        reachable: str = "connected",
     ) -> None:
         """Add (or refresh) a node; a known node keeps its running reservations."""
         node = self._nodes.get(name)
         if node is None:
-            node = self._nodes[name] = _Node(name, capacity, capacity, labels, health)
+            view = NodeView(
+                name=name,
+                capacity=capacity,
+                free=capacity,
+                labels=labels,
+                health=health,
+                reachable=reachable,
+                label_map=parse_labels(labels),
+            )
+            node = self._nodes[name] = _Node(view=view)
+            self.farm.nodes[name] = view  # type: ignore[index]
+            self.farm.running[name] = node.running  # type: ignore[index]
         else:
-            used = list(node.running.values())
             free = capacity
-            for request in used:
-                free = subtract(free, request) if fits(request, free) else free
-            node.capacity, node.free, node.labels, node.health = capacity, free, labels, health
+            for running in node.running.values():
+                part = self._split_request(running.request)[0]
+                free = subtract(free, part) if fits(part, free) else free
+            view = node.view
+            view.capacity, view.free, view.labels = capacity, free, labels
+            view.label_map = parse_labels(labels)
+            view.health, view.reachable = health, reachable
         self._reindex_node(node)
 
-    def set_health(self, name: str, health: NodeHealth) -> None:
+    def set_health(
+        self, name: str, health: NodeHealth, *, reason: str = "", by: str = "engine"
+    ) -> None:
         """Change a node's health (only ``online`` nodes get new work)."""
         node = self._nodes[name]
-        node.health = health
+        node.view.health = health
+        node.view.health_reason = reason
+        node.view.health_by = by
+        if health != "quarantined":
+            node.recent_failures.clear()
+            node.view.failures = 0
         self._reindex_node(node)
+
+    def set_reachable(self, name: str, reachable: str) -> None:
+        """Change a node's connection state (only ``connected`` nodes get new work)."""
+        node = self._nodes[name]
+        node.view.reachable = reachable
+        self._reindex_node(node)
+
+    def set_drain_at(self, name: str, when: datetime | None) -> None:
+        """Plan a drain: work that cannot finish before ``when`` is not placed there."""
+        self._nodes[name].view.drain_at = when
 
     def node_health(self, name: str) -> NodeHealth | None:
         """Return a node's health, or None if unknown."""
         node = self._nodes.get(name)
-        return node.health if node else None
+        return node.view.health if node else None
+
+    def node_view(self, name: str) -> NodeView | None:
+        """Return a node's view, or None if unknown."""
+        node = self._nodes.get(name)
+        return node.view if node else None
 
     def running_on(self, name: str) -> list[tuple[str, int]]:
         """Return the (job, task) attempts running on a node."""
         node = self._nodes.get(name)
         return sorted(node.running) if node else []
 
-    def consecutive_failures(self, name: str) -> int:
-        """Return how many attempts failed in a row on a node."""
-        node = self._nodes.get(name)
-        return node.consecutive_failures if node else 0
+    def node_summaries(self) -> list[NodeSummary]:
+        """Describe every node, by name."""
+        return [
+            NodeSummary(
+                name=node.view.name,
+                health=_display_health(node.view),
+                capacity=node.view.capacity,
+                free=node.view.free,
+                running=len(node.running),
+                labels=node.view.labels,
+                consecutive_failures=node.view.failures,
+                drain_at=node.view.drain_at.isoformat() if node.view.drain_at else None,
+                reason=node.view.health_reason,
+            )
+            for node in sorted(self._nodes.values(), key=lambda n: n.view.name)
+        ]
 
     # -- placement ------------------------------------------------------------------------------
 
     def place(self, now: datetime, *, limit: int | None = None) -> list[Placement]:
         """Run one placement cycle: rank jobs, place runnable tasks onto fitting nodes."""
         policy = self.policy
-        views = {job_id: self._job_view(job) for job_id, job in self._jobs.items() if job.ready}
+        farm = self.farm
+        self.cycles += 1
         self.blocked = []
-        if not views:
+        candidates: list[_Job] = []
+        for job in self._jobs.values():
+            if not job.ready or job.view.status != "active":
+                continue
+            if job.hold is not None and job.hold.until is not None and job.hold.until > now:
+                continue
+            job.policy_error = None
+            candidates.append(job)
+        if not candidates:
             return []
-        order = sorted(views, key=lambda job_id: policy.rank(views[job_id], now))
-        farm = self.last_farm = self._farm_view(views)
+        keyed: list[tuple[Any, _Job]] = []
+        for job in candidates:
+            key = self._guarded(job, None, policy.rank, job.view, farm, now)
+            if key is not None:
+                keyed.append((key, job))
+        try:
+            keyed.sort(key=lambda item: item[0])
+        except TypeError as error:  # keys of different shapes: a policy bug
+            for _, job in keyed:
+                job.policy_error = f"policy error: rank: {error}"
+            return []
         placements: list[Placement] = []
-        for job_id in order:
-            job = self._jobs[job_id]
-            view = views[job_id]
+        timing = self.decision_seconds
+        for _, job in keyed:
+            view = job.view
+            hold = self._guarded(job, None, policy.admit_job, view, farm, now)
+            if _held_by_error(job):
+                continue
+            job.hold = hold
+            if hold is not None:
+                if hold.until is not None and hold.until > now:
+                    self.hold_wakeups.append(hold.until)
+                continue
             job.deferred = None
-            unplaceable: set[Resources] = set()
+            if not self.exhaustive and not any(self._fit_index.get(k) for k in job.distinct):
+                self._note_blocked(job, next(iter(job.ready)))
+                continue
+            unplaceable: set[FitKey] = set()
             for index in list(job.ready):
                 task = job.tasks[index]
                 if task.not_before is not None and task.not_before > now:
                     continue
-                if task.request in unplaceable:
+                key = job.keys[index]
+                if key in unplaceable:
                     continue
-                began = perf_counter() if self.decision_seconds is not None else 0.0
-                task_view = self._task_view(job, index)
-                reason = policy.admit(view, task_view, farm, now)
+                began = perf_counter() if timing is not None else 0.0
+                reason = self._guarded(job, None, policy.admit, view, task, farm, now)
+                if _held_by_error(job):
+                    break
                 if reason is not None:
                     job.deferred = reason
                     continue
-                node = self._choose_node(job, view, task_view, now)
-                if self.decision_seconds is not None and node is None:
-                    self.decision_seconds.append(perf_counter() - began)
+                node = self._choose_node(job, task, now)
+                if timing is not None:
+                    timing.append(perf_counter() - began)
                 if node is None:
-                    if len(self.blocked) < _MAX_BLOCKED:
-                        self.blocked.append((view, task_view))
-                    unplaceable.add(task.request)
-                    if len(unplaceable) >= job.shapes:
+                    self._note_blocked(job, index)
+                    unplaceable.add(key)
+                    if len(unplaceable) >= len(job.distinct):
                         break  # the rest of its queue would be skipped one by one
                     continue
                 self._dequeue(job, index)
-                self._reserve(job, index, node.name)
-                if self.decision_seconds is not None:
-                    self.decision_seconds.append(perf_counter() - began)
-                placements.append(Placement(job_id, index, node.name, task.request))
+                self._reserve(job, index, node.view.name, started_at=now)
+                placements.append(Placement(view.job_id, index, node.view.name, task.request))
                 if limit is not None and len(placements) >= limit:
                     self.placements_made += len(placements)
                     return placements
         self.placements_made += len(placements)
         return placements
 
-    def _choose_node(self, job: _Job, view: JobView, task: TaskView, now: datetime) -> _Node | None:
-        if self.exhaustive:
-            return self._choose_node_exhaustively(job, view, task, now)
-        candidates = self._fit_index.get(task.request)
-        if not candidates:
+    def _note_blocked(self, job: _Job, index: int) -> None:
+        if len(self.blocked) < _MAX_BLOCKED:
+            self.blocked.append((job.view, job.tasks[index]))
+
+    def preemption_choices(self, now: datetime) -> list[tuple[tuple[str, int], Preemption]]:
+        """Offer the tasks the last cycle could not place to the policy's preemption hook.
+
+        Returns (the waiting task, a preemption) pairs that are still valid: the victim runs
+        where the policy says, and is not already yielding.
+        """
+        if not self.blocked:
+            return []
+        waiting_for = set(self.preempting.values())
+        chosen: list[tuple[tuple[str, int], Preemption]] = []
+        for job_view, task_view in self.blocked:
+            blocked = (job_view.job_id, task_view.index)
+            job = self._jobs.get(job_view.job_id)
+            if blocked in waiting_for or job is None:
+                continue
+            choices = self._guarded(
+                job, (), self.policy.preemptions, job_view, task_view, self.farm, now
+            )
+            for choice in choices:
+                victim = (choice.victim_job, choice.victim_task)
+                if victim in self.preempting or not self.is_running_on(victim, choice.node):
+                    continue
+                self.preempting[victim] = blocked
+                waiting_for.add(blocked)
+                chosen.append((blocked, choice))
+        return chosen
+
+    def _choose_node(self, job: _Job, task: TaskView, now: datetime) -> _Node | None:
+        node_part, pool_part = self._split_request(task.request)
+        if pool_part and not self.pool.can_acquire(pool_part):
             return None
+        if self.exhaustive:
+            names: Iterable[str] = self._nodes
+        else:
+            found = self._fit_index.get(job.keys[task.index])
+            if not found:
+                return None
+            names = found
         policy = self.policy
+        view = job.view
         best: _Node | None = None
         best_score = 0.0
         looked = 0
-        for name in candidates:
+        runtime = view.spec.task_max_runtime(task.index)
+        for name in names:
+            node = self._nodes[name]
+            node_view = node.view
+            if self.exhaustive and (
+                not node_view.accepts_work
+                or not fits(node_part, node_view.free)
+                or node_view.satisfies(task.requires) is not None
+            ):
+                continue
             until = job.blocklist.get(name)
             if until is not None and until > now:
                 continue
-            node = self._nodes[name]
-            node_view = node.view
-            if node_view is None:
-                node_view = node.view = self._node_view(node)
-            score = policy.node_score(view, task, node_view, now)
+            if task.avoid and name in task.avoid and len(task.avoid) < len(self._nodes):
+                continue
+            drain_at = node_view.drain_at
+            if (
+                drain_at is not None
+                and runtime is not None
+                and now + timedelta(seconds=runtime) > drain_at
+            ):
+                continue
+            score = self._guarded(job, None, policy.node_score, view, task, node_view, now)
             if score is None:
                 continue
             if best is None or score > best_score:
                 best, best_score = node, score
             looked += 1
-            if looked >= policy.max_candidates:
+            if looked >= policy.max_candidates and not self.exhaustive:
                 break
         return best
 
-    def _choose_node_exhaustively(
-        self, job: _Job, view: JobView, task: TaskView, now: datetime
-    ) -> _Node | None:
-        best: _Node | None = None
-        best_score = 0.0
-        for node in self._nodes.values():
-            if node.health != "online" or not fits(task.request, node.free):
-                continue
-            until = job.blocklist.get(node.name)
-            if until is not None and until > now:
-                continue
-            node_view = node.view
-            if node_view is None:
-                node_view = node.view = self._node_view(node)
-            score = self.policy.node_score(view, task, node_view, now)
-            if score is not None and (best is None or score > best_score):
-                best, best_score = node, score
-        return best
-
-    def _reserve(self, job: _Job, index: int, node_name: str) -> None:
+    def _reserve(
+        self, job: _Job, index: int, node_name: str, *, started_at: datetime | None
+    ) -> None:
         node = self._nodes[node_name]
-        request = job.tasks[index].request
-        node.free = subtract(node.free, request) if fits(request, node.free) else node.free
-        node.running[(job.job_id, index)] = request
+        task = job.tasks[index]
+        node_part, pool_part = self._split_request(task.request)
+        if pool_part:
+            holder = f"{job.view.job_id}/{index}"
+            self.pool.release(holder)
+            self.pool.try_acquire(holder, pool_part)
+            self._refresh_counters()
+        view = node.view
+        view.free = subtract(view.free, node_part) if fits(node_part, view.free) else view.free
+        node.running[(job.view.job_id, index)] = RunningView(
+            job_id=job.view.job_id,
+            task=index,
+            request=task.request,
+            node=node_name,
+            attempt=task.attempt + 1,
+            started_at=started_at,
+            progress=task.progress,
+            checkpoint_at=task.checkpoint_at,
+            preemptions=task.preemptions,
+            job=job.view,
+        )
+        view.running = len(node.running)
         job.running[index] = node_name
+        job.view.running += 1
+        placements = self.farm.placements
+        placements.setdefault(job.view.job_id, {})[index] = node_name  # type: ignore[attr-defined]
         self._reindex_node(node)
 
     def _release(self, job: _Job, index: int) -> None:
         node_name = job.running.pop(index, None)
         if node_name is None:
             return
+        job.view.running -= 1
+        job_places = self.farm.placements.get(job.view.job_id)
+        if job_places is not None:
+            job_places.pop(index, None)  # type: ignore[attr-defined]
+            if not job_places:
+                del self.farm.placements[job.view.job_id]  # type: ignore[attr-defined]
+        holder = f"{job.view.job_id}/{index}"
+        if self.pool.release(holder):
+            self._refresh_counters()
         node = self._nodes.get(node_name)
         if node is None:
             return
-        request = node.running.pop((job.job_id, index), None)
-        if request is not None:
-            node.free = add(node.free, request, capacity=node.capacity)
+        running = node.running.pop((job.view.job_id, index), None)
+        node.view.running = len(node.running)
+        if running is None:
+            return
+        part = self._split_request(running.request)[0]
+        node.view.free = add(node.view.free, part, capacity=node.view.capacity)
         self._reindex_node(node)
 
-    # -- the placement index ----------------------------------------------------------------------
+    def _refresh_counters(self) -> None:
+        free = self.farm.counters_free
+        for name in self.pool.limits:
+            free[name] = self.pool.available(name)  # type: ignore[index]
+
+    def _split_request(self, request: Resources) -> tuple[Resources, dict[str, int]]:
+        split = self._split.get(request)
+        if split is None:
+            split = self._split[request] = (
+                self.pool.split(request) if request.counters else (request, {})
+            )
+        return split
 
     def _enqueue(self, job: _Job, index: int) -> None:
-        if index in job.ready or index in job.running:
+        if index in job.ready:
             return
         job.ready[index] = None
-        request = job.tasks[index].request
-        refs = self._index_refs.get(request, 0)
-        self._index_refs[request] = refs + 1
+        job.view.queued += 1
+        key = job.keys[index]
+        refs = self._index_refs.get(key, 0)
+        self._index_refs[key] = refs + 1
         if refs == 0:
-            self._fit_index[request] = {
+            request, requires = key
+            self._fit_index[key] = {
                 name: None
                 for name, node in self._nodes.items()
-                if node.health == "online" and fits(request, node.free)
+                if node.view.accepts_work
+                and fits(request, node.view.free)
+                and node.view.satisfies(requires) is None
             }
 
     def _dequeue(self, job: _Job, index: int) -> None:
         if index not in job.ready:
             return
         del job.ready[index]
-        request = job.tasks[index].request
-        refs = self._index_refs[request] - 1
+        job.view.queued -= 1
+        key = job.keys[index]
+        refs = self._index_refs[key] - 1
         if refs:
-            self._index_refs[request] = refs
+            self._index_refs[key] = refs
         else:
-            del self._index_refs[request]
-            del self._fit_index[request]
+            del self._index_refs[key]
+            del self._fit_index[key]
 
     def _reindex_node(self, node: _Node) -> None:
-        node.view = None
-        online = node.health == "online"
-        for request, members in self._fit_index.items():
-            if online and fits(request, node.free):
-                members[node.name] = None
+        view = node.view
+        accepts = view.accepts_work
+        name = view.name
+        free = view.free
+        for (request, requires), members in self._fit_index.items():
+            if accepts and fits(request, free) and view.satisfies(requires) is None:
+                members[name] = None
             else:
-                members.pop(node.name, None)
+                members.pop(name, None)
 
-    # -- views and explanations -----------------------------------------------------------------
+    # -- explanations ---------------------------------------------------------------------------
 
-    def _job_view(self, job: _Job) -> JobView:
-        return JobView(
-            job_id=job.job_id,
-            spec=job.spec,
-            submitted_at=job.submitted_at,
-            running=len(job.running),
-            queued=len(job.ready),
-            completed=job.completed,
-            total=len(job.tasks),
-        )
-
-    def _task_view(self, job: _Job, index: int) -> TaskView:
+    def _placement_failure(self, job: _Job, index: int, now: datetime) -> str:
         task = job.tasks[index]
-        return TaskView(
-            job_id=job.job_id,
-            index=index,
-            request=task.request,
-            attempt=task.attempt,
-            failures=task.failures,
-            last_node=task.last_node,
-        )
-
-    @staticmethod
-    def _node_view(node: _Node) -> NodeView:
-        return NodeView(
-            name=node.name,
-            capacity=node.capacity,
-            free=node.free,
-            labels=node.labels,
-            running=len(node.running),
-            health=node.health,
-        )
-
-    def _farm_view(self, views: dict[str, JobView]) -> FarmView:
-        jobs = self._jobs
-        return FarmView(
-            nodes={name: self._node_view(node) for name, node in self._nodes.items()},
-            jobs=views,
-            placements={job_id: list(job.running.values()) for job_id, job in jobs.items()},
-            running={
-                name: [
-                    RunningView(
-                        job_id=job_id,
-                        task=index,
-                        request=request,
-                        priority=jobs[job_id].spec.priority,
-                        preemptible=jobs[job_id].spec.preemptible
-                        and (job_id, index) not in self.preempting,
-                    )
-                    for (job_id, index), request in node.running.items()
-                    if job_id in jobs
-                ]
-                for name, node in self._nodes.items()
-                if node.running
-            },
-        )
-
-    def _placement_failure(self, job: _Job, request: Resources, now: datetime) -> str:
-        online = [n for n in self._nodes.values() if n.health == "online"]
-        if not self._nodes:
-            return "no node has joined the farm yet"
-        if not online:
-            return "no node is online"
-        able = [n for n in online if fits(request, n.capacity)]
+        node_part, pool_part = self._split_request(task.request)
+        if pool_part and not self.pool.can_acquire(pool_part):
+            short = [
+                f"{name} ({self.pool.available(name)} of {self.pool.limits[name]} free)"
+                for name, count in sorted(pool_part.items())
+                if self.pool.available(name) < count
+            ]
+            return "waiting for farm-wide licence " + ", ".join(short)
+        never = self.never_fits(job.view.spec, index)
+        if never is not None:
+            return never
+        accepting = [n for n in self._nodes.values() if n.view.accepts_work]
+        if not accepting:
+            states = sorted({_display_health(n.view) for n in self._nodes.values()})
+            return f"no node is online (nodes are {', '.join(states)})"
+        able = [
+            n
+            for n in accepting
+            if fits(node_part, n.view.capacity) and n.view.satisfies(task.requires) is None
+        ]
         if not able:
-            biggest = max(online, key=lambda n: _size(n.capacity))
-            missing = "; ".join(str(s) for s in shortfall(request, biggest.capacity))
-            return f"no online node is big enough (largest, {biggest.name}, lacks {missing})"
-        allowed = [n for n in able if not (job.blocklist.get(n.name, now) > now)]
+            sized = [n for n in accepting if fits(node_part, n.view.capacity)]
+            if sized:
+                return f"no online node has {_missing_labels(sized, task.requires)}"
+            biggest = max(accepting, key=lambda n: _size(n.view.capacity))
+            lacks = "; ".join(str(s) for s in shortfall(node_part, biggest.view.capacity))
+            return f"no online node is big enough (largest, {biggest.view.name}, lacks {lacks})"
+        allowed = [n for n in able if not (job.blocklist.get(n.view.name, now) > now)]
         if not allowed:
             return f"every node that fits is blocklisted for this job ({len(able)} nodes)"
+        runtime = job.view.spec.task_max_runtime(index)
+        if runtime is not None:
+            ends = now + timedelta(seconds=runtime)
+            before = [n for n in allowed if n.view.drain_at is None or ends <= n.view.drain_at]
+            if not before:
+                first = min(n.view.drain_at for n in allowed if n.view.drain_at is not None)
+                return (
+                    f"every node that fits drains before it could finish (max_runtime "
+                    f"{runtime:.0f} s; first drain at {first.isoformat()})"
+                )
+            allowed = before
         return f"all {len(allowed)} nodes that fit are busy"
 
     def why(self, job_id: str, now: datetime) -> list[str]:
@@ -573,30 +1150,98 @@ class SchedulerCore:
         job = self._jobs.get(job_id)
         if job is None:
             return [f"job {job_id} is not waiting (unknown or finished)"]
-        lines = [self.policy.explain_rank(self._job_view(job), now)]
+        view = job.view
+        lines = [self._guarded(job, "", self.policy.explain_rank, view, now)]
+        described = self._guarded(job, {}, self.policy.describe, view, now)
+        lines.extend(f"{key}: {value}" for key, value in described.items())
+        if view.status != "active":
+            lines.append(f"the job is {view.status}")
+        if job.policy_error:
+            lines.append(f"held: {job.policy_error}")
+        if job.hold is not None and (job.hold.until is None or job.hold.until > now):
+            until = f" until {job.hold.until.isoformat()}" if job.hold.until else ""
+            lines.append(f"held by policy{until}: {job.hold.reason}")
         if job.running:
             lines.append(f"{len(job.running)} task(s) running")
         waiting: dict[str, list[int]] = {}
-        for index, task in enumerate(job.tasks):
-            if index in job.running or self.graph.outcome(TaskRef(job_id, index)) is not None:
+        for index in range(len(job.tasks)):
+            if index in job.running or index in job.finished:
                 continue
-            reason = self._task_reason(job, index, task, now)
+            reason = self._task_reason(job, index, now)
             waiting.setdefault(reason, []).append(index)
         for reason, indices in waiting.items():
-            lines.append(f"task(s) {_ranges(indices)}: {reason}")
-        return lines
+            lines.append(f"{self._task_names(job, indices)}: {reason}")
+        return [line for line in lines if line]
 
-    def _task_reason(self, job: _Job, index: int, task: _Task, now: datetime) -> str:
+    def _task_names(self, job: _Job, indices: list[int]) -> str:
+        names = [job.tasks[i].name for i in indices]
+        if all(name.isdigit() or "-" in name for name in names) and all(
+            job.tasks[i].frames for i in indices
+        ):
+            frames: list[int] = []
+            for i in indices:
+                first, last = job.tasks[i].frames or (0, 0)
+                frames.extend(range(first, last + 1))
+            return f"frame(s) {_ranges(frames)}"
+        if all(name == str(i) for name, i in zip(names, indices, strict=True)):
+            return f"task(s) {_ranges(indices)}"
+        shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+        return f"task(s) {shown}"
+
+    def _task_reason(self, job: _Job, index: int, now: datetime) -> str:
+        if index in job.held:
+            return f"held: {job.held[index]} (taskfarm retry releases it)"
         if index not in job.ready:
-            blocked = self.graph.blockers(TaskRef(job.job_id, index))
+            ref = TaskRef(job.view.job_id, index)
+            unreachable = self.graph.unreachable(ref)
+            if unreachable is not None:
+                return f"can no longer run: {unreachable}"
+            blocked = self.graph.blockers(ref)
             if blocked:
                 return "waiting on " + "; ".join(b.reason for b in blocked)
             return "waiting to be dispatched"
+        task = job.tasks[index]
         if task.not_before is not None and task.not_before > now:
             return f"retry backoff until {task.not_before.isoformat()}"
+        if job.view.status != "active":
+            return f"the job is {job.view.status}"
+        if job.policy_error:
+            return job.policy_error
+        if job.hold is not None and (job.hold.until is None or job.hold.until > now):
+            return f"held by policy: {job.hold.reason}"
         if job.deferred:
             return f"deferred by policy: {job.deferred}"
-        return self._placement_failure(job, task.request, now)
+        return self._placement_failure(job, index, now)
+
+    def task_status(self, job_id: str, index: int) -> str | None:
+        """Return ``blocked`` or ``held`` for a pending task that cannot run yet, else None."""
+        job = self._jobs.get(job_id)
+        if job is None or index in job.running or index in job.finished:
+            return None
+        if index in job.held:
+            return "held"
+        if index not in job.ready:
+            return "blocked"
+        return None
+
+    def describe(self, job_id: str, now: datetime) -> tuple[dict[str, str], dict[int, str]]:
+        """Return a live job's policy columns and the status of its tasks that cannot run
+        yet (``blocked`` on a dependency, ``held`` for an operator)."""
+        job = self._jobs.get(job_id)
+        if job is None:
+            return {}, {}
+        view = job.view
+        domain = dict(self._guarded(job, {}, self.policy.describe, view, now))
+        statuses: dict[int, str] = {}
+        for index in range(len(job.tasks)):
+            status = self.task_status(job_id, index)
+            if status is not None:
+                statuses[index] = status
+        return domain, statuses
+
+    def policy_wants_history(self) -> bool:
+        """Return whether the policy rebuilds learned state from the journal on start."""
+        return bool(getattr(self.policy, "history", False))
 
     def statistics(self) -> dict[str, int]:
         """Return queue and node counts."""
@@ -606,8 +1251,32 @@ class SchedulerCore:
             "running": sum(len(j.running) for j in self._jobs.values()),
             "nodes": len(self._nodes),
             "placements": self.placements_made,
+            "cycles": self.cycles,
             "index_shapes": len(self._fit_index),
         }
+
+
+def _missing_labels(nodes: Sequence[_Node], requires: tuple[str, ...]) -> str:
+    """Name the required labels the closest node lacks (``the label 'os=linux' (required:
+    gpu, os=linux)``)."""
+    best: list[str] | None = None
+    for node in nodes:
+        missing = [r for r in requires if node.view.satisfies((r,)) is not None]
+        if best is None or len(missing) < len(best):
+            best = missing
+    missing = best or list(requires)
+    noun = "the label" if len(missing) == 1 else "the labels"
+    return f"{noun} {', '.join(repr(m) for m in missing)} (required: {', '.join(requires)})"
+
+
+def _held_by_error(job: _Job) -> bool:
+    return job.policy_error is not None
+
+
+def _display_health(view: NodeView) -> str:
+    if view.reachable != "connected" and view.health in ("online", "draining"):
+        return view.reachable if view.health == "online" else f"draining ({view.reachable})"
+    return view.health
 
 
 def _size(capacity: Resources) -> tuple[int, int, int]:

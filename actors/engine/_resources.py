@@ -225,21 +225,26 @@ def subtract(free: Resources, request: Resources) -> Resources:
     Raises:
         ResourceError: the request does not fit; ``dimension`` names the first short one.
     """
-    short = shortfall(request, free)
-    if short:
+    if not fits(request, free):
+        short = shortfall(request, free)
         raise ResourceError(
             f"cannot allocate {request} from {free}: {short[0]}", dimension=short[0].dimension
         )
-    counters = dict(free.counters)
-    for name, count in request.counters:
-        counters[name] -= count
-    return Resources(
+    counters = free.counters
+    if request.counters:
+        left = dict(counters)
+        for name, count in request.counters:
+            left[name] -= count
+        counters = tuple(left.items())
+    # The result is non-negative by construction (it fits): no need to re-validate it, which
+    # would cost more than the subtraction on placement's hot path.
+    return msgspec.structs.replace(
+        free,
         millicores=free.millicores - request.millicores,
         memory=free.memory - request.memory,
         gpus=free.gpus - request.gpus,
-        gpu_memory=free.gpu_memory,
         scratch=free.scratch - request.scratch,
-        counters=tuple(counters.items()),
+        counters=counters,
     )
 
 
@@ -251,30 +256,34 @@ def add(free: Resources, request: Resources, *, capacity: Resources | None = Non
     Raises:
         ResourceError: the result would exceed ``capacity``; ``dimension`` names where.
     """
-    counters = dict(free.counters)
-    for name, count in request.counters:
-        counters[name] = counters.get(name, 0) + count
-    result = Resources(
+    counters = free.counters
+    if request.counters:
+        total = dict(counters)
+        for name, count in request.counters:
+            total[name] = total.get(name, 0) + count
+        counters = tuple(sorted(total.items()))
+    result = msgspec.structs.replace(
+        free,
         millicores=free.millicores + request.millicores,
         memory=free.memory + request.memory,
         gpus=free.gpus + request.gpus,
-        gpu_memory=free.gpu_memory,
         scratch=free.scratch + request.scratch,
-        counters=tuple(counters.items()),
+        counters=counters,
     )
-    if capacity is not None:
+    # gpu_memory is per device and never summed, so ``fits`` compares the rest.
+    if capacity is not None and not fits(result, capacity):
         over = shortfall(
             msgspec.structs.replace(result, gpu_memory=0),
             msgspec.structs.replace(capacity, gpu_memory=0),
         )
-        if over:
-            raise ResourceError(
-                f"releasing {request} would exceed capacity: {over[0].dimension} would be "
-                f"{over[0].requested}, capacity is {over[0].available}",
-                dimension=over[0].dimension,
-            )
-    for dim in DIMENSIONS:
-        _check_quantity(getattr(result, dim), dim)
+        raise ResourceError(
+            f"releasing {request} would exceed capacity: {over[0].dimension} would be "
+            f"{over[0].requested}, capacity is {over[0].available}",
+            dimension=over[0].dimension,
+        )
+    if result.millicores > _MAX or result.memory > _MAX or result.scratch > _MAX:
+        for dim in DIMENSIONS:
+            _check_quantity(getattr(result, dim), dim)
     return result
 
 

@@ -1,45 +1,64 @@
 """The scheduler actor: admits submissions, runs placement cycles, reacts to ends and nodes.
 
 It never waits on I/O in the hot path: placements go to job actors as ``Dispatch`` tells (each
-job journals its own assignments, in parallel, through the journal's group commit).  Triggers
-are coalesced: any number of events between two cycles cause one cycle.  A periodic timer on the
-injected clock runs a cycle too, for policies whose judgement changes with time alone.
+job journals its own assignments, in parallel, through the journal's group commit), and a
+submission is journaled by the engine in one atomic append while placement goes on.  Triggers
+are coalesced: any number of events between two cycles cause one cycle.  A periodic timer on
+the injected clock runs a cycle too, and so do the policy's own wake-ups (``next_wakeup``), job
+holds that expire, retry backoffs and blocklist expiries, each at its exact time.
 """
 
 from __future__ import annotations
 
 import heapq
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any, assert_never
 
+from actors._errors import SpecError
 from persistence import Journal
-from runtime import Actor, ActorRef, TaskfarmError, get_logger
+from runtime import Actor, ActorRef, ConfigurationError, TaskfarmError, get_logger
 
-from ._events import NodeQuarantined, NodeRegistered, node_stream
+from ._events import NodeHealthChanged, NodeRegistered, node_stream, policy_stream
 from ._graph import Outcome
 from ._messages import (
     AdmitJobs,
     AttemptLost,
-    CreateJob,
+    CancelTasks,
+    DecideRetry,
+    DescribeJob,
     Dispatch,
     GetNodes,
+    JobChanged,
     JobEnded,
+    JobRevived,
+    JobsAdded,
     Kick,
     NodeJoined,
     NodeLeft,
+    PolicyCommand,
     PreemptTask,
+    ReleaseJobIds,
     SetNodeHealth,
+    SetNodeReachable,
     TaskEnded,
+    TaskUpdate,
     Unplace,
     WhyJob,
 )
 from ._placement import SchedulerCore
+from ._policy import (
+    NodeChanged,
+    TaskEndedObservation,
+    TaskProgressObservation,
+    TaskStartedObservation,
+)
 from ._settings import EngineSettings
+from ._spec import SubmitJob
 from ._summaries import NodeSummary
 
-__all__ = ["GraceExpired", "Recovered", "SchedulerActor"]
+__all__ = ["DrainDue", "GraceExpired", "KnownNode", "Recovered", "SchedulerActor"]
 
 _log = get_logger("actors.scheduler")
 
@@ -52,22 +71,61 @@ class Recovered(Kick, frozen=True, kw_only=True, tag="engine.cmd.recovered"):
     """Every recovered job actor runs: the restart grace period starts now."""
 
 
+class DrainDue(Kick, frozen=True, kw_only=True, tag="engine.cmd.drain_due"):
+    """A planned drain's time has come: the node drains, what runs there yields."""
+
+    name: str
+
+
 SchedulerMessage = (
     AdmitJobs
+    | JobsAdded
+    | ReleaseJobIds
+    | JobRevived
     | TaskEnded
+    | TaskUpdate
+    | DecideRetry
     | Unplace
     | JobEnded
+    | JobChanged
     | NodeJoined
     | NodeLeft
     | SetNodeHealth
+    | SetNodeReachable
     | Kick
     | WhyJob
+    | DescribeJob
+    | PolicyCommand
     | GetNodes
 )
 
 
+class KnownNode:
+    """A node as the journal knows it: identity, and the health an operator gave it."""
+
+    __slots__ = ("by", "capacity", "drain_at", "health", "labels", "reason", "remote")
+
+    def __init__(
+        self,
+        capacity: Any,
+        labels: tuple[str, ...],
+        remote: bool,
+        health: str = "online",
+        drain_at: datetime | None = None,
+        reason: str = "",
+        by: str = "engine",
+    ) -> None:
+        self.by = by
+        self.capacity = capacity
+        self.labels = labels
+        self.remote = remote
+        self.health = health
+        self.drain_at = drain_at
+        self.reason = reason
+
+
 class SchedulerActor(Actor[SchedulerMessage]):
-    """Owns the queues and the placement index (the :class:`SchedulerCore`)."""
+    """Owns the queues, the live views and the placement index (the :class:`SchedulerCore`)."""
 
     def __init__(
         self,
@@ -75,32 +133,37 @@ class SchedulerActor(Actor[SchedulerMessage]):
         core: SchedulerCore,
         journal: Journal,
         settings: EngineSettings,
-        spawn_job: Callable[[str], Awaitable[ActorRef[Any]]],
         job_ref: Callable[[str], ActorRef[Any] | None],
         on_job_ended: Callable[[str, Outcome], None],
         in_doubt: dict[tuple[str, int], str] | None = None,
-        known_nodes: dict[str, tuple[Any, ...]] | None = None,
+        known_nodes: dict[str, KnownNode] | None = None,
     ) -> None:
         self.core = core
         self.journal = journal
         self.settings = settings
-        self.spawn_job = spawn_job
         self.job_ref = job_ref
         self.on_job_ended = on_job_ended
         # Attempts running when the coordinator stopped: (job, task) -> node, until re-claimed.
         self.in_doubt = dict(in_doubt or {})
         self._kick_queued = False
-        self._known_nodes: dict[str, tuple[Any, ...]] = dict(known_nodes or {})
-        # Times at which queued work becomes placeable (retry backoffs, blocklist expiries):
-        # one timer, armed for the earliest, so a retry starts on time, not at the next cycle.
+        self._known_nodes: dict[str, KnownNode] = dict(known_nodes or {})
+        # Ids of submissions validated but not yet journaled (no second job may take them).
+        self._reserved: set[str] = set()
+        # Times at which queued work becomes placeable (retry backoffs, blocklist expiries,
+        # holds, the policy's wake-ups): one timer, armed for the earliest.
         self._wakeups: list[datetime] = []
         self._armed: datetime | None = None
+        core.on_unreachable = self._cancel_unreachable
 
     async def on_start(self) -> None:
         interval = self.core.policy.cycle_interval
         self.context.start_timer("cycle", Kick(), delay=interval, interval=interval)
-        for when in self.core.wakeups(self.context.clock.now()):
+        now = self.context.clock.now()
+        for when in self.core.wakeups(now):
             self._wake_at(when)
+        for name, known in self._known_nodes.items():
+            if known.drain_at is not None:
+                self._arm_drain(name, known.drain_at)
 
     def _wake_at(self, when: datetime) -> None:
         heapq.heappush(self._wakeups, when)
@@ -126,23 +189,25 @@ class SchedulerActor(Actor[SchedulerMessage]):
         core = self.core
         match message:
             case AdmitJobs(specs=specs, source=source):
-                return await self._submit(specs, source)
+                return self._admit(specs, source)
+            case JobsAdded(specs=specs, submitted_at=at):
+                for spec in specs:
+                    self._reserved.discard(spec.job_id)
+                    core.add_job(spec, submitted_at=at)
+                    _log.info("job_submitted", job_id=spec.job_id, tasks=len(spec.tasks))
+                self._kick()
+            case ReleaseJobIds(job_ids=ids):
+                self._reserved.difference_update(ids)
+            case JobRevived(job_id=job_id, state=state):
+                self._revive(job_id, state)
             case TaskEnded():
-                core.task_ended(
-                    message.job_id,
-                    message.task,
-                    outcome=message.outcome,
-                    retry_at=message.retry_at,
-                    failed_on_node=message.failed_on_node,
-                )
-                if message.blocklist_node and message.blocklist_until:
-                    core.block_node(message.job_id, message.blocklist_node, message.blocklist_until)
-                    self._wake_at(message.blocklist_until)
-                if message.retry_at is not None:
-                    self._wake_at(message.retry_at)
-                self.in_doubt.pop((message.job_id, message.task), None)
+                self._task_ended(message)
                 await self._check_quarantine(message)
                 self._kick()
+            case TaskUpdate():
+                self._task_update(message)
+            case DecideRetry(job_id=job_id, task=task, failure=failure):
+                return core.decide_failure(job_id, task, failure, self.context.clock.now())
             case Unplace(job_id=job_id, task=task):
                 core.unplace(job_id, task)
                 self._kick()
@@ -150,29 +215,26 @@ class SchedulerActor(Actor[SchedulerMessage]):
                 core.job_ended(job_id, outcome)
                 self.on_job_ended(job_id, outcome)
                 self._kick()
+            case JobChanged(job_id=job_id, status=status, spec=spec, released=released):
+                if status is not None:
+                    core.set_job_status(job_id, status)
+                if spec is not None:
+                    core.amend_job(spec)
+                if released:
+                    core.release_held(job_id, released)
+                self._kick()
             case NodeJoined(name=name, capacity=capacity, labels=labels, remote=remote):
                 await self._node_joined(name, capacity, labels, remote)
             case NodeLeft(name=name, reason=reason):
                 self._node_left(name, reason)
-            case SetNodeHealth(name=name, health=health, reason=reason):
-                previous = core.node_health(name)
-                if previous is None:
-                    return False
-                if (previous == "quarantined") != (health == "quarantined"):
-                    # Quarantine is journaled: a restart must remember it, or its release.
-                    await self.journal.append(
-                        node_stream(name),
-                        [
-                            NodeQuarantined(
-                                reason=reason or "set by the operator",
-                                released=health != "quarantined",
-                            )
-                        ],
-                    )
-                core.set_health(name, health)
-                _log.info("node_health_changed", node_id=name, health=health, reason=reason)
-                self._kick()
-                return True
+            case SetNodeHealth(name=name, health=health, reason=reason, drain_at=drain_at):
+                return await self._set_health(name, health, reason, drain_at)
+            case SetNodeReachable(name=name, reachable=reachable):
+                if core.node_health(name) is not None:
+                    core.set_reachable(name, reachable)
+                    self._observe_node(name)
+                    _log.info("node_reachability_changed", node_id=name, reachable=reachable)
+                    self._kick()
             case Recovered():
                 # Not armed in on_start: on a virtual clock the grace could run out while the
                 # engine still spawns the recovered jobs, whose in-doubt attempts would then be
@@ -184,12 +246,19 @@ class SchedulerActor(Actor[SchedulerMessage]):
                 self._kick()
             case GraceExpired():
                 self._grace_expired()
+            case DrainDue(name=name):
+                await self._drain_due(name)
             case Kick():
                 self._kick_queued = False
                 self._arm_wakeup()
                 self._cycle()
+                await self._apply_node_actions()
             case WhyJob(job_id=job_id):
                 return "\n".join(core.why(job_id, self.context.clock.now()))
+            case DescribeJob(job_id=job_id):
+                return core.describe(job_id, self.context.clock.now())
+            case PolicyCommand(name=name, arguments=arguments):
+                return await self._policy_command(name, arguments)
             case GetNodes():
                 return self._node_summaries()
             case _:
@@ -198,25 +267,154 @@ class SchedulerActor(Actor[SchedulerMessage]):
 
     # -- submission -----------------------------------------------------------------------------
 
-    async def _submit(self, specs: tuple[Any, ...], source: str) -> list[str] | TaskfarmError:
+    def _admit(
+        self, specs: tuple[SubmitJob, ...], source: str
+    ) -> tuple[SubmitJob, ...] | TaskfarmError:
+        """Validate (and let the policy prepare) a submission; reserve its ids."""
+        core = self.core
+        now = self.context.clock.now()
+        policy = core.policy
         try:
-            self.core.check_submission(specs, source=source)
+            prepared = []
+            for spec in specs:
+                if spec.job_id in self._reserved:
+                    raise SpecError(
+                        path=source or spec.source,
+                        field=f"job {spec.job_id!r}",
+                        problem="a job with this id is being submitted",
+                    )
+                core.check_metadata(spec)
+                try:
+                    policy.validate(spec, now)
+                    spec = policy.prepare(spec, now)
+                except TaskfarmError:
+                    raise
+                except Exception as error:  # a policy bug refuses the job, not the farm
+                    core._policy_failed(None, "validate", error)
+                    raise SpecError(
+                        path=source or spec.source,
+                        field=f"job {spec.job_id!r}",
+                        problem=f"policy error: {type(error).__name__}: {error}",
+                    ) from None
+                prepared.append(spec)
+            core.check_submission(prepared, source=source)
         except TaskfarmError as error:
             return error  # the caller raises it: a bad submission must not crash the scheduler
-        now = self.context.clock.now()
-        for spec in specs:
-            ref = await self.spawn_job(spec.job_id)
-            await ref.ask(CreateJob(spec=spec), timeout=self.settings.report_timeout)
-            self.core.add_job(spec, submitted_at=now)
-            _log.info("job_submitted", job_id=spec.job_id, tasks=len(spec.tasks))
+        self._reserved.update(spec.job_id for spec in prepared)
+        return tuple(prepared)
+
+    def _revive(self, job_id: str, state: Any) -> None:
+        """A finished job was reopened: forget its passivated outcome, track it again."""
+        spec = state.job
+        self.core.graph.reopen(spec.graph_job(), [_outcome_of(t.status) for t in state.tasks])
+        self.core.add_job(spec, submitted_at=state.submitted_at, state=state)
+        _log.info("job_reopened", job_id=job_id)
         self._kick()
-        return [spec.job_id for spec in specs]
+
+    async def _policy_command(self, name: str, arguments: Any) -> Any:
+        """Decide, journal the policy's events, fold them in, reply (or return the error)."""
+        core = self.core
+        now = self.context.clock.now()
+        try:
+            result = core.policy.command(name, arguments, core.farm, now)
+        except TaskfarmError as error:
+            return error
+        except Exception as error:  # a policy bug answers the caller, it does not crash us
+            core._policy_failed(None, f"command {name}", error)
+            return ConfigurationError(
+                f"policy error: {type(error).__name__}: {error}", where=f"command {name}"
+            )
+        if result.events:
+            await self.journal.append(policy_stream(core.policy.name), list(result.events))
+            for event in result.events:
+                core.apply_policy_event(event)
+            self._kick()
+        return result.reply
+
+    # -- task events ----------------------------------------------------------------------------
+
+    def _task_ended(self, message: TaskEnded) -> None:
+        core = self.core
+        now = self.context.clock.now()
+        core.task_ended(
+            message.job_id,
+            message.task,
+            outcome=message.outcome,
+            retry_at=message.retry_at,
+            failure=message.failure,
+            attempt_outcome=message.attempt_outcome,
+            runtime_s=message.runtime_s,
+            lost=message.lost,
+            held=message.held,
+            avoid_node=message.avoid_node,
+            resources=message.resources,
+            checkpoint_at=message.checkpoint_at,
+        )
+        if message.blocklist_node and message.blocklist_until:
+            core.block_node(message.job_id, message.blocklist_node, message.blocklist_until)
+            self._wake_at(message.blocklist_until)
+        if message.retry_at is not None:
+            self._wake_at(message.retry_at)
+        self.in_doubt.pop((message.job_id, message.task), None)
+        if message.attempt_outcome is not None and message.node is not None:
+            view = core.job_view(message.job_id)
+            core.observe(
+                TaskEndedObservation(
+                    job_id=message.job_id,
+                    task=message.task,
+                    node=message.node,
+                    attempt=message.attempt,
+                    outcome=message.attempt_outcome,
+                    runtime_s=message.runtime_s,
+                    at=now,
+                    metrics=dict(message.metrics),
+                    job_type=_job_type(view.spec.labels) if view is not None else "",
+                )
+            )
+
+    def _task_update(self, message: TaskUpdate) -> None:
+        core = self.core
+        now = self.context.clock.now()
+        released = []
+        if message.started and message.node is not None:
+            core.observe(
+                TaskStartedObservation(
+                    job_id=message.job_id,
+                    task=message.task,
+                    node=message.node,
+                    attempt=message.attempt,
+                    at=now,
+                )
+            )
+        if message.progress is not None:
+            released = core.task_progressed(message.job_id, message.task, message.progress)
+            core.observe(
+                TaskProgressObservation(
+                    job_id=message.job_id, task=message.task, fraction=message.progress, at=now
+                )
+            )
+        if message.checkpoint_at is not None:
+            core.task_checkpointed(message.job_id, message.task, message.checkpoint_at)
+        if message.preempted:
+            core.task_preempted(message.job_id, message.task)
+        if released:
+            self._kick()
+
+    def _cancel_unreachable(self, job_id: str, tasks: list[int], reason: str) -> None:
+        """Dependants whose parent can no longer satisfy them are cancelled, naming it."""
+        ref = self.job_ref(job_id)
+        if ref is not None:
+            ref.tell_nowait(CancelTasks(tasks=tuple(tasks), reason=f"dependency failed: {reason}"))
 
     # -- placement ------------------------------------------------------------------------------
 
     def _cycle(self) -> None:
+        core = self.core
         now = self.context.clock.now()
-        placements = self.core.place(now)
+        placements = core.place(now)
+        for when in core.hold_wakeups:
+            self._wake_at(when)
+        core.hold_wakeups.clear()
         self._preempt(now)
         by_job: dict[str, list[tuple[int, str]]] = defaultdict(list)
         for placement in placements:
@@ -225,72 +423,155 @@ class SchedulerActor(Actor[SchedulerMessage]):
             ref = self.job_ref(job_id)
             if ref is None:
                 for task, _node in items:
-                    self.core.unplace(job_id, task)
+                    core.unplace(job_id, task)
                 continue
             ref.tell_nowait(Dispatch(placements=tuple(items)))
+        wakeup = core.next_wakeup(now)
+        if wakeup is not None and wakeup > now:
+            self._wake_at(wakeup)
 
-    def _preempt(self, now: Any) -> None:
-        """Offer the tasks this cycle could not place to the policy's preemption hook."""
-        core = self.core
-        farm = core.last_farm
-        if farm is None or not core.blocked:
-            return
-        waiting_for = set(core.preempting.values())
-        for job_view, task_view in core.blocked:
-            blocked = (job_view.job_id, task_view.index)
-            if blocked in waiting_for:
-                continue  # its victims are still yielding
-            for choice in core.policy.preemptions(job_view, task_view, farm, now):
-                victim = (choice.victim_job, choice.victim_task)
-                if victim in core.preempting or not core.is_running_on(victim, choice.node):
-                    continue
-                ref = self.job_ref(choice.victim_job)
-                if ref is None:
-                    continue
-                core.preempting[victim] = blocked
-                waiting_for.add(blocked)
-                ref.tell_nowait(
-                    PreemptTask(task=choice.victim_task, node=choice.node, reason=choice.reason)
-                )
-                _log.info(
-                    "preemption_requested",
-                    job_id=choice.victim_job,
-                    task=choice.victim_task,
-                    node_id=choice.node,
-                    reason=choice.reason,
-                )
+    async def _apply_node_actions(self) -> None:
+        """Journal and apply the node health changes the policy asks for this cycle."""
+        for action in self.core.node_actions(self.context.clock.now()):
+            await self._set_health(
+                action.node, action.health, action.reason, action.at, by="policy"
+            )
+
+    def _preempt(self, now: datetime) -> None:
+        """Ask the victims the policy chose for the tasks this cycle could not place."""
+        for _blocked, choice in self.core.preemption_choices(now):
+            ref = self.job_ref(choice.victim_job)
+            if ref is None:
+                self.core.preempting.pop((choice.victim_job, choice.victim_task), None)
+                continue
+            ref.tell_nowait(
+                PreemptTask(task=choice.victim_task, node=choice.node, reason=choice.reason)
+            )
+            _log.info(
+                "preemption_requested",
+                job_id=choice.victim_job,
+                task=choice.victim_task,
+                node_id=choice.node,
+                reason=choice.reason,
+            )
 
     # -- nodes ----------------------------------------------------------------------------------
 
     async def _node_joined(
         self, name: str, capacity: Any, labels: tuple[str, ...], remote: bool
     ) -> None:
-        identity = (capacity, labels, remote)
-        if self._known_nodes.get(name) != identity:
+        known = self._known_nodes.get(name)
+        if known is None or (known.capacity, known.labels, known.remote) != (
+            capacity,
+            labels,
+            remote,
+        ):
             await self.journal.append(
                 node_stream(name),
                 [NodeRegistered(name=name, capacity=capacity, labels=labels, remote=remote)],
             )
-            self._known_nodes[name] = identity
-        health = self.core.node_health(name)
-        self.core.add_node(
-            name,
-            capacity,
-            labels=labels,
-            health="quarantined" if health == "quarantined" else "online",
-        )
-        _log.info("node_joined", node_id=name, capacity=str(capacity))
+            if known is None:
+                known = self._known_nodes[name] = KnownNode(capacity, labels, remote)
+            else:
+                known.capacity, known.labels, known.remote = capacity, labels, remote
+        # Drain, sleep and quarantine are the operator's (journaled): a rejoin keeps them.
+        health = known.health
+        self.core.add_node(name, capacity, labels=labels, health=health, reachable="connected")
+        self.core.set_health(name, health, reason=known.reason, by=known.by)
+        self.core.set_drain_at(name, known.drain_at)
+        self._observe_node(name)
+        _log.info("node_joined", node_id=name, capacity=str(capacity), health=health)
         self._kick()
 
     def _node_left(self, name: str, reason: str) -> None:
-        if self.core.node_health(name) is None:
+        core = self.core
+        health = core.node_health(name)
+        if health is None:
             return
-        self.core.set_health(name, "offline")
-        for job_id, task in self.core.running_on(name):
+        core.set_reachable(name, "offline")
+        self._observe_node(name)
+        if health == "sleeping":
+            # A sleeping node goes offline on purpose: its work (if any) is not lost, it waits
+            # for the node to wake up and re-claim it.
+            _log.info("node_asleep_offline", node_id=name, reason=reason)
+            return
+        for job_id, task in core.running_on(name):
             ref = self.job_ref(job_id)
             if ref is not None:
                 ref.tell_nowait(AttemptLost(task=task, node=name, reason=f"node {name}: {reason}"))
         _log.warning("node_left", node_id=name, reason=reason)
+
+    async def _set_health(
+        self,
+        name: str,
+        health: str,
+        reason: str,
+        drain_at: datetime | None,
+        *,
+        by: str = "operator",
+    ) -> bool:
+        core = self.core
+        previous = core.node_health(name)
+        if previous is None:
+            return False
+        known = self._known_nodes.get(name)
+        now = self.context.clock.now()
+        if drain_at is not None and drain_at <= now:
+            health, drain_at = "draining", None
+        if known is not None and known.health == health and known.drain_at == drain_at:
+            return True
+        await self.journal.append(
+            node_stream(name),
+            [NodeHealthChanged(health=health, reason=reason, drain_at=drain_at, by=by)],
+        )
+        if known is not None:
+            known.health, known.drain_at, known.reason, known.by = health, drain_at, reason, by
+        core.set_health(name, health, reason=reason, by=by)
+        core.set_drain_at(name, drain_at)
+        if drain_at is not None:
+            self._arm_drain(name, drain_at)
+        else:
+            self.context.cancel_timer(f"drain-{name}")
+        self._observe_node(name)
+        _log.info(
+            "node_health_changed",
+            node_id=name,
+            health=health,
+            reason=reason,
+            by=by,
+            drain_at=drain_at.isoformat() if drain_at else None,
+        )
+        self._kick()
+        return True
+
+    def _arm_drain(self, name: str, when: datetime) -> None:
+        delay = max(0.0, (when - self.context.clock.now()).total_seconds())
+        self.context.start_timer(f"drain-{name}", DrainDue(name=name), delay=delay)
+
+    async def _drain_due(self, name: str) -> None:
+        known = self._known_nodes.get(name)
+        if known is None or known.drain_at is None:
+            return
+        reason = f"drain planned for {known.drain_at.isoformat()}"
+        await self._set_health(name, "draining", reason, None, by=known.by)
+        for job_id, task in self.core.running_on(name):
+            ref = self.job_ref(job_id)
+            if ref is not None:
+                ref.tell_nowait(PreemptTask(task=task, node=name, reason=reason, force=True))
+
+    def _observe_node(self, name: str) -> None:
+        view = self.core.node_view(name)
+        if view is None:
+            return
+        self.core.observe(
+            NodeChanged(
+                node=name,
+                health=view.health,
+                reachable=view.reachable,
+                capacity=view.capacity,
+                at=self.context.clock.now(),
+            )
+        )
 
     def _grace_expired(self) -> None:
         for (job_id, task), node in sorted(self.in_doubt.items()):
@@ -308,18 +589,34 @@ class SchedulerActor(Actor[SchedulerMessage]):
         self.in_doubt.pop((job_id, task), None)
 
     async def _check_quarantine(self, message: TaskEnded) -> None:
-        if not message.failed_on_node:
+        node = message.node
+        if message.failure is None or node is None:
             return
-        for name in list(self._known_nodes) or []:
-            failures = self.core.consecutive_failures(name)
-            if (
-                failures >= self.settings.quarantine_after
-                and self.core.node_health(name) == "online"
-            ):
-                self.core.set_health(name, "quarantined")
-                reason = f"{failures} consecutive failed attempts"
-                await self.journal.append(node_stream(name), [NodeQuarantined(reason=reason)])
-                _log.warning("node_quarantined", node_id=name, reason=reason)
+        reason = self.core.quarantine_due(
+            node,
+            after=self.settings.quarantine_after,
+            distinct_jobs=self.settings.quarantine_distinct_jobs,
+        )
+        if reason is not None:
+            await self._set_health(node, "quarantined", reason, None, by="engine")
+            _log.warning("node_quarantined", node_id=node, reason=reason)
 
     def _node_summaries(self) -> list[NodeSummary]:
         return self.core.node_summaries()
+
+
+def _outcome_of(status: str) -> Outcome | None:
+    return {
+        "completed": Outcome.SUCCEEDED,
+        "failed": Outcome.FAILED,
+        "cancelled": Outcome.CANCELLED,
+        "skipped": Outcome.CANCELLED,
+    }.get(status)
+
+
+def _job_type(labels: tuple[str, ...]) -> str:
+    for label in labels:
+        key, eq, value = label.partition("=")
+        if eq and key == "type":
+            return value
+    return ""

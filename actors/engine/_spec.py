@@ -18,6 +18,7 @@ from __future__ import annotations
 import difflib
 import enum
 import json
+import math
 import re
 import string
 import tomllib
@@ -30,8 +31,16 @@ import msgspec
 from actors._errors import DependencyCycleError, DependencyError, ResourceError, SpecError
 from runtime import Message
 
-from ._graph import Condition, Dependency, DependencyGraph, ElementMap, GraphJob
-from ._resources import Resources, parse_cores, parse_size
+from . import _limits as limits
+from ._graph import (
+    Condition,
+    Dependency,
+    DependencyGraph,
+    ElementMap,
+    GraphJob,
+    OnParentFailure,
+)
+from ._resources import Resources, format_size, parse_cores, parse_size
 
 __all__ = [
     "Invocation",
@@ -45,6 +54,7 @@ __all__ = [
     "load_spec",
     "parse_duration",
     "parse_spec",
+    "read_spec_text",
 ]
 
 T = TypeVar("T")
@@ -96,12 +106,24 @@ class RetryPolicy(msgspec.Struct, frozen=True, kw_only=True):
     backoff: Annotated[float, msgspec.Meta(ge=0)] = 30.0
     backoff_factor: Annotated[float, msgspec.Meta(ge=1)] = 2.0
     max_backoff: Annotated[float, msgspec.Meta(ge=0)] = 600.0
+    # Lost attempts (agent restart, node gone, coordinator restart) spend no attempt; a task
+    # that keeps losing its host ends after this many.
+    max_lost: Annotated[int, msgspec.Meta(ge=1)] = 3
 
     def delay(self, attempt: int) -> float:
-        """Return the wait before ``attempt`` (numbered from 1; the first waits 0)."""
-        if attempt <= 1:
+        """Return the wait before ``attempt`` (numbered from 1; the first waits 0).
+
+        Never more than the spec maximum of a backoff, whatever the policy holds (a policy
+        built in code, or journaled before the maximum existed): a wait is added to a
+        datetime, and a huge one would overflow it.
+        """
+        if attempt <= 1 or not self.backoff > 0:
             return 0.0
-        return min(self.max_backoff, self.backoff * self.backoff_factor ** (attempt - 2))
+        try:
+            wait = self.backoff * self.backoff_factor ** (attempt - 2)
+        except OverflowError:
+            wait = math.inf
+        return min(limits.MAX_BACKOFF, wait, self.max_backoff)  # the maximum first: NaN-proof
 
 
 class Timeouts(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -122,6 +144,7 @@ class TaskSpec(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     command: tuple[str, ...] = ()
     env: tuple[tuple[str, str], ...] = ()
     resources: Resources | None = None
+    requires: tuple[str, ...] = ()
 
     @property
     def frames(self) -> range:
@@ -160,8 +183,10 @@ class SubmitJob(Message, frozen=True, kw_only=True, tag="engine.submit_job"):
     checkpointable: bool = False
     preemptible: bool = False
     labels: tuple[str, ...] = ()
+    requires: tuple[str, ...] = ()
     metadata: bytes = b"{}"
     source: str = ""
+    owner: str | None = None  # the principal that submitted it (None: unknown, or the join token)
 
     def graph_job(self) -> GraphJob:
         """Return the job as the dependency graph sees it (frames, else task indices)."""
@@ -178,6 +203,17 @@ class SubmitJob(Message, frozen=True, kw_only=True, tag="engine.submit_job"):
         """Return what task ``index`` requests (its override, else the job's)."""
         task = self.tasks[index]
         return task.resources if task.resources is not None else self.resources
+
+    def task_requires(self, index: int) -> tuple[str, ...]:
+        """Return the node labels task ``index`` requires (the job's and its own)."""
+        own = self.tasks[index].requires
+        if not own:
+            return self.requires
+        return tuple(sorted({*self.requires, *own}))
+
+    def task_max_runtime(self, index: int) -> float | None:
+        """Return task ``index``'s walltime in seconds (None: unbounded)."""
+        return self.timeouts.max_runtime
 
     def metadata_as(self, target: type[T]) -> T:
         """Decode ``metadata`` into ``target`` (a domain's struct).
@@ -262,54 +298,84 @@ class JobSpecFile(msgspec.Struct, frozen=True, kw_only=True):
 
 # --- the inbound format (unknown fields rejected) -----------------------------------------------
 
-_Size = int | str
-_Duration = int | float | str
+# Every container and every free-text value has a maximum length (see ``_limits``): the bounds
+# are checked while decoding, so a refused spec never builds anything big.
+_Text = Annotated[str, msgspec.Meta(max_length=limits.MAX_VALUE_TEXT)]
+_Size = int | _Text
+_Duration = int | float | _Text
+_Path = Annotated[str, msgspec.Meta(max_length=limits.MAX_PATH_BYTES)]
+_Template = Annotated[str, msgspec.Meta(max_length=limits.MAX_ARG_BYTES)]
+_Argv = Annotated[list[_Template], msgspec.Meta(max_length=limits.MAX_ARGS)]
+_Env = Annotated[dict[str, _Template], msgspec.Meta(max_length=limits.MAX_ENV_VARS)]
+_JobRef = Annotated[str, msgspec.Meta(max_length=limits.MAX_LABEL_LENGTH)]
 _NAME_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 _Name = Annotated[str, msgspec.Meta(pattern=_NAME_PATTERN)]
+_Label = Annotated[str, msgspec.Meta(min_length=1, max_length=limits.MAX_LABEL_LENGTH)]
+# A required node label: "gpu" (present) or "os=linux" (key with that value).
+_Requirement = Annotated[
+    str,
+    msgspec.Meta(
+        max_length=limits.MAX_LABEL_LENGTH,
+        pattern=r"^[A-Za-z0-9_.@:/-]+(=[A-Za-z0-9_.@:/-]+)?$",
+    ),
+]
+_Requirements = Annotated[list[_Requirement], msgspec.Meta(max_length=limits.MAX_LABELS)]
+_Count = Annotated[int, msgspec.Meta(ge=0, le=limits.MAX_COUNTER)]
 
 
 class _ResourcesIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    cores: int | float | str = 1  # a job that names nothing still takes a core
+    cores: int | float | _Text = 1  # a job that names nothing still takes a core
     memory: _Size = 0
-    gpus: Annotated[int, msgspec.Meta(ge=0)] = 0
+    gpus: Annotated[int, msgspec.Meta(ge=0, le=limits.MAX_GPUS)] = 0
     gpu_memory: _Size = 0
     scratch: _Size = 0
-    counters: dict[str, Annotated[int, msgspec.Meta(ge=0)]] = {}
+    counters: Annotated[dict[str, _Count], msgspec.Meta(max_length=limits.MAX_COUNTERS)] = {}
 
 
 class _ElementMapIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    offset: int = 0
-    before: Annotated[int, msgspec.Meta(ge=0)] = 0
-    after: Annotated[int, msgspec.Meta(ge=0)] = 0
+    offset: Annotated[
+        int, msgspec.Meta(ge=-limits.MAX_FRAME_NUMBER, le=limits.MAX_FRAME_NUMBER)
+    ] = 0
+    before: Annotated[int, msgspec.Meta(ge=0, le=limits.MAX_FRAMES)] = 0
+    after: Annotated[int, msgspec.Meta(ge=0, le=limits.MAX_FRAMES)] = 0
 
 
 class _DependencyIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    job: str
+    job: _JobRef
     condition: Condition = Condition.ON_SUCCESS
-    task: str | None = None
+    task: _JobRef | None = None
     elementwise: bool | _ElementMapIn = False
     threshold: Annotated[float, msgspec.Meta(gt=0, le=1)] | None = None
+    on_parent_failure: OnParentFailure = "cancel"
 
 
 class _TaskDependencyIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    task: str
+    task: _JobRef
     condition: Condition = Condition.ON_SUCCESS
+    on_parent_failure: OnParentFailure = "cancel"
+
+
+_TaskDependencies = Annotated[
+    list[_JobRef | _TaskDependencyIn], msgspec.Meta(max_length=limits.MAX_DEPENDENCIES)
+]
 
 
 class _TaskIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     name: _Name | None = None
-    frames: str | int | None = None
-    command: list[str] | None = None
-    env: dict[str, str] = {}
+    frames: _Text | int | None = None
+    command: _Argv | None = None
+    env: _Env = {}
     resources: _ResourcesIn | None = None
-    depends_on: list[str | _TaskDependencyIn] = []
+    depends_on: _TaskDependencies = []
+    requires: _Requirements = []
 
 
 class _RetriesIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    max_attempts: Annotated[int, msgspec.Meta(ge=1)] = 3
+    max_attempts: Annotated[int, msgspec.Meta(ge=1, le=limits.MAX_ATTEMPTS)] = 3
     backoff: _Duration = 30
-    backoff_factor: Annotated[float, msgspec.Meta(ge=1)] = 2.0
+    backoff_factor: Annotated[float, msgspec.Meta(ge=1, le=limits.MAX_BACKOFF_FACTOR)] = 2.0
     max_backoff: _Duration = 600
+    max_lost: Annotated[int, msgspec.Meta(ge=1, le=limits.MAX_ATTEMPTS)] = 3
 
 
 class _TimeoutsIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -320,29 +386,52 @@ class _TimeoutsIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 class _JobIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     name: _Name
     priority: Priority = Priority.MEDIUM
-    command: list[str] | None = None
-    frames: str | int | None = None
-    chunk: Annotated[int, msgspec.Meta(ge=1)] = 1
-    tasks: list[_TaskIn] | None = None
-    output: str | None = None
-    env: dict[str, str] = {}
-    cwd: str | None = None
+    command: _Argv | None = None
+    frames: _Text | int | None = None
+    chunk: Annotated[int, msgspec.Meta(ge=1, le=limits.MAX_FRAMES)] = 1
+    tasks: Annotated[list[_TaskIn], msgspec.Meta(max_length=limits.MAX_TASKS)] | None = None
+    output: _Path | None = None
+    env: _Env = {}
+    cwd: _Path | None = None
     resources: _ResourcesIn = msgspec.field(default_factory=_ResourcesIn)
-    depends_on: list[str | _DependencyIn] = []
+    depends_on: Annotated[
+        list[_JobRef | _DependencyIn], msgspec.Meta(max_length=limits.MAX_DEPENDENCIES)
+    ] = []
     retries: _RetriesIn = msgspec.field(default_factory=_RetriesIn)
     timeouts: _TimeoutsIn = msgspec.field(default_factory=_TimeoutsIn)
     checkpointable: bool = False
     preemptible: bool = False
-    labels: list[str] = []
+    labels: Annotated[list[_Label], msgspec.Meta(max_length=limits.MAX_LABELS)] = []
+    requires: _Requirements = []
     metadata: dict[str, Any] = {}
 
 
 class _SpecFileIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     version: Literal[1] = 1
-    jobs: Annotated[list[_JobIn], msgspec.Meta(min_length=1)]
+    jobs: Annotated[list[_JobIn], msgspec.Meta(min_length=1, max_length=limits.MAX_JOBS)]
 
 
 # --- loading ------------------------------------------------------------------------------------
+
+
+def read_spec_text(path: str | Path) -> str:
+    """Read a spec file's text: at most ``MAX_SPEC_BYTES`` of UTF-8.
+
+    Raises:
+        SpecError: the file cannot be read, is too large (checked before it is read) or is
+            not UTF-8 text; the error names the file.
+    """
+    path = Path(path)
+    try:
+        with path.open("rb") as file:
+            data = file.read(limits.MAX_SPEC_BYTES + 1)
+    except OSError as e:
+        raise SpecError(
+            path=str(path), field="", problem=f"cannot read the file: {e.strerror or e}"
+        ) from e
+    if len(data) > limits.MAX_SPEC_BYTES:
+        raise SpecError(path=str(path), field="", problem=_too_large())
+    return _decode_utf8(data, source=str(path))
 
 
 def load_spec(path: str | Path, *, known_jobs: Collection[str] = ()) -> JobSpecFile:
@@ -354,10 +443,7 @@ def load_spec(path: str | Path, *, known_jobs: Collection[str] = ()) -> JobSpecF
         SpecError: the file cannot be read or the spec is invalid.
     """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise SpecError(path=str(path), field="", problem=f"cannot read the file: {e}") from e
+    text = read_spec_text(path)
     fmt: Literal["toml", "json"] = "json" if path.suffix.lower() == ".json" else "toml"
     return parse_spec(text, fmt=fmt, source=str(path), known_jobs=known_jobs)
 
@@ -372,23 +458,60 @@ def parse_spec(
     """Parse and validate a spec document; ``source`` names it in errors.
 
     Raises:
-        SpecError: the document is malformed or the spec is invalid.
+        SpecError: the document is malformed, too large or too deeply nested, or the spec is
+            invalid.
     """
+    source = limits.shown(source, limit=limits.MAX_PATH_BYTES)
+    # Characters never outnumber UTF-8 bytes: the cheap test first, the exact one after.
+    if len(text) > limits.MAX_SPEC_BYTES or len(_encoded(text)) > limits.MAX_SPEC_BYTES:
+        raise SpecError(path=source, field="", problem=_too_large())
+    if fmt not in ("toml", "json"):
+        raise SpecError(path=source, field="", problem=f"unknown format {limits.shown(fmt)!r}")
     try:
-        if fmt == "toml":
-            data: Any = tomllib.loads(text)
-        elif fmt == "json":
-            data = json.loads(text)
-        else:
-            raise SpecError(path=source, field="", problem=f"unknown format {fmt!r}")
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
-        raise SpecError(path=source, field="", problem=f"invalid {fmt.upper()}: {e}") from e
+        data: Any = tomllib.loads(text) if fmt == "toml" else json.loads(text)
+    except RecursionError:
+        # The parsers recurse once per level: far deeper than any spec, caught here.
+        raise SpecError(path=source, field="", problem=_too_deep()) from None
+    except ValueError as e:  # TOMLDecodeError, JSONDecodeError, an integer of 5,000 digits
+        # Python's hint for a 5,000-digit integer names a function, not the spec's problem.
+        problem = limits.shown(str(e).partition("; use sys.")[0], limit=200)
+        raise SpecError(path=source, field="", problem=f"invalid {fmt.upper()}: {problem}") from e
+    if limits.nesting_depth(data) > limits.MAX_SPEC_DEPTH:
+        raise SpecError(path=source, field="", problem=_too_deep())
     try:
         raw = msgspec.convert(data, type=_SpecFileIn)
     except msgspec.ValidationError as e:
         field, problem = _translate(str(e))
         raise SpecError(path=source, field=field, problem=problem) from e
     return _Builder(source, raw, frozenset(known_jobs)).build()
+
+
+def _encoded(text: str) -> bytes:
+    return text.encode("utf-8", "surrogatepass")
+
+
+def _too_large() -> str:
+    return (
+        f"larger than the maximum of {limits.MAX_SPEC_BYTES // 2**20} MiB for a spec; "
+        "split it into several files"
+    )
+
+
+def _too_deep() -> str:
+    return f"nested more than {limits.MAX_SPEC_DEPTH} levels deep (tables and lists)"
+
+
+def _decode_utf8(data: bytes, *, source: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise SpecError(
+            path=source,
+            field="",
+            problem=f"not UTF-8 text: byte 0x{data[e.start]:02x} at offset {e.start} "
+            f"(line {line}); save the file as UTF-8",
+        ) from None
 
 
 def parse_duration(value: int | float | str, *, what: str = "duration") -> float:
@@ -420,8 +543,8 @@ _DURATION_RE: Final = re.compile(r"(?:\d+(?:\.\d+)?(?:ms|s|m|h|d))+")
 _FRAMES_RE: Final = re.compile(r"\s*(-?\d+)\s*(?:-\s*(-?\d+)\s*)?")
 # Bounds that keep one mistyped spec from exhausting the coordinator's memory ("1-100000000"
 # with chunk 1 would be a hundred million tasks, built before anything else is checked).
-_MAX_FRAMES: Final = 1_000_000  # in one frame range
-_MAX_TASKS: Final = 100_000  # in one job
+_MAX_FRAMES: Final = limits.MAX_FRAMES  # in one frame range
+_MAX_TASKS: Final = limits.MAX_TASKS  # in one job
 _INT_PLACEHOLDERS: Final = frozenset({"frame", "start", "end", "attempt"})
 _FRAME_PLACEHOLDERS: Final = frozenset({"frame", "start", "end"})
 _BASE_PLACEHOLDERS: Final = frozenset({"job", "task", "attempt", "output"})
@@ -450,6 +573,7 @@ class _Builder:
                 )
             seen[job.name] = i
         tasks = [self.tasks(i, job) for i, job in enumerate(self.raw.jobs)]
+        self.check_task_total(tasks)
         for i, job in enumerate(self.raw.jobs):
             self.task_names[job.name] = {t.name: t.index for t in tasks[i]}
         built: list[SubmitJob] = []
@@ -474,11 +598,13 @@ class _Builder:
                     checkpointable=job.checkpointable,
                     preemptible=job.preemptible,
                     labels=tuple(sorted(set(job.labels))),
+                    requires=tuple(sorted(set(job.requires))),
                     metadata=msgspec.json.encode(msgspec.to_builtins(job.metadata), order="sorted"),
                     source=self.source,
                 )
             )
             self.templates(i, job, built[-1])
+            self.check_bounds(i, built[-1])
         self.check_graph(built, dep_fields)
         return JobSpecFile(source=self.source, jobs=tuple(built))
 
@@ -487,9 +613,18 @@ class _Builder:
     def frames(self, field: str, value: str | int) -> tuple[int, int]:
         match = _FRAMES_RE.fullmatch(str(value))
         if match is None:
-            raise self.fail(field, f"expected a frame range like '1-100' or '7', got {value!r}")
+            raise self.fail(
+                field, f"expected a frame range like '1-100' or '7', got {limits.shown(value)!r}"
+            )
         start = int(match.group(1))
         end = int(match.group(2)) if match.group(2) is not None else start
+        for number in (start, end):
+            if abs(number) > limits.MAX_FRAME_NUMBER:
+                raise self.fail(
+                    field,
+                    f"frame {limits.shown(number)} is beyond the maximum frame number "
+                    f"(±{limits.MAX_FRAME_NUMBER:,})",
+                )
         if end < start:
             raise self.fail(field, f"empty frame range {value!r}: end {end} is before {start}")
         if end - start + 1 > _MAX_FRAMES:
@@ -561,6 +696,7 @@ class _Builder:
                         if task.resources is not None
                         else None
                     ),
+                    requires=tuple(sorted(set(task.requires))),
                 )
             )
         return tuple(specs)
@@ -575,19 +711,58 @@ class _Builder:
     # --- values ---
 
     def resources(self, field: str, value: _ResourcesIn) -> Resources:
-        def parse(name: str, fn: Callable[[], int]) -> int:
+        def parse(name: str, fn: Callable[[], int], maximum: int, unit: str) -> int:
+            # Above the maximum is refused whatever the farm has: no node could ever fit it,
+            # and quantities this large overflow the journal's integers.
+            raw = getattr(value, name)
+            beyond = (
+                f"{limits.shown(raw)} is more than the maximum of {unit} "
+                "(no node could ever fit it)"
+            )
             try:
-                return fn()
+                quantity = fn()
             except ResourceError as e:
+                if "too large" in str(e):
+                    raise self.fail(f"{field}.{name}", beyond) from e
                 problem = str(e).partition(": ")[2] or str(e)
                 raise self.fail(f"{field}.{name}", problem) from e
+            if quantity > maximum:
+                raise self.fail(f"{field}.{name}", beyond)
+            return quantity
 
-        millicores = parse("cores", lambda: parse_cores(value.cores))
-        memory = parse("memory", lambda: parse_size(value.memory, what="memory"))
-        gpu_memory = parse("gpu_memory", lambda: parse_size(value.gpu_memory, what="gpu_memory"))
-        scratch = parse("scratch", lambda: parse_size(value.scratch, what="scratch"))
+        millicores = parse(
+            "cores",
+            lambda: parse_cores(value.cores),
+            limits.MAX_CORES * 1000,
+            f"{limits.MAX_CORES:,} cores",
+        )
+        memory = parse(
+            "memory",
+            lambda: parse_size(value.memory, what="memory"),
+            limits.MAX_MEMORY,
+            format_size(limits.MAX_MEMORY),
+        )
+        gpu_memory = parse(
+            "gpu_memory",
+            lambda: parse_size(value.gpu_memory, what="gpu_memory"),
+            limits.MAX_GPU_MEMORY,
+            f"{format_size(limits.MAX_GPU_MEMORY)} per GPU",
+        )
+        scratch = parse(
+            "scratch",
+            lambda: parse_size(value.scratch, what="scratch"),
+            limits.MAX_SCRATCH,
+            format_size(limits.MAX_SCRATCH),
+        )
         if gpu_memory and not value.gpus:
             raise self.fail(f"{field}.gpu_memory", "gpu_memory needs gpus (it is per GPU)")
+        for name in value.counters:
+            if not 1 <= len(name) <= limits.MAX_LABEL_LENGTH:
+                raise self.fail(
+                    f"{field}.counters",
+                    f"a counter name has 1 to {limits.MAX_LABEL_LENGTH} characters, "
+                    f"got {limits.shown(name)!r}",
+                )
         return Resources(
             millicores=millicores,
             memory=memory,
@@ -597,32 +772,186 @@ class _Builder:
             counters=tuple(value.counters.items()),
         )
 
-    def duration(self, field: str, value: _Duration) -> float:
+    def duration(self, field: str, value: _Duration, *, maximum: float) -> float:
         try:
-            return parse_duration(value)
+            seconds = parse_duration(value)
         except ValueError as e:
             raise self.fail(field, str(e).partition(": ")[2]) from e
+        if seconds > maximum:
+            written = limits.shown(value if isinstance(value, str) else f"{value:g}s")
+            raise self.fail(
+                field,
+                f"{written} is longer than the maximum of {limits.format_duration(maximum)}",
+            )
+        return seconds
 
     def retries(self, i: int, value: _RetriesIn) -> RetryPolicy:
         at = f"jobs[{i}].retries"
         return RetryPolicy(
             max_attempts=value.max_attempts,
-            backoff=self.duration(f"{at}.backoff", value.backoff),
+            backoff=self.duration(f"{at}.backoff", value.backoff, maximum=limits.MAX_BACKOFF),
             backoff_factor=value.backoff_factor,
-            max_backoff=self.duration(f"{at}.max_backoff", value.max_backoff),
+            max_backoff=self.duration(
+                f"{at}.max_backoff", value.max_backoff, maximum=limits.MAX_BACKOFF
+            ),
+            max_lost=value.max_lost,
         )
 
     def timeouts(self, i: int, value: _TimeoutsIn) -> Timeouts:
         at = f"jobs[{i}].timeouts"
         result: dict[str, float] = {}
-        for name in ("max_runtime", "stall"):
+        maxima = {"max_runtime": limits.MAX_RUNTIME, "stall": limits.MAX_STALL}
+        for name, maximum in maxima.items():
             raw = getattr(value, name)
             if raw is not None:
-                seconds = self.duration(f"{at}.{name}", raw)
+                seconds = self.duration(f"{at}.{name}", raw, maximum=maximum)
                 if seconds <= 0:
                     raise self.fail(f"{at}.{name}", "expected a duration above zero")
                 result[name] = seconds
         return Timeouts(**result)
+
+    # --- bounds ---
+
+    def check_task_total(self, tasks: list[tuple[TaskSpec, ...]]) -> None:
+        total = sum(len(t) for t in tasks)
+        if total > limits.MAX_TASKS_PER_FILE:
+            raise self.fail(
+                "jobs",
+                f"{total:,} tasks in all, more than the maximum of "
+                f"{limits.MAX_TASKS_PER_FILE:,} in one file; split it into several files",
+            )
+
+    def check_bounds(self, i: int, job: SubmitJob) -> None:
+        """Check what the inbound types cannot: characters no process can take, the metadata's
+        size, and the size of every command as it will be expanded for an attempt."""
+        at = f"jobs[{i}]"
+        where_tasks = [(f"{at}.tasks[{t.index}]", t.command, t.env) for t in job.tasks]
+        for where, command, env in [(at, job.command, job.env), *where_tasks]:
+            for k, arg in enumerate(command):
+                if "\0" in arg:
+                    raise self.fail(f"{where}.command[{k}]", "contains a NUL character")
+            for name, value in env:
+                if not name or "=" in name or "\0" in name:
+                    raise self.fail(
+                        f"{where}.env",
+                        f"{limits.shown(name)!r} is not a variable name (empty, or has '=' or "
+                        "a NUL character)",
+                    )
+                if "\0" in value:
+                    raise self.fail(f"{where}.env.{name}", "contains a NUL character")
+        for key, path in (("cwd", job.cwd), ("output", job.output)):
+            if path is not None and "\0" in path:
+                raise self.fail(f"{at}.{key}", "contains a NUL character")
+        if len(job.metadata) > limits.MAX_METADATA_BYTES:
+            raise self.fail(
+                f"{at}.metadata",
+                f"{len(job.metadata):,} bytes as JSON, more than the maximum of "
+                f"{limits.MAX_METADATA_BYTES:,}",
+            )
+        self.check_expansions(at, job)
+
+    def check_expansions(self, at: str, job: SubmitJob) -> None:
+        """Refuse a command that, expanded for some frame of some task, is more than a process
+        can take (an argument or env entry, the whole argv and env, a task's frame sequence).
+
+        The size of a rendering depends on how long each value is, not on which value it is,
+        so tasks of one shape (a chunked range: same name length, same digits and bits in
+        their first and last frames) are checked once.  A task's widest frames are its first
+        and last.
+        """
+        seen: set[tuple[object, ...]] = set()
+        for task in job.tasks:
+            frames = (task.start, task.end) if task.start is not None else (None,)
+            shape = (
+                task.command,
+                task.env,
+                len(task.name),
+                len(task.frames),
+                tuple((len(str(f)), f.bit_length()) for f in frames if f is not None),
+            )
+            if shape in seen:
+                continue
+            seen.add(shape)
+            self.check_task_expansion(at, job, task)
+
+    def check_task_expansion(self, at: str, job: SubmitJob, task: TaskSpec) -> None:
+        command = task.command or job.command
+        command_field = f"{at}.tasks[{task.index}].command" if task.command else f"{at}.command"
+        env = _merge_env(job.env, task.env)
+        task_env = dict(task.env)
+        templates = [*command, *(v for _, v in env), job.output or ""]
+        per_frame = task.start is not None and any(_uses(t, "frame") for t in templates)
+        frames: tuple[int | None, ...] = (task.start, task.end) if per_frame else (task.start,)
+        # A framed task is named by its frames; a stage (an explicit task) by its name.
+        if task.start is None:
+            label = f"task {task.name!r}"
+        elif task.start == task.end:
+            label = f"task {task.index} (frame {task.start})"
+        else:
+            label = f"task {task.index} (frames {task.start}-{task.end})"
+        longest = 0
+        for frame in dict.fromkeys(frames):
+            values: dict[str, object] = {
+                "job": job.job_id,
+                "task": task.name,
+                "attempt": limits.WORST_ATTEMPT,
+                "start": task.start,
+                "end": task.end,
+                "frame": frame if frame is not None else task.start,
+            }
+            where = f"frame {frame} of task {task.index}" if per_frame else label
+            if job.output is not None:
+                size = limits.expanded_size(job.output, values, limit=limits.MAX_PATH_BYTES)
+                if size > limits.MAX_PATH_BYTES:
+                    raise self.fail(
+                        f"{at}.output",
+                        f"expands to more than the maximum of {limits.MAX_PATH_BYTES:,} bytes "
+                        f"for {where}",
+                    )
+                values["output"] = job.output.format_map(values)
+            total = 0
+            for k, arg in enumerate(command):
+                size = limits.expanded_size(arg, values, limit=limits.MAX_ARG_BYTES)
+                if size > limits.MAX_ARG_BYTES:
+                    raise self.fail(
+                        f"{command_field}[{k}]",
+                        f"expands to more than the maximum of {limits.MAX_ARG_BYTES:,} bytes "
+                        f"an argument may have, for {where}",
+                    )
+                total += size + 1
+            for name, value in env:
+                size = (
+                    len(name) + 1 + limits.expanded_size(value, values, limit=limits.MAX_ARG_BYTES)
+                )
+                if size > limits.MAX_ARG_BYTES:
+                    field = f"{at}.tasks[{task.index}].env" if name in task_env else f"{at}.env"
+                    raise self.fail(
+                        f"{field}.{name}",
+                        f"expands to more than the maximum of {limits.MAX_ARG_BYTES:,} bytes "
+                        f"an environment entry may have, for {where}",
+                    )
+                total += size + 1
+            if total > limits.MAX_PROCESS_BYTES:
+                raise self.fail(
+                    command_field,
+                    f"the command and env expand to {total:,} bytes for {where}, more than "
+                    f"the maximum of {limits.MAX_PROCESS_BYTES:,} for one process",
+                )
+            if per_frame:
+                argv = [a.format_map(values) for a in command]
+                longest = max(longest, len(json.dumps(argv)))
+        count = len(task.frames)
+        if per_frame and count > 1:
+            # Sent (and started) as one argument: every frame's argv as a JSON list.
+            sequence = count * (longest + 2)
+            if sequence > limits.MAX_SEQUENCE_BYTES:
+                raise self.fail(
+                    command_field,
+                    f"the {count:,} frames of {label} expand "
+                    f"to about {sequence:,} bytes of commands, more than the maximum of "
+                    f"{limits.MAX_SEQUENCE_BYTES:,} for one task's frame sequence; use a "
+                    "smaller chunk",
+                )
 
     # --- templates ---
 
@@ -653,7 +982,9 @@ class _Builder:
         try:
             parsed = list(string.Formatter().parse(text))
         except ValueError as e:
-            raise self.fail(field, f"invalid template {text!r}: {e} (write '{{{{' for '{{')") from e
+            raise self.fail(
+                field, f"invalid template {limits.shown(text)!r}: {e} (write '{{{{' for '{{')"
+            ) from e
         for _, name, spec, conversion in parsed:
             if name is None:
                 continue
@@ -669,6 +1000,18 @@ class _Builder:
                 raise self.fail(field, f"{what}; allowed: {known}")
             if conversion is not None or (spec and "{" in spec):
                 raise self.fail(field, f"placeholder {{{name}}} may only have a format spec")
+            # Checked from its digits before anything is formatted: formatting first would
+            # build the 20 MB string of a mistyped ``{frame:>20000000}``.
+            width = limits.largest_format_number(spec or "")
+            if width > limits.MAX_ARG_BYTES:
+                raise self.fail(
+                    field,
+                    f"format width {limits.shown(width)} in {{{name}:{limits.shown(spec)}}} is "
+                    f"more than the maximum of {limits.MAX_ARG_BYTES:,} bytes an argument may have",
+                )
+            if name in _INT_PLACEHOLDERS and (spec or "").endswith("c"):
+                # A frame as a character: NUL for frame 0, an error for frames beyond Unicode.
+                raise self.fail(field, f"format type 'c' is not allowed for {{{name}}}")
             try:
                 format(1 if name in _INT_PLACEHOLDERS else "x", spec or "")
             except ValueError as e:
@@ -709,6 +1052,7 @@ class _Builder:
                     parent_task=parent_task,
                     elementwise=elementwise,
                     threshold=item.threshold,
+                    on_parent_failure=item.on_parent_failure,
                 )
             )
             fields.append(field)
@@ -731,6 +1075,7 @@ class _Builder:
                         condition=tdep.condition,
                         parent_task=names[tdep.task],
                         child_task=k,
+                        on_parent_failure=tdep.on_parent_failure,
                     )
                 )
                 fields.append(field)
@@ -798,8 +1143,14 @@ def _translate(message: str) -> tuple[str, str]:
     match = _AT.match(message)
     assert match is not None  # the pattern matches any string
     text, path = match.group("message"), (match.group("path") or "").lstrip(".")
-    if found := re.fullmatch(r"Object contains unknown field `(.+)`", text):
-        name = found.group(1)
+    path = path.replace("[...]", "")  # msgspec's mark for "some key of this table"
+    if found := re.fullmatch(r"Expected `(\w+)` <= ([\d.]+)", text):
+        return path, f"more than the maximum of {_number(found.group(2))}"
+    if found := re.fullmatch(r"Expected `(\w+)` of length <= (\d+)", text):
+        things = "characters" if found.group(1) == "str" else "entries"
+        return path, f"more than the maximum of {_number(found.group(2))} {things}"
+    if found := re.fullmatch(r"Object contains unknown field `(.+)`", text, re.DOTALL):
+        name = limits.shown(found.group(1))
         allowed = _fields_at(path)
         hint = difflib.get_close_matches(name, allowed, n=1)
         problem = f"unknown field {name!r}"
@@ -810,10 +1161,10 @@ def _translate(message: str) -> tuple[str, str]:
         return _join(path, name), problem
     if found := re.fullmatch(r"Object missing required field `(.+)`", text):
         return _join(path, found.group(1)), "required field is missing"
-    if found := re.fullmatch(r"Invalid enum value (.+)", text):
+    if found := re.fullmatch(r"Invalid enum value (.+)", text, re.DOTALL):
         choices = _enum_values_at(path)
         expected = f" (expected one of: {', '.join(choices)})" if choices else ""
-        return path, f"invalid value {found.group(1)}{expected}"
+        return path, f"invalid value {limits.shown(found.group(1))}{expected}"
     if found := re.fullmatch(r"Expected `(.+?)`(.*)", text, re.DOTALL):
         expected = found.group(1).replace("object", "table").replace("array", "list")
         rest = found.group(2).replace("`", "")
@@ -824,6 +1175,11 @@ def _translate(message: str) -> tuple[str, str]:
             )
         return path, f"expected {expected}{rest}"
     return path, text
+
+
+def _number(text: str) -> str:
+    number = float(text)
+    return f"{int(number):,}" if number.is_integer() else text
 
 
 def _join(path: str, name: str) -> str:

@@ -19,6 +19,14 @@ class TaskSummary(msgspec.Struct, frozen=True, kw_only=True):
     progress: float = 0.0
     checkpoint: str | None = None
     last_error: str | None = None
+    name: str = ""
+    frames: tuple[int, int] | None = None
+    preview: str | None = None
+    metrics: dict[str, float] = {}
+    runtime_s: float = 0.0
+    nodes: tuple[str, ...] = ()  # the node of every attempt, in order
+    held_reason: str | None = None
+    started_at: str | None = None  # of the running attempt (ISO), when known
 
 
 class JobSummary(msgspec.Struct, frozen=True, kw_only=True):
@@ -35,6 +43,9 @@ class JobSummary(msgspec.Struct, frozen=True, kw_only=True):
     progress: float = 0.0
     reason: str | None = None
     tasks: tuple[TaskSummary, ...] = ()
+    metrics: dict[str, float] = {}  # the latest value of each metric its tasks reported
+    domain: dict[str, str] = {}  # the policy's columns (``Policy.describe``)
+    owner: str | None = None  # who submitted it (None: unknown, or the join token)
 
 
 class NodeSummary(msgspec.Struct, frozen=True, kw_only=True):
@@ -48,3 +59,5 @@ class NodeSummary(msgspec.Struct, frozen=True, kw_only=True):
     labels: tuple[str, ...] = ()
     remote: bool = False
     consecutive_failures: int = 0
+    drain_at: str | None = None
+    reason: str = ""  # why it has its health (quarantined after ..., draining for ...)

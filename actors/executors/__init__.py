@@ -1,4 +1,4 @@
-"""Where an attempt runs (in-process, a local subprocess) and what it reports back."""
+"""Where an attempt runs (in-process, a local subprocess, simulated) and what it reports back."""
 
 from ._inprocess import AttemptContext, InProcessExecutor, Work, open_inprocess_executor
 from ._interface import (
@@ -19,6 +19,7 @@ from ._interface import (
     RunningAttempt,
     attempt_identity,
 )
+from ._simulated import SimulatedExecutor, open_simulated_executor
 from ._subprocess import (
     FRAME_SEQUENCE,
     REPORT_PREFIX,
@@ -49,11 +50,13 @@ __all__ = [
     "InProcessExecutor",
     "ReportSink",
     "RunningAttempt",
+    "SimulatedExecutor",
     "SubprocessExecutor",
     "Work",
     "attempt_identity",
     "kill_marked",
     "open_inprocess_executor",
+    "open_simulated_executor",
     "open_subprocess_executor",
     "parse_report_line",
 ]

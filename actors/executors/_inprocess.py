@@ -171,7 +171,9 @@ class _InProcessAttempt(BaseAttempt):
                     **self._identity,
                 )
                 error = f"{type(failure).__name__}: {failure}"
-                result = self._finish("failed", exit_code=None, error=error)
+                # MemoryError is the in-process kernel OOM killer's counterpart.
+                outcome = "oom" if isinstance(failure, MemoryError) else "failed"
+                result = self._finish(outcome, exit_code=None, error=error)
             await self._report_final(result)
         finally:
             self._release_waiters()

@@ -135,8 +135,10 @@ PATH_SAFE_PATTERN = r"^(?!\.\.?$)[^/\\\x00]+$"
 Identifier = Annotated[str, msgspec.Meta(min_length=1, max_length=255, pattern=PATH_SAFE_PATTERN)]
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
 
+# "start_failed": nothing ran (the command could not be started); "lost": the agent lost the
+# attempt (it restarted, or stopped work it could no longer report); "oom": out of memory.
 AttemptOutcome: TypeAlias = Literal[
-    "completed", "failed", "cancelled", "timed_out", "stalled", "lost"
+    "completed", "failed", "cancelled", "timed_out", "stalled", "oom", "lost", "start_failed"
 ]
 
 
@@ -172,6 +174,9 @@ class AttemptSpec(
     checkpointable: bool = False
     max_runtime: Seconds | None = None
     stall_timeout: Seconds | None = None
+    # The memory the attempt asked for, in bytes (0: none stated); an executor may stop an
+    # attempt that uses far more, as out of memory.
+    memory: Annotated[int, msgspec.Meta(ge=0)] = 0
 
     def __post_init__(self) -> None:
         if bool(self.argv) == (self.function is not None):

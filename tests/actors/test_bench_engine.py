@@ -28,7 +28,7 @@ async def test_quick_run_reports_positive_named_figures(tmp_path: Path) -> None:
     with structlog.testing.capture_logs():
         figures = await SUITE(BenchContext(workdir=tmp_path, quick=True, progress=progress.append))
     names = [figure.name for figure in figures]
-    assert len(names) == len(set(names)) == 7
+    assert len(names) == len(set(names)) == 13
     for figure in figures:
         assert figure.name
         assert figure.unit

@@ -4,37 +4,37 @@ checkpoints, ``why`` and batched commits, with in-process fakes on a virtual clo
 from __future__ import annotations
 
 import sys
-from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
-import msgspec
 import pytest
+from engine_farm import (
+    CPU4,
+    NO_RETRY,
+    ONE,
+    WAIT,
+    CountingJournal,
+    job,
+    open_farm,
+)
 
 from actors import (
     ENGINE_CODEC,
-    AttemptContext,
     AttemptFinished,
-    AttemptHandle,
     AttemptProgress,
-    AttemptSpec,
     Condition,
     Dependency,
     DependencyCycleError,
     ElementMap,
     Engine,
     EngineSettings,
-    Executor,
     JobFinished,
     JobNotFoundError,
     JobSubmitted,
-    JobSummary,
     NodeBlocklisted,
-    NodeQuarantined,
-    Priority,
+    NodeHealthChanged,
     Resources,
     RetryPolicy,
     SpecError,
@@ -49,249 +49,14 @@ from actors import (
     TaskStarted,
     UnknownDependencyError,
     open_engine,
-    open_inprocess_executor,
     open_subprocess_executor,
 )
 from actors.engine._messages import ReportAttempt
-from actors.executors import AttemptIdentity, ReportSink, Work
-from persistence import AppendResult, Event, InMemoryJournal, Journal
-from runtime import Clock, SystemClock, VirtualClock
+from actors.executors import AttemptIdentity
+from persistence import Event, InMemoryJournal
+from runtime import SystemClock, VirtualClock
 
-CPU4 = Resources.of(cores=4, memory="8GiB")
 GPU2 = Resources.of(cores=8, memory="32GiB", gpus=2, gpu_memory="16GiB")
-ONE = Resources.of(cores=1, memory="1GiB")
-NO_RETRY = RetryPolicy(max_attempts=1)
-WAIT = 10.0  # real seconds: a backstop, never a synchronisation
-
-
-# -- fakes --------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Run:
-    """One attempt as the fake work saw it."""
-
-    job: str
-    task: int
-    attempt: int
-    token: int
-    node: str
-    at: float  # the virtual clock when the work started
-    resume_from: str | None
-    args: tuple[str, ...]
-
-
-class Works:
-    """The fake work every node runs in-process: small async functions and a log of runs."""
-
-    def __init__(self, clock: Clock) -> None:
-        self.clock = clock
-        self.runs: list[Run] = []
-        self.cancelled: list[Run] = []
-        self.gates: defaultdict[str, anyio.Event] = defaultdict(anyio.Event)
-        self._changed = anyio.Event()
-
-    def open(self, key: str) -> None:
-        """Let the work blocked on gate ``key`` finish."""
-        self.gates[key].set()
-
-    def of(self, job: str, task: int | None = None) -> list[Run]:
-        return [r for r in self.runs if r.job == job and (task is None or r.task == task)]
-
-    async def wait_until(self, predicate: Callable[[], bool]) -> None:
-        with anyio.fail_after(WAIT):
-            while not predicate():
-                await self._changed.wait()
-
-    def _notify(self) -> None:
-        self._changed.set()
-        self._changed = anyio.Event()
-
-    def registry(self) -> dict[str, Work]:
-        def start(ctx: AttemptContext) -> Run:
-            spec = ctx.spec
-            run = Run(
-                job=spec.job_id,
-                task=int(spec.task_id),
-                attempt=spec.attempt,
-                token=spec.fencing_token,
-                node=ctx.arguments["node"],
-                at=self.clock.monotonic(),
-                resume_from=ctx.resume_from,
-                args=tuple(ctx.arguments.get("args", ())),
-            )
-            self.runs.append(run)
-            self._notify()
-            return run
-
-        async def ok(ctx: AttemptContext) -> None:
-            start(ctx)
-
-        async def fail(ctx: AttemptContext) -> None:
-            start(ctx)
-            raise RuntimeError("boom")
-
-        async def flaky(ctx: AttemptContext) -> None:
-            run = start(ctx)
-            for _ in range(10):  # async work that yields without sleeping on the clock
-                await anyio.lowlevel.checkpoint()
-            if run.attempt <= int(run.args[0]):
-                raise RuntimeError(f"flaky attempt {run.attempt}")
-
-        async def fail_on(ctx: AttemptContext) -> None:
-            run = start(ctx)
-            if run.node in run.args:
-                raise RuntimeError(f"cannot run on {run.node}")
-
-        async def block(ctx: AttemptContext) -> None:
-            run = start(ctx)
-            try:
-                await self.gates[run.args[0]].wait()
-            except anyio.get_cancelled_exc_class():
-                self.cancelled.append(run)
-                self._notify()
-                raise
-
-        async def checkpoint_then_fail(ctx: AttemptContext) -> None:
-            run = start(ctx)
-            if run.resume_from is None:
-                await ctx.checkpoint(f"step-{run.attempt * 5}")
-                raise RuntimeError("lost the GPU")
-
-        async def chatty(ctx: AttemptContext) -> None:
-            run = start(ctx)
-            for i in range(int(run.args[0])):
-                await ctx.metric("residual", float(i))
-
-        return {
-            "ok": ok,
-            "fail": fail,
-            "flaky": flaky,
-            "fail_on": fail_on,
-            "block": block,
-            "checkpoint_then_fail": checkpoint_then_fail,
-            "chatty": chatty,
-        }
-
-
-class CountingJournal(InMemoryJournal):
-    """An in-memory journal that counts appends (commits) per stream."""
-
-    def __init__(self, *, clock: Clock) -> None:
-        super().__init__(clock=clock, codec=ENGINE_CODEC)
-        self.appends: defaultdict[str, int] = defaultdict(int)
-
-    async def append(
-        self,
-        stream_id: str,
-        events: Sequence[Event],
-        *,
-        expected_version: int | None = None,
-        correlation_id: str | None = None,
-    ) -> AppendResult:
-        result = await super().append(
-            stream_id, events, expected_version=expected_version, correlation_id=correlation_id
-        )
-        self.appends[stream_id] += 1
-        return result
-
-
-class OnNode:
-    """One node's view of a shared in-process executor: it tells the work which node runs it."""
-
-    def __init__(self, executor: Executor, node: str) -> None:
-        self._executor = executor
-        self._node = node
-
-    async def start(self, spec: AttemptSpec, report: ReportSink) -> AttemptHandle:
-        arguments = {**spec.arguments, "node": self._node}
-        return await self._executor.start(
-            msgspec.structs.replace(spec, arguments=arguments), report
-        )
-
-    def running(self) -> tuple[AttemptHandle, ...]:
-        return tuple(
-            h for h in self._executor.running() if h.spec.arguments.get("node") == self._node
-        )
-
-
-class Farm:
-    """An engine, its journal and clock, and nodes that run the fake work in-process."""
-
-    def __init__(
-        self,
-        *,
-        engine: Engine,
-        journal: Journal,
-        clock: VirtualClock,
-        works: Works,
-        executor: Executor,
-    ) -> None:
-        self.engine = engine
-        self.journal = journal
-        self.clock = clock
-        self.works = works
-        self._executor = executor
-
-    async def add_node(self, name: str, capacity: Resources = CPU4) -> None:
-        await self.engine.add_node(name, capacity, executor=OnNode(self._executor, name))
-
-    async def wait(self, job_id: str) -> JobSummary:
-        with anyio.fail_after(WAIT):
-            return await self.engine.wait_job(job_id)
-
-    async def events(self, job_id: str) -> list[Event]:
-        return [r.event for r in await self.journal.read_stream(f"job:{job_id}")]
-
-    async def wait_for_event(self, job_id: str, kind: type[Event], count: int = 1) -> None:
-        """Wait until the job's stream holds ``count`` events of ``kind`` (polls the journal)."""
-        with anyio.fail_after(WAIT):
-            while sum(isinstance(e, kind) for e in await self.events(job_id)) < count:
-                await anyio.lowlevel.checkpoint()
-
-
-@asynccontextmanager
-async def open_farm(
-    nodes: dict[str, Resources] | None = None,
-    *,
-    settings: EngineSettings | None = None,
-    journal: Journal | None = None,
-    clock: VirtualClock | None = None,
-) -> AsyncIterator[Farm]:
-    clock = clock or VirtualClock(auto_advance=True)
-    journal = journal or InMemoryJournal(clock=clock, codec=ENGINE_CODEC)
-    works = Works(clock)
-    # The executor outlives the engine, as a node agent outlives its coordinator.
-    async with (
-        open_inprocess_executor(works.registry(), clock=clock) as executor,
-        open_engine(journal=journal, clock=clock, settings=settings) as engine,
-    ):
-        farm = Farm(engine=engine, journal=journal, clock=clock, works=works, executor=executor)
-        for name, capacity in (nodes if nodes is not None else {"n1": CPU4}).items():
-            await farm.add_node(name, capacity)
-        yield farm
-
-
-def job(
-    job_id: str,
-    work: str = "ok",
-    *args: str,
-    tasks: int = 1,
-    priority: Priority = Priority.MEDIUM,
-    resources: Resources = ONE,
-    dependencies: Sequence[Dependency] = (),
-    retries: RetryPolicy = NO_RETRY,
-) -> SubmitJob:
-    return SubmitJob(
-        job_id=job_id,
-        name=job_id,
-        priority=priority,
-        command=(f"inprocess:{work}", *args),
-        resources=resources,
-        tasks=tuple(TaskSpec(index=i, name=str(i)) for i in range(tasks)),
-        dependencies=tuple(dependencies),
-        retries=retries,
-    )
 
 
 def positions(events: Sequence[Event], kind: type[Event], task: int) -> list[int]:
@@ -402,8 +167,8 @@ async def test_element_wise_dependency_releases_task_i_after_parent_task_i() -> 
         assert child_assigned > parent_done
 
 
-async def test_a_failed_parent_blocks_its_dependant_and_runs_its_on_failure_dependant() -> None:
-    """After A fails, B (on_success) stays blocked naming A, and C (on_failure) runs."""
+async def test_a_failed_parent_cancels_its_dependant_and_runs_its_on_failure_dependant() -> None:
+    """After A fails, B (on_success) is cancelled naming A, and C (on_failure) runs."""
     async with open_farm() as farm:
         await farm.engine.submit(
             [
@@ -414,10 +179,31 @@ async def test_a_failed_parent_blocks_its_dependant_and_runs_its_on_failure_depe
         )
         assert (await farm.wait("a")).status == "failed"
         assert (await farm.wait("c")).status == "completed"
+        b = await farm.wait("b")
         assert not farm.works.of("b")
-        assert "waits on a (on_success), but a failed" in await farm.engine.why("b")
+        assert b.status == "cancelled"
+        assert b.reason is not None
+        assert "waits on a (on_success), but a failed" in b.reason
+
+
+async def test_a_waiting_dependant_stays_blocked_until_its_parent_is_retried() -> None:
+    """With on_parent_failure = "wait", B stays blocked (why says so); retrying A releases B."""
+    async with open_farm() as farm:
+        await farm.engine.submit(
+            [
+                job("a", "flaky", "1", retries=RetryPolicy(max_attempts=1)),
+                job("b", dependencies=[Dependency(parent="a", on_parent_failure="wait")]),
+            ]
+        )
+        assert (await farm.wait("a")).status == "failed"
+        why = await farm.engine.why("b")
+        assert "can no longer run" in why
+        assert "a failed" in why
         [b] = await farm.engine.status("b")
         assert b.status == "active"
+        assert await farm.engine.retry("a") == [0]
+        assert (await farm.wait("a")).status == "completed"
+        assert (await farm.wait("b")).status == "completed"
 
 
 # -- invalid submissions ------------------------------------------------------------------------
@@ -574,7 +360,9 @@ async def test_a_node_with_consecutive_failures_is_quarantined() -> None:
         [node] = await farm.engine.nodes()
         assert node.health == "quarantined"
         node_events = [r.event for r in await farm.journal.read_stream("node:n1")]
-        assert any(isinstance(e, NodeQuarantined) for e in node_events)
+        assert any(
+            isinstance(e, NodeHealthChanged) and e.health == "quarantined" for e in node_events
+        )
         await farm.engine.submit([job("d")])
         assert "no node is online" in await farm.engine.why("d")
         assert not farm.works.of("d")
@@ -785,3 +573,20 @@ async def test_a_subprocess_retry_resumes_from_its_checkpoint(tmp_path: Path) ->
             summary = await engine.wait_job("sim")
     assert summary.status == "completed"
     assert out.read_text() == "frame-12"
+
+
+async def test_a_spec_file_of_two_thousand_jobs_is_journaled_in_one_atomic_append() -> None:
+    """Submitting 2,000 jobs (a chain of dependants) is one multi-stream append, not one
+    commit per job; the chain starts running in order."""
+    clock = VirtualClock(auto_advance=True)
+    journal = CountingJournal(clock=clock)
+    specs = [job("j0")] + [
+        job(f"j{i}", dependencies=[Dependency(parent=f"j{i - 1}")]) for i in range(1, 2000)
+    ]
+    async with open_farm({"n1": CPU4}, journal=journal, clock=clock) as farm:
+        assert len(await farm.engine.submit(specs)) == 2000
+        assert journal.multi_appends == [2000]
+        assert (await farm.wait("j3")).status == "completed"
+        records = [r async for batch in journal.read_all() for r in batch]
+    submitted = [r.position for r in records if isinstance(r.event, JobSubmitted)]
+    assert submitted == list(range(submitted[0], submitted[0] + 2000))  # one commit, contiguous

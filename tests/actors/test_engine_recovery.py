@@ -20,6 +20,7 @@ from actors import (
     Engine,
     EngineSettings,
     JobFinished,
+    JobSubmitted,
     JobSummary,
     Resources,
     RetryPolicy,
@@ -33,7 +34,7 @@ from actors import (
     open_inprocess_executor,
 )
 from actors.executors import Work
-from persistence import Event, Journal, open_sqlite_journal
+from persistence import Event, InMemoryJournal, Journal, open_sqlite_journal
 from runtime import VirtualClock
 
 CPU4 = Resources.of(cores=4, memory="8GiB")
@@ -252,3 +253,39 @@ async def test_a_restart_with_nothing_in_doubt_arms_no_grace_and_keeps_finished_
         with pytest.raises(Exception, match="already exists"):
             await session.engine.submit([job("a", "ok")])
     assert session.works.runs == []
+
+
+async def test_a_dependant_whose_parent_was_never_journaled_ends_instead_of_bricking() -> None:
+    """A journal an older version left half-written (a dependant without its parent) opens:
+    the orphan ends as failed, naming the missing parent, and everything else runs."""
+    clock = VirtualClock(auto_advance=True)
+    journal = InMemoryJournal(clock=clock, codec=ENGINE_CODEC)
+    orphan = SubmitJob(
+        job_id="comp",
+        name="comp",
+        command=("inprocess:ok",),
+        tasks=(TaskSpec(index=0, name="0"),),
+        dependencies=(Dependency(parent="render"),),
+    )
+    fine = SubmitJob(
+        job_id="fine", name="fine", command=("inprocess:ok",), tasks=(TaskSpec(index=0, name="0"),)
+    )
+    for spec in (orphan, fine):
+        await journal.append(
+            f"job:{spec.job_id}", [JobSubmitted(job=spec, submitted_at=clock.now())]
+        )
+
+    async def ok(ctx: AttemptContext) -> None:
+        return None
+
+    async with (
+        open_inprocess_executor({"ok": ok}, clock=clock) as executor,
+        open_engine(journal=journal, clock=clock) as engine,
+    ):
+        await engine.add_node("n1", CPU4, executor=executor)
+        [comp] = await engine.status("comp")
+        assert comp.status == "failed"
+        assert comp.reason is not None
+        assert "'render'" in comp.reason
+        with anyio.fail_after(WAIT):
+            assert (await engine.wait_job("fine")).status == "completed"

@@ -130,14 +130,14 @@ async def test_an_unreachable_node_gets_no_new_work_until_it_is_back() -> None:
         open_engine(journal=InMemoryJournal(clock=clock, codec=ENGINE_CODEC), clock=clock) as e,
     ):
         await e.add_node("n1", Resources.of(cores=2, memory="4GiB"), executor=executor)
-        await e.set_node_health("n1", "unreachable", reason="agent disconnected")
+        await e.set_node_reachable("n1", "unreachable")
         [job_id] = await e.submit([job])
         with anyio.fail_after(5):
-            while "no node is online" not in await e.why(job_id):
+            while "no node is online (nodes are unreachable)" not in await e.why(job_id):
                 await anyio.lowlevel.checkpoint()
         assert ran == []
         assert [n.health for n in await e.nodes()] == ["unreachable"]
-        await e.set_node_health("n1", "online", reason="agent reconnected")
+        await e.set_node_reachable("n1", "connected")
         with anyio.fail_after(5):
             summary = await e.wait_job(job_id)
     assert summary.status == "completed"

@@ -9,6 +9,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from actors import (
+    Failure,
+    FarmView,
     FifoPolicy,
     JobView,
     NodeView,
@@ -129,16 +131,9 @@ def test_tasks_of_one_job_are_placed_in_index_order() -> None:
 def test_the_rank_never_changes_with_time() -> None:
     """FIFO ranks are a pure function of the job: nothing climbs from cycle to cycle."""
     policy = FifoPolicy()
-    view = JobView(
-        job_id="a",
-        spec=spec("a", priority=Priority.LOW),
-        submitted_at=T0,
-        running=0,
-        queued=1,
-        completed=0,
-        total=1,
-    )
-    assert policy.rank(view, at(0)) == policy.rank(view, at(86_400))
+    view = JobView(job_id="a", spec=spec("a", priority=Priority.LOW), submitted_at=T0, total=1)
+    farm = FarmView()
+    assert policy.rank(view, farm, at(0)) == policy.rank(view, farm, at(86_400))
     assert policy.explain_rank(view, T0).startswith("priority low (FIFO within priority")
 
 
@@ -226,7 +221,8 @@ def test_a_retry_waits_for_its_backoff_and_avoids_its_failed_node() -> None:
     core = core_with({"n1": ONE, "n2": ONE})
     core.add_job(spec("a"), submitted_at=T0)
     [first] = core.place(T0)
-    core.task_ended("a", 0, outcome=None, retry_at=at(30), failed_on_node=True)
+    failure = Failure(kind="exit_code", node=first.node, attempt=1, exit_code=1)
+    core.task_ended("a", 0, outcome=None, retry_at=at(30), failure=failure)
     assert core.place(at(29)) == []
     assert any("retry backoff until" in line for line in core.why("a", at(29)))
     assert core.wakeups(at(29)) == [at(30)]
@@ -246,15 +242,27 @@ def test_a_blocklisted_node_is_avoided_until_the_blocklist_expires() -> None:
     assert placement.node == "n1"
 
 
-@pytest.mark.parametrize("health", ["draining", "offline", "quarantined"])
+@pytest.mark.parametrize("health", ["draining", "sleeping", "quarantined"])
 def test_only_online_nodes_get_work(health: str) -> None:
-    """A draining, offline or quarantined node gets nothing; back online, it does."""
+    """A draining, sleeping or quarantined node gets nothing; back online, it does."""
     core = core_with({"n1": ONE})
     core.set_health("n1", health)
     core.add_job(spec("a"), submitted_at=T0)
     assert core.place(T0) == []
-    assert any("no node is online" in line for line in core.why("a", T0))
+    assert any(f"no node is online (nodes are {health})" in line for line in core.why("a", T0))
     core.set_health("n1", "online")
+    assert [p.node for p in core.place(T0)] == ["n1"]
+
+
+@pytest.mark.parametrize("reachable", ["unreachable", "offline"])
+def test_only_connected_nodes_get_work(reachable: str) -> None:
+    """An unreachable or offline node gets nothing, and ``why`` names its state."""
+    core = core_with({"n1": ONE})
+    core.set_reachable("n1", reachable)
+    core.add_job(spec("a"), submitted_at=T0)
+    assert core.place(T0) == []
+    assert any(f"(nodes are {reachable})" in line for line in core.why("a", T0))
+    core.set_reachable("n1", "connected")
     assert [p.node for p in core.place(T0)] == ["n1"]
 
 
@@ -264,7 +272,7 @@ def test_only_online_nodes_get_work(health: str) -> None:
 def test_a_submission_no_node_could_ever_fit_is_rejected_naming_the_shortfall() -> None:
     """check_submission names the largest node and what it lacks; offline nodes still count."""
     core = core_with({"gpu": GPU_NODE, "cpu": Resources.of(cores=2, memory="4GiB")})
-    core.set_health("gpu", "offline")
+    core.set_reachable("gpu", "offline")
     core.check_submission([spec("ok", request=GPU_TASK)])
     with pytest.raises(Exception, match="lacks gpus: needs 3, has 2"):
         core.check_submission([spec("too-many", request=Resources.of(cores=1, gpus=3))])
@@ -289,24 +297,25 @@ CAPACITIES = [
     Resources.of(cores=4, memory="16GiB", gpus=4, gpu_memory="8GiB"),
     Resources.of(cores=4, memory="8GiB", counters={"nuke": 2}),
 ]
-HEALTHS = ["online", "online", "online", "draining", "offline", "quarantined"]
+HEALTHS = ["online", "online", "online", "draining", "sleeping", "quarantined"]
+REACHABLE = ["connected", "connected", "unreachable", "offline"]
 
 
 def check_index(core: SchedulerCore) -> None:
     """Compare the incremental fit index and node books with a brute-force scan."""
-    nodes = core._nodes
-    queued = {job.tasks[index].request for job in core._jobs.values() for index in job.ready}
+    nodes = {name: node.view for name, node in core._nodes.items()}
+    queued = {job.keys[index] for job in core._jobs.values() for index in job.ready}
     assert set(core._fit_index) == queued
-    for request, members in core._fit_index.items():
+    for (request, requires), members in core._fit_index.items():
         brute = {
             name
             for name, node in nodes.items()
-            if node.health == "online" and fits(request, node.free)
+            if node.accepts_work and fits(request, node.free) and not node.satisfies(requires)
         }
         assert set(members) == brute, request
-    for node in nodes.values():
+    for name, node in nodes.items():
         free = node.capacity
-        used = list(node.running.values())
+        used = [running.request for running in core._nodes[name].running.values()]
         for request in used:
             assert fits(request, free), f"{node.name} is overcommitted"
             free = Resources(
@@ -321,8 +330,10 @@ def check_index(core: SchedulerCore) -> None:
             )
         assert node.free == free, node.name
     for job in core._jobs.values():
+        assert job.view.running == len(job.running)
+        assert job.view.queued == len(job.ready)
         for index, node_name in job.running.items():
-            assert (job.job_id, index) in nodes[node_name].running
+            assert (job.view.job_id, index) in core._nodes[node_name].running
             assert index not in job.ready
 
 
@@ -336,7 +347,7 @@ def test_the_fit_index_matches_a_brute_force_scan_through_random_operations(seed
     placed = 0
     for _ in range(3000):
         now += timedelta(seconds=1)
-        running = [(job.job_id, index) for job in core._jobs.values() for index in job.running]
+        running = [(job.view.job_id, index) for job in core._jobs.values() for index in job.running]
         op = rng.random()
         if op < 0.08 or not core._nodes:
             core.add_node(f"n{len(core._nodes)}", rng.choice(CAPACITIES))
@@ -354,9 +365,12 @@ def test_the_fit_index_matches_a_brute_force_scan_through_random_operations(seed
                 core.task_ended(job_id, index, outcome=Outcome.SUCCEEDED)
             else:
                 retry = now + timedelta(seconds=rng.randint(0, 5))
-                core.task_ended(job_id, index, outcome=None, retry_at=retry, failed_on_node=True)
-        elif op < 0.85:
+                failure = Failure(kind="exit_code", node=None, attempt=1, exit_code=1)
+                core.task_ended(job_id, index, outcome=None, retry_at=retry, failure=failure)
+        elif op < 0.80:
             core.set_health(rng.choice(sorted(core._nodes)), rng.choice(HEALTHS))
+        elif op < 0.85:
+            core.set_reachable(rng.choice(sorted(core._nodes)), rng.choice(REACHABLE))
         elif op < 0.90 and running:
             core.unplace(*rng.choice(running))  # a job refused its placement
         elif core._jobs:

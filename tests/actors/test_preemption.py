@@ -51,23 +51,22 @@ def _spec(
 
 
 def _job_view(spec: SubmitJob) -> JobView:
-    return JobView(
-        job_id=spec.job_id, spec=spec, submitted_at=NOW, running=0, queued=1, completed=0, total=1
-    )
+    return JobView(job_id=spec.job_id, spec=spec, submitted_at=NOW, queued=1, total=1)
 
 
 def _task(job_id: str, request: Resources) -> TaskView:
-    return TaskView(job_id=job_id, index=0, request=request, attempt=0, failures=0, last_node=None)
+    return TaskView(job_id=job_id, index=0, request=request)
 
 
 def _node(name: str, capacity: Resources, free: Resources) -> NodeView:
-    return NodeView(name=name, capacity=capacity, free=free, labels=(), running=1, health="online")
+    return NodeView(name=name, capacity=capacity, free=free, running=1)
 
 
-def _running(job_id: str, request: Resources, priority: Priority, preemptible: bool) -> RunningView:
-    return RunningView(
-        job_id=job_id, task=0, request=request, priority=priority, preemptible=preemptible
-    )
+def _running(
+    job_id: str, request: Resources, priority: Priority, preemptible: bool
+) -> tuple[tuple[str, int], RunningView]:
+    job = _job_view(_spec(job_id, priority, request, preemptible=preemptible))
+    return (job_id, 0), RunningView(job_id=job_id, task=0, request=request, job=job)
 
 
 FULL_CPU = Resources.of(cores=0, memory="4GiB")
@@ -101,7 +100,9 @@ def test_priority_preemption_policy_table(
     farm = FarmView(
         nodes={"cpu-1": _node("cpu-1", CPU, FULL_CPU)},
         jobs={},
-        running={"cpu-1": [_running("low-job", ONE_CPU, victim_priority, victim_preemptible)]},
+        running={
+            "cpu-1": dict([_running("low-job", ONE_CPU, victim_priority, victim_preemptible)])
+        },
     )
     choices = PriorityPreemptionPolicy().preemptions(
         _job_view(waiting), _task("waiting", asked), farm, NOW
@@ -121,11 +122,13 @@ def test_priority_preemption_prefers_the_node_with_fewest_victims() -> None:
         },
         jobs={},
         running={
-            "a": [
-                _running("a1", half, Priority.LOW, True),
-                _running("a2", half, Priority.LOW, True),
-            ],
-            "b": [_running("b1", ONE_CPU, Priority.MEDIUM, True)],
+            "a": dict(
+                [
+                    _running("a1", half, Priority.LOW, True),
+                    _running("a2", half, Priority.LOW, True),
+                ]
+            ),
+            "b": dict([_running("b1", ONE_CPU, Priority.MEDIUM, True)]),
         },
     )
     choices = PriorityPreemptionPolicy().preemptions(

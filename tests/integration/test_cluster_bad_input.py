@@ -480,6 +480,47 @@ INVALID_SPECS: dict[str, tuple[str, str, list[str]]] = {
         '[[jobs]]\nname = "a\ncommand = ["true"]\n',
         ["line"],
     ),
+    # Values that were accepted and then wedged a job, overflowed a date or built an argv no
+    # exec could take: refused at submission now (the whole table: tests/actors/test_spec_bounds).
+    "backoff-overflow": (
+        "backoff.toml",
+        '[[jobs]]\nname = "a"\ncommand = ["true"]\nretries = { backoff = "99999999999999d" }\n',
+        ["jobs[0].retries.backoff", "99999999999999d is longer than the maximum of 30d"],
+    ),
+    "runtime-of-ten-years": (
+        "runtime.toml",
+        '[[jobs]]\nname = "a"\ncommand = ["true"]\ntimeouts = { max_runtime = "3650d" }\n',
+        ["jobs[0].timeouts.max_runtime", "maximum of 366d"],
+    ),
+    "format-width": (
+        "width.toml",
+        '[[jobs]]\nname = "a"\nframes = "1-4"\ncommand = ["echo", "{frame:>20000000}"]\n',
+        ["jobs[0].command[1]", "format width 20000000"],
+    ),
+    "frame-sequence-too-long": (
+        "chunk.toml",
+        f'[[jobs]]\nname = "a"\nframes = "1-5000"\nchunk = 5000\ncommand = ["echo", "{{frame}}", '
+        f'"{"x" * 64}"]\n',
+        ["jobs[0].command", "5,000 frames of task 0", "smaller chunk"],
+    ),
+    "cores-1e12": (
+        "cores.toml",
+        '[[jobs]]\nname = "a"\ncommand = ["true"]\nresources = { cores = 1e12 }\n',
+        ["jobs[0].resources.cores", "maximum of 1,000,000 cores"],
+    ),
+    "nested-100000-deep": (
+        "deep.toml",
+        '[[jobs]]\nname = "a"\ncommand = ["true"]\nmetadata = { a = '
+        + "[" * 100_000
+        + "]" * 100_000
+        + " }\n",
+        ["nested more than 32 levels deep"],
+    ),
+    "nul-in-argv": (
+        "nul.toml",
+        '[[jobs]]\nname = "a"\ncommand = ["echo", "a\\u0000b"]\n',
+        ["jobs[0].command[1]", "NUL"],
+    ),
 }
 
 
@@ -507,6 +548,61 @@ async def test_an_invalid_spec_is_refused_and_journals_nothing(
     for part in [str(spec), *expected]:
         assert part in stderr, stderr
     assert "Traceback" not in stderr
+    assert len(stderr.splitlines()) == 1
     assert await last_position(farm) == before
     assert farm.coordinator is not None
     assert farm.coordinator.poll() is None
+
+
+# -- decoded sizes ------------------------------------------------------------------------------
+
+
+def peak_memory(pid: int) -> int:
+    """Return a process's peak resident memory (VmHWM), in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+MILLIONS: dict[str, object] = {
+    # Millions of one-byte strings fit one 16 MiB frame, and each costs ~50 bytes decoded.
+    "labels-of-an-agent-hello": {
+        "type": "agent.hello",
+        "name": "x",
+        "capacity": {},
+        "labels": ["a"] * 7_000_000,
+    },
+    "summaries-of-a-reply": {
+        "type": "coordinator.jobs",
+        "jobs": [{"job_id": "", "name": "", "status": "", "priority": "", "submitted_at": ""}]
+        * 200_000,
+    },
+}
+
+
+@pytest.mark.parametrize("case", list(MILLIONS))
+async def test_a_frame_of_millions_of_elements_is_refused_without_building_them(
+    cluster: Cluster, case: str
+) -> None:
+    """A client frame that would decode to millions of objects is refused by its bounds (or its
+    tag) while decoding: the coordinator's peak memory grows by about the frame, not 10x it."""
+    cluster.start_coordinator()
+    assert cluster.coordinator is not None
+    pid = cluster.coordinator.pid
+    payload = msgspec.msgpack.encode(MILLIONS[case])
+    assert len(payload) < FRAME_LIMIT
+    before = peak_memory(pid)
+    address = await raw_authenticated(cluster, frame(payload))
+
+    async def rejected() -> bool:
+        return any(e.get("peer") == address for e in rejections(cluster))
+
+    await cluster.wait_until(rejected, what="the rejection logged", limit=20)
+    (entry,) = [e for e in rejections(cluster) if e.get("peer") == address]
+    assert entry["error"] == "FrameValidationError"
+    grown = peak_memory(pid) - before
+    # Reading the frame costs its size (and a copy); decoding it whole cost 150 MB and more.
+    assert grown < 3 * len(payload), f"peak memory grew by {grown / 2**20:.0f} MiB"
+    async with cluster.connect() as connection:
+        assert isinstance(await request(connection, StatusRequest()), JobsReply)

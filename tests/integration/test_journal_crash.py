@@ -1,8 +1,10 @@
 """Crash safety: SIGKILL a process that appends to a journal, at random moments, many times.
 
-Every event the child acknowledged (it prints each one only after ``append`` returned) must be
-in the journal exactly once, in order, whole; unacknowledged commits may be there too; and a
-new process must be able to carry on appending where the journal left off.
+Every event the child acknowledged (it prints each one only after ``append`` or
+``append_many`` returned) must be in the journal exactly once, in order, whole; unacknowledged
+commits may be there too; a multi-stream append is there whole (every event of it, at
+consecutive positions) or not at all, wherever the kill fell; every event passes its checksum;
+and a new process must be able to carry on appending where the journal left off.
 """
 
 from __future__ import annotations
@@ -20,7 +22,12 @@ from types import ModuleType
 import anyio
 import pytest
 
-from persistence import SQLiteJournal, open_sqlite_journal
+from persistence import (
+    RecordedEvent,
+    SQLiteJournal,
+    check_sqlite_journal,
+    open_sqlite_journal,
+)
 from runtime import SystemClock
 
 CHILD = Path(__file__).with_name("journal_crash_child.py")
@@ -71,10 +78,31 @@ def run_and_kill(
     return lines
 
 
-async def verify(path: Path, acknowledged: dict[int, tuple[str, int]]) -> int:
-    """Check the journal against the acknowledged events; return the last position."""
+async def verify(path: Path, acknowledged: dict[int, tuple[str, int]]) -> tuple[int, int]:
+    """Check the journal against the acknowledged events; return the last position and the
+    number of multi-stream appends in it."""
+    check = await check_sqlite_journal(path)
+    assert check.ok, f"every checksum and SQLite's own check pass: {check}"
     async with open_sqlite_journal(path, clock=SystemClock(), codec=child.make_codec()) as j:
-        return await check_journal(j, acknowledged)
+        last = await check_journal(j, acknowledged)
+        records = [record async for batch in j.read_all() for record in batch]
+    return last, check_linked(records)
+
+
+def check_linked(records: list[RecordedEvent]) -> int:
+    """Assert that every multi-stream append is whole; return how many there are."""
+    batches: dict[str, list[tuple[int, int, int]]] = {}
+    for record in records:
+        event = record.event
+        if isinstance(event, child.Linked):
+            batches.setdefault(event.batch, []).append((record.position, event.index, event.size))
+    for batch, parts in batches.items():
+        size = parts[0][2]
+        positions = [position for position, _, _ in parts]
+        assert len(parts) == size, f"multi-stream append {batch}: {len(parts)} of {size} events"
+        assert positions == list(range(positions[0], positions[0] + size)), f"{batch} interleaved"
+        assert [index for _, index, _ in parts] == list(range(size))
+    return len(batches)
 
 
 async def check_journal(journal: SQLiteJournal, acknowledged: dict[int, tuple[str, int]]) -> int:
@@ -84,10 +112,16 @@ async def check_journal(journal: SQLiteJournal, acknowledged: dict[int, tuple[st
     versions: dict[str, int] = {}
     for record in records:
         event = record.event
-        assert isinstance(event, child.Written)
         expected_version = versions.get(record.stream_id, 0) + 1
         assert record.version == expected_version, f"stream out of order at {record.position}"
         versions[record.stream_id] = expected_version
+        if isinstance(event, child.Linked):
+            assert record.stream_id.startswith("linked:")
+            assert event.check == child.linked_checksum(
+                event.batch, event.index, event.size, event.filler
+            ), "torn"
+            continue
+        assert isinstance(event, child.Written)
         assert record.stream_id == f"crash:{event.writer}"
         assert event.seq == record.version, "each version appended exactly once"
         assert event.check == child.checksum(event.writer, event.seq, event.filler), "torn"
@@ -96,6 +130,8 @@ async def check_journal(journal: SQLiteJournal, acknowledged: dict[int, tuple[st
         record = records[position - 1]
         assert (record.stream_id, record.version) == (stream_id, version)
     for stream_id, version in versions.items():
+        if not stream_id.startswith("crash:"):
+            continue
         loaded = await journal.load_snapshot(stream_id, child.Progress)
         if loaded is not None:
             assert loaded[0] <= version
@@ -117,20 +153,23 @@ def parse(lines: list[str], acknowledged: dict[int, tuple[str, int]]) -> int:
 @pytest.mark.slow
 def test_acknowledged_events_survive_sigkill(tmp_path: Path) -> None:
     """After each of 30 SIGKILLs at random moments every acknowledged event is present once,
-    in order and whole, and appending carries on correctly."""
+    in order and whole, every multi-stream append is whole or absent, every checksum passes,
+    and appending carries on correctly."""
     rng = random.Random(20261127)
     path = tmp_path / "crash.db"
     acknowledged: dict[int, tuple[str, int]] = {}
     unacknowledged_commits = 0
+    linked = 0
     for round_ in range(ROUNDS):
         acks = 0 if round_ % 5 == 0 else rng.randrange(1, 400)
         delay = rng.choice([0.0, rng.uniform(0, 0.005)])
         lines = run_and_kill(path, round_, acks, delay, tmp_path / f"child-{round_}.log")
         parse(lines, acknowledged)
-        last = anyio.run(verify, path, acknowledged)
+        last, linked = anyio.run(verify, path, acknowledged)
         if last > max(acknowledged, default=0):
             unacknowledged_commits += 1
     assert len(acknowledged) > ROUNDS * 50
+    assert linked > ROUNDS, "multi-stream appends must be among what the kills interrupted"
     # Appending continues where the journal left off, with correct versions and positions.
 
     async def carry_on() -> None:
@@ -144,6 +183,6 @@ def test_acknowledged_events_survive_sigkill(tmp_path: Path) -> None:
 
     anyio.run(carry_on)
     print(
-        f"rounds={ROUNDS} acknowledged={len(acknowledged)} "
+        f"rounds={ROUNDS} acknowledged={len(acknowledged)} multi_stream_appends={linked} "
         f"rounds_with_unacknowledged_commits={unacknowledged_commits} pid={os.getpid()}"
     )

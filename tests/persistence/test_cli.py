@@ -17,7 +17,7 @@ import msgspec
 import pytest
 import structlog
 
-from persistence import Event, EventCodec, open_sqlite_journal
+from persistence import SCHEMA_VERSION, Event, EventCodec, open_sqlite_journal
 from persistence import _cli as journal_cli
 from runtime import VirtualClock
 from runtime.cli import main
@@ -115,7 +115,7 @@ def test_inspect_shows_the_journal(journal_file: Path, capsys: pytest.CaptureFix
     """journal inspect prints size, schema, counts, time range and every stream."""
     assert main(["journal", "inspect", str(journal_file)]) == 0
     text = capsys.readouterr().out
-    assert "schema version  1" in text
+    assert f"schema version  {SCHEMA_VERSION}" in text
     assert "events          6 (last position 6)" in text
     assert "snapshots       1" in text
     assert "2026-05-01T08:00:00+00:00 .. 2026-05-01T09:00:00+00:00" in text

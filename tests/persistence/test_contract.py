@@ -22,6 +22,7 @@ from persistence import (
     JournalClosedError,
     JournalError,
     RecordedEvent,
+    StreamAppend,
     StreamInfo,
     VersionConflictError,
     open_sqlite_journal,
@@ -339,6 +340,308 @@ async def test_cancelled_append_never_lies(open_journal: OpenJournal) -> None:
     assert committed | cancelled == {w * 100 + i for w in range(10) for i in range(30)}
     amounts = [event.amount for event in stored if isinstance(event, CounterAdded)]
     assert sorted(amounts) == sorted(committed)
+
+
+# -- atomic multi-stream appends --------------------------------------------------------------
+
+
+def part(stream_id: str, *amounts: int, expected: int | None = None) -> StreamAppend:
+    return StreamAppend(stream_id=stream_id, events=added(*amounts), expected_version=expected)
+
+
+async def test_append_many_commits_every_stream_together(
+    open_journal: OpenJournal, clock: VirtualClock
+) -> None:
+    """append_many gives each stream its versions, consecutive positions in the order given,
+    one timestamp and the correlation id, and returns one result per stream in order."""
+    async with open_journal() as journal:
+        await journal.append("counter:b", added(1))
+        await clock.advance(5)
+        results = await journal.append_many(
+            [part("counter:a", 2, 3, expected=0), part("counter:b", 4, expected=1)],
+            correlation_id="submit-1",
+        )
+        records = await read_everything(journal)
+    assert [(r.stream_id, r.first_position, r.last_position, r.version) for r in results] == [
+        ("counter:a", 2, 3, 2),
+        ("counter:b", 4, 4, 2),
+    ]
+    assert {r.timestamp for r in results} == {START + timedelta(seconds=5)}
+    assert [(r.position, r.stream_id, r.version, r.event) for r in records[1:]] == [
+        (2, "counter:a", 1, CounterAdded(amount=2)),
+        (3, "counter:a", 2, CounterAdded(amount=3)),
+        (4, "counter:b", 2, CounterAdded(amount=4)),
+    ]
+    assert {r.correlation_id for r in records[1:]} == {"submit-1"}
+    assert {r.timestamp for r in records[1:]} == {START + timedelta(seconds=5)}
+
+
+async def test_append_many_conflict_writes_nothing(open_journal: OpenJournal) -> None:
+    """If any stream is not at its expected version nothing is written, and the error names
+    the first such stream."""
+    async with open_journal() as journal:
+        await journal.append("counter:b", added(1))
+        await journal.append("counter:c", added(1))
+        with pytest.raises(VersionConflictError) as caught:
+            await journal.append_many(
+                [
+                    part("counter:a", 1, expected=0),
+                    part("counter:b", 2, expected=0),
+                    part("counter:c", 3, expected=7),
+                ]
+            )
+        assert await journal.last_position() == 2
+        assert await journal.stream_version("counter:a") == 0
+        assert await journal.stream_version("counter:b") == 1
+        after = await journal.append_many([part("counter:a", 1), part("counter:b", 2)])
+    assert (caught.value.stream_id, caught.value.expected, caught.value.actual) == (
+        "counter:b",
+        0,
+        1,
+    )
+    assert "counter:b" in str(caught.value)
+    assert [r.first_position for r in after] == [3, 4]
+
+
+async def test_append_many_refuses_bad_arguments(open_journal: OpenJournal) -> None:
+    """No streams, a stream named twice, a stream without events or an unregistered event
+    raise and write nothing."""
+    async with open_journal() as journal:
+        with pytest.raises(JournalError, match="at least one stream"):
+            await journal.append_many([])
+        with pytest.raises(JournalError, match="twice"):
+            await journal.append_many([part("counter:a", 1), part("counter:a", 2)])
+        with pytest.raises(JournalError, match="at least one event"):
+            await journal.append_many([part("counter:a", 1), part("counter:b")])
+        with pytest.raises(JournalError, match="expected_version"):
+            await journal.append_many([part("counter:a", 1, expected=-1)])
+        with pytest.raises(EventEncodeError, match="NotRegistered"):
+            await journal.append_many(
+                [
+                    part("counter:a", 1),
+                    StreamAppend(stream_id="counter:b", events=[NotRegistered()]),
+                ]
+            )
+        assert await journal.last_position() == 0
+
+
+@pytest.mark.parametrize("many_first", [True, False])
+async def test_append_many_races_single_appends(
+    open_journal: OpenJournal, many_first: bool
+) -> None:
+    """Concurrent append_many and append calls expecting the same versions: each stream gets
+    exactly one winner, and a multi-stream append wins everywhere or nowhere."""
+    async with open_journal() as journal:
+        outcomes: dict[str, bool] = {}
+
+        async def many(name: str) -> None:
+            try:
+                await journal.append_many(
+                    [part("race:a", 1, expected=0), part("race:b", 2, expected=0)]
+                )
+            except VersionConflictError:
+                outcomes[name] = False
+            else:
+                outcomes[name] = True
+
+        async def single(name: str, stream_id: str) -> None:
+            try:
+                await journal.append(stream_id, added(3), expected_version=0)
+            except VersionConflictError:
+                outcomes[name] = False
+            else:
+                outcomes[name] = True
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as task_group:
+                if many_first:
+                    task_group.start_soon(many, "many-1")
+                task_group.start_soon(single, "single-b", "race:b")
+                task_group.start_soon(many, "many-2")
+                task_group.start_soon(single, "single-a", "race:a")
+                if not many_first:
+                    task_group.start_soon(many, "many-1")
+        records = await read_everything(journal)
+    assert sorted(r.stream_id for r in records) == ["race:a", "race:b"], "one winner each"
+    assert not outcomes["many-2"], "it raced the earlier single append of race:b"
+    if many_first:
+        assert outcomes == {"many-1": True, "single-b": False, "many-2": False, "single-a": False}
+        assert [r.position for r in records] == [1, 2]
+    else:
+        assert outcomes == {"single-b": True, "many-2": False, "single-a": True, "many-1": False}
+
+
+async def test_cancelled_append_many_never_lies(open_journal: OpenJournal) -> None:
+    """An append_many that returns is committed in every stream; one cancelled (anywhere) is
+    committed in none."""
+    rng = random.Random(20260704)
+    committed: set[int] = set()
+    cancelled: set[int] = set()
+    async with open_journal() as journal:
+
+        async def attempt(amount: int, delay: int, task_group: anyio.abc.TaskGroup) -> None:
+            with anyio.CancelScope() as scope:
+
+                async def cancel_later() -> None:
+                    for _ in range(delay):
+                        await anyio.lowlevel.checkpoint()
+                    scope.cancel()
+
+                task_group.start_soon(cancel_later)
+                await journal.append_many(
+                    [part(f"many:{amount}", amount), part(f"other:{amount}", amount, amount)]
+                )
+                committed.add(amount)
+                return
+            cancelled.add(amount)
+
+        with anyio.fail_after(30):
+            for wave in range(6):
+                async with anyio.create_task_group() as task_group:
+                    for index in range(30):
+                        amount = wave * 100 + index
+                        task_group.start_soon(attempt, amount, rng.randrange(40), task_group)
+        records = await read_everything(journal)
+    assert committed, "some appends must commit for the test to mean anything"
+    assert cancelled, "some appends must be cancelled for the test to mean anything"
+    stored = {r.stream_id for r in records}
+    assert stored == {f"many:{a}" for a in committed} | {f"other:{a}" for a in committed}
+    assert len(records) == 3 * len(committed)
+
+
+# -- subscriptions ----------------------------------------------------------------------------
+
+
+async def test_subscription_reads_what_is_stored_then_follows(open_journal: OpenJournal) -> None:
+    """A subscription yields the events after its position in order, then each new commit,
+    appends and multi-stream appends alike."""
+    async with open_journal() as journal:
+        for amount in range(5):
+            await journal.append(f"counter:{amount % 2}", added(amount))
+        seen: list[RecordedEvent] = []
+        with anyio.fail_after(10):
+            async with (
+                journal.subscribe(after=2) as subscription,
+                anyio.create_task_group() as task_group,
+            ):
+
+                async def follow() -> None:
+                    async for batch in subscription:
+                        seen.extend(batch)
+                        if len(seen) == 3:
+                            # Caught up: now write more, while the subscriber waits.
+                            task_group.start_soon(write_more)
+                        if len(seen) == 7:
+                            return
+
+                async def write_more() -> None:
+                    await journal.append("counter:a", added(10))
+                    await journal.append_many([part("counter:b", 11), part("counter:c", 12)])
+                    await journal.append("counter:d", added(13))
+
+                task_group.start_soon(follow)
+        assert subscription.position == 9
+    assert [r.position for r in seen] == list(range(3, 10))
+    assert [r.event for r in seen] == added(2, 3, 4, 10, 11, 12, 13)
+
+
+async def test_subscription_batches_are_bounded(open_journal: OpenJournal) -> None:
+    """A subscriber that asks late gets what it missed from the journal, in batches of at most
+    batch_size, while the appenders never waited for it."""
+    async with open_journal() as journal:
+        subscription = journal.subscribe(after=0, batch_size=16)
+        with anyio.fail_after(20):
+            for amount in range(100):
+                await journal.append("counter:a", added(amount))
+            sizes: list[int] = []
+            seen: list[int] = []
+            async for batch in subscription:
+                sizes.append(len(batch))
+                seen.extend(r.position for r in batch)
+                if len(seen) == 100:
+                    break
+        await subscription.aclose()
+    assert max(sizes) == 16
+    assert seen == list(range(1, 101))
+
+
+async def test_subscription_never_sees_half_a_multi_stream_append(
+    open_journal: OpenJournal,
+) -> None:
+    """When a subscriber sees the first event of a multi-stream append, all of it is stored,
+    even when it receives the events one at a time."""
+    async with open_journal() as journal:
+        checked = 0
+        with anyio.fail_after(20):
+            async with (
+                journal.subscribe(after=0, batch_size=1) as subscription,
+                anyio.create_task_group() as task_group,
+            ):
+
+                async def follow() -> None:
+                    nonlocal checked
+                    async for (record,) in subscription:
+                        if record.stream_id.startswith("first:"):
+                            # Read straight from the journal: the rest must be there.
+                            rest = await journal.read_stream(f"last:{record.version}")
+                            assert len(rest) == 1, f"half of append {record.version}"
+                            checked += 1
+                        if record.position == 30:
+                            return
+
+                async def write() -> None:
+                    for index in range(1, 11):
+                        await journal.append_many(
+                            [
+                                part("first:x", index),
+                                part(f"middle:{index}", index),
+                                part(f"last:{index}", index),
+                            ]
+                        )
+
+                task_group.start_soon(follow)
+                task_group.start_soon(write)
+    assert checked == 10
+
+
+async def test_subscription_ends_when_closed(open_journal: OpenJournal) -> None:
+    """A subscriber waiting for commits stops when its subscription is closed, and every
+    subscriber stops when the journal closes."""
+    async with open_journal() as journal:
+        await journal.append("counter:a", added(1))
+        first = journal.subscribe()
+        second = journal.subscribe()
+        ended: list[str] = []
+
+        async def drain(name: str, subscription: object) -> None:
+            assert isinstance(subscription, type(first))
+            async for _batch in subscription:
+                pass
+            ended.append(name)
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as task_group:
+                task_group.start_soon(drain, "first", first)
+                task_group.start_soon(drain, "second", second)
+                while first.position < 1 or second.position < 1:
+                    await anyio.lowlevel.checkpoint()
+                await first.aclose()
+                while ended != ["first"]:
+                    await anyio.lowlevel.checkpoint()
+                await journal.aclose()
+    assert ended == ["first", "second"]
+
+
+async def test_subscribe_refuses_bad_arguments(open_journal: OpenJournal) -> None:
+    """A negative position or a batch size below one is refused."""
+    async with open_journal() as journal:
+        with pytest.raises(JournalError, match="after"):
+            journal.subscribe(after=-1)
+        with pytest.raises(JournalError, match="batch_size"):
+            journal.subscribe(batch_size=0)
+        await journal.aclose()
+        with pytest.raises(JournalClosedError):
+            journal.subscribe()
 
 
 # -- snapshots --------------------------------------------------------------------------------

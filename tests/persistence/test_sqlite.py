@@ -29,6 +29,7 @@ from persistence import (
     VersionConflictError,
     open_sqlite_journal,
 )
+from persistence._sqlite_file import event_checksum
 from runtime import ConfigurationError, VirtualClock
 
 START = datetime(2026, 3, 1, tzinfo=UTC)
@@ -64,6 +65,10 @@ def ticks(*numbers: int) -> list[Event]:
 
 def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def names(folder: Path) -> list[str]:
+    return sorted(path.name for path in folder.iterdir())
 
 
 async def read_all(journal: SQLiteJournal) -> list[RecordedEvent]:
@@ -208,9 +213,11 @@ async def test_safety_net_when_another_process_wrote(tmp_path: Path) -> None:
         await journal.append("tick:a", ticks(1))
         with sqlite3.connect(path) as intruder:
             payload = codec.encode(Ticked(n=2)).payload.decode()
+            stamp = START.isoformat(timespec="microseconds")
+            row = (2, "tick:a", 2, "test.ticked", 1, stamp, None, payload)
             intruder.execute(
-                "INSERT INTO events VALUES (2, 'tick:a', 2, 'test.ticked', 1, ?, NULL, ?)",
-                (START.isoformat(timespec="microseconds"), payload),
+                "INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (*row, event_checksum(*row)),
             )
         result = await journal.append("tick:a", ticks(3))
         with pytest.raises(VersionConflictError):
@@ -434,13 +441,65 @@ async def test_paths_that_cannot_hold_a_journal(tmp_path: Path) -> None:
     assert not (tmp_path / "n.db").exists()
 
 
-async def test_empty_file_becomes_a_journal(tmp_path: Path) -> None:
-    """A zero-byte file (a crash right after creating it) is initialised as a new journal."""
+async def test_empty_file_is_initialised_only_when_asked(tmp_path: Path) -> None:
+    """A zero-byte file is refused by every opener, untouched, unless the caller asks to
+    initialise it (create="if_missing_or_empty")."""
     path = tmp_path / "j.db"
     path.touch()
-    async with open_sqlite_journal(path, clock=VirtualClock(START), codec=make_codec()) as j:
-        await j.append("tick:a", ticks(1))
-        assert await j.last_position() == 1
+    clock, codec = VirtualClock(START), make_codec()
+    openers: list[dict[str, Any]] = [
+        {},
+        {"create": "never"},
+        {"create": "if_missing"},
+        {"read_only": True},
+    ]
+    for options in openers:
+        with pytest.raises(JournalFileError, match="an empty file, not a journal") as caught:
+            async with open_sqlite_journal(path, clock=clock, codec=codec, **options):
+                pytest.fail("an empty file was opened")
+        assert ("serve --init" in str(caught.value)) is not options.get("read_only", False)
+    assert path.stat().st_size == 0
+    assert names(tmp_path) == ["j.db"]
+    async with open_sqlite_journal(
+        path, clock=clock, codec=codec, create="if_missing_or_empty"
+    ) as journal:
+        await journal.append("tick:a", ticks(1))
+        assert await journal.last_position() == 1
+
+
+async def test_empty_database_is_treated_as_an_empty_file(tmp_path: Path) -> None:
+    """An SQLite database with nothing in it is refused like an empty file unless asked."""
+    path = tmp_path / "j.db"
+    with sqlite3.connect(path) as raw:
+        raw.execute("VACUUM")  # writes the header: a database without a single table
+    with pytest.raises(JournalFileError, match="an empty database, not a journal"):
+        async with open_sqlite_journal(path, clock=VirtualClock(START), codec=make_codec()):
+            pass
+    async with open_sqlite_journal(
+        path, clock=VirtualClock(START), codec=make_codec(), create="if_missing_or_empty"
+    ) as journal:
+        await journal.append("tick:a", ticks(1))
+
+
+async def test_a_missing_file_is_created_whole_or_not_at_all(tmp_path: Path) -> None:
+    """A new journal appears at its path already initialised (no temporary files are left),
+    and create="never" refuses a missing file without creating it."""
+    path = tmp_path / "j.db"
+    clock, codec = VirtualClock(START), make_codec()
+    with pytest.raises(JournalFileError, match="no such journal file"):
+        async with open_sqlite_journal(path, clock=clock, codec=codec, create="never"):
+            pass
+    assert names(tmp_path) == []
+    async with open_sqlite_journal(path, clock=clock, codec=codec) as journal:
+        # Before the first append the file is already a complete journal on its own.
+        with sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True) as raw:
+            assert raw.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+            assert raw.execute("SELECT count(*) FROM events").fetchone() == (0,)
+        await journal.append("tick:a", ticks(1))
+    assert names(tmp_path) == ["j.db"]
+    with pytest.raises(ConfigurationError, match="create"):
+        async with open_sqlite_journal(path, clock=clock, codec=codec, create="always"):  # type: ignore[arg-type]
+            pass
 
 
 async def test_read_only_journal_reads_but_refuses_writes(tmp_path: Path) -> None:
@@ -459,6 +518,64 @@ async def test_read_only_journal_reads_but_refuses_writes(tmp_path: Path) -> Non
             await journal.save_snapshot("tick:a", version=1, state=Count(n=1))
     assert (description.event_count, description.schema_version) == (2, SCHEMA_VERSION)
     assert description.first_timestamp == START
+
+
+def listing(folder: Path) -> dict[str, str]:
+    return {path.name: digest(path) for path in sorted(folder.iterdir())}
+
+
+async def test_read_only_open_creates_and_changes_nothing(tmp_path: Path) -> None:
+    """Reading a journal nobody has open leaves no -wal or -shm behind and changes no byte."""
+    path = tmp_path / "j.db"
+    async with open_sqlite_journal(path, clock=VirtualClock(START), codec=make_codec()) as j:
+        await j.append("tick:a", ticks(1, 2, 3))
+    before = listing(tmp_path)
+    assert list(before) == ["j.db"]
+    for _ in range(2):
+        async with open_sqlite_journal(
+            path, clock=VirtualClock(START), codec=make_codec(), read_only=True
+        ) as journal:
+            assert len(await read_all(journal)) == 3
+            await journal.describe()
+            assert listing(tmp_path) == before
+    assert listing(tmp_path) == before
+
+
+async def test_read_only_open_of_a_live_journal_sees_its_commits(tmp_path: Path) -> None:
+    """A read-only open of a journal that a writer has open reads through the writer's WAL,
+    sees new commits in later reads, and adds no file of its own."""
+    path = tmp_path / "j.db"
+    clock, codec = VirtualClock(START), make_codec()
+    async with open_sqlite_journal(path, clock=clock, codec=codec) as writer:
+        await writer.append("tick:a", ticks(1))
+        writer_files = names(tmp_path)
+        assert writer_files == ["j.db", "j.db-shm", "j.db-wal"]
+        async with open_sqlite_journal(path, clock=clock, codec=codec, read_only=True) as reader:
+            assert [r.event for r in await reader.read_stream("tick:a")] == ticks(1)
+            await writer.append("tick:a", ticks(2))
+            assert [r.event for r in await reader.read_stream("tick:a")] == ticks(1, 2)
+        assert names(tmp_path) == writer_files
+
+
+async def test_read_only_open_in_a_read_only_folder(tmp_path: Path) -> None:
+    """A valid journal in a folder nobody may write to opens read-only, and no file appears
+    (the permission alone proves nothing when the tests run as root, who may write anyway)."""
+    folder = tmp_path / "archive"
+    folder.mkdir()
+    path = folder / "j.db"
+    async with open_sqlite_journal(path, clock=VirtualClock(START), codec=make_codec()) as j:
+        await j.append("tick:a", ticks(1, 2))
+    before = listing(folder)
+    folder.chmod(0o555)
+    path.chmod(0o444)
+    try:
+        async with open_sqlite_journal(
+            path, clock=VirtualClock(START), codec=make_codec(), read_only=True
+        ) as journal:
+            assert len(await read_all(journal)) == 2
+    finally:
+        folder.chmod(0o755)
+    assert listing(folder) == before
 
 
 async def test_body_errors_propagate_unwrapped(tmp_path: Path) -> None:

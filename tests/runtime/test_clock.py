@@ -322,3 +322,27 @@ async def _chain(system: Any, clock: VirtualClock, times: list[float], *, depth:
     assert next_ref is not None
     chain = next_ref
     return await system.spawn(lambda: Head(chain))
+
+
+async def test_simulated_time_stops_where_the_system_starts_to_shut_down() -> None:
+    """A simulation of a day ends at 24 h: timers that would fire while the actors stop (one
+    stops slowly, letting the clock jump) do not move time any further."""
+    clock = VirtualClock(auto_advance=True)
+
+    class Ticker(Actor[object]):
+        async def on_start(self) -> None:
+            self.context.start_timer("tick", Nap(seconds=0), delay=600, interval=600)
+
+        async def on_stop(self) -> None:
+            for _ in range(50):  # a stop that takes several event-loop passes
+                await anyio.lowlevel.checkpoint()
+
+        async def receive(self, message: object) -> Any:
+            return None
+
+    async with open_system(clock=clock) as system:
+        for _ in range(10):
+            await system.spawn(Ticker)
+        with anyio.fail_after(5):
+            await clock.sleep(86_400)
+    assert clock.monotonic() == 86_400
