@@ -224,7 +224,8 @@ class ExecutorBase:
 
     def _launch_nowait(self, attempt: A, run: Callable[..., Awaitable[None]]) -> A:
         """Launch like :meth:`_launch` without waiting for the start: an ``ExecutorError``
-        from the start ends the attempt ``failed`` through its sink instead of being raised.
+        from the start ends the attempt ``start_failed`` through its sink instead of being
+        raised.
 
         Raises:
             ExecutorError: the executor is closed.
@@ -244,7 +245,7 @@ class ExecutorBase:
             try:
                 await run(task_status=anyio.TASK_STATUS_IGNORED)
             except ExecutorError as error:
-                result = attempt._finish("failed", exit_code=None, error=str(error))
+                result = attempt._finish("start_failed", exit_code=None, error=str(error))
                 attempt._result = result  # before any await: a waiter sees this, not a tear-down
                 await attempt._sink(result)
             finally:

@@ -546,7 +546,7 @@ class SubprocessExecutor(ExecutorBase):
         """Start ``spec.argv`` and return its handle at once, without waiting for it to run.
 
         What :meth:`start` raises once the attempt was accepted (the program is missing, the
-        cwd is unusable) ends the attempt instead, with a ``failed`` :class:`AttemptFinished`
+        cwd is unusable) ends the attempt instead, with a ``start_failed`` :class:`AttemptFinished`
         through ``report``, as a remote agent's attempt does.  A node agent starts its attempts
         this way: a task less per attempt.
 

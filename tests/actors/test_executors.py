@@ -730,7 +730,7 @@ async def test_start_nowait_reports_a_failed_start_instead_of_raising(tmp_path: 
         finished = await recorder.first(AttemptFinished)
         with pytest.raises(ExecutorError, match="names a function"):
             executor.start_nowait(_spec(function="render"), recorder)
-    assert finished.outcome == "failed"
+    assert finished.outcome == "start_failed"
     assert finished.error is not None
     assert "could not start" in finished.error
     assert handle.result == finished
