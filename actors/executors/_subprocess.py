@@ -39,6 +39,7 @@ from ._interface import (
     AttemptSpec,
     ReportSink,
     attempt_identity,
+    gang_environment,
 )
 from ._process import Child, Warden, spawn_child, start_warden
 from ._warden import EXECUTOR_ID_VARIABLE
@@ -584,6 +585,13 @@ class SubprocessExecutor(ExecutorBase):
             TASKFARM_CHECKPOINT_DIR=paths.checkpoints,
         )
         env[EXECUTOR_ID_VARIABLE] = self._executor_id
+        if len(spec.nodes) > 1:
+            # One host per line, leader first: ``mpirun -hostfile $TASKFARM_HOSTFILE``.
+            hosts = spec.hosts or spec.nodes
+            hostfile = os.path.join(paths.checkpoints, f"hostfile.{spec.attempt}")
+            os.makedirs(paths.checkpoints, exist_ok=True)
+            Path(hostfile).write_text("".join(f"{host}\n" for host in hosts), encoding="utf-8")
+            env.update(gang_environment(spec, hostfile))
         # Never let a value inherited from the agent's own environment pose as this job's.
         for name, value in (
             ("TASKFARM_RESUME_FROM", spec.resume_from),
