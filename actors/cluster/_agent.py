@@ -111,6 +111,7 @@ from ._outbox import (
 )
 from ._probe import check_label
 from ._protocol import (
+    MAX_REPORTS_PER_FRAME,
     AgentHello,
     AgentToCoordinator,
     CancelAttempt,
@@ -147,7 +148,7 @@ _RECENT_ATTEMPTS = 10_000
 _FINAL_FLUSH = 2.0
 # Reports sent in one frame at most (what piled up while the last frame was being sent), and
 # roughly how many bytes of text they may carry together.
-_BATCH_REPORTS = 64
+_BATCH_REPORTS = MAX_REPORTS_PER_FRAME
 _BATCH_BYTES = 256 * 1024
 # Heartbeat send times remembered for the lease (answers to older ones no longer renew it).
 _HEARTBEATS_REMEMBERED = 64

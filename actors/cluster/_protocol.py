@@ -86,6 +86,7 @@ _Short = Annotated[str, msgspec.Meta(max_length=4096)]  # a reason, a file name
 _Index = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]
 _MAX_LABELS = 256  # an agent's node labels
 _MAX_RUNNING = 65_536  # attempts an agent reports running
+MAX_REPORTS_PER_FRAME = 64  # reports an agent sends in one Reports frame
 
 
 class _Inbound(Message, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -123,7 +124,9 @@ class Report(_Inbound, frozen=True, kw_only=True, tag="agent.report"):
 class Reports(_Inbound, frozen=True, kw_only=True, tag="agent.reports"):
     """Several outbox reports in one frame, in sequence order (what piled up since the last)."""
 
-    reports: tuple[Report, ...]
+    reports: Annotated[
+        tuple[Report, ...], msgspec.Meta(min_length=1, max_length=MAX_REPORTS_PER_FRAME)
+    ]
 
 
 class LogChunk(_Inbound, frozen=True, kw_only=True, tag="agent.log_chunk"):
