@@ -110,13 +110,30 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--heartbeat",
         metavar="S",
-        help="heartbeat at least every S seconds (default: the coordinator's interval)",
+        help="heartbeat at least every S seconds (default: the coordinator's interval, "
+        "--heartbeat-timeout/5 of `taskfarm serve`: 1 s)",
+    )
+    parser.add_argument(
+        "--lease",
+        metavar="S",
+        help="stop running attempts (asking them to checkpoint first) once the coordinator "
+        "has not answered for S seconds; at most the coordinator's lease, which is the "
+        "default (`taskfarm serve --lease`: twice its --heartbeat-timeout, 10 s)",
     )
     parser.add_argument(
         "--terminate-grace",
         metavar="S",
         default="10",
         help="seconds between SIGTERM and SIGKILL when stopping work (default: 10)",
+    )
+    parser.epilog = (
+        "Timing, set by the coordinator (`taskfarm serve`) unless capped here: the agent "
+        "heartbeats every --heartbeat-timeout/5 s (1 s); the coordinator disconnects an agent "
+        "silent for --heartbeat-timeout (5 s) and shows its node unreachable; the agent stops "
+        "its attempts once unanswered for the lease (--lease, 10 s), within half a lease, and "
+        "reports them lost; the coordinator requeues them after the fence (--fence, 17.5 s); "
+        "after a coordinator restart, agents have --restart-grace (10 s, at least the fence) "
+        "to re-claim what they run."
     )
     parser.set_defaults(handler=_run)
 
@@ -227,6 +244,7 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         tls_cert=_readable(args.tls_cert, where="--tls-cert"),
         tls_key=_readable(args.tls_key, where="--tls-key"),
         heartbeat=_seconds(args.heartbeat, where="--heartbeat"),
+        lease=_seconds(args.lease, where="--lease"),
         terminate_grace=grace,
     )
     load_agent_secret(config)  # a credential for another node or kind is named now

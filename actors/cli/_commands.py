@@ -127,13 +127,37 @@ def configure_serve(parser: argparse.ArgumentParser) -> None:
         help=f"start N agents here (at most {_MAX_LOCAL_AGENTS})",
     )
     parser.add_argument("--work-dir", default="taskfarm-work", help="local agents' folders")
-    parser.add_argument("--heartbeat-timeout", type=float, default=5.0, metavar="S")
+    parser.add_argument(
+        "--heartbeat-timeout",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="an agent silent this long is disconnected and its node shown unreachable, "
+        "with no new work (default: 5; agents heartbeat every S/5 s, at least 0.2 s)",
+    )
     parser.add_argument(
         "--restart-grace",
         type=float,
         default=10.0,
         metavar="S",
-        help="after a restart, how long agents have to re-claim running work",
+        help="after a restart, how long agents have to re-claim running work before it is "
+        "requeued (default: 10, raised to the fence if that is longer)",
+    )
+    parser.add_argument(
+        "--lease",
+        type=float,
+        metavar="S",
+        help="an agent that has not heard from this coordinator for S s asks its attempts to "
+        "checkpoint and stops them within S/2 s, reporting them lost (default: twice "
+        "--heartbeat-timeout, 10)",
+    )
+    parser.add_argument(
+        "--fence",
+        type=float,
+        metavar="S",
+        help="a silent agent's attempts are requeued S s after its last message, once they "
+        "are surely stopped (default: lease + lease/2 + max(2, lease/5), 17.5; at least "
+        "lease + lease/2 + 1)",
     )
     parser.add_argument(
         "--policy",
@@ -228,6 +252,8 @@ async def _serve(args: argparse.Namespace) -> int:
         token_file=token_file,
         heartbeat_interval=max(0.2, args.heartbeat_timeout / 5),
         heartbeat_timeout=args.heartbeat_timeout,
+        lease=args.lease,
+        fence=args.fence,
         synchronous=args.synchronous,
         settings=EngineSettings(restart_grace=args.restart_grace, counters=counters),
         events=events,

@@ -18,23 +18,41 @@ is sent again, in order.  So a report can arrive twice (its ack was lost, or not
 journaled when the agent died) but is never lost: receivers de-duplicate by attempt identity
 (job, task, fencing token) and sequence, which only grows.
 
-An attempt that was running when the agent process died cannot be re-attached (its pipes died
-with the agent): on restart the agent kills what is left of its process group and reports it
-``failed`` ("the agent restarted"), so the coordinator need not wait for a timeout to retry it.
+## Processes die with their agent
 
-## Connections
+Every process the agent starts carries ``TASKFARM_EXECUTOR_ID=agent:<work dir>`` in its
+environment.  If the agent dies (SIGKILL, the OOM killer), its executor's warden process kills
+every process that carries the id, with its process group, at once (see
+``actors/executors/_warden.py`` for why a warden and not a parent-death signal).  An attempt that
+was running when the agent process died cannot be re-attached (its pipes died with the agent):
+on restart, before it connects, the agent kills whatever still carries its id (should the
+warden have died too) and reports those attempts ``lost``, so the coordinator requeues them at
+once, without spending a retry.  One agent at a time may use a work directory (it holds a lock
+on ``<work dir>/agent.lock``), so the processes that carry its id are its own.
+
+## Connections and the lease
 
 The agent reconnects by itself when the coordinator goes away, with exponential backoff
-(0.2 s doubling to 10 s, reset after each ``Welcome``); attempts keep running meanwhile and
-their reports wait in the outbox.  A refused token is fatal: retrying a wrong secret forever
-helps nobody, so :func:`run_agent` raises :class:`AuthenticationError`.
+(0.2 s doubling to 10 s, at most a quarter of the lease, reset after each ``Welcome``);
+attempts keep running meanwhile and their reports wait in the outbox.  It logs every
+successful (re)connect as ``agent_connected`` with the number of attempts it re-claims.  A
+refused token is fatal: retrying a wrong secret forever helps nobody, so :func:`run_agent`
+raises :class:`AuthenticationError`.
+
+Attempts are leased (see ``_lease.py``): the ``Welcome`` gives the lease, each answered
+heartbeat renews it from the moment the heartbeat was sent.  When it runs out (a partition, a
+coordinator down for longer than the lease) the agent logs ``agent_lease_expired``, asks its
+checkpointable attempts to checkpoint, waits up to half the lease grace for them, stops every
+attempt (SIGTERM, SIGKILL at the end of the grace), reports them ``lost`` through the outbox,
+drops the connection and starts nothing new until a coordinator welcomes it again.
 """
 
 from __future__ import annotations
 
+import fcntl
+import math
 import os
 import re
-import signal
 import ssl
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -50,13 +68,17 @@ from actors._errors import ExecutorError
 from actors.engine import Resources
 from actors.executors import (
     PATH_SAFE_PATTERN,
+    AttemptCheckpointed,
     AttemptFinished,
     AttemptHandle,
+    AttemptOutcome,
     AttemptReport,
     AttemptSpec,
     AttemptStarted,
     Executor,
     RunningAttempt,
+    SubprocessExecutor,
+    kill_marked,
     open_subprocess_executor,
 )
 from persistence import open_sqlite_journal
@@ -89,16 +111,19 @@ from ._outbox import (
 )
 from ._probe import check_label
 from ._protocol import (
+    MAX_REPORTS_PER_FRAME,
     AgentHello,
     AgentToCoordinator,
     CancelAttempt,
     CheckpointAttempt,
     CoordinatorToAgent,
     Heartbeat,
+    HeartbeatAck,
     LogChunk,
     ReadLog,
     Report,
     ReportAck,
+    Reports,
     RunAttempt,
     Welcome,
 )
@@ -121,6 +146,12 @@ _MAX_LOG_CHUNK = 1024 * 1024
 _RECENT_ATTEMPTS = 10_000
 # How long a stopping agent waits for its last reports to be acknowledged before it leaves.
 _FINAL_FLUSH = 2.0
+# Reports sent in one frame at most (what piled up while the last frame was being sent), and
+# roughly how many bytes of text they may carry together.
+_BATCH_REPORTS = MAX_REPORTS_PER_FRAME
+_BATCH_BYTES = 256 * 1024
+# Heartbeat send times remembered for the lease (answers to older ones no longer renew it).
+_HEARTBEATS_REMEMBERED = 64
 
 
 # -- configuration ----------------------------------------------------------------------------
@@ -130,7 +161,8 @@ class AgentConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     """How to run a node agent (``taskfarm agent`` builds one from its arguments).
 
     ``heartbeat`` caps the heartbeat interval (the coordinator's, from ``Welcome``, applies when
-    it is shorter); ``terminate_grace`` is SIGTERM-to-SIGKILL on a timeout and on shutdown.
+    it is shorter); ``lease`` caps the coordinator's lease likewise (a shorter one is always
+    safe); ``terminate_grace`` is SIGTERM-to-SIGKILL on a timeout and on shutdown.
 
     Raises:
         ConfigurationError: a field is out of range; ``where`` names it.
@@ -148,6 +180,7 @@ class AgentConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     tls_cert: str | None = None
     tls_key: str | None = None
     heartbeat: float | None = None
+    lease: float | None = None
     terminate_grace: float = 10.0
     reconnect_initial: float = 0.2
     reconnect_max: float = 10.0
@@ -176,7 +209,13 @@ class AgentConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
                 "give exactly one of token_file and credential_file",
                 where="AgentConfig.credential_file",
             )
-        for field in ("heartbeat", "reconnect_initial", "reconnect_max", "welcome_timeout"):
+        for field in (
+            "heartbeat",
+            "lease",
+            "reconnect_initial",
+            "reconnect_max",
+            "welcome_timeout",
+        ):
             value = getattr(self, field)
             if value is not None and not value > 0:
                 raise ConfigurationError(f"must be > 0, got {value}", where=f"AgentConfig.{field}")
@@ -283,6 +322,18 @@ class _Agent:
         self.connections = 0
         self.stop_requested = anyio.Event()
         self.recent: OrderedDict[AttemptKey, None] = OrderedDict()
+        # The lease on our attempts: until when (clock.monotonic(); infinite: none given yet).
+        self.lease = 0.0
+        self.lease_grace = 0.0
+        self.lease_until = math.inf
+        self.lease_renewed = anyio.Event()
+        self.heartbeats_sent: OrderedDict[int, float] = OrderedDict()  # sequence -> sent at
+        self.heartbeat_sequence = 0
+        # Attempts stopped because the lease ran out: their end is reported "lost".
+        self.lost: set[AttemptKey] = set()
+        self.checkpoints_seen: set[AttemptKey] = set()
+        self.reported: anyio.Event | None = None  # made by a waiter, set by the next report
+        self.connection_scope: anyio.CancelScope | None = None
 
     # -- attempts ----------------------------------------------------------------------------
 
@@ -305,7 +356,28 @@ class _Agent:
 
     async def report(self, report: AttemptReport) -> None:
         """The executor's report sink: journal the report; the connection sends it."""
-        await self.outbox.put(OutboxReport(report=report))
+        key = attempt_key(report)
+        if isinstance(report, AttemptCheckpointed):
+            self.checkpoints_seen.add(key)
+        elif isinstance(report, AttemptFinished):
+            self.checkpoints_seen.discard(key)
+            if key in self.lost:
+                self.lost.discard(key)
+                if report.outcome == "cancelled":  # stopped by us, for the lease
+                    report = msgspec.structs.replace(
+                        report, outcome="lost", error=self._lost_reason()
+                    )
+        if self.reported is not None:
+            self.reported.set()
+            self.reported = None
+        # A start is journaled with whatever comes next (for a short task, its end: one commit
+        # and one frame for both) rather than making the attempt wait for its own commit; it is
+        # still journaled before it is sent, and before anything after it.
+        if not (
+            isinstance(report, AttemptStarted)
+            and self.outbox.put_nowait(OutboxReport(report=report))
+        ):
+            await self.outbox.put(OutboxReport(report=report))
         if isinstance(report, AttemptStarted):
             _log.info(
                 "attempt_started",
@@ -326,7 +398,18 @@ class _Agent:
                 elapsed_ms=round(report.runtime_s * 1000),
             )
 
-    async def start(self, spec: AttemptSpec) -> None:
+    def _lost_reason(self) -> str:
+        return (
+            f"the node lost contact with the coordinator for longer than its lease "
+            f"({self.lease:g} s)"
+        )
+
+    def lease_valid(self) -> bool:
+        """Return whether the agent may run attempts (its lease has not run out)."""
+        return self.clock.monotonic() < self.lease_until
+
+    def start_soon(self, spec: AttemptSpec) -> None:
+        """Start an attempt the coordinator sent, unless it is a repeat or the lease ran out."""
         key = attempt_key(spec)
         if key in self.recent:
             _log.warning(
@@ -340,40 +423,61 @@ class _Agent:
         self.recent[key] = None
         if len(self.recent) > _RECENT_ATTEMPTS:
             self.recent.popitem(last=False)
+        if not self.lease_valid():
+            # Sent before the coordinator lost us: it may run elsewhere by now.
+            error = f"not started: {self._lost_reason()}"
+            self.task_group.start_soon(self._not_started, spec, "lost", error)
+            return
+        executor = self.executor
+        if not isinstance(executor, SubprocessExecutor):
+            self.task_group.start_soon(self._start, spec)  # an executor with only start()
+            return
+        try:
+            executor.start_nowait(spec, self.report)
+        except ExecutorError as error:
+            self._start_failed(spec, error)
+
+    async def _start(self, spec: AttemptSpec) -> None:
         try:
             await self.executor.start(spec, self.report)
         except ExecutorError as error:
-            # Nothing ran and nothing was reported: the coordinator still needs an answer.
-            _log.warning(
-                "attempt_start_failed",
-                node_id=self.node_id,
+            self._start_failed(spec, error)
+
+    def _start_failed(self, spec: AttemptSpec, error: ExecutorError) -> None:
+        # Nothing ran and nothing was reported: the coordinator still needs an answer.
+        _log.warning(
+            "attempt_start_failed",
+            node_id=self.node_id,
+            job_id=spec.job_id,
+            task_id=spec.task_id,
+            attempt=spec.attempt,
+            error=str(error),
+        )
+        message = f"the agent could not start it: {error}"
+        self.task_group.start_soon(self._not_started, spec, "start_failed", message)
+
+    async def _not_started(self, spec: AttemptSpec, outcome: AttemptOutcome, error: str) -> None:
+        await self.report(
+            AttemptFinished(
                 job_id=spec.job_id,
                 task_id=spec.task_id,
                 attempt=spec.attempt,
-                error=str(error),
+                fencing_token=spec.fencing_token,
+                outcome=outcome,
+                error=error,
             )
-            await self.report(
-                AttemptFinished(
-                    job_id=spec.job_id,
-                    task_id=spec.task_id,
-                    attempt=spec.attempt,
-                    fencing_token=spec.fencing_token,
-                    outcome="start_failed",
-                    error=f"the agent could not start it: {error}",
-                )
-            )
+        )
 
     async def recover(self, lost: Iterable[AttemptStarted]) -> None:
-        """Kill the remains of attempts the previous agent process ran, and report them failed."""
+        """Report the attempts the previous agent process ran as lost (their processes were
+        killed before this is called)."""
         for started in lost:
-            if started.pid is not None:
-                await anyio.to_thread.run_sync(_kill_leftover, started)
             finished = AttemptFinished(
                 job_id=started.job_id,
                 task_id=started.task_id,
                 attempt=started.attempt,
                 fencing_token=started.fencing_token,
-                outcome="failed",
+                outcome="lost",
                 error="the agent restarted while the attempt ran",
             )
             marker = OutboxAttemptLost(
@@ -387,6 +491,93 @@ class _Agent:
                 task_id=started.task_id,
                 attempt=started.attempt,
             )
+
+    # -- the lease ---------------------------------------------------------------------------
+
+    def _renew(self, lease: float, grace: float, sent_at: float) -> None:
+        """A Welcome to a hello sent at ``sent_at`` grants the lease (capped by our own)."""
+        if self.config.lease is not None:
+            lease = min(lease, self.config.lease) if lease > 0 else self.config.lease
+            grace = min(grace, lease / 2) if grace > 0 else lease / 2
+        self.lease, self.lease_grace = lease, grace
+        self.lease_until = sent_at + lease if lease > 0 else math.inf
+        self.heartbeats_sent.clear()
+        self.lease_renewed.set()
+        self.lease_renewed = anyio.Event()
+
+    def _heartbeat_answered(self, sequence: int) -> None:
+        sent_at = self.heartbeats_sent.get(sequence)
+        if sent_at is None:
+            return  # from before the last Welcome, or long forgotten: renews nothing
+        while self.heartbeats_sent and next(iter(self.heartbeats_sent)) <= sequence:
+            self.heartbeats_sent.popitem(last=False)
+        if self.lease > 0:
+            self.lease_until = max(self.lease_until, sent_at + self.lease)
+
+    async def watch_lease(self) -> None:
+        """Stop the attempts whenever the lease runs out (until cancelled)."""
+        while True:
+            deadline = self.lease_until
+            if deadline == math.inf:
+                await self.lease_renewed.wait()
+            elif self.clock.monotonic() < deadline:
+                await self.clock.sleep_until(deadline)
+            else:
+                renewed = self.lease_renewed
+                await self._lease_expired()
+                await renewed.wait()
+
+    async def _lease_expired(self) -> None:
+        clock = self.clock
+        expired_at = clock.monotonic()
+        running = [h for h in self.executor.running() if h.result is None]
+        _log.warning(
+            "agent_lease_expired",
+            node_id=self.node_id,
+            lease=self.lease,
+            silent_for=round(expired_at - (self.lease_until - self.lease), 3),
+            attempts=len(running),
+        )
+        if self.connection_scope is not None:
+            self.connection_scope.cancel()  # it is dead or dying: start afresh
+        keys = [attempt_key(h.spec) for h in running]
+        self.lost.update(keys)
+        for key in keys:
+            self.checkpoints_seen.discard(key)
+        asked = [key for h, key in zip(running, keys, strict=True) if h.request_checkpoint()]
+        if asked:
+            await self._wait_for_checkpoints(asked, expired_at + self.lease_grace / 2)
+        kill_at = expired_at + self.lease_grace
+        for handle in running:
+            handle.cancel(grace=max(0.0, kill_at - clock.monotonic()))
+        for key, handle in zip(keys, running, strict=True):
+            _log.warning(
+                "attempt_stopped_lease_expired",
+                node_id=self.node_id,
+                job_id=key[0],
+                task_id=key[1],
+                attempt=handle.spec.attempt,
+                checkpointed=key in self.checkpoints_seen,
+            )
+
+    async def _wait_for_checkpoints(self, keys: list[AttemptKey], deadline: float) -> None:
+        """Wait until each of ``keys`` reported a checkpoint or ended, or until ``deadline``."""
+        async with anyio.create_task_group() as task_group:
+
+            async def timer() -> None:
+                await self.clock.sleep_until(deadline)
+                task_group.cancel_scope.cancel()
+
+            task_group.start_soon(timer)
+            while True:
+                running = {attempt_key(h.spec) for h in self.executor.running()}
+                waiting = [k for k in keys if k in running and k not in self.checkpoints_seen]
+                if not waiting:
+                    break
+                if self.reported is None:
+                    self.reported = anyio.Event()
+                await self.reported.wait()
+            task_group.cancel_scope.cancel()
 
     # -- the connection ----------------------------------------------------------------------
 
@@ -402,21 +593,25 @@ class _Agent:
         while True:
             welcomed = False
             try:
-                async with open_connection(
-                    config.host,
-                    config.port,
-                    codec=_CODEC,
-                    token=self.token,
-                    credential=self.credential,
-                    name=config.name,
-                    role="agent",
-                    tls=tls,
-                ) as connection:
-                    welcome = await self._greet(connection)
-                    welcomed = True
-                    delay = config.reconnect_initial
-                    await self._serve(connection, welcome)
-                reason = "the coordinator closed the connection"
+                with anyio.CancelScope() as self.connection_scope:
+                    async with open_connection(
+                        config.host,
+                        config.port,
+                        codec=_CODEC,
+                        token=self.token,
+                        credential=self.credential,
+                        name=config.name,
+                        role="agent",
+                        tls=tls,
+                    ) as connection:
+                        welcome = await self._greet(connection)
+                        welcomed = True
+                        delay = config.reconnect_initial
+                        await self._serve(connection, welcome)
+                if self.connection_scope.cancelled_caught:
+                    reason = "the lease ran out"
+                else:
+                    reason = "the coordinator closed the connection"
             except Exception as error:
                 leaf = _wire_leaf(error)
                 if leaf is None:
@@ -434,6 +629,9 @@ class _Agent:
                 _log.info(
                     "agent_connect_failed", node_id=self.node_id, reason=reason, retry_in=delay
                 )
+            if self.lease > 0 and any(h.result is None for h in self.executor.running()):
+                # Reconnect well within the lease, or a short outage would cost the attempts.
+                delay = min(delay, max(config.reconnect_initial, self.lease / 4))
             await self.clock.sleep(delay)
             if not welcomed:
                 delay = min(delay * 2, config.reconnect_max)
@@ -446,6 +644,7 @@ class _Agent:
             running=self._running(),
             unacknowledged=self.outbox.pending,
         )
+        sent_at = self.clock.monotonic()
         await connection.send(hello)
         try:
             with anyio.fail_after(self.config.welcome_timeout):
@@ -462,12 +661,15 @@ class _Agent:
         self.node_id = first.node
         self.connected = True
         self.connections += 1
+        self._renew(first.lease, first.lease_grace, sent_at)
         _log.info(
             "agent_connected",
             node_id=self.node_id,
             peer=connection.peer,
-            running=len(hello.running),
+            reconnect=self.connections > 1,
+            reclaimed=len(hello.running),
             unacknowledged=hello.unacknowledged,
+            lease=self.lease,
         )
         return first
 
@@ -484,16 +686,31 @@ class _Agent:
 
     async def _heartbeats(self, connection: Connection[AgentWire], interval: float) -> None:
         while True:
-            await connection.send(Heartbeat(running=len(self.executor.running())))
+            self.heartbeat_sequence += 1
+            sequence = self.heartbeat_sequence
+            self.heartbeats_sent[sequence] = self.clock.monotonic()
+            if len(self.heartbeats_sent) > _HEARTBEATS_REMEMBERED:
+                self.heartbeats_sent.popitem(last=False)
+            running = len(self.executor.running())
+            await connection.send(Heartbeat(running=running, sequence=sequence))
             await self.clock.sleep(interval)
 
     async def _send_reports(self, connection: Connection[AgentWire]) -> None:
+        """Send the outbox in order: what piled up since the last frame goes in one frame."""
         sent = 0
         while True:
             changed = self.outbox.changed()
+            batch: list[Report] = []
+            size = 0
             for sequence, report in self.outbox.after(sent):
-                await connection.send(Report(sequence=sequence, report=report))
+                batch.append(Report(sequence=sequence, report=report))
+                size += _text_size(report)
                 sent = sequence
+                if len(batch) >= _BATCH_REPORTS or size >= _BATCH_BYTES:
+                    await _send_batch(connection, batch)
+                    batch, size = [], 0
+            if batch:
+                await _send_batch(connection, batch)
             await changed.wait()
 
     def _dispatch(
@@ -501,8 +718,9 @@ class _Agent:
     ) -> None:
         match message:
             case RunAttempt(spec=spec):
-                # Starting outlives this connection: the attempt runs on whatever happens to it.
-                self.task_group.start_soon(self.start, spec)
+                # The attempt runs in the executor's task group: whatever happens to this
+                # connection, it runs on.
+                self.start_soon(spec)
             case CancelAttempt():
                 handle = self._handle(attempt_key(message))
                 if handle is not None:
@@ -520,11 +738,13 @@ class _Agent:
                     handle.request_checkpoint()
             case ReportAck(sequence=sequence):
                 self.outbox.acknowledge(sequence)
+            case HeartbeatAck(sequence=sequence):
+                self._heartbeat_answered(sequence)
             case ReadLog():
                 task_group.start_soon(self._read_log, connection, message)
             case Welcome():
                 pass  # a repeated welcome changes nothing
-            case AgentHello() | Heartbeat() | Report() | LogChunk():
+            case AgentHello() | Heartbeat() | Report() | Reports() | LogChunk():
                 raise ProtocolError(
                     connection.peer,
                     reason=f"the coordinator sent an agent's message ({type(message).__name__})",
@@ -559,6 +779,17 @@ class _Agent:
                 await self.outbox.acknowledged().wait()
 
 
+async def _send_batch(connection: Connection[AgentWire], batch: list[Report]) -> None:
+    await connection.send(batch[0] if len(batch) == 1 else Reports(reports=tuple(batch)))
+
+
+def _text_size(report: AttemptReport) -> int:
+    """Roughly what a report weighs on the wire: its strings, plus the rest."""
+    return 128 + sum(
+        len(value) for value in msgspec.structs.astuple(report) if isinstance(value, str)
+    )
+
+
 def _tail(path: Path, limit: int) -> tuple[str, bool]:
     """Return the last ``limit`` bytes of ``path`` (from a line start) and whether it is missing."""
     try:
@@ -575,25 +806,30 @@ def _tail(path: Path, limit: int) -> tuple[str, bool]:
     return data.decode("utf-8", errors="replace"), False
 
 
-def _kill_leftover(started: AttemptStarted) -> None:
-    """Kill the process group of an attempt an earlier agent process started, if it is still
-    that attempt's (a recycled pid belongs to someone else: its environment tells)."""
-    pid = started.pid
-    assert pid is not None
+def executor_id_of(work_dir: Path) -> str:
+    """Return the id the processes of the agent that uses ``work_dir`` carry."""
+    return f"agent:{work_dir.absolute()}"
+
+
+def _lock_work_dir(work: Path) -> int:
+    """Take the work directory's lock (for the life of this process); return its descriptor.
+
+    Raises:
+        ConfigurationError: another live agent holds it.
+    """
+    path = work / "agent.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
-        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    except OSError:
-        return
-    expected = {
-        f"TASKFARM_JOB_ID={started.job_id}".encode(),
-        f"TASKFARM_TASK_ID={started.task_id}".encode(),
-        f"TASKFARM_ATTEMPT={started.attempt}".encode(),
-    }
-    if expected <= set(environ):
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise ConfigurationError(
+            f"another agent (pid {holder}) uses this work directory", where=str(work)
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
 
 
 def _wire_leaf(error: BaseException) -> WireError | None:
@@ -634,8 +870,8 @@ async def run_agent(
     """Run a node agent until it is stopped (``AgentHandle.stop()``) or cancelled.
 
     ``open_executor`` replaces the subprocess executor (it gets the same keyword arguments:
-    ``log_dir``, ``checkpoint_dir``, ``clock``, ``terminate_grace``); the engine benchmark uses
-    it to measure the agent path without a process per task.
+    ``log_dir``, ``checkpoint_dir``, ``clock``, ``terminate_grace``, ``executor_id``); the
+    engine benchmark uses it to measure the agent path without a process per task.
 
     Opens the outbox and the executor under ``config.work_dir``, re-queues the reports the
     last run left unacknowledged, reports an :class:`AgentHandle` through ``task_status``, and
@@ -643,7 +879,8 @@ async def run_agent(
     once; ``stop()`` terminates them with the grace period first.
 
     Raises:
-        ConfigurationError: the token file, TLS files or work directory are unusable.
+        ConfigurationError: the token file, TLS files or work directory are unusable, or
+            another agent uses the work directory.
         AuthenticationError: the coordinator refused the token, or TLS verification failed.
         JournalFileError: the outbox file is damaged.
     """
@@ -659,7 +896,15 @@ async def run_agent(
         raise ConfigurationError(
             f"cannot create the work directory: {error.strerror}", where=str(work)
         ) from None
+    try:
+        lock = await anyio.to_thread.run_sync(_lock_work_dir, work)
+    except OSError as error:
+        raise ConfigurationError(
+            f"cannot lock the work directory: {error.strerror}", where=str(work)
+        ) from None
+    executor_id = executor_id_of(work)
     async with AsyncExitStack() as stack:
+        stack.callback(os.close, lock)
         # NORMAL, not FULL: in WAL mode a commit survives the agent's own crash (SIGKILL, OOM)
         # without an fsync; only a power loss of this host can drop the last reports, and then
         # the coordinator requeues the attempt after the heartbeat timeout.  The coordinator's
@@ -671,12 +916,17 @@ async def run_agent(
         )
         outbox = Outbox(journal)
         lost = await outbox.load()
+        # Before anything new starts: what still carries our id is a previous incarnation's.
+        leftovers = await anyio.to_thread.run_sync(kill_marked, executor_id)
+        if leftovers:
+            _log.warning("agent_leftovers_killed", node_id=config.name, processes=leftovers)
         executor = await stack.enter_async_context(
             (open_executor or open_subprocess_executor)(
                 log_dir=work / "logs",
                 checkpoint_dir=work / "checkpoints",
                 clock=chosen,
                 terminate_grace=config.terminate_grace,
+                executor_id=executor_id,
             )
         )
         try:
@@ -691,7 +941,8 @@ async def run_agent(
                     task_group=task_group,
                 )
                 await agent.recover(lost)
-                task_group.start_soon(outbox.run_acks)
+                task_group.start_soon(outbox.run)
+                task_group.start_soon(agent.watch_lease)
                 connections = _Stoppable(agent.run_connections)
                 task_group.start_soon(connections.run)
                 task_status.started(AgentHandle(agent))
@@ -705,7 +956,7 @@ async def run_agent(
         finally:
             with anyio.move_on_after(5, shield=True):
                 await outbox.flush_acks()
-            _log.info("agent_stopped", node_id=config.name)
+            _log.info("agent_stopped", node_id=config.name, **outbox.statistics())
 
 
 class _Stoppable:

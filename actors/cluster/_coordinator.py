@@ -1,11 +1,14 @@
 """The coordinator: the engine behind an authenticated TCP endpoint for agents and clients.
 
 ``taskfarm serve`` runs :func:`run_coordinator`.  On start it recovers the engine from the
-journal; attempts that were running are *in doubt* for ``restart_grace`` seconds, during which
-their agents reconnect (by themselves, with backoff), re-report what they still run and replay
-the reports they could not deliver.  An agent whose connection drops keeps its node, and its
-attempts, for ``heartbeat_timeout`` seconds; after that the node goes offline and its attempts
-are requeued from their last checkpoint.
+journal; attempts that were running are *in doubt* for ``restart_grace`` seconds (at least the
+fence), during which their agents reconnect (by themselves, with backoff), re-report what they
+still run and replay the reports they could not deliver.  An agent that sends nothing for
+``heartbeat_timeout`` seconds is disconnected and its node shown ``unreachable`` (no new work);
+its attempts are leased (see ``_lease.py``): the agent stops them itself once its lease runs
+out, and only after the fence, counted from the last frame read from it, does its node go
+offline and its attempts get requeued from their last checkpoint.  An agent back within the
+fence re-claims whatever it still runs.
 
 One connection, one role (from the handshake): an ``agent`` speaks the agent protocol, a
 ``client`` (the CLI) sends one request at a time and gets one reply.  Who may connect, as
@@ -25,7 +28,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal, assert_never, get_args
@@ -80,6 +83,7 @@ from ._credentials import (
     RevokeCredentialRequest,
     Role,
 )
+from ._lease import LeaseTiming, lease_timing
 from ._protocol import (
     AgentHello,
     AmendJobRequest,
@@ -101,6 +105,7 @@ from ._protocol import (
     PreemptTaskRequest,
     Reply,
     Report,
+    Reports,
     ResumeJobRequest,
     RetriedReply,
     RetryTasksRequest,
@@ -166,11 +171,29 @@ class CoordinatorConfig:
     token_file: Path | None = None  # local agents read the join token from here
     heartbeat_interval: float = 1.0
     heartbeat_timeout: float = 5.0
+    lease: float | None = None  # default: 2 x heartbeat_timeout (see _lease.py)
+    fence: float | None = None  # default: lease + lease / 2 + max(2 s, lease / 5)
     synchronous: Literal["OFF", "NORMAL", "FULL", "EXTRA"] = "FULL"
     settings: EngineSettings = field(default_factory=EngineSettings)
     # Domain event codecs (the ``taskfarm.events`` plugins) merged into the journal's codec,
     # so a policy's command events can be journaled and read back.
     events: tuple[EventCodec, ...] = ()
+
+    def __post_init__(self) -> None:
+        self.lease_timing()  # a bad lease or fence is named now, not when an agent connects
+
+    def lease_timing(self) -> LeaseTiming:
+        """Return the agents' lease, its grace and the fence.
+
+        Raises:
+            ConfigurationError: the lease or the fence is out of range (see ``lease_timing``).
+        """
+        return lease_timing(
+            heartbeat_interval=self.heartbeat_interval,
+            heartbeat_timeout=self.heartbeat_timeout,
+            lease=self.lease,
+            fence=self.fence,
+        )
 
 
 class Coordinator:
@@ -197,6 +220,9 @@ class Coordinator:
             join_client_role=config.join_client_role,
             on_change=self._credential_changed,
         )
+        self.timing = config.lease_timing()
+        # When the last frame of each agent was read (the fence counts from it).
+        self._last_heard: dict[str, float] = {}
 
     # -- agents ---------------------------------------------------------------------------------
 
@@ -265,6 +291,7 @@ class Coordinator:
                 connection.peer, reason=f"an agent named {name!r} is already connected"
             )
         self._connections[name] = connection
+        self._last_heard[name] = self.clock.monotonic()
         generation = self._generation[name] = self._generation.get(name, 0) + 1
         executor = await self._executor_for(name)
         # Attempts this node ran when the agent left that it no longer runs: unless the reports
@@ -275,7 +302,15 @@ class Coordinator:
         gone = executor.waiting_on() - listed
         replay = hello.unacknowledged
         try:
-            await connection.send(Welcome(node=name, heartbeat_interval=config.heartbeat_interval))
+            timing = self.timing
+            await connection.send(
+                Welcome(
+                    node=name,
+                    heartbeat_interval=config.heartbeat_interval,
+                    lease=timing.lease,
+                    lease_grace=timing.grace,
+                )
+            )
             # Only now: attaching wakes the executor's sender (re-sent cancellations), and the
             # agent accepts nothing before its Welcome.
             executor.attach(connection)
@@ -293,36 +328,43 @@ class Coordinator:
             elif name in self._suspended:
                 self._suspended.discard(name)
                 await engine.set_node_reachable(name, "connected")
-            _log.info(
-                "agent_connected", node_id=name, peer=connection.peer, running=len(hello.running)
-            )
+            claimed = 0
             for running in hello.running:
                 try:
                     task = int(running.task_id)
                 except ValueError:
                     task = -1
-                if task < 0 or not await engine.claim_attempt(
+                if task >= 0 and await engine.claim_attempt(
                     running.job_id, task, running.fencing_token, name
                 ):
-                    holder = await self._holder(running.job_id, running.fencing_token)
-                    if holder is not None and name not in holder:
-                        self._refuse_frame(
-                            peer=connection.peer,
-                            node_id=name,
-                            claimed_node=holder[0],
-                            job_id=running.job_id,
-                            task=running.task_id,
-                            reason="claim of an attempt of another node",
-                        )
-                    await connection.send(
-                        CancelAttempt(
-                            job_id=running.job_id,
-                            task_id=running.task_id,
-                            fencing_token=running.fencing_token,
-                            grace=0.0,
-                            reason="stale attempt (reassigned while the agent was away)",
-                        )
+                    claimed += 1
+                    continue
+                holder = await self._holder(running.job_id, running.fencing_token)
+                if holder is not None and name not in holder:
+                    self._refuse_frame(
+                        peer=connection.peer,
+                        node_id=name,
+                        claimed_node=holder[0],
+                        job_id=running.job_id,
+                        task=running.task_id,
+                        reason="claim of an attempt of another node",
                     )
+                await connection.send(
+                    CancelAttempt(
+                        job_id=running.job_id,
+                        task_id=running.task_id,
+                        fencing_token=running.fencing_token,
+                        grace=0.0,
+                        reason="stale attempt (reassigned while the agent was away)",
+                    )
+                )
+            _log.info(
+                "agent_connected",
+                node_id=name,
+                peer=connection.peer,
+                running=len(hello.running),
+                reclaimed=claimed,
+            )
             if replay <= 0:
                 await self._abandon(name, executor, gone)
             while True:
@@ -331,15 +373,19 @@ class Coordinator:
                 if scope.cancelled_caught:
                     _log.warning("agent_heartbeat_missed", node_id=name)
                     return
+                self._last_heard[name] = self.clock.monotonic()
                 match message:
-                    case Heartbeat():
-                        pass
-                    case Report():
-                        await executor.deliver(message)
-                        if replay > 0:
-                            replay -= 1
-                            if replay == 0:
-                                await self._abandon(name, executor, gone)
+                    case Heartbeat(sequence=sequence):
+                        if sequence:
+                            executor.acknowledge_heartbeat(sequence)
+                    case Report() | Reports():
+                        reports = message.reports if isinstance(message, Reports) else (message,)
+                        for one in reports:
+                            await executor.deliver(one)
+                            if replay > 0:
+                                replay -= 1
+                                if replay == 0:
+                                    await self._abandon(name, executor, gone)
                     case LogChunk():
                         if executor.asked_for_log(message.request):
                             await executor.deliver(message)
@@ -372,8 +418,9 @@ class Coordinator:
                 self._task_group.start_soon(self._expire_agent, name, generation)
 
     async def _suspend_agent(self, name: str, generation: int) -> None:
-        """Place no new work on a node whose agent is away (``unreachable``): it would fail to
-        start there although the agent may well come back; its work is not requeued yet."""
+        """Show a node whose agent is away as ``unreachable`` and place no new work there (it
+        would fail to start there although the agent may well come back); its work is not
+        requeued before the fence."""
         if name in self._connections or self._generation.get(name) != generation:
             return  # back already
         # Marked before the request is queued: a reconnect from now on restores "online", and
@@ -394,11 +441,18 @@ class Coordinator:
                 _log.warning("attempt_lost_by_agent", node_id=name, job_id=key[0], task=key[1])
 
     async def _expire_agent(self, name: str, generation: int) -> None:
-        """Give a disconnected agent ``heartbeat_timeout`` to come back, then requeue its work."""
-        await self.clock.sleep(self.config.heartbeat_timeout)
+        """Give a disconnected agent until the fence to come back, then requeue its work (its
+        lease ran out before: it has stopped it)."""
+        last_heard = self._last_heard.get(name, self.clock.monotonic())
+        await self.clock.sleep_until(last_heard + self.timing.fence)
         if name in self._connections or self._generation.get(name) != generation:
             return
-        _log.warning("node_lost", node_id=name)
+        _log.warning(
+            "node_lost",
+            node_id=name,
+            silent_for=round(self.clock.monotonic() - last_heard, 3),
+            fence=self.timing.fence,
+        )
         try:
             await self.engine.remove_node(name, reason="agent did not come back")
         except TaskfarmError as error:
@@ -1034,6 +1088,12 @@ async def _open_coordinator(
         codec.update(COORDINATOR_CODEC)
         for extra in config.events:
             codec.update(extra)  # a conflicting tag is a ConfigurationError naming it
+    fence = config.lease_timing().fence
+    if settings.restart_grace < fence:
+        # Agents cut off since before the restart may run their attempts until their lease
+        # runs out: work out on a node is not requeued before the fence.
+        _log.info("restart_grace_raised", restart_grace=settings.restart_grace, fence=fence)
+        settings = replace(settings, restart_grace=fence)
     async with (
         open_sqlite_journal(
             config.journal,

@@ -7,10 +7,19 @@ understand gets its connection closed rather than a silent misreading.
 Agent conversation::
 
     agent -> AgentHello(name, capacity, labels, running=[...])   (also after every reconnect)
-    coord -> Welcome(node, heartbeat_interval)
+    coord -> Welcome(node, heartbeat_interval, lease, lease_grace)
     coord -> RunAttempt(spec) | CancelAttempt | CheckpointAttempt | ReadLog
-    agent -> Heartbeat | Report(sequence, report) | LogChunk
+    agent -> Heartbeat(sequence) | Report(sequence, report) | Reports([...]) | LogChunk
+    coord -> HeartbeatAck(sequence)  (renews the agent's lease on its attempts)
     coord -> ReportAck(sequence)     (the agent drops acknowledged reports from its outbox)
+
+The lease: an agent runs its attempts only while it hears from the coordinator.  Each
+``Heartbeat`` carries a number; the coordinator answers it with ``HeartbeatAck`` of the same
+number as it reads it; the agent's lease then runs until the time it *sent* that heartbeat plus
+``lease`` (so an answer delayed in the network never stretches it).  When the lease runs out the
+agent asks its checkpointable attempts to checkpoint, stops them all within ``lease_grace`` and
+reports them ``lost``; the coordinator requeues a silent node's attempts only after its fence,
+measured from the last frame it read from the agent and longer than ``lease + lease_grace``.
 
 Client conversation: one request, one reply (``Reply`` or ``ErrorReply``).  Operator verbs
 (``amend``, ``pause``, ``resume``, ``retry``, ``checkpoint``, ``preempt``, ``node ...``) and a
@@ -54,6 +63,7 @@ __all__ = [
     "CoordinatorToAgent",
     "ErrorReply",
     "Heartbeat",
+    "HeartbeatAck",
     "JobsReply",
     "ListNodesRequest",
     "LogChunk",
@@ -67,6 +77,7 @@ __all__ = [
     "Reply",
     "Report",
     "ReportAck",
+    "Reports",
     "ResumeJobRequest",
     "RetriedReply",
     "RetryTasksRequest",
@@ -94,6 +105,7 @@ _MAX_TASKS_NAMED = 100_000  # tasks one request names (a job has at most that ma
 _MAX_KEYS = 64  # metadata keys one amend sets (the spec's metadata is bounded as well)
 _MAX_LABELS = 256  # an agent's node labels
 _MAX_RUNNING = 65_536  # attempts an agent reports running
+MAX_REPORTS_PER_FRAME = 64  # reports an agent sends in one Reports frame
 
 
 class _Inbound(Message, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -114,9 +126,11 @@ class AgentHello(_Inbound, frozen=True, kw_only=True, tag="agent.hello"):
 
 
 class Heartbeat(_Inbound, frozen=True, kw_only=True, tag="agent.heartbeat"):
-    """The agent is alive; ``running`` counts its attempts."""
+    """The agent is alive; ``running`` counts its attempts; ``sequence`` (from 1; 0 asks for no
+    answer) is echoed by ``HeartbeatAck``."""
 
     running: int = 0
+    sequence: Annotated[int, msgspec.Meta(ge=0)] = 0
 
 
 class Report(_Inbound, frozen=True, kw_only=True, tag="agent.report"):
@@ -124,6 +138,14 @@ class Report(_Inbound, frozen=True, kw_only=True, tag="agent.report"):
 
     sequence: Sequence_
     report: AttemptReport
+
+
+class Reports(_Inbound, frozen=True, kw_only=True, tag="agent.reports"):
+    """Several outbox reports in one frame, in sequence order (what piled up since the last)."""
+
+    reports: Annotated[
+        tuple[Report, ...], msgspec.Meta(min_length=1, max_length=MAX_REPORTS_PER_FRAME)
+    ]
 
 
 class LogChunk(_Inbound, frozen=True, kw_only=True, tag="agent.log_chunk"):
@@ -135,10 +157,22 @@ class LogChunk(_Inbound, frozen=True, kw_only=True, tag="agent.log_chunk"):
 
 
 class Welcome(Message, frozen=True, kw_only=True, tag="coordinator.welcome"):
-    """The coordinator accepted the agent as node ``node``."""
+    """The coordinator accepted the agent as node ``node``.
+
+    ``lease`` (seconds, 0 for none) is how long the agent may run its attempts without hearing
+    from the coordinator, ``lease_grace`` how long it then has to checkpoint and stop them.
+    """
 
     node: str
     heartbeat_interval: float
+    lease: float = 0.0
+    lease_grace: float = 0.0
+
+
+class HeartbeatAck(Message, frozen=True, kw_only=True, tag="coordinator.heartbeat_ack"):
+    """The coordinator read the agent's heartbeat ``sequence``: the agent's lease is renewed."""
+
+    sequence: int
 
 
 class RunAttempt(Message, frozen=True, kw_only=True, tag="coordinator.run_attempt"):
@@ -181,8 +215,10 @@ class ReadLog(Message, frozen=True, kw_only=True, tag="coordinator.read_log"):
     max_bytes: int = 64 * 1024
 
 
-AgentToCoordinator = AgentHello | Heartbeat | Report | LogChunk
-CoordinatorToAgent = Welcome | RunAttempt | CancelAttempt | CheckpointAttempt | ReportAck | ReadLog
+AgentToCoordinator = AgentHello | Heartbeat | Report | Reports | LogChunk
+CoordinatorToAgent = (
+    Welcome | HeartbeatAck | RunAttempt | CancelAttempt | CheckpointAttempt | ReportAck | ReadLog
+)
 AgentWire = AgentToCoordinator | CoordinatorToAgent
 
 # -- client <-> coordinator -----------------------------------------------------------------

@@ -49,6 +49,7 @@ from runtime import Connection, WireError, get_logger
 from ._protocol import (
     CancelAttempt,
     CheckpointAttempt,
+    HeartbeatAck,
     LogChunk,
     ReadLog,
     Report,
@@ -195,6 +196,8 @@ class RemoteExecutor:
         # (sequence, attempt) is done once that attempt's sink has journaled the sequence.
         self._acks: deque[tuple[int, RemoteAttempt | None]] = deque()
         self._queued = 0
+        self._ack_to_send = 0  # the latest acknowledgement, not sent yet
+        self._heartbeat_to_ack = 0  # the latest heartbeat read, not answered yet
         self._space = anyio.Event()
         self._task_group: anyio.abc.TaskGroup | None = None
 
@@ -213,12 +216,13 @@ class RemoteExecutor:
         return self._connection is not None
 
     def statistics(self) -> dict[str, int]:
-        """Return counters: reports delivered, duplicates dropped, orphans passed on, and
-        attempts not finished."""
+        """Return counters: reports delivered, duplicates dropped, orphans passed on, reports
+        received but not journaled yet, and attempts not finished."""
         return {
             "delivered": self._delivered,
             "duplicates": self._duplicates,
             "orphans": self._orphans,
+            "queued": self._queued,
             "running": len(self._attempts),
         }
 
@@ -233,6 +237,7 @@ class RemoteExecutor:
         self._connection = connection
         self._outgoing.clear()
         self._acks.clear()  # acks of the old connection are lost: the agent re-sends
+        self._ack_to_send = self._heartbeat_to_ack = 0
         for attempt in self._attempts.values():
             if attempt._cancel_grace is not None:
                 self._outgoing.append(attempt._cancel_message())
@@ -246,6 +251,7 @@ class RemoteExecutor:
         self._connection = None
         self._outgoing.clear()
         self._acks.clear()
+        self._ack_to_send = self._heartbeat_to_ack = 0
         for done, answer in self._log_requests.values():
             answer.clear()
             done.set()
@@ -470,8 +476,20 @@ class RemoteExecutor:
                 break
             acks.popleft()
             acknowledged = sequence
-        if acknowledged:
-            self._send_nowait(ReportAck(sequence=acknowledged))
+        if acknowledged and self._connection is not None:
+            # Cumulative: the sender sends only the latest, however many piled up meanwhile.
+            self._ack_to_send = acknowledged
+            self._wakeup.set()
+
+    def acknowledge_heartbeat(self, sequence: int) -> None:
+        """Answer the agent's heartbeat ``sequence`` (read just now), renewing its lease.
+
+        Queued for the sender task, never sent from the reader: a reader blocked on a stalled
+        connection would stop noticing that the agent went silent.  Only the latest counts.
+        """
+        if self._connection is not None:
+            self._heartbeat_to_ack = max(self._heartbeat_to_ack, sequence)
+            self._wakeup.set()
 
     # -- requests ----------------------------------------------------------------------------
 
@@ -553,11 +571,19 @@ class RemoteExecutor:
         while True:
             await self._wakeup.wait()
             self._wakeup = anyio.Event()
-            while self._outgoing:
+            while self._outgoing or self._ack_to_send or self._heartbeat_to_ack:
                 connection = self._connection
                 if connection is None:
                     break
-                message = self._outgoing.popleft()
+                message: WireMessage
+                if self._heartbeat_to_ack:
+                    message = HeartbeatAck(sequence=self._heartbeat_to_ack)
+                    self._heartbeat_to_ack = 0
+                elif self._outgoing:
+                    message = self._outgoing.popleft()
+                else:
+                    message = ReportAck(sequence=self._ack_to_send)
+                    self._ack_to_send = 0
                 try:
                     await connection.send(message)
                 except WireError as error:

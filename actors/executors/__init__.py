@@ -28,8 +28,10 @@ from ._subprocess import (
     open_subprocess_executor,
     parse_report_line,
 )
+from ._warden import EXECUTOR_ID_VARIABLE, kill_marked
 
 __all__ = [
+    "EXECUTOR_ID_VARIABLE",
     "FRAME_SEQUENCE",
     "PATH_SAFE_PATTERN",
     "REPORT_PREFIX",
@@ -54,6 +56,7 @@ __all__ = [
     "Work",
     "attempt_identity",
     "gang_environment",
+    "kill_marked",
     "open_inprocess_executor",
     "open_simulated_executor",
     "open_subprocess_executor",

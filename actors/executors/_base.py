@@ -222,6 +222,38 @@ class ExecutorBase:
         await self._task_group.start(_owned)
         return attempt
 
+    def _launch_nowait(self, attempt: A, run: Callable[..., Awaitable[None]]) -> A:
+        """Launch like :meth:`_launch` without waiting for the start: an ``ExecutorError``
+        from the start ends the attempt ``start_failed`` through its sink instead of being
+        raised.
+
+        Raises:
+            ExecutorError: the executor is closed.
+        """
+        if self._closed:
+            spec = attempt.spec
+            raise ExecutorError(
+                "the executor is closed",
+                job_id=spec.job_id,
+                task_id=spec.task_id,
+                attempt=spec.attempt,
+            )
+        key = id(attempt)
+        self._attempts[key] = attempt
+
+        async def _owned() -> None:
+            try:
+                await run(task_status=anyio.TASK_STATUS_IGNORED)
+            except ExecutorError as error:
+                result = attempt._finish("start_failed", exit_code=None, error=str(error))
+                attempt._result = result  # before any await: a waiter sees this, not a tear-down
+                await attempt._sink(result)
+            finally:
+                self._attempts.pop(key, None)
+
+        self._task_group.start_soon(_owned)
+        return attempt
+
     async def _shutdown(self) -> None:
         """Stop every running attempt (terminate, then kill after the grace) and wait for it."""
         self._closed = True

@@ -22,6 +22,8 @@ The program runs with the node agent's environment, the job's ``env`` on top, an
 | `TASKFARM_RESUME_FROM`    | the last checkpoint reported by an earlier attempt (only set    |
 |                           | when resuming): resume from it instead of starting over         |
 | `TASKFARM_OUTPUT_DIR`     | the job's output directory (only set when the job has one)      |
+| `TASKFARM_EXECUTOR_ID`    | the executor (node agent) that started it: every process that   |
+|                           | carries it is killed if that agent dies (leave it inherited)    |
 
 The directories exist and are absolute paths.
 
@@ -67,12 +69,24 @@ last stderr line as the error (or the exit code when stderr was empty).  An atte
 request is `cancelled`, whatever its exit code.  The first reason to stop wins.  The final
 report always carries the real exit code; a negative one is the signal that killed the process.
 
+An attempt the node could not see through is `lost`, not `failed`: its agent lost contact with
+the coordinator for longer than its lease (it asked for a checkpoint, then stopped the attempt),
+or the agent died while it ran.  A lost attempt runs again (from its last checkpoint) without
+spending one of the task's retries.
+
+### When the agent dies
+
+A node agent's processes die with it: if the agent is killed, every process that carries its
+`TASKFARM_EXECUTOR_ID` is SIGKILLed within a fraction of a second, with its process group, and
+an agent that restarts kills whatever its previous incarnation left before it reports back.
+
 ### The attempt log
 
 stdout and stderr go to `<log_dir>/<job_id>/<task_id>.<attempt>.log` (appended to, never
-truncated).  Each line is `<seconds since start> <stream> <text>` with the stream `out`, `err`
-or `sys` (the executor's own notes: the start, checkpoint requests, signals sent, malformed
-report lines, the outcome), e.g.
+truncated), written as they arrive: a crash of the agent loses no line it had read.  Each line
+is `<seconds since start> <stream> <text>` with the stream `out`, `err` or `sys` (the
+executor's own notes: the start, checkpoint requests, signals sent, malformed report lines, the
+outcome), e.g.
 
 ```
     0.000 sys started pid 4242: blender -b shot.blend -f 12
@@ -80,6 +94,11 @@ report lines, the outcome), e.g.
     0.131 err Warning: texture missing
     9.802 sys exited with code 0: completed
 ```
+
+The file is created at the first output (report lines too), once the attempt has run for a
+second, or when it ends other than `completed`: an attempt that completes within a second
+without printing a word leaves no log file (its start and end are in the journal), which spares
+the agent's disk a new file per task on farms of very short tasks.
 """
 
 from __future__ import annotations

@@ -1,22 +1,27 @@
 """The subprocess executor: runs a command per attempt, in its own process group.
 
 The protocol the command sees (environment, report lines on stdout, signals, the log file) is
-documented in ``actors/_executor.py``.  Process I/O is real; the timeouts (``max_runtime``,
-``stall_timeout``, the grace before SIGKILL) run on the injected clock.
+documented in ``actors/executors/_interface.py``.  Process I/O is real; the timeouts
+(``max_runtime``, ``stall_timeout``, the grace before SIGKILL) run on the injected clock.
+
+Processes start on a lean path (``posix_spawn``, pipes read when readable, a pidfd for the exit:
+see ``_process.py``), and a warden process kills them all if the executor's owner dies without
+closing it (see ``_warden.py``).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import select
 import shlex
 import signal
-import subprocess
 import sys
+import uuid
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING
 
 import anyio
 
@@ -36,9 +41,11 @@ from ._interface import (
     attempt_identity,
     gang_environment,
 )
+from ._process import Child, Warden, spawn_child, start_warden
+from ._warden import EXECUTOR_ID_VARIABLE
 
 if TYPE_CHECKING:
-    from anyio.abc import ByteReceiveStream, Process, TaskGroup, TaskStatus
+    from anyio.abc import TaskGroup, TaskStatus
 
 __all__ = [
     "FRAME_SEQUENCE",
@@ -66,6 +73,12 @@ def resolve_argv(argv: tuple[str, ...]) -> tuple[str, ...]:
 
 # A longer line is logged (or parsed) in pieces: a child cannot make us buffer without bound.
 _MAX_LINE = 64 * 1024
+_READ_SIZE = 64 * 1024
+# An attempt's log file is created once it has run this long (real time: it bounds the host's
+# I/O), or at its first output line, whichever comes first.
+_LOG_AFTER = 1.0
+# The log's states: lines held in memory, file wanted (created at the next flush), open, failed.
+_LOG_PENDING, _LOG_WANTED, _LOG_OPEN, _LOG_CLOSED = range(4)
 # After the main process exited and its group was killed, how long to wait for the pipes to
 # reach end of file (a process that escaped the group may hold them open).  Real time: this
 # bounds OS I/O, not farm time.
@@ -149,25 +162,45 @@ def _describe_exit(code: int) -> str:
 
 
 class _Paths:
-    """The directories and files one attempt uses, made before it starts."""
+    """The directories and files one attempt uses (strings: this runs once per task)."""
+
+    __slots__ = ("checkpoints", "log", "output")
 
     def __init__(self, executor: SubprocessExecutor, spec: AttemptSpec) -> None:
-        self.log = executor._log_dir / spec.job_id / f"{spec.task_id}.{spec.attempt}.log"
-        self.checkpoints = executor._checkpoint_dir / spec.job_id / spec.task_id
+        self.log = f"{executor._log_root}/{spec.job_id}/{spec.task_id}.{spec.attempt}.log"
+        self.checkpoints = f"{executor._checkpoint_root}/{spec.job_id}/{spec.task_id}"
         # Relative to the command's working directory, like every path the command sees.
         self.output = (
-            Path(os.path.abspath(Path(spec.cwd or ".") / spec.output_dir))
+            os.path.abspath(os.path.join(spec.cwd or ".", spec.output_dir))
             if spec.output_dir is not None
             else None
         )
 
-    def prepare(self) -> TextIO:
-        """Create the directories and open the log for appending (blocking: run in a thread)."""
-        self.log.parent.mkdir(parents=True, exist_ok=True)
-        self.checkpoints.mkdir(parents=True, exist_ok=True)
+    def prepare(self) -> None:
+        """Create the directories the command is promised (blocking: a couple of system calls
+        on the agent's disk, cheaper than the thread hop that would hide them, which a process
+        per task pays thousands of times a second)."""
+        _make_dir(self.checkpoints)
         if self.output is not None:
-            self.output.mkdir(parents=True, exist_ok=True)
-        return self.log.open("a", encoding="utf-8", errors="backslashreplace")
+            _make_dir(self.output)
+
+    def open_log(self) -> int:
+        """Open (create) the log for appending; return its descriptor."""
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+        try:
+            return os.open(self.log, flags, 0o644)
+        except FileNotFoundError:
+            os.makedirs(os.path.dirname(self.log), exist_ok=True)
+            return os.open(self.log, flags, 0o644)
+
+
+def _make_dir(path: str) -> None:
+    try:
+        os.mkdir(path)
+    except FileExistsError:
+        pass
+    except FileNotFoundError:
+        os.makedirs(path, exist_ok=True)
 
 
 class _SubprocessAttempt(BaseAttempt):
@@ -184,42 +217,101 @@ class _SubprocessAttempt(BaseAttempt):
         super().__init__(spec, sink, clock=clock, grace=grace)
         self._paths = paths
         self._env = env
-        self._process: Process | None = None
-        self._log_file: TextIO | None = None
+        self._child: Child | None = None
+        self._log_fd: int | None = None
+        self._log_state = _LOG_PENDING
+        self._log_lines: list[str] = []
         self._last_stderr = ""
-        self._stop_requested = anyio.Event()
         self._stop_sleep: anyio.CancelScope | None = None
+        self._task_group: TaskGroup | None = None
+        self._enforcing = False
 
     @property
     def pid(self) -> int | None:
-        return self._process.pid if self._process is not None else None
+        return self._child.pid if self._child is not None else None
 
     def request_checkpoint(self) -> bool:
-        if not self._spec.checkpointable or self._process is None or self._exited.is_set():
+        if not self._spec.checkpointable or self._child is None or self._exited.is_set():
             return False
         try:
-            os.kill(self._process.pid, signal.SIGUSR1)
+            os.kill(self._child.pid, signal.SIGUSR1)
         except ProcessLookupError:
             return False
         self._write("sys", "checkpoint requested (SIGUSR1)")
         return True
 
     def _stop_changed(self) -> None:
-        self._stop_requested.set()
         if self._stop_sleep is not None:
             self._stop_sleep.cancel()
+        self._enforce_soon()
 
-    def _write(self, stream: str, text: str) -> None:
-        # A buffered write to a local file, flushed once per pipe read rather than per line:
-        # cheaper than a thread hop per line, and the log still follows the output closely.
-        if self._log_file is not None:
-            elapsed = self._clock.monotonic() - self._started_at
-            self._log_file.write(f"{elapsed:9.3f} {stream} {text}\n")
+    def _enforce_soon(self) -> None:
+        """Start the task that signals the process group, once a stop was requested (most
+        attempts are never stopped: they do not pay for a task that waits for it)."""
+        if self._enforcing or self._stop_reason is None or self._task_group is None:
+            return
+        assert self._child is not None
+        self._enforcing = True
+        self._task_group.start_soon(self._enforce_stop, self._child.pid)
+
+    # -- the log ---------------------------------------------------------------------------
+
+    def _write(self, stream: str, text: str, *, flush: bool = True, notable: bool = True) -> None:
+        """Add a line to the log; with ``flush``, write what is pending now.
+
+        Lines reach the file as they arrive (each pipe read is written before the next one is
+        read, each note of the executor at once), so the log survives the agent's own crash up
+        to its last line.  The file itself is created lazily, at the first byte of output (report
+        lines too), the first ``notable`` note (a signal, a failure) or once the attempt has
+        run for ``_LOG_AFTER``: an attempt that completes quickly without a word leaves no file
+        (its start and end are in the journal), which spares the disk a new file per task.
+        """
+        if self._log_state == _LOG_CLOSED:
+            return
+        elapsed = self._clock.monotonic() - self._started_at
+        self._log_lines.append(f"{elapsed:9.3f} {stream} {text}\n")
+        if notable:
+            self._log_state = max(self._log_state, _LOG_WANTED)
+        if flush:
+            self._flush_log()
+
+    def _keep_log(self) -> None:
+        """From now on the attempt has a log file (written at once, and as lines come)."""
+        if self._log_state == _LOG_PENDING:
+            self._log_state = _LOG_WANTED
+            self._flush_log()
+
+    def _flush_log(self) -> None:
+        if self._log_state < _LOG_WANTED or not self._log_lines:
+            return
+        data = "".join(self._log_lines).encode("utf-8", errors="backslashreplace")
+        self._log_lines.clear()
+        try:
+            if self._log_fd is None:
+                self._log_fd = self._paths.open_log()
+                self._log_state = _LOG_OPEN
+            while data:
+                data = data[os.write(self._log_fd, data) :]
+        except OSError as error:
+            # A full or failing disk costs the log, not the attempt.
+            _log.warning(
+                "attempt_log_failed", path=str(self._paths.log), error=str(error), **self._identity
+            )
+            self._close_log()
+            self._log_state = _LOG_CLOSED
+
+    def _close_log(self) -> None:
+        self._flush_log()
+        if self._log_fd is not None:
+            fd, self._log_fd = self._log_fd, None
+            os.close(fd)
+
+    # -- running ---------------------------------------------------------------------------
 
     async def _run(self, *, task_status: TaskStatus[None]) -> None:
         spec = self._spec
         try:
-            self._log_file = await anyio.to_thread.run_sync(self._paths.prepare)
+            self._paths.prepare()
         except OSError as error:
             raise ExecutorError(
                 f"could not prepare its directories: {error}",
@@ -229,14 +321,8 @@ class _SubprocessAttempt(BaseAttempt):
             ) from error
         try:
             try:
-                self._process = await anyio.open_process(
-                    resolve_argv(spec.argv),
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    cwd=spec.cwd,
-                    env=self._env,
-                    start_new_session=True,
+                child = self._child = spawn_child(
+                    resolve_argv(spec.argv), env=self._env, cwd=spec.cwd
                 )
             except OSError as error:
                 self._write("sys", f"could not start {shlex.join(spec.argv)}: {error}")
@@ -246,50 +332,120 @@ class _SubprocessAttempt(BaseAttempt):
                     task_id=spec.task_id,
                     attempt=spec.attempt,
                 ) from error
-            process = self._process
             try:
-                self._write("sys", f"started pid {process.pid}: {shlex.join(spec.argv)}")
-                await self._emit(self._started(pid=process.pid, log_path=str(self._paths.log)))
+                self._write(
+                    "sys", f"started pid {child.pid}: {shlex.join(spec.argv)}", notable=False
+                )
+                await self._emit(self._started(pid=child.pid, log_path=self._paths.log))
                 task_status.started()
-                code = await self._supervise(process)
+                code = await self._supervise(child)
                 result = self._outcome(code)
-                self._write("sys", f"exited with code {code}: {result.outcome}")
+                completed = result.outcome == "completed"
+                self._write(
+                    "sys", f"exited with code {code}: {result.outcome}", notable=not completed
+                )
             finally:
                 with anyio.move_on_after(_DRAIN_TIMEOUT, shield=True):
-                    if process.returncode is None:
-                        _signal_group(process.pid, signal.SIGKILL)
-                    await process.aclose()
+                    if child.returncode is None:
+                        _signal_group(child.pid, signal.SIGKILL)
+                        await child.wait()
+                child.close()
                 self._exited.set()
             self._close_log()
             await self._report_final(result)
         finally:
             self._close_log()
-            self._release_waiters(self._process.returncode if self._process else None)
+            self._release_waiters(self._child.returncode if self._child else None)
 
-    def _close_log(self) -> None:
-        if self._log_file is not None:
-            self._log_file.close()
-            self._log_file = None
-
-    async def _supervise(self, process: Process) -> int:
+    async def _supervise(self, child: Child) -> int:
         """Pump the pipes, enforce the timeouts and stop requests, and return the exit code."""
-        assert process.stdout is not None
-        assert process.stderr is not None
-        out_done, err_done = anyio.Event(), anyio.Event()
+        spec = self._spec
         async with anyio.create_task_group() as task_group:
-            task_group.start_soon(self._pump, process.stdout, "out", out_done)
-            task_group.start_soon(self._pump, process.stderr, "err", err_done)
-            task_group.start_soon(self._watch)
-            task_group.start_soon(self._enforce_stop, process.pid)
-            code = await process.wait()
-            self._exited.set()
-            # Nothing the attempt started may outlive it (nor hold its pipes open).
-            _signal_group(process.pid, signal.SIGKILL)
-            with anyio.move_on_after(_DRAIN_TIMEOUT):
-                await out_done.wait()
-                await err_done.wait()
+            self._task_group = task_group
+            if spec.max_runtime is not None or spec.stall_timeout is not None:
+                task_group.start_soon(self._watch)
+            self._enforce_soon()  # a stop requested while the start was being reported
+            code = await self._pump(child, task_group)
             task_group.cancel_scope.cancel()
+        self._task_group = None
         return code
+
+    async def _pump(self, child: Child, task_group: TaskGroup) -> int:
+        """Copy both pipes to the log line by line (stdout report lines become reports) and
+        wait for the exit, all through one epoll: one task per attempt, not one per pipe.
+
+        Once the main process exited its group is killed (nothing outlives the attempt) and
+        the pipes get ``_DRAIN_TIMEOUT`` to reach end of file (a process that escaped the group
+        may hold them open).  The log file is wanted once the attempt has run ``_LOG_AFTER``.
+        Both bounds are real time: they bound this host's I/O, not farm time.
+        """
+        streams: dict[int, tuple[str, bytearray]] = {
+            child.stdout: ("out", bytearray()),
+            child.stderr: ("err", bytearray()),
+        }
+        poller = select.epoll()
+        try:
+            for fd in streams:
+                poller.register(fd, select.EPOLLIN)
+            exit_fd = child.exit_descriptor(task_group)
+            poller.register(exit_fd, select.EPOLLIN)
+            now = anyio.current_time()
+            log_at = now + _LOG_AFTER
+            give_up_at = math.inf
+            while streams or child.returncode is None:
+                ready = poller.poll(0)
+                if not ready:
+                    now = anyio.current_time()
+                    if now >= give_up_at:
+                        break
+                    if now >= log_at:
+                        self._keep_log()
+                        log_at = math.inf
+                        continue
+                    with anyio.CancelScope(deadline=min(log_at, give_up_at)):
+                        await anyio.wait_readable(poller.fileno())
+                    continue
+                for fd, _ in ready:
+                    if fd == exit_fd:
+                        poller.unregister(exit_fd)
+                        child.reap()
+                        self._exited.set()
+                        # Nothing the attempt started may outlive it (nor hold its pipes open).
+                        _signal_group(child.pid, signal.SIGKILL)
+                        give_up_at = anyio.current_time() + _DRAIN_TIMEOUT
+                    elif fd in streams and not await self._read(fd, *streams[fd]):
+                        poller.unregister(fd)
+                        del streams[fd]
+        finally:
+            poller.close()
+        return await child.wait()
+
+    async def _read(self, fd: int, name: str, pending: bytearray) -> bool:
+        """Read what the pipe has and handle its complete lines; return False at end of file."""
+        try:
+            chunk = os.read(fd, _READ_SIZE)
+        except BlockingIOError:
+            return True
+        except OSError:
+            chunk = b""
+        if not chunk:
+            if pending:
+                await self._line(name, bytes(pending))
+                pending.clear()
+            self._flush_log()
+            return False
+        self._keep_log()  # any output, report lines too: the attempt gets its log
+        pending += chunk
+        if b"\n" in chunk:
+            *lines, rest = pending.split(b"\n")
+            pending[:] = rest
+            for line in lines:
+                await self._line(name, line)
+        while len(pending) > _MAX_LINE:
+            await self._line(name, bytes(pending[:_MAX_LINE]))
+            del pending[:_MAX_LINE]
+        self._flush_log()
+        return True
 
     def _outcome(self, code: int) -> AttemptFinished:
         if self._stop_reason is not None:
@@ -301,8 +457,7 @@ class _SubprocessAttempt(BaseAttempt):
         return self._finish("failed", exit_code=code, error=error)
 
     async def _enforce_stop(self, pgid: int) -> None:
-        """Once a stop is requested: SIGTERM the group, then SIGKILL it at the kill time."""
-        await self._stop_requested.wait()
+        """SIGTERM the group now (unless the kill time has come), then SIGKILL it then."""
         if self._clock.monotonic() < self._kill_at:
             self._write("sys", "terminating (SIGTERM to the process group)")
             _signal_group(pgid, signal.SIGTERM)
@@ -314,30 +469,15 @@ class _SubprocessAttempt(BaseAttempt):
         self._write("sys", "killing (SIGKILL to the process group)")
         _signal_group(pgid, signal.SIGKILL)
 
-    async def _pump(self, stream: ByteReceiveStream, name: str, done: anyio.Event) -> None:
-        """Copy one pipe to the log line by line, turning stdout report lines into reports."""
-        pending = b""
-        async for chunk in stream:
-            pending += chunk
-            *lines, pending = pending.split(b"\n")
-            for line in lines:
-                await self._line(name, line)
-            while len(pending) > _MAX_LINE:
-                await self._line(name, pending[:_MAX_LINE])
-                pending = pending[_MAX_LINE:]
-            if self._log_file is not None:
-                self._log_file.flush()
-        if pending:
-            await self._line(name, pending)
-        done.set()
-
-    async def _line(self, name: str, raw: bytes) -> None:
+    async def _line(self, name: str, raw: bytes | bytearray) -> None:
         text = raw.decode("utf-8", errors="replace").rstrip("\r")
         if name == "out":
             try:
                 report = parse_report_line(text.rstrip(), self._spec)
             except ReportLineError as error:
-                self._write("sys", f"malformed report line ignored ({error.reason}): {text}")
+                self._write(
+                    "sys", f"malformed report line ignored ({error.reason}): {text}", flush=False
+                )
                 _log.warning(
                     "report_line_malformed",
                     reason=error.reason,
@@ -348,18 +488,19 @@ class _SubprocessAttempt(BaseAttempt):
                 )
                 return
             if report is not None:
+                self._flush_log()  # what came before a report is on disk before it is sent
                 await self._emit(report)
                 return
         elif text.strip():
             self._last_stderr = text.strip()
-        self._write(name, text)
+        self._write(name, text, flush=False)
 
 
 class SubprocessExecutor(ExecutorBase):
     """Runs each attempt's ``argv`` as a process in its own session and process group.
 
-    Built by :func:`open_subprocess_executor`; see ``actors/_executor.py`` for the protocol the
-    process sees.
+    Built by :func:`open_subprocess_executor`; see ``actors/executors/_interface.py`` for the
+    protocol the process sees.
     """
 
     def __init__(
@@ -371,19 +512,26 @@ class SubprocessExecutor(ExecutorBase):
         log_dir: Path,
         checkpoint_dir: Path,
         base_env: Mapping[str, str],
+        executor_id: str,
     ) -> None:
         super().__init__(task_group=task_group, clock=clock, terminate_grace=terminate_grace)
-        self._log_dir = log_dir
-        self._checkpoint_dir = checkpoint_dir
+        self._log_root = str(log_dir)
+        self._checkpoint_root = str(checkpoint_dir)
         self._base_env = dict(base_env)
+        self._executor_id = executor_id
+
+    @property
+    def executor_id(self) -> str:
+        """Return the id every process of this executor carries in ``TASKFARM_EXECUTOR_ID``."""
+        return self._executor_id
 
     def log_path(self, spec: AttemptSpec) -> Path:
         """Return the log file of the attempt ``spec`` describes."""
-        return _Paths(self, spec).log
+        return Path(_Paths(self, spec).log)
 
     def checkpoint_dir(self, spec: AttemptSpec) -> Path:
         """Return the checkpoint directory of the task ``spec`` runs (shared by its attempts)."""
-        return _Paths(self, spec).checkpoints
+        return Path(_Paths(self, spec).checkpoints)
 
     async def start(self, spec: AttemptSpec, report: ReportSink) -> AttemptHandle:
         """Start ``spec.argv``; return once it runs and was reported started.
@@ -392,6 +540,25 @@ class SubprocessExecutor(ExecutorBase):
             ExecutorError: the spec names a function, the command could not be started (no
                 such file, not executable, bad cwd) or the executor is closed.
         """
+        attempt = self._attempt(spec, report)
+        return await self._launch(attempt, attempt._run)
+
+    def start_nowait(self, spec: AttemptSpec, report: ReportSink) -> AttemptHandle:
+        """Start ``spec.argv`` and return its handle at once, without waiting for it to run.
+
+        What :meth:`start` raises once the attempt was accepted (the program is missing, the
+        cwd is unusable) ends the attempt instead, with a ``start_failed`` :class:`AttemptFinished`
+        through ``report``, as a remote agent's attempt does.  A node agent starts its attempts
+        this way: a task less per attempt.
+
+        Raises:
+            ExecutorError: the spec names a function, or the executor is closed.
+        """
+        attempt = self._attempt(spec, report)
+        self._launch_nowait(attempt, attempt._run)
+        return attempt
+
+    def _attempt(self, spec: AttemptSpec, report: ReportSink) -> _SubprocessAttempt:
         if not spec.argv:
             raise ExecutorError(
                 "the subprocess executor runs commands; this spec names a function",
@@ -400,7 +567,7 @@ class SubprocessExecutor(ExecutorBase):
                 attempt=spec.attempt,
             )
         paths = _Paths(self, spec)
-        attempt = _SubprocessAttempt(
+        return _SubprocessAttempt(
             spec,
             report,
             clock=self._clock,
@@ -408,7 +575,6 @@ class SubprocessExecutor(ExecutorBase):
             paths=paths,
             env=self._environment(spec, paths),
         )
-        return await self._launch(attempt, attempt._run)
 
     def _environment(self, spec: AttemptSpec, paths: _Paths) -> dict[str, str]:
         env = {**self._base_env, **spec.env}
@@ -416,19 +582,20 @@ class SubprocessExecutor(ExecutorBase):
             TASKFARM_JOB_ID=spec.job_id,
             TASKFARM_TASK_ID=spec.task_id,
             TASKFARM_ATTEMPT=str(spec.attempt),
-            TASKFARM_CHECKPOINT_DIR=str(paths.checkpoints),
+            TASKFARM_CHECKPOINT_DIR=paths.checkpoints,
         )
+        env[EXECUTOR_ID_VARIABLE] = self._executor_id
         if len(spec.nodes) > 1:
             # One host per line, leader first: ``mpirun -hostfile $TASKFARM_HOSTFILE``.
             hosts = spec.hosts or spec.nodes
-            hostfile = paths.checkpoints / f"hostfile.{spec.attempt}"
-            hostfile.parent.mkdir(parents=True, exist_ok=True)
-            hostfile.write_text("".join(f"{host}\n" for host in hosts), encoding="utf-8")
-            env.update(gang_environment(spec, str(hostfile)))
+            hostfile = os.path.join(paths.checkpoints, f"hostfile.{spec.attempt}")
+            os.makedirs(paths.checkpoints, exist_ok=True)
+            Path(hostfile).write_text("".join(f"{host}\n" for host in hosts), encoding="utf-8")
+            env.update(gang_environment(spec, hostfile))
         # Never let a value inherited from the agent's own environment pose as this job's.
         for name, value in (
             ("TASKFARM_RESUME_FROM", spec.resume_from),
-            ("TASKFARM_OUTPUT_DIR", str(paths.output) if paths.output is not None else None),
+            ("TASKFARM_OUTPUT_DIR", paths.output),
         ):
             if value is None:
                 env.pop(name, None)
@@ -454,6 +621,7 @@ async def open_subprocess_executor(
     clock: Clock | None = None,
     terminate_grace: float = 10.0,
     inherit_env: bool = True,
+    executor_id: str | None = None,
 ) -> AsyncIterator[SubprocessExecutor]:
     """Open an executor that runs commands, logging to ``log_dir`` and keeping per-task
     checkpoint directories under ``checkpoint_dir``.
@@ -462,6 +630,11 @@ async def open_subprocess_executor(
     closing; ``inherit_env`` passes this process's environment on to the commands.  On exit,
     running attempts are terminated (outcome ``cancelled``) and awaited.
 
+    Every process the executor starts carries ``executor_id`` (default: a new random id) in
+    ``TASKFARM_EXECUTOR_ID``, and a warden process kills them all should this process die
+    without closing the executor.  Give a stable id (a node agent derives it from its work
+    directory) to find a dead predecessor's processes with ``kill_marked``.
+
     Raises:
         ConfigurationError: ``terminate_grace`` is negative.
     """
@@ -469,14 +642,27 @@ async def open_subprocess_executor(
     chosen = clock if clock is not None else SystemClock()
     logs, checkpoints = await anyio.to_thread.run_sync(_make_roots, log_dir, checkpoint_dir)
     base_env = dict(os.environ) if inherit_env else {}
-    async with owning(
-        lambda task_group: SubprocessExecutor(
-            task_group=task_group,
-            clock=chosen,
-            terminate_grace=terminate_grace,
-            log_dir=logs,
-            checkpoint_dir=checkpoints,
-            base_env=base_env,
-        )
-    ) as executor:
-        yield executor
+    base_env.pop(EXECUTOR_ID_VARIABLE, None)
+    chosen_id = executor_id if executor_id is not None else f"{os.getpid()}-{uuid.uuid4().hex}"
+    warden: Warden | None = None
+    try:
+        warden = start_warden(chosen_id)
+    except OSError as error:
+        _log.warning("executor_warden_failed", executor_id=chosen_id, error=str(error))
+    try:
+        async with owning(
+            lambda task_group: SubprocessExecutor(
+                task_group=task_group,
+                clock=chosen,
+                terminate_grace=terminate_grace,
+                log_dir=logs,
+                checkpoint_dir=checkpoints,
+                base_env=base_env,
+                executor_id=chosen_id,
+            )
+        ) as executor:
+            yield executor
+    finally:
+        if warden is not None:
+            with anyio.move_on_after(5, shield=True):
+                await warden.aclose()

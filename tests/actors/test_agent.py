@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -37,7 +38,15 @@ from actors import (
     open_remote_executor,
 )
 from actors.cli._agent import config_from_args, configure
-from actors.cluster import AgentHello, Heartbeat, LogChunk, Report, Welcome, WireMessage
+from actors.cluster import (
+    AgentHello,
+    Heartbeat,
+    LogChunk,
+    Report,
+    Reports,
+    Welcome,
+    WireMessage,
+)
 from runtime import ConfigurationError, Connection, FrameCodec, WireServer, open_server
 
 TOKEN = b"agent-test-token-0123456789abcdef"
@@ -99,6 +108,8 @@ class Coordinator:
         self.frames: list[tuple[int, Report]] = []  # (connection number, frame)
         self.heartbeats = 0
         self.acking = True
+        self.lease = 0.0  # granted in Welcome (0: none)
+        self.answering = True  # answer heartbeats (renewing the lease)
         self._changed = anyio.Event()
 
     def _notify(self) -> None:
@@ -118,20 +129,27 @@ class Coordinator:
         assert isinstance(hello, AgentHello)
         self.hellos.append(hello)
         number = len(self.hellos)
-        await connection.send(Welcome(node=hello.name, heartbeat_interval=0.2))
+        welcome = Welcome(
+            node=hello.name, heartbeat_interval=0.2, lease=self.lease, lease_grace=self.lease / 2
+        )
+        await connection.send(welcome)
         self.remote.attach(connection)
         self._notify()
         try:
             async for message in connection:
                 match message:
-                    case Report():
-                        self.frames.append((number, message))
-                        if self.acking:
-                            await self.remote.deliver(message)
+                    case Report() | Reports():
+                        batch = message.reports if isinstance(message, Reports) else (message,)
+                        for report in batch:
+                            self.frames.append((number, report))
+                            if self.acking:
+                                await self.remote.deliver(report)
                     case LogChunk():
                         await self.remote.deliver(message)
-                    case Heartbeat():
+                    case Heartbeat(sequence=sequence):
                         self.heartbeats += 1
+                        if self.answering:
+                            self.remote.acknowledge_heartbeat(sequence)
                     case _:
                         raise AssertionError(f"unexpected {message!r}")
                 self._notify()
@@ -483,10 +501,74 @@ async def test_restarted_agent_resends_unacknowledged_reports(tmp_path: Path) ->
         assert coordinator.frames_of(3) == []
 
 
-async def test_restarted_agent_reports_the_attempt_it_lost_and_kills_its_remains(
+async def test_sigkilled_agent_takes_its_attempts_and_their_children_with_it(
     tmp_path: Path,
 ) -> None:
-    """A restarted agent reports the attempt it lost as failed and kills its leftovers."""
+    """SIGKILL an agent: its attempt's process and the grandchild it started die at once."""
+    async with (
+        _coordinator() as (coordinator, server),
+        _control() as (listener, control_port),
+        AsyncExitStack() as stack,
+        _agent(tmp_path, server.port) as agent,
+    ):
+        await coordinator.wait_until(lambda: coordinator.remote.attached)
+        recorder = Recorder()
+        await coordinator.remote.start(_spec(control_port), recorder)
+        link = await _accept(listener, stack)
+        (started,) = await recorder.wait_for(AttemptStarted)
+        assert started.pid is not None
+        exits = [
+            _watch_exit(started.pid, stack),
+            _watch_exit(int(await link.command("spawn")), stack),
+        ]
+        agent.kill()
+        with anyio.fail_after(WAIT):
+            for descriptor in exits:
+                await anyio.wait_readable(descriptor)
+
+
+async def test_attempt_log_keeps_its_last_lines_when_the_agent_is_killed(tmp_path: Path) -> None:
+    """After an agent SIGKILL the attempt log holds the started line and the last output."""
+    async with (
+        _coordinator() as (coordinator, server),
+        _control() as (listener, control_port),
+        AsyncExitStack() as stack,
+        _agent(tmp_path, server.port) as agent,
+    ):
+        await coordinator.wait_until(lambda: coordinator.remote.attached)
+        recorder = Recorder()
+        await coordinator.remote.start(_spec(control_port), recorder)
+        link = await _accept(listener, stack)
+        assert await link.command("log the last words before the crash") == "ok"
+        assert await link.command("report progress 0.5") == "ok"
+        await recorder.wait_for(AttemptProgress)  # read (and logged) by the agent
+        agent.kill()
+        with anyio.fail_after(WAIT):
+            await agent.wait()
+    lines = (tmp_path / "work" / "logs" / "job-1" / "t0.1.log").read_text().splitlines()
+    assert lines[0].split(None, 1)[1].startswith("sys started pid ")
+    assert lines[-1].split(None, 1)[1] == "out the last words before the crash"
+
+
+def _warden_of(agent: int) -> int:
+    """Return the pid of the warden process the agent ``agent`` started."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            command = (entry / "cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent == agent and b"_warden.py" in command:
+            return int(entry.name)
+    raise AssertionError(f"agent {agent} has no warden")
+
+
+async def test_restarted_agent_kills_what_its_predecessor_left_and_reports_it_lost(
+    tmp_path: Path,
+) -> None:
+    """With its warden dead too, a restarted agent kills the leftovers and reports them lost."""
     async with (
         _coordinator() as (coordinator, server),
         _control() as (listener, control_port),
@@ -499,10 +581,14 @@ async def test_restarted_agent_reports_the_attempt_it_lost_and_kills_its_remains
             link = await _accept(listener, stack)
             (started,) = await recorder.wait_for(AttemptStarted)
             assert started.pid is not None
+            warden = _warden_of(first.pid)
+            os.kill(warden, signal.SIGKILL)  # the host lost both at once
+            with anyio.fail_after(WAIT):
+                await anyio.wait_readable(_watch_exit(warden, stack))
             first.kill()
             with anyio.fail_after(WAIT):
                 await first.wait()
-        # Still alive, orphaned (it would die of a broken pipe only once it printed).
+        # Still alive, orphaned, and still answering.
         exits = [
             _watch_exit(started.pid, stack),
             _watch_exit(int(await link.command("spawn")), stack),
@@ -511,10 +597,89 @@ async def test_restarted_agent_reports_the_attempt_it_lost_and_kills_its_remains
         async with _agent(tmp_path, server.port, log="agent2.log"):
             with anyio.fail_after(WAIT):
                 result = await handle.wait()
-            for descriptor in exits:
-                await anyio.wait_readable(descriptor)
-        assert result.outcome == "failed"
+                for descriptor in exits:
+                    await anyio.wait_readable(descriptor)
+        assert result.outcome == "lost"
         assert result.error == "the agent restarted while the attempt ran"
+    events = _events(tmp_path / "agent2.log")
+    killed = [e for e in events if e["event"] == "agent_leftovers_killed"]
+    assert [e["processes"] for e in killed] == [2]
+
+
+async def test_a_second_agent_on_the_same_work_directory_is_refused(tmp_path: Path) -> None:
+    """Two agents cannot share a work directory: the second exits with status 2, saying so."""
+    async with (
+        _coordinator() as (coordinator, server),
+        _agent(tmp_path, server.port) as first,
+    ):
+        await coordinator.wait_until(lambda: coordinator.remote.attached)
+        async with _agent(tmp_path, server.port, log="second.log") as second:
+            with anyio.fail_after(WAIT):
+                status = await second.wait()
+        assert status == 2
+        message = (tmp_path / "second.log").read_text()
+        assert f"another agent (pid {first.pid}) uses this work directory" in message
+        assert first.returncode is None
+
+
+async def test_answered_heartbeats_keep_the_lease(tmp_path: Path) -> None:
+    """While the coordinator answers its heartbeats, an agent runs its attempt for many leases."""
+    async with (
+        _coordinator() as (coordinator, server),
+        _control() as (listener, control_port),
+        AsyncExitStack() as stack,
+        _agent(tmp_path, server.port),
+    ):
+        coordinator.lease = 0.6
+        await coordinator.wait_until(lambda: coordinator.remote.attached)
+        recorder = Recorder()
+        handle = await coordinator.remote.start(_spec(control_port), recorder)
+        link = await _accept(listener, stack)
+        beats = coordinator.heartbeats
+        await coordinator.wait_until(lambda: coordinator.heartbeats >= beats + 12)  # 4 leases
+        assert await link.command("log still running") == "ok"
+        await link.exit(0)
+        with anyio.fail_after(WAIT):
+            result = await handle.wait()
+    assert result.outcome == "completed"
+    assert "agent_lease_expired" not in {e["event"] for e in _events(tmp_path / "agent.log")}
+
+
+@pytest.mark.parametrize(("granted", "flags"), [(1.0, ()), (0.0, ("--lease", "1"))])
+async def test_unanswered_heartbeats_stop_the_attempts_when_the_lease_runs_out(
+    tmp_path: Path, granted: float, flags: tuple[str, ...]
+) -> None:
+    """No answer for a lease (the coordinator's, or the agent's own shorter one): the agent
+    asks for a checkpoint, stops the attempt, reports it lost with that checkpoint, and
+    reconnects."""
+    async with (
+        _coordinator() as (coordinator, server),
+        _control() as (listener, control_port),
+        AsyncExitStack() as stack,
+        _agent(tmp_path, server.port, *flags),
+    ):
+        coordinator.lease = granted
+        coordinator.answering = False
+        await coordinator.wait_until(lambda: coordinator.remote.attached)
+        recorder = Recorder()
+        handle = await coordinator.remote.start(_spec(control_port, checkpointable=True), recorder)
+        await _accept(listener, stack)
+        (started,) = await recorder.wait_for(AttemptStarted)
+        assert started.pid is not None
+        exited = _watch_exit(started.pid, stack)
+        with anyio.fail_after(WAIT):
+            result = await handle.wait()
+            await anyio.wait_readable(exited)
+        assert len(coordinator.hellos) == 2  # it dropped the silent connection and came back
+    assert result.outcome == "lost"
+    assert result.checkpoint == "ck-signal"
+    assert result.error is not None
+    assert "lease" in result.error
+    events = _events(tmp_path / "agent.log")
+    (expired,) = [e for e in events if e["event"] == "agent_lease_expired"]
+    assert (expired["lease"], expired["attempts"]) == (1.0, 1)
+    stopped = [e for e in events if e["event"] == "attempt_stopped_lease_expired"]
+    assert [e["checkpointed"] for e in stopped] == [True]
 
 
 async def _no_orphans(report: AttemptReport) -> None:
@@ -546,6 +711,8 @@ def _parse(tmp_path: Path, *extra: str) -> argparse.Namespace:
         (("--name", "bad/name"), "--name"),
         (("--heartbeat", "0"), "--heartbeat"),
         (("--heartbeat", "soon"), "--heartbeat"),
+        (("--lease", "0"), "--lease"),
+        (("--lease", "inf"), "--lease"),
         (("--terminate-grace", "-1"), "--terminate-grace"),
         (("--tls-key", "key.pem"), "--tls-key"),
         (("--tls-ca", "/no/such/ca.pem"), "--tls-ca"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -34,7 +35,7 @@ from actors import (
     open_inprocess_executor,
     open_subprocess_executor,
 )
-from actors.executors import parse_report_line
+from actors.executors import EXECUTOR_ID_VARIABLE, kill_marked, parse_report_line
 from runtime import Clock, ConfigurationError, SystemClock, VirtualClock
 
 CHILD = Path(__file__).parent / "workloads" / "child.py"
@@ -487,6 +488,7 @@ async def test_subprocess_environment(tmp_path: Path, monkeypatch: pytest.Monkey
         "TASKFARM_ATTEMPT": "3",
         "TASKFARM_CHECKPOINT_DIR": str(tmp_path / "checkpoints" / "job-1" / "t0"),
         "TASKFARM_OUTPUT_DIR": str(workdir / "out"),
+        "TASKFARM_EXECUTOR_ID": executor.executor_id,
         "CUSTOM": "yes",
         "cwd": str(workdir),
     }
@@ -683,6 +685,125 @@ async def test_a_failing_report_sink_fails_the_executor_and_leaks_no_process(
     assert caught.group_contains(RuntimeError, match="the node actor is gone")
     assert raised.is_set()
     assert not _alive(pids[0])
+
+
+# -- the spawn path, the log file, the warden -------------------------------------------------
+
+SILENT = "import sys, time; time.sleep(float(sys.argv[1]))"
+
+
+async def test_a_quick_silent_attempt_leaves_no_log_file(tmp_path: Path) -> None:
+    """An attempt that completes at once without output creates no log file (its start and
+    end are reported); one that prints gets its log."""
+    async with _subprocess_executor(tmp_path) as executor:
+        quiet = _spec(argv=(sys.executable, "-c", SILENT, "0"))
+        assert (await (await executor.start(quiet, Recorder())).wait()).outcome == "completed"
+        talking = _child("exit", "0", task_id="t1")
+        assert (await (await executor.start(talking, Recorder())).wait()).outcome == "completed"
+    assert not executor.log_path(quiet).exists()
+    assert executor.log_path(talking).exists()
+
+
+async def test_a_silent_attempt_gets_its_log_once_it_has_run_a_second(tmp_path: Path) -> None:
+    """A silent attempt that runs on has its started line on disk after a second, before it
+    ends (so a crash of the agent leaves it)."""
+    async with _subprocess_executor(tmp_path) as executor:
+        spec = _spec(argv=(sys.executable, "-c", SILENT, "600"))
+        handle = await executor.start(spec, Recorder())
+        log = anyio.Path(executor.log_path(spec))
+        with anyio.fail_after(10):
+            # A probe: the file appears on the executor's own timer, which no event marks.
+            while not await log.exists():  # noqa: ASYNC110
+                await anyio.sleep(0.05)
+        lines = (await log.read_text()).splitlines()
+        await handle.kill()
+    assert [line.split(None, 2)[1:] for line in lines] == [
+        ["sys", f"started pid {handle.pid}: {shlex.join(spec.argv)}"]
+    ]
+
+
+async def test_start_nowait_reports_a_failed_start_instead_of_raising(tmp_path: Path) -> None:
+    """start_nowait() returns at once; a program that cannot start ends the attempt failed."""
+    recorder = Recorder()
+    async with _subprocess_executor(tmp_path) as executor:
+        handle = executor.start_nowait(_spec(argv=(str(tmp_path / "no-such-program"),)), recorder)
+        finished = await recorder.first(AttemptFinished)
+        with pytest.raises(ExecutorError, match="names a function"):
+            executor.start_nowait(_spec(function="render"), recorder)
+    assert finished.outcome == "start_failed"
+    assert finished.error is not None
+    assert "could not start" in finished.error
+    assert handle.result == finished
+    assert recorder.of(AttemptStarted) == []
+
+
+async def test_a_bare_command_is_found_on_the_jobs_path(tmp_path: Path) -> None:
+    """A command without a slash is looked up on the PATH of the job's environment."""
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    program = tools / "say-hello"
+    program.write_text("#!/bin/sh\necho hello from the PATH of the job\n")
+    program.chmod(0o755)
+    recorder = Recorder()
+    async with _subprocess_executor(tmp_path) as executor:
+        spec = _spec(argv=("say-hello",), env={"PATH": f"{tools}:/usr/bin:/bin"})
+        finished = await (await executor.start(spec, recorder)).wait()
+        missing = _spec(argv=("say-hello",), task_id="t1")
+        with pytest.raises(ExecutorError, match="No such file"):
+            await executor.start(missing, recorder)
+    assert finished.outcome == "completed"
+    assert "out hello from the PATH of the job" in executor.log_path(spec).read_text()
+
+
+INHERIT = """\
+import anyio, os, sys
+from pathlib import Path
+from actors.executors._process import spawn_child
+inherited = os.dup2(os.open(os.devnull, os.O_RDONLY), 50)  # inheritable, like a shell's 50<
+async def main():
+    child = spawn_child(
+        [sys.executable, "-c", "import os; print(sorted(map(int, os.listdir('/proc/self/fd'))))"],
+        env=dict(os.environ),
+        cwd=None,
+    )
+    await child.wait()
+    print(inherited, os.read(child.stdout, 1000).decode().strip())
+anyio.run(main)
+"""
+
+
+async def test_a_child_inherits_only_its_standard_streams(tmp_path: Path) -> None:
+    """A descriptor the owner inherited (made inheritable) does not reach the attempt's child."""
+    result = await anyio.run_process([sys.executable, "-c", INHERIT])
+    inherited, listed = result.stdout.decode().split(" ", 1)
+    descriptors = json.loads(listed)
+    assert int(inherited) == 50
+    assert 50 not in descriptors
+    assert len(descriptors) == 4  # 0, 1, 2 and the one listing /proc/self/fd
+    assert descriptors[:3] == [0, 1, 2]
+
+
+MARKED = "import os, sys, time; print(os.getpid(), flush=True); time.sleep(600)"
+
+
+async def test_kill_marked_kills_only_the_processes_that_carry_the_id(tmp_path: Path) -> None:
+    """kill_marked() SIGKILLs the processes carrying the executor id, not one without it."""
+    marked_env = {**os.environ, EXECUTOR_ID_VARIABLE: "test-owner"}
+    other_env = {**os.environ, EXECUTOR_ID_VARIABLE: "test-owner-2"}
+    async with (
+        await anyio.open_process([sys.executable, "-c", MARKED], env=marked_env) as marked,
+        await anyio.open_process([sys.executable, "-c", MARKED], env=other_env) as other,
+    ):
+        for process in (marked, other):
+            assert process.stdout is not None
+            with anyio.fail_after(10):
+                await process.stdout.receive()  # it runs
+        assert await anyio.to_thread.run_sync(kill_marked, "test-owner") == 1
+        with anyio.fail_after(10):
+            assert await marked.wait() == -signal.SIGKILL
+        assert other.returncode is None
+        other.kill()
+        await other.wait()
 
 
 async def test_a_rank_of_a_multi_node_attempt_gets_its_rank_hosts_and_hostfile(

@@ -29,6 +29,7 @@ from actors.cluster import (
     AgentHello,
     CancelAttempt,
     CheckpointAttempt,
+    HeartbeatAck,
     LogChunk,
     ReadLog,
     Report,
@@ -287,3 +288,37 @@ async def test_read_log_times_out_when_the_agent_is_silent() -> None:
         with pytest.raises(AgentUnavailableError, match="did not answer"):
             await h.remote.read_log("job-1", "t0", 3)
         assert isinstance(await h.receive(), ReadLog)
+
+
+async def test_acknowledgements_that_pile_up_go_out_as_one() -> None:
+    """Reports journaled while the sender is busy are acknowledged by one cumulative ack."""
+    async with _harness() as h:
+        release = anyio.Event()
+        sink = Sink()
+
+        async def slow_first(report: AttemptReport) -> None:
+            if not sink.reports:
+                await release.wait()
+            await sink(report)
+
+        spec = _spec()
+        await h.remote.start(spec, slow_first)
+        await h.receive()
+        await h.agent.send(Report(sequence=1, report=AttemptStarted(pid=1, **_ident(spec))))
+        await h.agent.send(Report(sequence=2, report=AttemptProgress(fraction=0.5, **_ident(spec))))
+        finished = AttemptFinished(outcome="completed", **_ident(spec))
+        await h.agent.send(Report(sequence=3, report=finished))
+        with anyio.fail_after(WAIT):
+            while h.remote.statistics()["queued"] < 3:  # the first is held in the sink
+                await anyio.lowlevel.checkpoint()
+        release.set()
+        assert await h.receive() == ReportAck(sequence=3)
+        assert len(sink.reports) == 3
+
+
+async def test_a_heartbeat_is_answered_through_the_sender() -> None:
+    """acknowledge_heartbeat() sends HeartbeatAck with the heartbeat's number (the latest)."""
+    async with _harness() as h:
+        h.remote.acknowledge_heartbeat(6)
+        h.remote.acknowledge_heartbeat(7)
+        assert await h.receive() == HeartbeatAck(sequence=7)

@@ -141,9 +141,11 @@ class Cluster:
         cores: str = "1",
         work_dir: Path | None = None,
         extra: tuple[str, ...] = (),
+        port: int | None = None,
     ) -> subprocess.Popen[bytes]:
         """Start ``taskfarm agent --name NAME`` with a fixed capacity (its folder is kept, so a
-        restart with the same name finds its outbox)."""
+        restart with the same name finds its outbox), connecting to ``port`` (a proxy's) if
+        given, else to the coordinator."""
         assert name not in self.agents, f"agent {name} is already running"
         work = work_dir or self.root / "agents" / name
         log = self._log_file(f"agent-{name}")
@@ -156,7 +158,7 @@ class Cluster:
                     "info",
                     "agent",
                     "--connect",
-                    f"{HOST}:{self.port}",
+                    f"{HOST}:{port or self.port}",
                     "--token-file",
                     str(self.token_file),
                     "--name",
