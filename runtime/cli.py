@@ -52,6 +52,7 @@ _SUMMARIES = {
     "why": "explain why a job or its tasks wait",
     "logs": "show a task attempt's log",
     "token": "issue, revoke and list node and client credentials",
+    "slurm": "run agents as Slurm pilot jobs: submit, status, cancel",
     "demo": "run a coordinator, two agents and a small real workload, with live progress",
 }
 

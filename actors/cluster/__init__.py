@@ -3,6 +3,7 @@ executor and the wire protocol."""
 
 from ._access import ACCESS, Decision, Rule, decide, describe_request, rule_for
 from ._agent import AgentConfig, AgentHandle, AgentStatistics, load_agent_secret, run_agent
+from ._allocation import Allocation
 from ._coordinator import (
     COORDINATOR_CODEC,
     WIRE_CODEC,
@@ -58,6 +59,7 @@ from ._protocol import (
     LogChunk,
     LogsRequest,
     NodesReply,
+    PlanDrain,
     ReadLog,
     Reply,
     Report,
@@ -86,6 +88,7 @@ __all__ = [
     "AgentHello",
     "AgentStatistics",
     "AgentToCoordinator",
+    "Allocation",
     "AttemptKey",
     "CancelAttempt",
     "CancelJobRequest",
@@ -120,6 +123,7 @@ __all__ = [
     "OutboxAcked",
     "OutboxAttemptLost",
     "OutboxReport",
+    "PlanDrain",
     "ReadLog",
     "RemoteAttempt",
     "RemoteExecutor",

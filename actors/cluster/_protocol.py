@@ -10,6 +10,7 @@ Agent conversation::
     coord -> Welcome(node, heartbeat_interval)
     coord -> RunAttempt(spec) | CancelAttempt | CheckpointAttempt | ReadLog
     agent -> Heartbeat | Report(sequence, report) | LogChunk
+             | PlanDrain(at)        (an agent whose batch allocation ends at a known time)
     coord -> ReportAck(sequence)     (the agent drops acknowledged reports from its outbox)
 
 Client conversation: one request, one reply (``Reply`` or ``ErrorReply``).
@@ -21,6 +22,7 @@ every string and container a peer sends has a maximum length, checked while deco
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated
 
 import msgspec
@@ -53,6 +55,7 @@ __all__ = [
     "LogChunk",
     "LogsRequest",
     "NodesReply",
+    "PlanDrain",
     "ReadLog",
     "Reply",
     "Report",
@@ -115,6 +118,14 @@ class LogChunk(_Inbound, frozen=True, kw_only=True, tag="agent.log_chunk"):
     missing: bool = False
 
 
+class PlanDrain(_Inbound, frozen=True, kw_only=True, tag="agent.plan_drain"):
+    """The agent's host goes away at a known time (its batch allocation ends): drain the node
+    at ``at`` (until then, place no work there that cannot finish by ``at``)."""
+
+    at: Annotated[datetime, msgspec.Meta(tz=True)]
+    reason: _Short = ""
+
+
 class Welcome(Message, frozen=True, kw_only=True, tag="coordinator.welcome"):
     """The coordinator accepted the agent as node ``node``."""
 
@@ -162,7 +173,7 @@ class ReadLog(Message, frozen=True, kw_only=True, tag="coordinator.read_log"):
     max_bytes: int = 64 * 1024
 
 
-AgentToCoordinator = AgentHello | Heartbeat | Report | LogChunk
+AgentToCoordinator = AgentHello | Heartbeat | Report | LogChunk | PlanDrain
 CoordinatorToAgent = Welcome | RunAttempt | CancelAttempt | CheckpointAttempt | ReportAck | ReadLog
 AgentWire = AgentToCoordinator | CoordinatorToAgent
 
