@@ -112,6 +112,12 @@ def _add_preparation_arguments(parser: argparse.ArgumentParser) -> None:
         help="the node drains this long before the allocation ends: no work placed that "
         "cannot finish by then, and what runs then is checkpointed and requeued (default 2m)",
     )
+    parser.add_argument(
+        "--idle-timeout",
+        metavar="DURATION",
+        help="an agent that has run nothing for this long leaves, giving its allocation back "
+        "(default: it stays until the end)",
+    )
 
 
 # -- submit-agents --------------------------------------------------------------------------------
@@ -273,6 +279,11 @@ def pilot_spec_from_args(args: argparse.Namespace) -> PilotSpec:
         checkpoint_warning=_duration(args.checkpoint_warning, where="--checkpoint-warning"),
         drain_margin=_duration(args.drain_margin, where="--drain-margin"),
         terminate_grace=grace,
+        idle_timeout=(
+            _duration(args.idle_timeout, where="--idle-timeout")
+            if args.idle_timeout is not None
+            else None
+        ),
     )
 
 
@@ -409,6 +420,11 @@ def _fill_from_allocation(args: argparse.Namespace, job: SlurmJob | None) -> Non
 async def _agent(args: argparse.Namespace) -> int:
     warning = _duration(args.checkpoint_warning, where="--checkpoint-warning")
     margin = _duration(args.drain_margin, where="--drain-margin")
+    idle = (
+        _duration(args.idle_timeout, where="--idle-timeout")
+        if args.idle_timeout is not None
+        else None
+    )
     job = find_slurm_job()
     end = _end_time(args.end_time) if args.end_time is not None else None
     if job is None and end is None:
@@ -425,10 +441,13 @@ async def _agent(args: argparse.Namespace) -> int:
             source="--end-time",
             checkpoint_warning=warning,
             drain_margin=margin,
+            idle_timeout=idle,
         )
     else:
         assert job is not None
-        allocation = await slurm_allocation(job, checkpoint_warning=warning, drain_margin=margin)
+        allocation = await slurm_allocation(
+            job, checkpoint_warning=warning, drain_margin=margin, idle_timeout=idle
+        )
     return await run_agent_command(args, allocation=allocation)
 
 

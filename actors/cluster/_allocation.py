@@ -14,6 +14,9 @@ so that the kill never loses more than the work since the checkpoint warning:
 ``end - checkpoint_warning``
     Every running checkpointable attempt gets SIGUSR1 (checkpoint now), from the agent
     itself: the warning does not depend on the coordinator being reachable.
+idle
+    With an ``idle_timeout``, an agent that has run nothing for that long stops (it is not
+    needed: the pilot gives its allocation back).
 after the drain
     Once nothing runs, the agent stops (the pilot job ends early and frees the allocation);
     at ``end - (terminate_grace + 5 s)`` at the latest it stops anyway, terminating what is
@@ -51,6 +54,8 @@ _log = get_logger("actors.agent")
 _EXIT_SLACK = 5.0
 # What an attempt killed with its allocation reports: the agent's own stop says "cancelled".
 _LOSABLE = frozenset({"failed", "start_failed"})
+# How often an agent with an idle timeout looks whether it runs anything.
+_IDLE_POLL = 1.0
 # A wall-clock deadline is slept towards in steps: a clock step (NTP) shifts it by one step at
 # most, not by the whole wait.
 _STEP = 60.0
@@ -61,24 +66,27 @@ class Allocation:
     """The batch allocation an agent runs in: when it ends and how the agent prepares.
 
     ``source`` says where the end came from (logged); ``ending``, when given, asks the batch
-    system whether the allocation is being ended right now (cancelled, timed out).
+    system whether the allocation is being ended right now (cancelled, timed out).  With
+    ``idle_timeout`` the agent also leaves once it has run nothing for that long, giving the
+    allocation back early.
 
     Raises:
-        ConfigurationError: ``end`` has no time zone, or a margin is negative.
+        ConfigurationError: ``end`` has no time zone, or a duration is negative.
     """
 
     end: datetime
     source: str
     checkpoint_warning: float = 600.0
     drain_margin: float = 120.0
+    idle_timeout: float | None = None
     ending: Callable[[], Awaitable[bool]] | None = None
 
     def __post_init__(self) -> None:
         if self.end.tzinfo is None:
             raise ConfigurationError("must have a time zone", where="Allocation.end")
-        for field in ("checkpoint_warning", "drain_margin"):
+        for field in ("checkpoint_warning", "drain_margin", "idle_timeout"):
             value = getattr(self, field)
-            if not value >= 0:
+            if value is not None and not value >= 0:
                 raise ConfigurationError(f"must be >= 0, got {value}", where=f"Allocation.{field}")
 
     @property
@@ -123,7 +131,8 @@ async def watch_allocation(
     stop: anyio.Event,
 ) -> None:
     """Warn checkpointable attempts before ``allocation`` ends, and set ``stop`` once the
-    node is drained and idle (or its last moment has come)."""
+    node is drained and idle (or its last moment has come, or it has been idle for the
+    allocation's ``idle_timeout``)."""
     stop_at = allocation.stop_at(terminate_grace)
     _log.info(
         "allocation_end_known",
@@ -165,9 +174,22 @@ async def watch_allocation(
             )
             task_group.cancel_scope.cancel()
 
+        async def idle(limit: float) -> None:
+            idle_since = clock.monotonic()
+            while True:
+                if executor.running():
+                    idle_since = clock.monotonic()
+                elif clock.monotonic() - idle_since >= limit:
+                    break
+                await clock.sleep(min(_IDLE_POLL, limit) or _IDLE_POLL)
+            _log.info("allocation_idle", node_id=node_id, idle_s=limit)
+            task_group.cancel_scope.cancel()
+
         task_group.start_soon(warn)
         task_group.start_soon(drained)
         task_group.start_soon(last_moment)
+        if allocation.idle_timeout is not None:
+            task_group.start_soon(idle, allocation.idle_timeout)
     stop.set()
 
 

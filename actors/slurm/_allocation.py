@@ -92,7 +92,11 @@ def slurm_job_ending(job_id: str) -> Callable[[], Awaitable[bool]]:
 
 
 async def slurm_allocation(
-    job: SlurmJob, *, checkpoint_warning: float, drain_margin: float
+    job: SlurmJob,
+    *,
+    checkpoint_warning: float,
+    drain_margin: float,
+    idle_timeout: float | None = None,
 ) -> Allocation | None:
     """Return the allocation of ``job`` as the agent prepares for its end (None: no end).
 
@@ -108,5 +112,6 @@ async def slurm_allocation(
         source=source,
         checkpoint_warning=checkpoint_warning,
         drain_margin=drain_margin,
+        idle_timeout=idle_timeout,
         ending=slurm_job_ending(job.job_id),
     )

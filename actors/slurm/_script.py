@@ -151,6 +151,7 @@ class PilotSpec(msgspec.Struct, frozen=True, kw_only=True):
     checkpoint_warning: float = 600.0
     drain_margin: float = 120.0
     terminate_grace: float = 10.0
+    idle_timeout: float | None = None
 
     def __post_init__(self) -> None:
         match = _HOST_PORT.fullmatch(self.connect)
@@ -214,8 +215,9 @@ class PilotSpec(msgspec.Struct, frozen=True, kw_only=True):
             ("--checkpoint-warning", self.checkpoint_warning),
             ("--drain-margin", self.drain_margin),
             ("--terminate-grace", self.terminate_grace),
+            ("--idle-timeout", self.idle_timeout),
         ):
-            if not 0 <= value <= time_limit:
+            if value is not None and not 0 <= value <= time_limit:
                 raise ConfigurationError(
                     f"must be between 0 and the time limit ({time_limit} s), got {value:g}",
                     where=flag,
@@ -243,6 +245,8 @@ class PilotSpec(msgspec.Struct, frozen=True, kw_only=True):
             ("--drain-margin", f"{self.drain_margin:g}"),
             ("--terminate-grace", f"{self.terminate_grace:g}"),
         ]
+        if self.idle_timeout is not None:
+            flags.append(("--idle-timeout", f"{self.idle_timeout:g}"))
         return flags
 
     def agent_argv(self) -> list[str]:

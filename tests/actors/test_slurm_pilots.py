@@ -276,10 +276,18 @@ class FakeExecutor:
 
 @asynccontextmanager
 async def watching(
-    clock: VirtualClock, executor: FakeExecutor, stop: anyio.Event
+    clock: VirtualClock,
+    executor: FakeExecutor,
+    stop: anyio.Event,
+    *,
+    idle_timeout: float | None = None,
 ) -> AsyncIterator[None]:
     allocation = Allocation(
-        end=T0 + timedelta(seconds=1000), source="test", checkpoint_warning=600, drain_margin=120
+        end=T0 + timedelta(seconds=1000),
+        source="test",
+        checkpoint_warning=600,
+        drain_margin=120,
+        idle_timeout=idle_timeout,
     )
     async with anyio.create_task_group() as tg:
         tg.start_soon(
@@ -333,6 +341,22 @@ async def test_an_agent_whose_work_does_not_yield_stops_before_the_end() -> None
         assert not stop.is_set()
         await clock.advance(1)
     assert clock.monotonic() == 985.0
+
+
+async def test_an_idle_pilot_leaves_after_its_idle_timeout() -> None:
+    """With an idle timeout the agent stops once it has run nothing for that long (counted
+    from when its last attempt ended), giving its allocation back before the end."""
+    clock = VirtualClock(T0)
+    work = FakeHandle("0", checkpointable=False, clock=clock)
+    stop = anyio.Event()
+    async with watching(clock, FakeExecutor(work), stop, idle_timeout=120):
+        await clock.advance(200)  # busy: never idle
+        work.done.set()
+        await clock.advance(119)
+        await anyio.wait_all_tasks_blocked()
+        assert not stop.is_set()
+        await clock.advance(2)
+    assert 320 <= clock.monotonic() <= 321
 
 
 def _finished(outcome: str) -> AttemptFinished:
