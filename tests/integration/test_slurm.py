@@ -131,6 +131,20 @@ async def test_pilots_run_a_workflow_and_a_cancelled_pilots_work_completes_on_th
     for job, name in agents.items():
         assert "RUNNING" in rows[job]
         assert f"{name} (online" in rows[job]
+    # Without the coordinator, the pilots are still shown (and the status says what failed).
+    blind = await _taskfarm(
+        cluster,
+        slurm,
+        "slurm",
+        "status",
+        "--connect",
+        f"{HOST}:1",
+        "--token-file",
+        str(cluster.token_file),
+    )
+    assert blind.returncode == 1
+    assert blind.stderr.decode().startswith("taskfarm: error: the coordinator's agents are")
+    assert {first, second} <= {line.split()[0] for line in blind.stdout.decode().splitlines()}
 
     out = tmp_path / "out"
     await anyio.Path(out).mkdir()
