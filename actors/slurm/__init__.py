@@ -14,7 +14,6 @@ from ._allocation import SlurmJob, find_slurm_job, job_end, slurm_allocation, sl
 from ._commands import (
     PilotJob,
     cancel_jobs,
-    expand_hostlist,
     job_fields,
     list_pilot_jobs,
     parse_slurm_time,
@@ -35,7 +34,6 @@ __all__ = [
     "PilotSpec",
     "SlurmJob",
     "cancel_jobs",
-    "expand_hostlist",
     "find_slurm_job",
     "job_end",
     "job_fields",

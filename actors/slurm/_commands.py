@@ -21,7 +21,6 @@ from actors._errors import SlurmError
 __all__ = [
     "PilotJob",
     "cancel_jobs",
-    "expand_hostlist",
     "job_fields",
     "list_pilot_jobs",
     "parse_slurm_time",
@@ -91,15 +90,14 @@ async def submit_script(script: str) -> str:
     return job_id
 
 
-async def list_pilot_jobs(job_name: str, *, job_ids: Sequence[str] = ()) -> list[PilotJob]:
-    """Return this user's pilot jobs named ``job_name`` that have not ended (or those of
-    ``job_ids``, whatever their name).
+async def list_pilot_jobs(job_name: str) -> list[PilotJob]:
+    """Return this user's pilot jobs named ``job_name`` that have not ended.
 
     Raises:
         SlurmError: squeue failed.
     """
-    argv = ["squeue", "--noheader", "--me", "--format", _SEPARATOR.join(_SQUEUE_FIELDS)]
-    argv += ["--jobs", ",".join(job_ids)] if job_ids else ["--name", job_name]
+    argv = ["squeue", "--noheader", "--me", "--name", job_name]
+    argv += ["--format", _SEPARATOR.join(_SQUEUE_FIELDS)]
     jobs = []
     for line in (await run_slurm(argv)).splitlines():
         fields = line.split(_SEPARATOR)
@@ -134,17 +132,6 @@ async def cancel_jobs(job_ids: Sequence[str]) -> None:
     """
     if job_ids:
         await run_slurm(["scancel", *job_ids])
-
-
-async def expand_hostlist(node_list: str) -> list[str]:
-    """Return the host names of a Slurm host list (``node[01-03]``), as ``scontrol`` expands it.
-
-    Raises:
-        SlurmError: scontrol failed.
-    """
-    if not node_list or node_list in ("(null)", "None assigned"):
-        return []
-    return (await run_slurm(["scontrol", "show", "hostnames", node_list])).split()
 
 
 async def job_fields(job_id: str) -> dict[str, str]:

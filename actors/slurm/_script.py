@@ -223,11 +223,6 @@ class PilotSpec(msgspec.Struct, frozen=True, kw_only=True):
                     where=flag,
                 )
 
-    @property
-    def time_limit_seconds(self) -> int:
-        """Return the time limit in seconds."""
-        return parse_time_limit(self.time_limit)
-
     def agent_flags(self) -> list[tuple[str, str]]:
         """Return the pilot agent's flags and their values (see :meth:`agent_argv`)."""
         flags = [("--connect", self.connect)]
