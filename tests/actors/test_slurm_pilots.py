@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import AsyncIterator, MutableMapping
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
@@ -23,7 +24,14 @@ from actors import AgentConfig, AgentHandle, Resources, open_coordinator, run_ag
 from actors.cli._slurm import _fill_from_allocation, match_pilots
 from actors.cluster import Allocation, Coordinator, CoordinatorConfig
 from actors.cluster._allocation import as_lost, ended_by_allocation, watch_allocation
-from actors.engine import NodeSummary
+from actors.engine import (
+    NodeHealthChanged,
+    NodeSummary,
+    TaskAssigned,
+    TaskRequeued,
+    job_stream,
+    node_stream,
+)
 from actors.executors import (
     AttemptContext,
     AttemptFinished,
@@ -486,6 +494,13 @@ async def coordinator(tmp_path: Path) -> AsyncIterator[Coordinator]:
         yield running
 
 
+@dataclass
+class RunningAgent:
+    handle: AgentHandle
+    scope: anyio.CancelScope  # cancel: the agent dies at once
+    ended: anyio.Event
+
+
 def _agent_files(tmp_path: Path, name: str) -> tuple[Path, Path]:
     """Return the join token file (written once) and a fresh work folder for ``name``."""
     token_file = tmp_path / "join.token"
@@ -510,8 +525,8 @@ async def start_agent(
     name: str,
     gate: Gate,
     allocation: Allocation | None,
-) -> anyio.CancelScope:
-    """Run the real agent code as ``name``; return a scope that ends it."""
+) -> RunningAgent:
+    """Run the real agent code as ``name``."""
     token_file, work = _agent_files(tmp_path, name)
     config = AgentConfig(
         host=HOST,
@@ -526,18 +541,22 @@ async def start_agent(
         return open_inprocess_executor({"gate": gate}, clock=options["clock"])
 
     scope = anyio.CancelScope()
+    ended = anyio.Event()
 
     async def run(*, task_status: anyio.abc.TaskStatus[AgentHandle]) -> None:
-        with scope:
-            await run_agent(
-                config,
-                open_executor=open_executor,
-                allocation=allocation,
-                task_status=task_status,
-            )
+        try:
+            with scope:
+                await run_agent(
+                    config,
+                    open_executor=open_executor,
+                    allocation=allocation,
+                    task_status=task_status,
+                )
+        finally:
+            ended.set()
 
-    await tg.start(run)
-    return scope
+    handle = await tg.start(run)
+    return RunningAgent(handle=handle, scope=scope, ended=ended)
 
 
 async def wait_node(farm: Coordinator, name: str, check: Any) -> NodeSummary:
@@ -591,7 +610,7 @@ async def test_an_operators_quarantine_outlasts_an_allocations_planned_drain(
     )
     logs: list[MutableMapping[str, Any]]
     async with coordinator(tmp_path) as farm, anyio.create_task_group() as tg:
-        first = await start_agent(tg, farm, tmp_path, "n1", gate, None)
+        first = (await start_agent(tg, farm, tmp_path, "n1", gate, None)).scope
         await wait_node(farm, "n1", lambda n: n.health == "online")
         await farm.engine.set_node_health("n1", "quarantined", reason="bad disk")
         first.cancel()
@@ -711,3 +730,45 @@ def test_cancel_and_agent_name_the_argument_at_fault(
     assert status == 2
     assert err.startswith("taskfarm: error: ")
     assert flag in err
+
+
+async def test_a_stopping_allocation_agent_drains_its_node_before_reporting_its_work(
+    tmp_path: Path,
+) -> None:
+    """An allocation agent that is stopped (scancel's SIGTERM) has its node drained first:
+    the slots its stopped attempts free get no new work there, and they are requeued."""
+    gate = Gate()
+    allocation = Allocation(end=SystemClock().now() + timedelta(hours=1), source="test")
+    async with coordinator(tmp_path) as farm, anyio.create_task_group() as tg:
+        agent = await start_agent(tg, farm, tmp_path, "pilot-9-n1", gate, allocation)
+        await wait_node(farm, "pilot-9-n1", lambda n: n.drain_at is not None)
+        await farm.engine.submit_text(
+            '[[jobs]]\nname = "three"\nframes = "1-3"\ncommand = ["inprocess:gate", "{frame}"]\n'
+            'resources = { cores = 1, memory = "16MiB" }\n',
+            fmt="toml",
+            source="three.toml",
+        )
+        await wait_until(lambda: len(gate.started) == 2)  # two cores: the third task waits
+        agent.handle.stop()
+        with anyio.fail_after(WAIT):
+            await agent.ended.wait()
+        node = await wait_node(farm, "pilot-9-n1", lambda n: n.health.startswith("draining"))
+        assert "being ended" in node.reason
+        records = [
+            r
+            for r in [record async for batch in farm.engine.journal.read_all() for record in batch]
+            if r.stream_id in (node_stream("pilot-9-n1"), job_stream("three"))
+        ]
+        drained = next(
+            r.position
+            for r in records
+            if isinstance(r.event, NodeHealthChanged) and r.event.health == "draining"
+        )
+        requeued = [r.position for r in records if isinstance(r.event, TaskRequeued)]
+        assigned = [r.position for r in records if isinstance(r.event, TaskAssigned)]
+        assert len(requeued) == 2
+        assert all(position > drained for position in requeued)
+        assert len(assigned) == 2
+        assert all(position < drained for position in assigned)
+        assert len(gate.started) == 2
+        tg.cancel_scope.cancel()
