@@ -7,7 +7,7 @@ The end-to-end tests against a real Slurm are in ``tests/integration/test_slurm.
 from __future__ import annotations
 
 import argparse
-from collections.abc import AsyncIterator, MutableMapping
+from collections.abc import AsyncIterator, Iterator, MutableMapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -633,14 +633,16 @@ def _run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, 
 
 
 @pytest.fixture
-def token_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A join token file; no coordinator or token from the environment."""
+def token_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A join token file; no coordinator or token from the environment.  main() points
+    structlog at the captured stderr: undone afterwards for the tests that follow."""
     for variable in ("TASKFARM_COORDINATOR", "TASKFARM_TOKEN_FILE", "SLURM_JOB_ID"):
         monkeypatch.delenv(variable, raising=False)
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "taskfarm.token"
     write_private_file(path, TOKEN.decode())
-    return path
+    yield path
+    structlog.reset_defaults()
 
 
 SUBMIT = ("slurm", "submit-agents", "--partition", "debug", "--time", "10:00", "--dry-run")
