@@ -39,9 +39,15 @@ _START_LIMIT = 60.0  # seconds for the daemons to come up (a busy 2-core machine
 _POLL = 0.1
 
 
+def program(name: str) -> str | None:
+    """Return the path of a Slurm or munge program (daemons live in sbin, which a user's
+    PATH may lack), or None."""
+    return shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
+
+
 def slurm_unavailable() -> str | None:
     """Return why a Slurm cluster cannot run on this machine, or None if it can."""
-    missing = [program for program in PROGRAMS if shutil.which(program) is None]
+    missing = [name for name in PROGRAMS if program(name) is None]
     if missing:
         return (
             f"Slurm is not installed here (missing {', '.join(missing)}); "
@@ -142,9 +148,11 @@ class SlurmCluster:
 
     def _daemon(self, name: str, *argv: str) -> None:
         log = self.root / "log" / f"{name}.out"
+        path = program(argv[0])
+        assert path is not None, f"{argv[0]} is not installed"
         with log.open("ab") as output:
             process = subprocess.Popen(
-                argv,
+                [path, *argv[1:]],
                 stdout=output,
                 stderr=output,
                 stdin=subprocess.DEVNULL,
