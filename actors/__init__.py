@@ -4,10 +4,11 @@
   dependency graph, job specs and the journaled events;
 - ``actors.executors``: where an attempt runs (in-process, a local subprocess);
 - ``actors.cluster``: the coordinator, the node agent, the remote executor, the wire protocol;
+- ``actors.slurm``: pilot jobs that start agents inside Slurm allocations;
 - ``actors.cli`` and ``actors.bench``: the commands and the benchmark suite.
 
 Wings import each other only through their packages, and only downwards:
-executors -> engine -> cluster -> cli / bench.
+executors -> engine -> cluster -> slurm -> cli / bench.
 """
 
 from ._errors import (
@@ -22,6 +23,7 @@ from ._errors import (
     JobNotFoundError,
     ReportLineError,
     ResourceError,
+    SlurmError,
     SpecError,
     TaskNotFoundError,
     UnknownDependencyError,
@@ -423,6 +425,7 @@ __all__ = [
     "SetNodeHealthRequest",
     "Shortfall",
     "SimulatedExecutor",
+    "SlurmError",
     "SpecError",
     "StatusRequest",
     "SubmitJob",

@@ -16,6 +16,7 @@ __all__ = [
     "JobNotFoundError",
     "ReportLineError",
     "ResourceError",
+    "SlurmError",
     "SpecError",
     "TaskNotFoundError",
     "UnknownDependencyError",
@@ -182,4 +183,16 @@ class AccessDeniedError(TaskfarmError):
         self.principal = principal
         self.role = role
         self.request = request
+        super().__init__(message)
+
+
+class SlurmError(TaskfarmError):
+    """Raised when a Slurm command (``sbatch``, ``squeue``, ``scancel``, ``scontrol``) is
+    missing, fails or answers something unexpected; ``command`` names it, and the message
+    carries what Slurm said.  Exit status 1: the batch system refused or failed."""
+
+    exit_status = 1
+
+    def __init__(self, message: str, *, command: str) -> None:
+        self.command = command
         super().__init__(message)

@@ -59,6 +59,7 @@ _SUMMARIES = {
     "preempt": "checkpoint a running task and put it back in the queue",
     "node": "drain, sleep, resume or release a node",
     "token": "issue, revoke and list node and client credentials",
+    "slurm": "run agents as Slurm pilot jobs: submit, status, cancel",
     "demo": "run a coordinator, two agents and a small real workload, with live progress",
 }
 

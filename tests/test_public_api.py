@@ -13,6 +13,7 @@ PACKAGES = [
     "actors.executors",
     "actors.engine",
     "actors.cluster",
+    "actors.slurm",
     "actors.cli",
     "actors.bench",
     "domains",

@@ -25,6 +25,7 @@ import msgspec
 from actors.cluster import (
     AgentConfig,
     AgentHandle,
+    Allocation,
     check_label,
     default_name,
     detect_resources,
@@ -48,6 +49,7 @@ __all__ = [
     "config_from_args",
     "configure",
     "main_with_executor",
+    "run_agent_command",
 ]
 
 _log = get_logger("actors.agent")
@@ -294,7 +296,15 @@ def main_with_executor(
 _EXECUTOR_OVERRIDE: list[Callable[..., AbstractAsyncContextManager[Executor]]] = []
 
 
-async def _run(args: argparse.Namespace) -> int:
+async def run_agent_command(
+    args: argparse.Namespace, *, allocation: Allocation | None = None
+) -> int:
+    """Run ``taskfarm agent`` with its parsed ``args``; ``allocation`` is the batch allocation
+    it runs in, when it has a known end (``taskfarm slurm agent``)."""
+    return await _run(args, allocation=allocation)
+
+
+async def _run(args: argparse.Namespace, *, allocation: Allocation | None = None) -> int:
     config = config_from_args(args)
     open_executor = _EXECUTOR_OVERRIDE[-1] if _EXECUTOR_OVERRIDE else None
     tune_gc_for_many_objects()
@@ -307,7 +317,12 @@ async def _run(args: argparse.Namespace) -> int:
             async def agent_main() -> None:
                 nonlocal failure
                 try:
-                    await run_agent(config, open_executor=open_executor, task_status=status)
+                    await run_agent(
+                        config,
+                        open_executor=open_executor,
+                        allocation=allocation,
+                        task_status=status,
+                    )
                 except Exception as error:
                     failure = error
                 finally:

@@ -3,6 +3,7 @@ executor and the wire protocol."""
 
 from ._access import ACCESS, Decision, Rule, decide, describe_request, rule_for
 from ._agent import AgentConfig, AgentHandle, AgentStatistics, load_agent_secret, run_agent
+from ._allocation import Allocation
 from ._coordinator import (
     COORDINATOR_CODEC,
     WIRE_CODEC,
@@ -63,6 +64,7 @@ from ._protocol import (
     LogsRequest,
     NodesReply,
     PauseJobRequest,
+    PlanDrain,
     PolicyCommandRequest,
     PolicyReply,
     PreemptTaskRequest,
@@ -100,6 +102,7 @@ __all__ = [
     "AgentHello",
     "AgentStatistics",
     "AgentToCoordinator",
+    "Allocation",
     "AmendJobRequest",
     "AttemptKey",
     "CancelAttempt",
@@ -139,6 +142,7 @@ __all__ = [
     "OutboxAttemptLost",
     "OutboxReport",
     "PauseJobRequest",
+    "PlanDrain",
     "PolicyCommandRequest",
     "PolicyReply",
     "PreemptTaskRequest",

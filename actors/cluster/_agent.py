@@ -57,6 +57,7 @@ import ssl
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, assert_never
 
@@ -101,6 +102,7 @@ from runtime import (
     open_connection,
 )
 
+from ._allocation import Allocation, as_lost, ended_by_allocation, plan_drain, watch_allocation
 from ._outbox import (
     OUTBOX_CODEC,
     AttemptKey,
@@ -120,6 +122,7 @@ from ._protocol import (
     Heartbeat,
     HeartbeatAck,
     LogChunk,
+    PlanDrain,
     ReadLog,
     Report,
     ReportAck,
@@ -309,8 +312,12 @@ class _Agent:
         outbox: Outbox,
         executor: Executor,
         task_group: TaskGroup,
+        allocation: Allocation | None = None,
     ) -> None:
         self.config = config
+        self.allocation = allocation
+        self.leaving = False  # the allocation is being ended: the node drains now
+        self.connection: Connection[AgentWire] | None = None
         self.token = token
         self.credential = credential
         self.clock = clock
@@ -367,6 +374,12 @@ class _Agent:
                     report = msgspec.structs.replace(
                         report, outcome="lost", error=self._lost_reason()
                     )
+        if self.allocation is not None and await ended_by_allocation(
+            report, self.allocation, stopping=self.stop_requested.is_set()
+        ):
+            assert isinstance(report, AttemptFinished)
+            await self.leave_allocation()
+            report = as_lost(report)
         if self.reported is not None:
             self.reported.set()
             self.reported = None
@@ -677,11 +690,18 @@ class _Agent:
         interval = welcome.heartbeat_interval
         if self.config.heartbeat is not None:
             interval = min(interval, self.config.heartbeat)
+        if self.allocation is not None:
+            now = self.clock.now() if self.leaving else None
+            await connection.send(plan_drain(self.allocation, now=now))
+        self.connection = connection
         async with anyio.create_task_group() as task_group:
             task_group.start_soon(self._heartbeats, connection, max(interval, 0.01))
             task_group.start_soon(self._send_reports, connection)
-            async for message in connection:
-                self._dispatch(message, connection, task_group)
+            try:
+                async for message in connection:
+                    self._dispatch(message, connection, task_group)
+            finally:
+                self.connection = None
             task_group.cancel_scope.cancel()
 
     async def _heartbeats(self, connection: Connection[AgentWire], interval: float) -> None:
@@ -744,7 +764,7 @@ class _Agent:
                 task_group.start_soon(self._read_log, connection, message)
             case Welcome():
                 pass  # a repeated welcome changes nothing
-            case AgentHello() | Heartbeat() | Report() | Reports() | LogChunk():
+            case AgentHello() | Heartbeat() | Report() | Reports() | LogChunk() | PlanDrain():
                 raise ProtocolError(
                     connection.peer,
                     reason=f"the coordinator sent an agent's message ({type(message).__name__})",
@@ -765,8 +785,24 @@ class _Agent:
             text, missing = await anyio.to_thread.run_sync(_tail, path, limit)
         await connection.send(LogChunk(request=request.request, text=text, missing=missing))
 
+    async def leave_allocation(self) -> None:
+        """Have the coordinator drain this node now, before the attempts the ending
+        allocation kills are reported: the slots they free must get no new work here."""
+        if self.allocation is None or self.leaving:
+            return
+        self.leaving = True
+        connection = self.connection
+        if connection is None:
+            return  # the next connection says it
+        with anyio.move_on_after(_FINAL_FLUSH):
+            try:
+                await connection.send(plan_drain(self.allocation, now=self.clock.now()))
+            except (WireError, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                pass  # gone: the coordinator requeues the work when the node times out
+
     async def shutdown(self) -> None:
         """Terminate running attempts and give their final reports a chance to get out."""
+        await self.leave_allocation()
         running = self.executor.running()
         grace = self.config.terminate_grace
         for handle in running:
@@ -865,6 +901,7 @@ async def run_agent(
     *,
     clock: Clock | None = None,
     open_executor: Callable[..., AbstractAsyncContextManager[Executor]] | None = None,
+    allocation: Allocation | None = None,
     task_status: TaskStatus[AgentHandle] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a node agent until it is stopped (``AgentHandle.stop()``) or cancelled.
@@ -872,6 +909,9 @@ async def run_agent(
     ``open_executor`` replaces the subprocess executor (it gets the same keyword arguments:
     ``log_dir``, ``checkpoint_dir``, ``clock``, ``terminate_grace``, ``executor_id``); the
     engine benchmark uses it to measure the agent path without a process per task.
+    ``allocation`` is the batch allocation the agent runs in, when it has a known end (see
+    ``_allocation.py``): the agent then plans its node's drain, warns checkpointable attempts
+    and stops before the end.
 
     Opens the outbox and the executor under ``config.work_dir``, re-queues the reports the
     last run left unacknowledged, reports an :class:`AgentHandle` through ``task_status``, and
@@ -939,12 +979,25 @@ async def run_agent(
                     outbox=outbox,
                     executor=executor,
                     task_group=task_group,
+                    allocation=allocation,
                 )
                 await agent.recover(lost)
                 task_group.start_soon(outbox.run)
                 task_group.start_soon(agent.watch_lease)
                 connections = _Stoppable(agent.run_connections)
                 task_group.start_soon(connections.run)
+                if allocation is not None:
+                    task_group.start_soon(
+                        partial(
+                            watch_allocation,
+                            allocation,
+                            node_id=config.name,
+                            clock=chosen,
+                            executor=executor,
+                            terminate_grace=config.terminate_grace,
+                            stop=agent.stop_requested,
+                        )
+                    )
                 task_status.started(AgentHandle(agent))
                 # Either the connection loop fails (a refused token) or we are asked to stop.
                 await _first(agent.stop_requested.wait, connections.finished.wait)

@@ -29,7 +29,7 @@ import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field, replace
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal, assert_never, get_args
 
@@ -100,6 +100,7 @@ from ._protocol import (
     LogsRequest,
     NodesReply,
     PauseJobRequest,
+    PlanDrain,
     PolicyCommandRequest,
     PolicyReply,
     PreemptTaskRequest,
@@ -399,6 +400,8 @@ class Coordinator:
                                 reason=f"log answer to request {message.request}, which was "
                                 "never sent to this node",
                             )
+                    case PlanDrain():
+                        await self._plan_drain(name, message)
                     case _:
                         raise ProtocolError(
                             connection.peer,
@@ -416,6 +419,38 @@ class Coordinator:
                 assert self._task_group is not None
                 self._task_group.start_soon(self._suspend_agent, name, generation)
                 self._task_group.start_soon(self._expire_agent, name, generation)
+
+    async def _plan_drain(self, name: str, message: PlanDrain) -> None:
+        """Plan the drain an agent asks for before its host goes away (its allocation ends).
+
+        Only an online node's: a drain, sleep or quarantine an operator or policy decided
+        stands, and so does an earlier planned drain.
+        """
+        # Asked of the scheduler, so after the NodeJoined this agent's hello caused.
+        node = next((n for n in await self.engine.nodes() if n.name == name), None)
+        if node is None or node.health != "online":
+            _log.info(
+                "node_drain_not_planned",
+                node_id=name,
+                health=node.health if node is not None else None,
+                drain_at=message.at.isoformat(),
+            )
+            return
+        if node.drain_at is not None and datetime.fromisoformat(node.drain_at) <= message.at:
+            return
+        try:
+            await self.engine.set_node_health(
+                name, "draining", reason=message.reason, at=message.at
+            )
+        except TaskfarmError as error:
+            _log.warning("node_drain_refused", node_id=name, error=str(error))
+            return
+        _log.info(
+            "node_drain_planned",
+            node_id=name,
+            drain_at=message.at.isoformat(),
+            reason=message.reason,
+        )
 
     async def _suspend_agent(self, name: str, generation: int) -> None:
         """Show a node whose agent is away as ``unreachable`` and place no new work there (it

@@ -11,6 +11,7 @@ Agent conversation::
     coord -> RunAttempt(spec) | CancelAttempt | CheckpointAttempt | ReadLog
     agent -> Heartbeat(sequence) | Report(sequence, report) | Reports([...]) | LogChunk
     coord -> HeartbeatAck(sequence)  (renews the agent's lease on its attempts)
+             | PlanDrain(at)        (an agent whose batch allocation ends at a known time)
     coord -> ReportAck(sequence)     (the agent drops acknowledged reports from its outbox)
 
 The lease: an agent runs its attempts only while it hears from the coordinator.  Each
@@ -70,6 +71,7 @@ __all__ = [
     "LogsRequest",
     "NodesReply",
     "PauseJobRequest",
+    "PlanDrain",
     "PolicyCommandRequest",
     "PolicyReply",
     "PreemptTaskRequest",
@@ -156,6 +158,14 @@ class LogChunk(_Inbound, frozen=True, kw_only=True, tag="agent.log_chunk"):
     missing: bool = False
 
 
+class PlanDrain(_Inbound, frozen=True, kw_only=True, tag="agent.plan_drain"):
+    """The agent's host goes away at a known time (its batch allocation ends): drain the node
+    at ``at`` (until then, place no work there that cannot finish by ``at``)."""
+
+    at: Annotated[datetime, msgspec.Meta(tz=True)]
+    reason: _Short = ""
+
+
 class Welcome(Message, frozen=True, kw_only=True, tag="coordinator.welcome"):
     """The coordinator accepted the agent as node ``node``.
 
@@ -215,7 +225,7 @@ class ReadLog(Message, frozen=True, kw_only=True, tag="coordinator.read_log"):
     max_bytes: int = 64 * 1024
 
 
-AgentToCoordinator = AgentHello | Heartbeat | Report | Reports | LogChunk
+AgentToCoordinator = AgentHello | Heartbeat | Report | Reports | LogChunk | PlanDrain
 CoordinatorToAgent = (
     Welcome | HeartbeatAck | RunAttempt | CancelAttempt | CheckpointAttempt | ReportAck | ReadLog
 )

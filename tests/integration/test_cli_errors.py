@@ -248,6 +248,28 @@ def table(made: dict[str, Path], farm: Cluster) -> dict[str, Case]:
         "bench-unknown-suite": Case(("bench", "nosuchsuite"), ("unknown suite",)),
         "demo-no-frames": Case(("demo", "--frames", "0"), ("--frames",)),
         "demo-dir-is-a-file": Case(("demo", "--dir", str(made["a-file"])), ("--dir",)),
+        "slurm-no-subcommand": Case(("slurm",), ("required", "SUBCOMMAND")),
+        "slurm-submit-bad-time": Case(
+            (
+                "slurm",
+                "submit-agents",
+                "--partition",
+                "debug",
+                "--time",
+                "forever",
+                "--connect",
+                "login:7717",
+                "--token-file",
+                token,
+                "--dry-run",
+            ),
+            ("--time", "forever"),
+        ),
+        "slurm-cancel-nothing": Case(("slurm", "cancel"), ("JOBID",)),
+        "slurm-agent-outside-slurm": Case(
+            ("slurm", "agent", "--connect", "127.0.0.1:1", "--token-file", token),
+            ("$SLURM_JOB_ID", "--end-time"),
+        ),
         "no-command": Case((), ("required", "COMMAND")),
         "unknown-command": Case(("format-disk",), ("invalid choice",)),
     }
