@@ -142,6 +142,7 @@ from .engine import (
     JobSubmitted,
     JobSummary,
     JobView,
+    MetricCondition,
     NodeAction,
     NodeAggregate,
     NodeBlocklisted,
@@ -184,6 +185,7 @@ from .engine import (
     TaskRef,
     TaskReleased,
     TaskRequeued,
+    TaskSkipped,
     TaskSpec,
     TaskStarted,
     TaskStartedObservation,
@@ -247,6 +249,7 @@ from .executors import (
     open_simulated_executor,
     open_subprocess_executor,
     parse_report_line,
+    simulated_work,
 )
 
 __all__ = [
@@ -351,6 +354,7 @@ __all__ = [
     "ListNodesRequest",
     "LogChunk",
     "LogsRequest",
+    "MetricCondition",
     "NodeAction",
     "NodeAggregate",
     "NodeBlocklisted",
@@ -420,6 +424,7 @@ __all__ = [
     "TaskRef",
     "TaskReleased",
     "TaskRequeued",
+    "TaskSkipped",
     "TaskSpec",
     "TaskStarted",
     "TaskStartedObservation",
@@ -479,5 +484,6 @@ __all__ = [
     "shape_key",
     "shortfall",
     "shown",
+    "simulated_work",
     "subtract",
 ]

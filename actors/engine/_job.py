@@ -60,6 +60,7 @@ from ._events import (
     TaskProgressed,
     TaskReleased,
     TaskRequeued,
+    TaskSkipped,
     TaskStarted,
     job_stream,
 )
@@ -85,6 +86,7 @@ from ._messages import (
     ReportAttempt,
     ResumeJob,
     RetryTasks,
+    SkipTasks,
     StartAttempt,
     TaskEnded,
     TaskUpdate,
@@ -107,6 +109,7 @@ JobMessage = (
     | PreemptTask
     | CancelJob
     | CancelTasks
+    | SkipTasks
     | GetJobSummary
     | PauseJob
     | ResumeJob
@@ -120,6 +123,7 @@ _OUTCOME_OF_STATUS = {
     "completed": Outcome.SUCCEEDED,
     "failed": Outcome.FAILED,
     "cancelled": Outcome.CANCELLED,
+    "skipped": Outcome.SKIPPED,  # a job whose every task was skipped (it ends completed)
 }
 # How an attempt's outcome is classified when it fails.
 _KIND_OF_OUTCOME: dict[str, FailureClass] = {
@@ -172,8 +176,8 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
 
     async def _handle(self, command: JobMessage) -> Any:
         match command:
-            case Dispatch(placements=placements):
-                await self._dispatch(placements)
+            case Dispatch(placements=placements, checkpoint_intervals=intervals):
+                await self._dispatch(placements, intervals)
                 return None
             case ReportAttempt(report=report, node=node):
                 return await self._on_report(report, node)
@@ -203,6 +207,9 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
                 return job_summary(self.job_id, self.state, tasks=False)
             case CancelTasks(tasks=tasks, reason=reason):
                 await self._cancel_tasks(tasks, reason)
+                return None
+            case SkipTasks(tasks=tasks, reason=reason):
+                await self._skip_tasks(tasks, reason)
                 return None
             case GetJobSummary(tasks=tasks):
                 return job_summary(self.job_id, self.state, tasks=tasks)
@@ -277,13 +284,17 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
 
     # -- dispatch -------------------------------------------------------------------------------
 
-    async def _dispatch(self, placements: tuple[tuple[int, str], ...]) -> None:
+    async def _dispatch(
+        self,
+        placements: tuple[tuple[int, str], ...],
+        intervals: tuple[float | None, ...] = (),
+    ) -> None:
         state = self.state
         spec = state.job
         events: list[Event] = []
-        accepted: list[tuple[int, str, int, int]] = []
+        accepted: list[tuple[int, str, int, int, float | None]] = []
         version = self.version
-        for task_index, node in placements:
+        for position, (task_index, node) in enumerate(placements):
             task = state.tasks[task_index]
             if spec is None or state.status != "active" or task.status != "pending":
                 await self._after(self.scheduler, Unplace(job_id=self.job_id, task=task_index))
@@ -299,20 +310,23 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
                     resume_from=task.checkpoint,
                 )
             )
-            accepted.append((task_index, node, attempt, token))
+            interval = intervals[position] if position < len(intervals) else None
+            accepted.append((task_index, node, attempt, token, interval))
         if not events:
             return
         await self.persist(events)
-        for task_index, node, attempt, token in accepted:
+        for task_index, node, attempt, token, interval in accepted:
             ref = self.node_ref(node)
             if ref is None:
                 await self._lost(task_index, token, f"node {node} left before dispatch")
                 continue
             # After the commit: inside a batch the assignment is only staged, and an attempt
             # must never run (or report) before its assignment is durable.
-            start = StartAttempt(
-                spec=self._attempt_spec(task_index, attempt, token), job=self.context.self_ref
-            )
+            attempt_spec = self._attempt_spec(task_index, attempt, token)
+            if interval is not None:
+                env = {**attempt_spec.env, "TASKFARM_CHECKPOINT_INTERVAL": f"{interval:.0f}"}
+                attempt_spec = replace(attempt_spec, env=env)
+            start = StartAttempt(spec=attempt_spec, job=self.context.self_ref)
             await self._after(ref, start)
 
     def _attempt_spec(self, index: int, attempt: int, token: int) -> AttemptSpec:
@@ -771,6 +785,25 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
             await self.persist([JobCancelRequested(reason=reason)])
             await self._finish_if_done()
 
+    async def _skip_tasks(self, tasks: tuple[int, ...], reason: str) -> None:
+        """Skip pending tasks whose conditional branch was not taken (``when`` was false)."""
+        state = self.state
+        pending = [i for i in tasks if state.tasks[i].status in ("pending", "held")]
+        if not pending or not state.live:
+            return
+        await self.persist([TaskSkipped(task=i, reason=reason) for i in pending])
+        for index in pending:
+            await self._after(
+                self.scheduler,
+                TaskEnded(
+                    job_id=self.job_id,
+                    task=index,
+                    outcome=Outcome.SKIPPED,
+                    attempt_outcome="skipped",
+                ),
+            )
+        await self._finish_if_done()
+
     async def _tell_cancelled(self, indices: list[int]) -> None:
         for index in indices:
             await self._after(
@@ -811,12 +844,14 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
             outcome, reason = "cancelled", state.reason
         else:
             outcome, reason = "completed", None
+        ended = _OUTCOME_OF_STATUS[outcome]
+        if outcome == "completed" and statuses == {"skipped"}:
+            # Not a failure: the job completes, and its dependants see it skipped.
+            reason, ended = "every task was skipped", Outcome.SKIPPED
         await self.persist(
             [JobFinished(outcome=outcome, reason=reason, finished_at=self.clock.now())]  # type: ignore[arg-type]
         )
-        await self._after(
-            self.scheduler, JobEnded(job_id=self.job_id, outcome=_OUTCOME_OF_STATUS[outcome])
-        )
+        await self._after(self.scheduler, JobEnded(job_id=self.job_id, outcome=ended))
         _log.info("job_finished", job_id=self.job_id, outcome=outcome, reason=reason)
         await self.after_commit(self.context.stop)  # passivate: the journal keeps the state
 
@@ -838,7 +873,7 @@ def job_summary(job_id: str, state: JobState, *, tasks: bool) -> JobSummary:
     progress = 0.0
     for task in state.tasks:
         counts[task.status] = counts.get(task.status, 0) + 1
-        progress += 1.0 if task.status == "completed" else task.progress
+        progress += 1.0 if task.status in ("completed", "skipped") else task.progress
     return JobSummary(
         job_id=job_id,
         name=spec.name if spec else job_id,

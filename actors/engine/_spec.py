@@ -38,6 +38,7 @@ from ._graph import (
     DependencyGraph,
     ElementMap,
     GraphJob,
+    MetricCondition,
     OnParentFailure,
 )
 from ._resources import Resources, format_size, parse_cores, parse_size
@@ -332,6 +333,9 @@ class _ResourcesIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     counters: Annotated[dict[str, _Count], msgspec.Meta(max_length=limits.MAX_COUNTERS)] = {}
 
 
+_When = Annotated[str, msgspec.Meta(max_length=200)]
+
+
 class _ElementMapIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     offset: Annotated[
         int, msgspec.Meta(ge=-limits.MAX_FRAME_NUMBER, le=limits.MAX_FRAME_NUMBER)
@@ -347,12 +351,14 @@ class _DependencyIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     elementwise: bool | _ElementMapIn = False
     threshold: Annotated[float, msgspec.Meta(gt=0, le=1)] | None = None
     on_parent_failure: OnParentFailure = "cancel"
+    when: _When | None = None
 
 
 class _TaskDependencyIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     task: _JobRef
     condition: Condition = Condition.ON_SUCCESS
     on_parent_failure: OnParentFailure = "cancel"
+    when: _When | None = None
 
 
 _TaskDependencies = Annotated[
@@ -1045,6 +1051,7 @@ class _Builder:
                 elementwise = ElementMap(offset=e.offset, before=e.before, after=e.after)
             elif item.elementwise:
                 elementwise = ElementMap()
+            self.when(field, item.when, item.condition, item.threshold)
             deps.append(
                 Dependency(
                     parent=item.job,
@@ -1053,6 +1060,7 @@ class _Builder:
                     elementwise=elementwise,
                     threshold=item.threshold,
                     on_parent_failure=item.on_parent_failure,
+                    when=item.when,
                 )
             )
             fields.append(field)
@@ -1069,6 +1077,7 @@ class _Builder:
                     raise self.fail(
                         field, f"unknown dependency: job {job.name!r} has no task {tdep.task!r}"
                     )
+                self.when(field, tdep.when, tdep.condition, None)
                 deps.append(
                     Dependency(
                         parent=job.name,
@@ -1076,10 +1085,31 @@ class _Builder:
                         parent_task=names[tdep.task],
                         child_task=k,
                         on_parent_failure=tdep.on_parent_failure,
+                        when=tdep.when,
                     )
                 )
                 fields.append(field)
         return tuple(deps), fields
+
+    def when(
+        self, field: str, when: str | None, condition: Condition, threshold: float | None
+    ) -> None:
+        """Check a conditional edge: a metric condition, on an on_success edge."""
+        if when is None:
+            return
+        try:
+            MetricCondition.parse(when)
+        except ValueError as error:
+            raise self.fail(f"{field}.when", str(error)) from None
+        if condition is not Condition.ON_SUCCESS:
+            raise self.fail(
+                f"{field}.when",
+                f"a 'when' condition decides on the parent's success; remove condition = "
+                f"{condition.value!r} (a branch not taken ends 'skipped', which "
+                "on_any_outcome dependants accept)",
+            )
+        if threshold is not None:
+            raise self.fail(f"{field}.when", "a 'when' condition cannot have a threshold")
 
     def task_label(self, label: str) -> str:
         """Turn the graph's ``job[2]`` into ``job[name]`` for explicit, named tasks."""

@@ -19,7 +19,7 @@ from ._interface import (
     RunningAttempt,
     attempt_identity,
 )
-from ._simulated import SimulatedExecutor, open_simulated_executor
+from ._simulated import SimulatedExecutor, open_simulated_executor, simulated_work
 from ._subprocess import (
     FRAME_SEQUENCE,
     REPORT_PREFIX,
@@ -56,4 +56,5 @@ __all__ = [
     "open_simulated_executor",
     "open_subprocess_executor",
     "parse_report_line",
+    "simulated_work",
 ]
