@@ -87,7 +87,14 @@ from ._messages import (
 )
 from ._node import NodeActor
 from ._placement import SchedulerCore
-from ._policy import FifoPolicy, Observation, Policy, TaskEndedObservation, TaskStartedObservation
+from ._policy import (
+    FifoPolicy,
+    JobSubmittedObservation,
+    Observation,
+    Policy,
+    TaskEndedObservation,
+    TaskStartedObservation,
+)
 from ._resources import Resources
 from ._scheduler import KnownNode, Recovered, SchedulerActor
 from ._settings import EngineSettings
@@ -865,6 +872,10 @@ async def _history(journal: Journal) -> list[Observation]:
                     )
                 case TaskAssigned(task=task, node=node, attempt=attempt):
                     nodes[(job_id, task)] = (node, attempt)
+                case JobSubmitted(job=spec, submitted_at=submitted):
+                    observations.append(
+                        JobSubmittedObservation(job_id=job_id, spec=spec, at=submitted)
+                    )
                 case _:
                     pass
     return observations

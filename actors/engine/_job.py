@@ -359,7 +359,7 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
             output_dir=first.output,
             resume_from=task.checkpoint,
             checkpointable=spec.checkpointable,
-            max_runtime=spec.timeouts.max_runtime,
+            max_runtime=spec.task_max_runtime(index),
             stall_timeout=spec.timeouts.stall,
             memory=(task.resources or spec.task_resources(index)).memory,
         )

@@ -16,7 +16,8 @@ The engine owns the mechanics (queues, the placement index, dispatch, retries, t
 - ``checkpoint_interval`` -- how often a running stage must checkpoint (passed to it as
   ``TASKFARM_CHECKPOINT_INTERVAL``; the engine asks for one when an interval passes without);
 - ``on_failure`` -- retry (when, where, with what), fail, or hold for an operator;
-- ``observe`` -- facts in journal order (task start and end, progress, node changes), for
+- ``observe`` -- facts in journal order (job submitted, task start and end, progress, node
+  changes), for
   learned state; ``recover`` rebuilds that state from the journal after a restart;
 - ``next_wakeup`` -- ask for a cycle at a time (a tariff boundary, a window start);
 - ``node_actions`` -- sleep idle nodes, wake them, drain them before maintenance;
@@ -49,6 +50,7 @@ __all__ = [
     "FarmView",
     "FifoPolicy",
     "Hold",
+    "JobSubmittedObservation",
     "JobView",
     "NodeAction",
     "NodeChanged",
@@ -414,7 +416,23 @@ class NodeChanged:
     at: datetime
 
 
-Observation = TaskStartedObservation | TaskEndedObservation | TaskProgressObservation | NodeChanged
+@dataclass(frozen=True, slots=True)
+class JobSubmittedObservation:
+    """A job was accepted (its spec as journaled): what a projection needs to know of a job
+    after it ended (its owner, project, resources), live and in the recovered history."""
+
+    job_id: str
+    spec: SubmitJob
+    at: datetime
+
+
+Observation = (
+    JobSubmittedObservation
+    | TaskStartedObservation
+    | TaskEndedObservation
+    | TaskProgressObservation
+    | NodeChanged
+)
 
 
 # -- the protocol -----------------------------------------------------------------------------

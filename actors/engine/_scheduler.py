@@ -51,6 +51,7 @@ from ._messages import (
 )
 from ._placement import SchedulerCore
 from ._policy import (
+    JobSubmittedObservation,
     NodeChanged,
     TaskEndedObservation,
     TaskProgressObservation,
@@ -196,6 +197,7 @@ class SchedulerActor(Actor[SchedulerMessage]):
             case JobsAdded(specs=specs, submitted_at=at):
                 for spec in specs:
                     self._reserved.discard(spec.job_id)
+                    core.observe(JobSubmittedObservation(job_id=spec.job_id, spec=spec, at=at))
                     core.add_job(spec, submitted_at=at)
                     _log.info("job_submitted", job_id=spec.job_id, tasks=len(spec.tasks))
                 self._kick()

@@ -146,6 +146,7 @@ class TaskSpec(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     env: tuple[tuple[str, str], ...] = ()
     resources: Resources | None = None
     requires: tuple[str, ...] = ()
+    max_runtime: float | None = None  # this task's walltime (else the job's)
 
     @property
     def frames(self) -> range:
@@ -213,8 +214,10 @@ class SubmitJob(Message, frozen=True, kw_only=True, tag="engine.submit_job"):
         return tuple(sorted({*self.requires, *own}))
 
     def task_max_runtime(self, index: int) -> float | None:
-        """Return task ``index``'s walltime in seconds (None: unbounded)."""
-        return self.timeouts.max_runtime
+        """Return task ``index``'s walltime in seconds (its own, else the job's; None:
+        unbounded)."""
+        own = self.tasks[index].max_runtime
+        return own if own is not None else self.timeouts.max_runtime
 
     def metadata_as(self, target: type[T]) -> T:
         """Decode ``metadata`` into ``target`` (a domain's struct).
@@ -374,6 +377,7 @@ class _TaskIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     resources: _ResourcesIn | None = None
     depends_on: _TaskDependencies = []
     requires: _Requirements = []
+    max_runtime: _Duration | None = None
 
 
 class _RetriesIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -703,9 +707,18 @@ class _Builder:
                         else None
                     ),
                     requires=tuple(sorted(set(task.requires))),
+                    max_runtime=self.walltime(f"{where}.max_runtime", task.max_runtime),
                 )
             )
         return tuple(specs)
+
+    def walltime(self, field: str, value: int | float | str | None) -> float | None:
+        if value is None:
+            return None
+        seconds = self.duration(field, value, maximum=limits.MAX_RUNTIME)
+        if seconds <= 0:
+            raise self.fail(field, "expected a duration above zero")
+        return seconds
 
     def command(self, field: str, value: list[str] | None) -> tuple[str, ...]:
         if value is None:
