@@ -150,6 +150,7 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
         node_ref: Callable[[str], ActorRef[Any] | None],
         settings: EngineSettings,
         recovered: tuple[JobState, int] | None = None,
+        node_address: Callable[[str], str] = str,
     ) -> None:
         super().__init__(
             journal=journal,
@@ -161,6 +162,7 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
         self.job_id = job_id
         self.scheduler = scheduler
         self.node_ref = node_ref
+        self.node_address = node_address
         self.settings = settings
 
     async def handle(self, command: JobMessage) -> Any:
@@ -183,7 +185,7 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
                 return await self._on_report(report, node)
             case AttemptLost(task=task, node=node, reason=reason):
                 current = self.state.tasks[task]
-                if current.node == node:
+                if current.holds(node):
                     await self._lost(task, current.token, reason)
                 return None
             case ClaimAttempt(task=task, token=token, node=node):
@@ -193,11 +195,14 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
                 current = self.state.tasks[task]
                 if (
                     current.token == token
-                    and current.node == node
+                    and current.holds(node)
                     and current.status in ("assigned", "running")
                     and self.state.live
                 ):
-                    return self._attempt_spec(task, current.attempt, token)
+                    spec = self._attempt_spec(task, current.attempt, token)
+                    if current.gang:
+                        spec = msgspec.structs.replace(spec, rank=current.gang.index(node))
+                    return spec
                 return None
             case PreemptTask(task=task, node=node, reason=reason, force=force):
                 await self._preempt(task, node, reason, force=force)
@@ -286,15 +291,15 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
 
     async def _dispatch(
         self,
-        placements: tuple[tuple[int, str], ...],
+        placements: tuple[tuple[int, tuple[str, ...]], ...],
         intervals: tuple[float | None, ...] = (),
     ) -> None:
         state = self.state
         spec = state.job
         events: list[Event] = []
-        accepted: list[tuple[int, str, int, int, float | None]] = []
+        accepted: list[tuple[int, tuple[str, ...], int, int, float | None]] = []
         version = self.version
-        for position, (task_index, node) in enumerate(placements):
+        for position, (task_index, nodes) in enumerate(placements):
             task = state.tasks[task_index]
             if spec is None or state.status != "active" or task.status != "pending":
                 await self._after(self.scheduler, Unplace(job_id=self.job_id, task=task_index))
@@ -306,28 +311,35 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
                     task=task_index,
                     attempt=attempt,
                     token=token,
-                    node=node,
+                    node=nodes[0],
                     resume_from=task.checkpoint,
+                    nodes=nodes if len(nodes) > 1 else (),
                 )
             )
             interval = intervals[position] if position < len(intervals) else None
-            accepted.append((task_index, node, attempt, token, interval))
+            accepted.append((task_index, nodes, attempt, token, interval))
         if not events:
             return
         await self.persist(events)
-        for task_index, node, attempt, token, interval in accepted:
-            ref = self.node_ref(node)
-            if ref is None:
-                await self._lost(task_index, token, f"node {node} left before dispatch")
+        for task_index, nodes, attempt, token, interval in accepted:
+            refs = [self.node_ref(node) for node in nodes]
+            gone = [node for node, ref in zip(nodes, refs, strict=True) if ref is None]
+            if gone:
+                await self._lost(task_index, token, f"node {gone[0]} left before dispatch")
                 continue
-            # After the commit: inside a batch the assignment is only staged, and an attempt
-            # must never run (or report) before its assignment is durable.
-            attempt_spec = self._attempt_spec(task_index, attempt, token)
+            spec_of = self._attempt_spec(task_index, attempt, token)
             if interval is not None:
-                env = {**attempt_spec.env, "TASKFARM_CHECKPOINT_INTERVAL": f"{interval:.0f}"}
-                attempt_spec = replace(attempt_spec, env=env)
-            start = StartAttempt(spec=attempt_spec, job=self.context.self_ref)
-            await self._after(ref, start)
+                env = {**spec_of.env, "TASKFARM_CHECKPOINT_INTERVAL": f"{interval:.0f}"}
+                spec_of = replace(spec_of, env=env)
+            launch_all = spec is not None and spec.launch == "all"
+            for rank, ref in enumerate(refs):
+                if rank and not launch_all:
+                    continue  # "leader": the other nodes are held for the leader's command
+                # After the commit: inside a batch the assignment is only staged, and an
+                # attempt must never run (or report) before its assignment is durable.
+                ranked = spec_of if len(nodes) == 1 else msgspec.structs.replace(spec_of, rank=rank)
+                assert ref is not None
+                await self._after(ref, StartAttempt(spec=ranked, job=self.context.self_ref))
 
     def _attempt_spec(self, index: int, attempt: int, token: int) -> AttemptSpec:
         spec = self.state.job
@@ -362,6 +374,10 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
             max_runtime=spec.task_max_runtime(index),
             stall_timeout=spec.timeouts.stall,
             memory=(task.resources or spec.task_resources(index)).memory,
+            nodes=tuple(task.gang),
+            launch=spec.launch,
+            hosts=tuple(self.node_address(node) for node in task.gang),
+            port=self.settings.gang_port(self.job_id, index, token) if task.gang else 0,
         )
 
     # -- reports --------------------------------------------------------------------------------
@@ -378,7 +394,7 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
         if (
             task.token != token
             or task.status not in ("assigned", "running")
-            or (node is not None and task.node is not None and node != task.node)
+            or (node is not None and task.node is not None and not task.holds(node))
         ):
             _log.info(
                 "stale_report_rejected",
@@ -386,9 +402,13 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
                 task=index,
                 token=token,
                 current=task.token,
+                status=task.status,
+                node_id=node,
                 report=type(report).__name__,
             )
             return False
+        if task.gang and node is not None and node != task.node:
+            return await self._on_member_report(index, report, node)
         match report:
             case AttemptStarted(pid=pid):
                 if task.status == "assigned":
@@ -429,6 +449,21 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
                 await self._on_finished(index, report)
         return True
 
+    async def _on_member_report(self, index: int, report: Any, node: str) -> bool:
+        """A report from a rank other than the leader's: progress and checkpoints come from
+        rank 0, but a rank that fails (or is stopped) ends the whole attempt everywhere."""
+        if not isinstance(report, AttemptFinished) or report.outcome == "completed":
+            return True
+        task = self.state.tasks[index]
+        rank = task.gang.index(node)
+        error = f"rank {rank} on {node}: {report.error or report.outcome}"
+        if report.outcome in ("lost", "cancelled") and self.state.status != "cancelling":
+            await self._lost(index, task.token, error)
+        else:
+            leader = msgspec.structs.replace(report, error=error)
+            await self._on_finished(index, leader)
+        return True
+
     async def _on_finished(self, index: int, report: AttemptFinished) -> None:
         state = self.state
         spec = state.job
@@ -437,6 +472,7 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
         token = report.fencing_token
         node = task.node
         attempt = task.attempt
+        await self._stop_members(index)
         events: list[Event] = []
         checkpoint_at = None
         if report.checkpoint and report.checkpoint != task.checkpoint:
@@ -573,12 +609,19 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
         assert isinstance(classified, Failure)
         return decision, classified
 
+    async def _stop_members(self, index: int) -> None:
+        """The attempt is over: stop every rank still running (no orphan ranks)."""
+        task = self.state.tasks[index]
+        for member in task.gang:
+            await self._stop_attempt(index, member, task.token)
+
     async def _lost(self, index: int, token: int, reason: str) -> None:
         """The attempt's host is gone: requeue it without spending an attempt (or give up)."""
         task = self.state.tasks[index]
         spec = self.state.job
         if spec is None or task.token != token or task.status not in ("assigned", "running"):
             return
+        await self._stop_members(index)
         node, attempt = task.node, task.attempt
         ended = TaskEnded(job_id=self.job_id, task=index, outcome=None, node=node, attempt=attempt)
         if self.state.status == "cancelling":
@@ -620,7 +663,7 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
         if (
             spec is None
             or (not spec.preemptible and not force)
-            or task.node != node
+            or not task.holds(node)
             or task.status not in ("assigned", "running")
         ):
             return
@@ -629,7 +672,8 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
         await self._after(
             self.scheduler, TaskUpdate(job_id=self.job_id, task=index, preempted=True)
         )
-        await self._yield_attempt(index, node, token, checkpoint=True)
+        for member in task.gang or [node]:
+            await self._yield_attempt(index, member, token, checkpoint=True)
 
     async def _yield_attempt(self, index: int, node: str, token: int, *, checkpoint: bool) -> None:
         ref = self.node_ref(node)
@@ -667,7 +711,10 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
         for index in self.state.active_attempts():
             task = self.state.tasks[index]
             assert task.node is not None
-            await self._yield_attempt(index, task.node, task.token, checkpoint=mode == "checkpoint")
+            for member in task.gang or [task.node]:
+                await self._yield_attempt(
+                    index, member, task.token, checkpoint=mode == "checkpoint"
+                )
 
     async def _resume(self, reason: str) -> None:
         state = self.state
@@ -829,8 +876,8 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
     async def _stop_active_attempts(self, reason: str) -> None:
         for index in self.state.active_attempts():
             task = self.state.tasks[index]
-            if task.node:
-                await self._stop_attempt(index, task.node, task.token)
+            for member in task.gang or ([task.node] if task.node else []):
+                await self._stop_attempt(index, member, task.token)
 
     async def _finish_if_done(self, *, failed: str | None = None) -> None:
         state = self.state

@@ -59,7 +59,7 @@ __all__ = [
 class Dispatch(Message, frozen=True, kw_only=True, tag="engine.cmd.dispatch"):
     """Journal these placements, then send the attempts to their nodes."""
 
-    placements: tuple[tuple[int, str], ...]  # (task, node)
+    placements: tuple[tuple[int, tuple[str, ...]], ...]  # (task, nodes: leader first)
     # Per placement, how often (seconds) the policy wants it to checkpoint (empty: never).
     checkpoint_intervals: tuple[float | None, ...] = ()
 

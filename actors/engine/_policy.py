@@ -166,6 +166,7 @@ class TaskView:
     preemptions: int = 0
     not_before: datetime | None = None
     avoid: tuple[str, ...] = ()
+    nodes: int = 1  # a multi-node (gang) task runs on this many nodes at once
 
     @property
     def has_checkpoint(self) -> bool:
@@ -501,6 +502,18 @@ class Policy(Protocol):
         Only for checkpointable jobs.  The attempt gets it as ``TASKFARM_CHECKPOINT_INTERVAL``,
         and the engine requests a checkpoint (SIGUSR1) when that long passes without one.
         """
+
+    def gang_holds(
+        self,
+        job: JobView,
+        task: TaskView,
+        candidates: Sequence[str],
+        farm: FarmView,
+        now: datetime,
+    ) -> Sequence[str]:
+        """A multi-node task found too few free nodes: return the ones (of ``candidates``,
+        which fit it now) to keep for it this cycle, so lower-ranked work does not take
+        them.  Holds are recomputed every cycle."""
         ...
 
     def on_failure(
@@ -611,6 +624,17 @@ class FifoPolicy:
 
     def checkpoint_interval(self, job: JobView, task: TaskView, now: datetime) -> float | None:
         return None
+
+    def gang_holds(
+        self,
+        job: JobView,
+        task: TaskView,
+        candidates: Sequence[str],
+        farm: FarmView,
+        now: datetime,
+    ) -> Sequence[str]:
+        # Every node that fits now: the gang ranks above what comes after it this cycle.
+        return candidates
 
     def on_failure(
         self,

@@ -251,8 +251,8 @@ class _CheckpointsIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class _RecoveryIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    backoff: Annotated[list[_Duration], msgspec.Meta(min_length=1, max_length=20)] = (
-        msgspec.field(default_factory=lambda: ["5m", "10m", "20m", "40m", "60m"])
+    backoff: Annotated[list[_Duration], msgspec.Meta(min_length=1, max_length=20)] = msgspec.field(
+        default_factory=lambda: ["5m", "10m", "20m", "40m", "60m"]
     )
     strategies: dict[FailureKind, Annotated[list[Strategy], msgspec.Meta(max_length=20)]] = {}
     memory_factor: Annotated[float, msgspec.Meta(gt=1, le=16)] = 1.5

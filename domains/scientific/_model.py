@@ -82,7 +82,9 @@ class SimulationStage:
     ``after`` stages must succeed first; with ``when`` (``"residual < 1e-3"``) the stage runs
     only if they succeeded with that metric condition true, and ends ``skipped`` otherwise.
     ``after_any`` stages must merely finish (completed, failed or skipped).  ``nodes`` > 1
-    needs the engine's multi-node tasks; until they exist a stage runs on one node.
+    makes it a multi-node (gang) stage: that many nodes, each with the stage's resources, all
+    or nothing; the command runs on every node (``TASKFARM_NODE_RANK``...) or, with
+    ``launch = "leader"``, on the first (for ``mpirun -hostfile``).
     """
 
     name: str
@@ -94,6 +96,7 @@ class SimulationStage:
     gpus: int = 0
     requires: Sequence[str] = ()
     nodes: int = 1
+    launch: Literal["all", "leader"] = "all"
     walltime: float | str | None = None
     estimate: float | str | None = None
     after: Sequence[str] = ()
@@ -225,6 +228,7 @@ class Simulation:
                     max_runtime=_seconds(stage.walltime, f"stages.{stage.name}.walltime")
                     if stage.walltime is not None
                     else None,
+                    nodes=stage.nodes if stage.nodes > 1 else None,
                 )
             )
             for parent, condition in _parents(stage):
@@ -260,6 +264,7 @@ class Simulation:
             checkpointable=self.checkpointable,
             preemptible=self.preemptible,
             labels=tuple(sorted({*self.labels, "type=simulation"})),
+            launch=_launch(self.stages),
             metadata=metadata,
             source=f"simulation {self.name}",
         )
@@ -295,13 +300,6 @@ def _check_stage(simulation: str, stage: SimulationStage) -> None:
     where = f"simulation {simulation}.stages.{stage.name}"
     if stage.nodes < 1:
         raise ConfigurationError(f"stage {stage.name!r}: nodes must be at least 1", where=where)
-    if stage.nodes > 1:
-        raise ConfigurationError(
-            f"stage {stage.name!r} asks for {stage.nodes} nodes: multi-node stages need the "
-            "engine's multi-node (gang) tasks, which this version does not have; run it on one "
-            "node",
-            where=f"{where}.nodes",
-        )
     if stage.when is not None:
         if not stage.after:
             raise ConfigurationError(
@@ -312,6 +310,17 @@ def _check_stage(simulation: str, stage: SimulationStage) -> None:
             MetricCondition.parse(stage.when)
         except ValueError as error:
             raise ConfigurationError(str(error), where=f"{where}.when") from None
+
+
+def _launch(stages: Sequence[SimulationStage]) -> Literal["all", "leader"]:
+    """The job's launch mode (the engine has one per job): every multi-node stage's."""
+    modes = {s.launch for s in stages if s.nodes > 1}
+    if len(modes) > 1:
+        raise ConfigurationError(
+            "multi-node stages of one simulation must share a launch mode (all or leader)",
+            where="stages.launch",
+        )
+    return modes.pop() if modes else "all"
 
 
 # -- templates ------------------------------------------------------------------------------------

@@ -297,14 +297,6 @@ class SciencePolicy(FifoPolicy):
                 field=f"jobs.{spec.name}.metadata.max_concurrent",
                 problem="must be at least 1",
             )
-        for stage, count in metadata.nodes.items():
-            if count > 1:
-                raise SpecError(
-                    path=where,
-                    field=f"jobs.{spec.name}.metadata.nodes.{stage}",
-                    problem=f"{count} nodes: multi-node stages need the engine's multi-node "
-                    "tasks, which this version does not have",
-                )
 
     # -- ordering -----------------------------------------------------------------------------
 
