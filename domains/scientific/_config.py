@@ -10,6 +10,7 @@ times are TOML offset date-times (``2027-03-01T08:00:00Z``).
 
 from __future__ import annotations
 
+import copy
 import math
 import tomllib
 from collections.abc import Mapping
@@ -113,7 +114,7 @@ class RecoverySettings(msgspec.Struct, frozen=True, kw_only=True):
     )
     memory_factor: float = 1.5
     reliability_half_life: float = 7 * 86400.0
-    avoid_below: float = 0.5  # a node whose reliability falls below this gets no stage
+    avoid_below: float = 0.6  # a node whose reliability falls below this gets no stage
 
 
 class ForecastSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -257,7 +258,7 @@ class _RecoveryIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     strategies: dict[FailureKind, Annotated[list[Strategy], msgspec.Meta(max_length=20)]] = {}
     memory_factor: Annotated[float, msgspec.Meta(gt=1, le=16)] = 1.5
     reliability_half_life: _Duration = "7d"
-    avoid_below: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.5
+    avoid_below: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.6
 
 
 class _ForecastIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -328,7 +329,7 @@ def load_cluster_config(path: str | Path | None) -> ClusterConfig:
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
-        raise ConfigurationError(f"cannot read {source}: {error}", where=source) from None
+        raise ConfigurationError(f"cannot read it: {error}", where=source) from None
     return parse_cluster_config(text, source=source)
 
 
@@ -341,16 +342,41 @@ def parse_cluster_config(text: str, *, source: str = "cluster.toml") -> ClusterC
     try:
         data: Any = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
-        raise ConfigurationError(f"{source}: invalid TOML: {error}", where=source) from None
+        raise ConfigurationError(f"invalid TOML: {error}", where=source) from None
     try:
         raw = msgspec.convert(data, type=_ClusterIn)
     except msgspec.ValidationError as error:
         message, _, path = str(error).partition(" - at `$")
-        field = path.rstrip("`").lstrip(".") or "(top level)"
-        raise ConfigurationError(
-            f"{source}: {field}: {message}", where=f"{source}: {field}"
-        ) from None
+        field = _name_keys(data, path.rstrip("`").lstrip(".")) or "(top level)"
+        raise ConfigurationError(message, where=f"{source}: {field}") from None
     return _Build(source).build(raw)
+
+
+def _name_keys(data: Any, path: str) -> str:
+    """Replace msgspec's ``[...]`` (some key of a table) by the key at fault, found by
+    converting the document with only one key of that table at a time."""
+    if "[...]" not in path:
+        return path
+    prefix, _, rest = path.partition("[...]")
+    parts = [p for p in prefix.split(".") if p]
+    table: Any = data
+    for part in parts:
+        if not isinstance(table, dict) or part not in table:
+            return path
+        table = table[part]
+    if not isinstance(table, dict):
+        return path
+    for key in table:
+        trial: Any = copy.deepcopy(data)
+        holder = trial
+        for part in parts[:-1]:
+            holder = holder[part]
+        holder[parts[-1]] = {key: table[key]}
+        try:
+            msgspec.convert(trial, type=_ClusterIn)
+        except msgspec.ValidationError:
+            return f"{prefix}.{key}{rest}"
+    return path
 
 
 class _Build:
@@ -358,9 +384,7 @@ class _Build:
         self.source = source
 
     def fail(self, field: str, problem: str) -> ConfigurationError:
-        return ConfigurationError(
-            f"{self.source}: {field}: {problem}", where=f"{self.source}: {field}"
-        )
+        return ConfigurationError(problem, where=f"{self.source}: {field}")
 
     def duration(self, field: str, value: int | float | str, *, positive: bool = True) -> float:
         try:

@@ -13,7 +13,7 @@ an operator: ``taskfarm retry`` releases it).  The k-th retry of a task waits th
 Node reliability is ``exp(-f / 3)`` where ``f`` counts the failures that were the node's fault
 (lost attempts, and failures that did not follow the job elsewhere), each decaying with a
 half-life (default 7 days): 1 for a clean node, 0.72 after one recent failure, 0.51 after two.
-Nodes below ``avoid_below`` (default 0.5) get no stage.
+Nodes below ``avoid_below`` (default 0.6: two recent failures) get no stage.
 """
 
 from __future__ import annotations

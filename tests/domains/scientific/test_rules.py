@@ -71,25 +71,26 @@ def running(
 
 
 @pytest.mark.parametrize(
-    ("victim", "waiting", "now", "earlier", "allowed", "why"),
+    ("victim", "waiting", "now", "ran", "earlier", "allowed", "why"),
     [
-        (Priority.LOW, Priority.HIGH, 2.0, [], True, None),
-        (Priority.LOW, Priority.HIGH, 0.5, [], False, "minimum runtime"),
-        (Priority.LOW, Priority.LOW, 2.0, [], False, "not below"),
-        (Priority.MEDIUM, Priority.CRITICAL, 20.0, [1.0, 8.0], False, "budget of 2"),
-        (Priority.MEDIUM, Priority.CRITICAL, 32.0, [1.0, 8.0], True, None),  # 1.0 left the day
-        (Priority.LOW, Priority.HIGH, 10.0, [5.0], False, "protected"),  # within 6 h
-        (Priority.LOW, Priority.HIGH, 11.5, [5.0], True, None),
-        (Priority.HIGH, Priority.CRITICAL, 30.0, [1.0], True, None),
-        (Priority.HIGH, Priority.CRITICAL, 12.0, [1.0, 10.0], False, "protected"),
-        (Priority.HIGH, Priority.CRITICAL, 20.0, [1.0, 10.0], False, "budget of 1"),
-        (Priority.BACKGROUND, Priority.LOW, 70.0, [50 + 7 * k for k in range(3)], True, None),
+        (Priority.LOW, Priority.HIGH, 2.0, 1.5, [], True, None),
+        (Priority.LOW, Priority.HIGH, 2.0, 0.5, [], False, "minimum runtime"),
+        (Priority.LOW, Priority.LOW, 2.0, 1.5, [], False, "not below"),
+        (Priority.MEDIUM, Priority.CRITICAL, 20.0, 2.0, [1.0, 8.0], False, "budget of 2"),
+        (Priority.MEDIUM, Priority.CRITICAL, 32.0, 2.0, [1.0, 8.0], True, None),  # 1.0 expired
+        (Priority.LOW, Priority.HIGH, 10.0, 2.0, [5.0], False, "protected"),  # within 6 h
+        (Priority.LOW, Priority.HIGH, 11.5, 2.0, [5.0], True, None),
+        (Priority.HIGH, Priority.CRITICAL, 30.0, 2.0, [1.0], True, None),
+        (Priority.HIGH, Priority.CRITICAL, 12.0, 2.0, [1.0, 10.0], False, "protected"),
+        (Priority.HIGH, Priority.CRITICAL, 20.0, 2.0, [1.0, 10.0], False, "budget of 1"),
+        (Priority.BACKGROUND, Priority.LOW, 70.0, 2.0, [50, 57, 63], True, None),
     ],
 )
 def test_protection_table(
     victim: Priority,
     waiting: Priority,
     now: float,
+    ran: float,
     earlier: list[float],
     allowed: bool,
     why: str | None,
@@ -100,7 +101,7 @@ def test_protection_table(
     for hours in earlier:
         ledger.record("victim", at(hours))
     reason = protection_reason(
-        running(victim, started=now - 1.5), waiting, ledger, CONFIG.protection, at(now)
+        running(victim, started=now - ran), waiting, ledger, CONFIG.protection, at(now)
     )
     assert (reason is None) is allowed
     if why is not None:
@@ -358,7 +359,7 @@ def test_more_memory_stops_at_the_largest_node() -> None:
 
 
 def test_reliability_falls_with_failures_and_recovers_with_time() -> None:
-    """Two recent failures put a node below 0.5 (avoided); a week halves their weight."""
+    """Two recent failures put a node below 0.6 (avoided); a week halves their weight."""
     nodes = NodeReliability(half_life=7 * 86400.0)
     assert nodes.score("n1", T0) == 1.0
     nodes.failed("n1", T0)
@@ -421,7 +422,10 @@ def test_members_wait_at_a_rung_until_the_sweep_is_there_and_pins_survive() -> N
     pending = halving(members(quality, reached), (1 / 9,), 2)
     assert set(pending.waiting) == {"a", "b", "d"} and not pending.pruned
     live = [*members({k: quality[k] for k in "abd"}, reached), Member(job_id="c", failed=True)]
-    pinned = [Member(job_id=m.job_id, scores=m.scores, pinned=m.job_id == "b") for m in live]
+    pinned = [
+        Member(job_id=m.job_id, scores=m.scores, pinned=m.job_id == "b", failed=m.failed)
+        for m in live
+    ]
     decided = halving(pinned, (1 / 9,), 2)
     assert set(decided.pruned) == {"d"}  # keep 1 of 3 (a), plus the pinned b
     assert decided.survived["b"] == 1
