@@ -193,8 +193,10 @@ def forecast_series(
         grow = math.sqrt((k + 1) / step) if k >= step else 1.0
         low = _quantile(at_step, tail) * grow if at_step else 0.0
         high = _quantile(at_step, 1 - tail) * grow if at_step else 0.0
-        lower.append(max(0.0, value + low))
-        upper.append(max(0.0, value + high))
+        # Empirical errors may all lie on one side (a biased method): the point forecast
+        # stays inside its interval all the same.
+        lower.append(max(0.0, min(value, value + low)))
+        upper.append(max(0.0, value, value + high))
     return SeriesForecast(
         name=name,
         history=tuple(float(v) for v in history),

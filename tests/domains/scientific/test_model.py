@@ -7,7 +7,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from actors import Condition, Priority, TaskSpec
+from actors import Condition, Priority
 from domains.scientific import (
     Simulation,
     SimulationMetadata,
@@ -73,7 +73,8 @@ def test_an_example_cluster_toml_is_read_into_every_section() -> None:
     """Every section of cluster.toml is read, with durations and sizes converted."""
     config = parse_cluster_config(EXAMPLE, source="cluster.toml")
     assert config.cycle_interval == 120
-    assert config.weight("owner", "ana") == 2 and config.weight("owner", "bo") == 1
+    assert config.weight("owner", "ana") == 2
+    assert config.weight("owner", "bo") == 1
     assert config.weight("project", "climate") == 3
     assert config.protection.budget(Priority.HIGH) == 2
     assert config.protection.budget(Priority.LOW) == 4  # defaults kept
@@ -82,10 +83,11 @@ def test_an_example_cluster_toml_is_read_into_every_section() -> None:
     assert config.checkpoints.intervals["critical"] == 600
     assert config.checkpoints.intervals["medium"] == 3600
     assert config.checkpoints.bandwidth == 2 * 2**30
-    assert config.recovery.backoff == (60, 120)
+    assert config.recovery.backoff == (60.0, 120.0)
     assert config.recovery.strategies["crash"] == ("restart", "hold")
     assert config.recovery.strategies["oom"][0] == "more_memory"
-    assert config.scenarios.eta == 2 and config.scenarios.weights["accuracy"] == 2
+    assert config.scenarios.eta == 2
+    assert config.scenarios.weights["accuracy"] == 2
     assert config.maintenance[0].severity == "critical"
     assert config.maintenance[0].covers("n1", {"rack": "a"})
     assert not config.maintenance[0].covers("n2", {"rack": "b"})
@@ -119,7 +121,8 @@ def test_an_example_cluster_toml_is_read_into_every_section() -> None:
             "UTC offset",
         ),
         (
-            '[[reservations]]\nname = "r"\nfor = "s"\nstart = 2027-03-10T08:00:00Z\nduration = "1h"',
+            '[[reservations]]\nname = "r"\nfor = "s"\nstart = 2027-03-10T08:00:00Z\n'
+            'duration = "1h"',
             "reservations[0].nodes",
             "node count",
         ),
@@ -143,7 +146,7 @@ def test_a_bad_cluster_toml_names_the_file_and_the_field(
 def test_no_file_is_the_defaults_and_a_missing_file_is_named(tmp_path: Path) -> None:
     """No config gives the defaults; an unreadable one is refused naming it."""
     assert load_cluster_config(None).cycle_interval == 300
-    with pytest.raises(ConfigurationError, match="missing.toml: cannot read"):
+    with pytest.raises(ConfigurationError, match=r"missing\.toml: cannot read"):
         load_cluster_config(tmp_path / "missing.toml")
 
 
@@ -169,13 +172,18 @@ def test_a_simulation_is_one_job_whose_tasks_are_its_stages() -> None:
         ],
     )
     job = sim.to_job()
-    assert job.job_id == "ocean-ctl" and job.priority is Priority.HIGH
+    assert job.job_id == "ocean-ctl"
+    assert job.priority is Priority.HIGH
     assert [t.name for t in job.tasks] == ["atmosphere", "ocean", "analysis", "report"]
-    assert job.tasks[0].max_runtime == 2 * 86400 and job.task_max_runtime(2) is None
-    assert job.task_resources(0).cores == 32 and job.task_resources(0).memory == 64 * 2**30
-    assert job.tasks[1].nodes == 2 and job.launch == "leader"
+    assert job.tasks[0].max_runtime == 2 * 86400
+    assert job.task_max_runtime(2) is None
+    assert job.task_resources(0).cores == 32
+    assert job.task_resources(0).memory == 64 * 2**30
+    assert job.tasks[1].nodes == 2
+    assert job.launch == "leader"
     assert job.tasks[0].command == ("model", "atmosphere")
-    assert job.checkpointable and job.preemptible
+    assert job.checkpointable
+    assert job.preemptible
     edges = {(d.parent_task, d.child_task, d.condition, d.when) for d in job.dependencies}
     assert edges == {
         (0, 1, Condition.ON_SUCCESS, None),
@@ -257,9 +265,11 @@ def test_a_sweep_is_a_scenario_of_one_simulation_per_grid_point() -> None:
     )
     jobs = sweep.to_jobs()
     assert len(jobs) == 6
-    assert jobs[0].job_id == "mix-0" and jobs[5].job_id == "mix-5"
+    assert jobs[0].job_id == "mix-0"
+    assert jobs[5].job_id == "mix-5"
     first = jobs[0].metadata_as(SimulationMetadata)
-    assert first.sweep == "mix" and first.max_concurrent == 4
+    assert first.sweep == "mix"
+    assert first.max_concurrent == 4
     assert first.parameters == {"alpha": 1.0, "kappa": 0.1}
     assert jobs[0].tasks[0].command[-2:] == ("--kappa=0.1", "--alpha=1.0")
     assert {j.metadata_as(SimulationMetadata).member for j in jobs} == {
@@ -288,4 +298,3 @@ def test_the_metadata_refuses_what_the_policy_cannot_use() -> None:
     """An unknown resilience level is refused at decode (the engine names the field)."""
     with pytest.raises(msgspec.ValidationError, match="resilience"):
         msgspec.json.decode(b'{"resilience": "extreme"}', type=SimulationMetadata)
-    assert TaskSpec  # the model builds engine task specs

@@ -110,13 +110,12 @@ def test_a_reservation_holds_the_nodes_that_free_soonest() -> None:
 
 def test_a_failed_reserved_node_is_replaced_from_the_free_pool() -> None:
     """When a held node goes offline, the next cycle holds another node instead."""
-    nodes = {"a": {}, "b": {}, "c": {}}
-    view, walltime = farm(nodes)
+    view, walltime = farm({"a": {}, "b": {}, "c": {}})
     assert plan_reservations([reservation()], view, T0, walltime=walltime).nodes["big"] == (
         "a",
         "b",
     )
-    view.nodes["a"].reachable = "offline"  # type: ignore[misc]
+    view.nodes["a"].reachable = "offline"
     assert plan_reservations([reservation()], view, T0, walltime=walltime).nodes["big"] == (
         "b",
         "c",
@@ -170,7 +169,8 @@ def test_backfill_table(
     refusal = backfill_refusal(job_id, seconds, "a", plan.holds, at(now_h))
     assert (refusal is None) is allowed
     if why is not None:
-        assert refusal is not None and why in refusal
+        assert refusal is not None
+        assert why in refusal
 
 
 def test_backfill_never_delays_a_reservation() -> None:
@@ -237,7 +237,7 @@ def window(
         name="w",
         start=at(start),
         end=at(end),
-        severity=severity,
+        severity=severity,  # type: ignore[arg-type]
         **fields,  # type: ignore[arg-type]
     )
 

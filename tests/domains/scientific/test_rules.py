@@ -105,7 +105,8 @@ def test_protection_table(
     )
     assert (reason is None) is allowed
     if why is not None:
-        assert reason is not None and why in reason
+        assert reason is not None
+        assert why in reason
 
 
 def test_a_critical_simulation_is_never_preempted_and_nothing_without_checkpoints() -> None:
@@ -411,7 +412,8 @@ def test_halving_keeps_the_top_third_at_each_rung() -> None:
     second = halving(members(quality, reached), (1 / 9, 1 / 3), 3)
     assert second.rungs_passed == 2
     assert second.survived["m8"] == 2
-    assert "m7" in second.pruned and "cutoff 0.800" in second.pruned["m7"]
+    assert "m7" in second.pruned
+    assert "cutoff 0.800" in second.pruned["m7"]
 
 
 def test_members_wait_at_a_rung_until_the_sweep_is_there_and_pins_survive() -> None:
@@ -420,7 +422,8 @@ def test_members_wait_at_a_rung_until_the_sweep_is_there_and_pins_survive() -> N
     quality = {"a": 0.9, "b": 0.1, "c": 0.5, "d": 0.3}
     reached = {"a": 1 / 9, "b": 1 / 9, "c": 0.0, "d": 1 / 9}
     pending = halving(members(quality, reached), (1 / 9,), 2)
-    assert set(pending.waiting) == {"a", "b", "d"} and not pending.pruned
+    assert set(pending.waiting) == {"a", "b", "d"}
+    assert not pending.pruned
     live = [*members({k: quality[k] for k in "abd"}, reached), Member(job_id="c", failed=True)]
     pinned = [
         Member(job_id=m.job_id, scores=m.scores, pinned=m.job_id == "b", failed=m.failed)
