@@ -61,7 +61,14 @@ from ._settings import EngineSettings
 from ._spec import SubmitJob
 from ._summaries import NodeSummary
 
-__all__ = ["DrainDue", "GraceExpired", "KnownNode", "Recovered", "SchedulerActor"]
+__all__ = [
+    "CheckpointsDue",
+    "DrainDue",
+    "GraceExpired",
+    "KnownNode",
+    "Recovered",
+    "SchedulerActor",
+]
 
 _log = get_logger("actors.scheduler")
 
@@ -78,6 +85,10 @@ class DrainDue(Kick, frozen=True, kw_only=True, tag="engine.cmd.drain_due"):
     """A planned drain's time has come: the node drains, what runs there yields."""
 
     name: str
+
+
+class CheckpointsDue(Kick, frozen=True, kw_only=True, tag="engine.cmd.checkpoints_due"):
+    """A periodic checkpoint may be due: ask for the ones that are (no placement cycle)."""
 
 
 SchedulerMessage = (
@@ -157,6 +168,7 @@ class SchedulerActor(Actor[SchedulerMessage]):
         # holds, the policy's wake-ups): one timer, armed for the earliest.
         self._wakeups: list[datetime] = []
         self._armed: datetime | None = None
+        self._checkpoint_timer: datetime | None = None
         core.on_unreachable = self._cancel_unreachable
         core.on_skipped = self._skip_tasks
 
@@ -257,6 +269,9 @@ class SchedulerActor(Actor[SchedulerMessage]):
                 self._grace_expired()
             case DrainDue(name=name):
                 await self._drain_due(name)
+            case CheckpointsDue():
+                self._checkpoint_timer = None
+                self._request_checkpoints(self.context.clock.now())
             case Kick():
                 self._kick_queued = False
                 self._arm_wakeup()
@@ -463,9 +478,17 @@ class SchedulerActor(Actor[SchedulerMessage]):
             ref = self.job_ref(job_id)
             if ref is not None:
                 ref.tell_nowait(CheckpointTask(task=task, reason=reason))
+        # Its own timer, not a placement cycle: periodic checkpoints of a big farm come due
+        # far more often than anything else happens.
         due = self.core.next_checkpoint_due
-        if due is not None and due > now:
-            self._wake_at(due)
+        if (
+            due is not None
+            and due > now
+            and (self._checkpoint_timer is None or due < self._checkpoint_timer)
+        ):
+            self._checkpoint_timer = due
+            delay = (due - now).total_seconds()
+            self.context.start_timer("checkpoints", CheckpointsDue(), delay=delay)
 
     async def _apply_node_actions(self) -> None:
         """Journal and apply the node health changes the policy asks for this cycle."""

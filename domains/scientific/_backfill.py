@@ -28,7 +28,15 @@ from actors import FarmView, NodeView, RunningView, fits
 
 from ._config import MaintenanceWindow, Reservation
 
-__all__ = ["Hold", "ShadowPlan", "backfill_refusal", "free_at", "head_hold", "plan_reservations"]
+__all__ = [
+    "Hold",
+    "ShadowPlan",
+    "backfill_refusal",
+    "free_at",
+    "gang_head_holds",
+    "head_hold",
+    "plan_reservations",
+]
 
 
 @dataclass(frozen=True)
@@ -102,6 +110,8 @@ def plan_reservations(
 ) -> ShadowPlan:
     """Pick every unended reservation's nodes for this cycle (see the module docstring)."""
     plan = ShadowPlan()
+    never = datetime.max.replace(tzinfo=now.tzinfo)
+    free: dict[str, datetime] = {}  # computed once per node, on demand
     for reservation in sorted(reservations, key=lambda r: (r.start, r.name)):
         if now >= reservation.end:
             continue
@@ -121,12 +131,10 @@ def plan_reservations(
         for name, node in farm.nodes.items():
             if name in plan.holds or name in own or not _eligible(node, reservation, windows):
                 continue
-            free = free_at(
-                name, farm.running.get(name, {}), walltime, now, ignore=reservation.job_id
-            )
-            candidates.append(
-                (free if free is not None else datetime.max.replace(tzinfo=now.tzinfo), name)
-            )
+            if name not in free:
+                found = free_at(name, farm.running.get(name, {}), walltime, now)
+                free[name] = found if found is not None else never
+            candidates.append((free[name], name))
         candidates.sort()
         if reservation.count:
             wanted = max(0, reservation.count - len(own))
@@ -165,6 +173,33 @@ def backfill_refusal(
             f"(held for {hold.job_id} from {hold.start.isoformat()})"
         )
     return None
+
+
+def gang_head_holds(
+    job_id: str,
+    count: int,
+    candidates: Sequence[str],
+    farm: FarmView,
+    walltime: Mapping[tuple[str, int], float | None],
+    now: datetime,
+    taken: Mapping[str, Hold],
+) -> dict[str, Hold]:
+    """Return the holds of a multi-node queue head: the ``count`` fitting nodes (of
+    ``candidates``) that free soonest, held from when the last of them frees."""
+    timed: list[tuple[datetime, str]] = []
+    for name in candidates:
+        if name in taken:
+            continue
+        free = free_at(name, farm.running.get(name, {}), walltime, now)
+        if free is not None:
+            timed.append((free, name))
+    timed.sort()
+    if len(timed) < count:
+        return {}
+    chosen = timed[:count]
+    start = chosen[-1][0]
+    hold = Hold("the head of the queue", job_id, start, None)
+    return {name: hold for _, name in chosen}
 
 
 def head_hold(

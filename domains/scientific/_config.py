@@ -14,7 +14,7 @@ import copy
 import math
 import tomllib
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal
 
@@ -189,8 +189,6 @@ class Reservation(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def end(self) -> datetime:
         """Return when the reservation ends."""
-        from datetime import timedelta
-
         return self.start + timedelta(seconds=self.duration)
 
 
@@ -207,7 +205,7 @@ class ClusterConfig(msgspec.Struct, frozen=True, kw_only=True):
     scenarios: ScenarioSettings = ScenarioSettings()
     maintenance: tuple[MaintenanceWindow, ...] = ()
     reservations: tuple[Reservation, ...] = ()
-    cycle_interval: float = 300.0
+    cycle_interval: float = 900.0
     source: str = "<defaults>"
 
     def weight(self, kind: Literal["owner", "project"], name: str) -> float:
@@ -310,7 +308,7 @@ class _ClusterIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     scenarios: _ScenariosIn = msgspec.field(default_factory=_ScenariosIn)
     maintenance: Annotated[list[_MaintenanceIn], msgspec.Meta(max_length=10_000)] = []
     reservations: Annotated[list[_ReservationIn], msgspec.Meta(max_length=10_000)] = []
-    cycle_interval: _Duration = "5m"
+    cycle_interval: _Duration = "15m"
 
 
 _PRIORITIES: Final = tuple(p.value for p in Priority)

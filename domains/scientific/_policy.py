@@ -43,6 +43,7 @@ from actors import (
     JobSubmittedObservation,
     JobView,
     NodeAction,
+    NodeChanged,
     NodeView,
     Observation,
     Preemption,
@@ -51,6 +52,7 @@ from actors import (
     SpecError,
     SubmitJob,
     TaskEndedObservation,
+    TaskProgressObservation,
     TaskStartedObservation,
     TaskView,
     add,
@@ -60,7 +62,13 @@ from persistence import Event
 from runtime import ConfigurationError
 
 from ._backfill import Hold as NodeHold
-from ._backfill import ShadowPlan, backfill_refusal, head_hold, plan_reservations
+from ._backfill import (
+    ShadowPlan,
+    backfill_refusal,
+    gang_head_holds,
+    head_hold,
+    plan_reservations,
+)
 from ._checkpointing import Interval, checkpoint_interval
 from ._config import ClusterConfig, MaintenanceWindow, Reservation, load_cluster_config
 from ._events import (
@@ -170,6 +178,12 @@ class SciencePolicy(FifoPolicy):
         self._cycle = _Cycle()
         self._dirty = True
         self._recovering = False
+        self._shares_at: datetime | None = None
+        self._new_entity = True
+        self._shares: tuple[dict[str, float], dict[str, float]] = ({}, {})
+        self._halving_dirty = True
+        self._halvings: dict[str, Halving] = {}
+        self._maintenance_due: datetime | None = None  # None: recompute at the next cycle
 
     # -- per cycle ----------------------------------------------------------------------------
 
@@ -180,14 +194,35 @@ class SciencePolicy(FifoPolicy):
             return cycle
         self._dirty = False
         cycle = self._cycle = _Cycle(now=now)
-        cycle.plan = plan_reservations(
-            list(self.reservations.values()),
-            farm,
-            now,
-            walltime=self._walltimes(farm),
-            windows=list(self.windows.values()),
-        )
+        unended = [r for r in self.reservations.values() if now < r.end]
+        if unended:
+            cycle.plan = plan_reservations(
+                unended,
+                farm,
+                now,
+                walltime=self._walltimes(farm),
+                windows=list(self.windows.values()),
+            )
         cycle.holds = dict(cycle.plan.holds)
+        self._refresh_shares(farm, now)
+        cycle.owner_factor, cycle.project_factor = self._shares
+        if self._halving_dirty:
+            self._halving_dirty = False
+            self._halvings = self._decide_halving(farm)
+        cycle.halvings = self._halvings
+        for sweep, members in self.sweeps.items():
+            cycle.sweep_running[sweep] = sum(
+                1 for j in members if (live := farm.jobs.get(j)) is not None and live.running
+            )
+        return cycle
+
+    def _refresh_shares(self, farm: FarmView, now: datetime) -> None:
+        """Fair-share factors move slowly: recomputed every few minutes of the clock, or when
+        an owner or project shows up (deterministic: a function of the facts and the time)."""
+        last = self._shares_at
+        if last is not None and not self._new_entity and (now - last).total_seconds() < 600:
+            return
+        self._shares_at, self._new_entity = now, False
         owners, projects = self.usage.usage(now)
         active_owners = {self._info(j).owner for j in farm.jobs.values()} | set(owners)
         active_projects = {self._info(j).project for j in farm.jobs.values()} | set(projects)
@@ -195,18 +230,22 @@ class SciencePolicy(FifoPolicy):
         owner_weight = sum(config.weight("owner", o) for o in active_owners)
         project_weight = sum(config.weight("project", p) for p in active_projects)
         owner_total, project_total = sum(owners.values()), sum(projects.values())
-        cycle.owner_factor = {
-            o: fair_share_factor(
-                owners.get(o, 0.0), owner_total, config.weight("owner", o), owner_weight
-            )
-            for o in active_owners
-        }
-        cycle.project_factor = {
-            p: fair_share_factor(
-                projects.get(p, 0.0), project_total, config.weight("project", p), project_weight
-            )
-            for p in active_projects
-        }
+        self._shares = (
+            {
+                o: fair_share_factor(
+                    owners.get(o, 0.0), owner_total, config.weight("owner", o), owner_weight
+                )
+                for o in active_owners
+            },
+            {
+                p: fair_share_factor(
+                    projects.get(p, 0.0), project_total, config.weight("project", p), project_weight
+                )
+                for p in active_projects
+            },
+        )
+
+    def _decide_halving(self, farm: FarmView) -> dict[str, Halving]:
         sweeps: dict[str, list[Member]] = defaultdict(list)
         for job_id in (j for members in self.sweeps.values() for j in members):
             info = self.jobs[job_id]
@@ -221,14 +260,11 @@ class SciencePolicy(FifoPolicy):
                     failed=failed,
                 )
             )
-            if live is not None and live.running:
-                cycle.sweep_running[info.sweep] = cycle.sweep_running.get(info.sweep, 0) + 1
-        settings = config.scenarios
-        cycle.halvings = {
+        settings = self.config.scenarios
+        return {
             sweep: halving(members, settings.rungs, settings.eta)
             for sweep, members in sweeps.items()
         }
-        return cycle
 
     def _walltimes(self, farm: FarmView) -> dict[tuple[str, int], float | None]:
         walltime: dict[tuple[str, int], float | None] = {}
@@ -257,8 +293,11 @@ class SciencePolicy(FifoPolicy):
             cores=[spec.task_resources(i).cores for i in range(len(spec.tasks))],
             metadata=metadata,
         )
-        if spec.job_id not in self.jobs and info.sweep is not None:
-            self.sweeps[info.sweep].append(spec.job_id)
+        if spec.job_id not in self.jobs:
+            if info.sweep is not None:
+                self.sweeps[info.sweep].append(spec.job_id)
+                self._halving_dirty = True
+            self._new_entity = True
         self.jobs[spec.job_id] = info
         return info
 
@@ -328,8 +367,8 @@ class SciencePolicy(FifoPolicy):
 
     def admit(self, job: JobView, task: TaskView, farm: FarmView, now: datetime) -> str | None:
         cycle = self._begin(farm, now)
-        if cycle.head_decided:
-            return None
+        if cycle.head_decided or job.spec.task_nodes(task.index) > 1:
+            return None  # a multi-node head is decided in ``gang_holds``
         # EASY: the first stage (in rank order) that fits no node now gets the node that fits
         # it soonest; lower-ranked work may use that node only if it ends before then.
         for view in farm.nodes.values():
@@ -348,6 +387,40 @@ class SciencePolicy(FifoPolicy):
             cycle.head = found
             cycle.holds[held] = hold
         return None
+
+    def gang_holds(
+        self,
+        job: JobView,
+        task: TaskView,
+        candidates: Sequence[str],
+        farm: FarmView,
+        now: datetime,
+    ) -> Sequence[str]:
+        # EASY for a multi-node stage: instead of idling the nodes free now, hold the nodes
+        # that free soonest from when the last of them frees; backfill may use them until
+        # then (``node_score``).  The engine itself then holds nothing.
+        cycle = self._begin(farm, now)
+        if cycle.head_decided:
+            return ()
+        cycle.head_decided = True
+        fitting = [
+            name
+            for name, view in farm.nodes.items()
+            if view.accepts_work
+            and fits(task.request, view.capacity)
+            and view.satisfies(task.requires) is None
+        ]
+        holds = gang_head_holds(
+            job.job_id,
+            job.spec.task_nodes(task.index),
+            sorted(fitting),
+            farm,
+            self._walltimes(farm),
+            now,
+            cycle.holds,
+        )
+        cycle.holds.update(holds)
+        return ()
 
     def node_score(
         self, job: JobView, task: TaskView, node: NodeView, now: datetime
@@ -381,6 +454,8 @@ class SciencePolicy(FifoPolicy):
         waiting = job.spec.priority
         if waiting.rank < self.config.protection.priority_gap:
             return ()
+        if job.spec.task_nodes(task.index) > 1:
+            return ()  # a multi-node stage waits for its EASY hold, it preempts nobody
         walltime = job.spec.task_max_runtime(task.index)
         best: tuple[tuple[Any, ...], str, list[RunningView]] | None = None
         for name in sorted(farm.nodes):
@@ -521,7 +596,8 @@ class SciencePolicy(FifoPolicy):
     # -- facts ---------------------------------------------------------------------------------
 
     def observe(self, observation: Observation) -> None:
-        self._dirty = True
+        if not isinstance(observation, TaskProgressObservation):
+            self._dirty = True  # progress changes nothing the cycle computes
         match observation:
             case JobSubmittedObservation(spec=spec):
                 self._learn(spec)
@@ -535,11 +611,16 @@ class SciencePolicy(FifoPolicy):
                     self.usage.started(key, info.owner, info.project, cores, at)
             case TaskEndedObservation() as ended:
                 self._ended(ended)
+            case NodeChanged():
+                self._maintenance_due = None
             case _:
                 pass
 
     def _ended(self, ended: TaskEndedObservation) -> None:
         key = (ended.job_id, ended.task)
+        info = self.jobs.get(ended.job_id)
+        if info is not None and info.sweep is not None:
+            self._halving_dirty = True
         self.usage.ended(key, ended.at)
         started = self.starts.pop(key, None)
         if started is not None:
@@ -591,8 +672,14 @@ class SciencePolicy(FifoPolicy):
         return min(times, default=None)
 
     def node_actions(self, farm: FarmView, now: datetime) -> Sequence[NodeAction]:
+        # Recomputed only when a window or a node changed, or a window starts or ends.
+        due = self._maintenance_due
+        if not self.windows or (due is not None and now < due):
+            return ()
         cycle = self._begin(farm, now)
         reserved = {n for names in cycle.plan.nodes.values() for n in names}
+        boundaries = [t for w in self.windows.values() for t in (w.start, w.end) if t > now]
+        self._maintenance_due = min(boundaries, default=datetime.max.replace(tzinfo=now.tzinfo))
         return maintenance_actions(list(self.windows.values()), farm, now, reserved=reserved)
 
     # -- explanations -------------------------------------------------------------------------
@@ -856,6 +943,8 @@ class SciencePolicy(FifoPolicy):
 
     def apply(self, event: Event) -> None:
         self._dirty = True
+        self._maintenance_due = None
+        self._halving_dirty = True
         match event:
             case ReservationMade(reservation=reservation):
                 self.reservations[reservation.name] = reservation

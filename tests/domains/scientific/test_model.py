@@ -145,7 +145,7 @@ def test_a_bad_cluster_toml_names_the_file_and_the_field(
 
 def test_no_file_is_the_defaults_and_a_missing_file_is_named(tmp_path: Path) -> None:
     """No config gives the defaults; an unreadable one is refused naming it."""
-    assert load_cluster_config(None).cycle_interval == 300
+    assert load_cluster_config(None).cycle_interval == 900
     with pytest.raises(ConfigurationError, match=r"missing\.toml: cannot read"):
         load_cluster_config(tmp_path / "missing.toml")
 
