@@ -363,6 +363,8 @@ class SciencePolicy(FifoPolicy):
             effective = cap * self.config.scenarios.eta**passed
             if cycle.sweep_running.get(info.sweep, 0) >= effective:
                 return Hold(f"sweep {info.sweep} runs {effective} members at once (its cap)")
+            # Counted now: the members admitted later in this cycle see it.
+            cycle.sweep_running[info.sweep] = cycle.sweep_running.get(info.sweep, 0) + 1
         return None
 
     def admit(self, job: JobView, task: TaskView, farm: FarmView, now: datetime) -> str | None:
