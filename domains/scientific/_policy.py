@@ -136,7 +136,7 @@ class SciencePolicy(FifoPolicy):
 
     name = "science"
     max_candidates = 64
-    metadata_type = SimulationMetadata
+    metadata_type: type[Any] | None = SimulationMetadata
     history = True
     command_roles: Mapping[str, str] = {
         "reservations": "read",
