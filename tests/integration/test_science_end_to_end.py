@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import anyio
 import pytest
 
-from actors import TaskAssigned, TaskRequeued
+from actors import JobSummary, TaskAssigned, TaskRequeued
 
 if TYPE_CHECKING:
     from conftest import Cluster
@@ -94,8 +94,8 @@ async def test_a_simulation_resumes_its_two_node_stage_elsewhere_after_a_sigkill
     await cluster.wait_online("a1", "a2", "a3")
     await cluster.submit(spec(out, shared))
 
-    def main_checkpointed(job: object) -> bool:
-        tasks = getattr(job, "tasks", ())
+    def main_checkpointed(job: JobSummary) -> bool:
+        tasks = job.tasks
         return len(tasks) == 3 and tasks[1].checkpoint is not None and tasks[1].progress >= 0.1
 
     before = await cluster.wait_job("heat", main_checkpointed, what="stage 2 checkpointed")
