@@ -175,6 +175,7 @@ class SciencePolicy(FifoPolicy):
         self.refusals: dict[str, str] = {}
         self.farm = FarmView()
         self.sweeps: dict[str, list[str]] = defaultdict(list)  # sweep -> member jobs
+        self.reachable: dict[str, str] = {}
         self._cycle = _Cycle()
         self._dirty = True
         self._recovering = False
@@ -613,8 +614,12 @@ class SciencePolicy(FifoPolicy):
                     self.usage.started(key, info.owner, info.project, cores, at)
             case TaskEndedObservation() as ended:
                 self._ended(ended)
-            case NodeChanged():
+            case NodeChanged(node=node, reachable=reachable, at=at):
                 self._maintenance_due = None
+                was = self.reachable.get(node)
+                self.reachable[node] = reachable
+                if was == "connected" and reachable != "connected":
+                    self.reliability.failed(node, at)  # it went away without being asked
             case _:
                 pass
 
@@ -631,9 +636,9 @@ class SciencePolicy(FifoPolicy):
         self.asked.discard(key)
         classified = self.attempt_class.pop((ended.job_id, ended.task, ended.attempt), None)
         if ended.outcome == "lost":
+            # The node that went away is counted when it leaves (a multi-node attempt's
+            # ``node`` is only its leader).
             self.interruptions += 1
-            if ended.node is not None:
-                self.reliability.failed(ended.node, ended.at)
         if ended.outcome in _OUTCOME_CLASS and ended.outcome != "completed":
             kind: FailureClass = classified[0] if classified else _OUTCOME_CLASS[ended.outcome]
             if ended.outcome != "lost":
@@ -719,6 +724,14 @@ class SciencePolicy(FifoPolicy):
         if refused is not None and job.queued:
             columns["backfill"] = refused
         return columns
+
+    def paused(self, job_id: str) -> bool:
+        """Return whether successive halving pruned the simulation (and no pin resumed it)."""
+        info = self.jobs.get(job_id)
+        if info is None or info.sweep is None or job_id in self.pins:
+            return False
+        decided = self._halvings.get(info.sweep)
+        return decided is not None and job_id in decided.pruned
 
     def starvation_bound(self) -> float:
         """Return the starvation bound in seconds (see ``_fairshare``)."""
