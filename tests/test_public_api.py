@@ -16,6 +16,7 @@ PACKAGES = [
     "actors.cli",
     "actors.bench",
     "domains",
+    "domains.scientific",
 ]
 
 

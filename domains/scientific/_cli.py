@@ -162,13 +162,14 @@ def _window_arguments(args: argparse.Namespace) -> PolicyArguments:
 
 
 async def _policy(args: argparse.Namespace) -> int:
+    builder: Callable[[argparse.Namespace], PolicyArguments] = args.arguments
+    arguments = builder(args)  # a bad argument is refused before anything connects
     run = getattr(cli, "run_policy_command", None)
     if run is None:
         raise ConfigurationError(
             "this taskfarm cannot send policy commands to a coordinator yet", where="science"
         )
-    builder: Callable[[argparse.Namespace], PolicyArguments] = args.arguments
-    reply = await run(args, args.policy_command, builder(args))
+    reply = await run(args, args.policy_command, arguments)
     if args.json:
         print(json.dumps(reply, indent=2, sort_keys=True, default=str))
     else:
