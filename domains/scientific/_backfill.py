@@ -14,8 +14,9 @@ there before the reservation was made is still running, which then checkpoints a
 Once started (and while its simulation is live) the shadow is for that simulation only.
 
 The same rule protects the head of the queue (EASY's own reservation): the highest-ranked
-waiting stage that fits no node now gets the node that fits it soonest, and lower-ranked work
-may use that node only if its walltime ends before then.
+waiting single-node stage that fits no node now gets the node that fits it soonest, and
+lower-ranked work may use that node only if its walltime ends before then.  (A waiting
+multi-node stage gets the engine's gang holds: the nodes that fit it are kept for it.)
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ __all__ = [
     "ShadowPlan",
     "backfill_refusal",
     "free_at",
-    "gang_head_holds",
     "head_hold",
     "plan_reservations",
 ]
@@ -173,33 +173,6 @@ def backfill_refusal(
             f"(held for {hold.job_id} from {hold.start.isoformat()})"
         )
     return None
-
-
-def gang_head_holds(
-    job_id: str,
-    count: int,
-    candidates: Sequence[str],
-    farm: FarmView,
-    walltime: Mapping[tuple[str, int], float | None],
-    now: datetime,
-    taken: Mapping[str, Hold],
-) -> dict[str, Hold]:
-    """Return the holds of a multi-node queue head: the ``count`` fitting nodes (of
-    ``candidates``) that free soonest, held from when the last of them frees."""
-    timed: list[tuple[datetime, str]] = []
-    for name in candidates:
-        if name in taken:
-            continue
-        free = free_at(name, farm.running.get(name, {}), walltime, now)
-        if free is not None:
-            timed.append((free, name))
-    timed.sort()
-    if len(timed) < count:
-        return {}
-    chosen = timed[:count]
-    start = chosen[-1][0]
-    hold = Hold("the head of the queue", job_id, start, None)
-    return {name: hold for _, name in chosen}
 
 
 def head_hold(

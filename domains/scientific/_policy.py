@@ -62,13 +62,7 @@ from persistence import Event
 from runtime import ConfigurationError
 
 from ._backfill import Hold as NodeHold
-from ._backfill import (
-    ShadowPlan,
-    backfill_refusal,
-    gang_head_holds,
-    head_hold,
-    plan_reservations,
-)
+from ._backfill import ShadowPlan, backfill_refusal, head_hold, plan_reservations
 from ._checkpointing import Interval, checkpoint_interval
 from ._config import ClusterConfig, MaintenanceWindow, Reservation, load_cluster_config
 from ._events import (
@@ -371,7 +365,7 @@ class SciencePolicy(FifoPolicy):
     def admit(self, job: JobView, task: TaskView, farm: FarmView, now: datetime) -> str | None:
         cycle = self._begin(farm, now)
         if cycle.head_decided or job.spec.task_nodes(task.index) > 1:
-            return None  # a multi-node head is decided in ``gang_holds``
+            return None  # a waiting multi-node stage gets the engine's gang holds
         # EASY: the first stage (in rank order) that fits no node now gets the node that fits
         # it soonest; lower-ranked work may use that node only if it ends before then.
         for view in farm.nodes.values():
@@ -390,40 +384,6 @@ class SciencePolicy(FifoPolicy):
             cycle.head = found
             cycle.holds[held] = hold
         return None
-
-    def gang_holds(
-        self,
-        job: JobView,
-        task: TaskView,
-        candidates: Sequence[str],
-        farm: FarmView,
-        now: datetime,
-    ) -> Sequence[str]:
-        # EASY for a multi-node stage: instead of idling the nodes free now, hold the nodes
-        # that free soonest from when the last of them frees; backfill may use them until
-        # then (``node_score``).  The engine itself then holds nothing.
-        cycle = self._begin(farm, now)
-        if cycle.head_decided:
-            return ()
-        cycle.head_decided = True
-        fitting = [
-            name
-            for name, view in farm.nodes.items()
-            if view.accepts_work
-            and fits(task.request, view.capacity)
-            and view.satisfies(task.requires) is None
-        ]
-        holds = gang_head_holds(
-            job.job_id,
-            job.spec.task_nodes(task.index),
-            sorted(fitting),
-            farm,
-            self._walltimes(farm),
-            now,
-            cycle.holds,
-        )
-        cycle.holds.update(holds)
-        return ()
 
     def node_score(
         self, job: JobView, task: TaskView, node: NodeView, now: datetime
