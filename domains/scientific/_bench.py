@@ -456,7 +456,6 @@ class _Run:
             case "submit":
                 await engine.submit([payload.to_job()])
             case "reserve":
-                self.outcome.reservations += 1
                 if self.science:
                     await engine.policy_command("reserve", payload)
             case "window":
@@ -662,8 +661,13 @@ def _measure(
     outcome.violations = violations
     outcome.restart_minutes = statistics.median(restarts) / 60 if restarts else math.nan
     outcome.completed = len(completed_jobs)
+    horizon = START + timedelta(days=trace.days)
+    outcome.reservations = 0
     for _, arguments in trace.reservations:
         start = datetime.fromisoformat(arguments["start"])
+        if start >= horizon:
+            continue  # after the window: neither on time nor late
+        outcome.reservations += 1
         began = first_start.get(arguments["for"])
         if began is None or began > start + timedelta(minutes=10):
             outcome.late += 1
