@@ -154,8 +154,10 @@ from .engine import (
     JobState,
     JobStatus,
     JobSubmitted,
+    JobSubmittedObservation,
     JobSummary,
     JobView,
+    MetricCondition,
     NodeAction,
     NodeAggregate,
     NodeBlocklisted,
@@ -199,6 +201,7 @@ from .engine import (
     TaskRef,
     TaskReleased,
     TaskRequeued,
+    TaskSkipped,
     TaskSpec,
     TaskStarted,
     TaskStartedObservation,
@@ -263,6 +266,7 @@ from .executors import (
     open_simulated_executor,
     open_subprocess_executor,
     parse_report_line,
+    simulated_work,
 )
 
 __all__ = [
@@ -363,6 +367,7 @@ __all__ = [
     "JobState",
     "JobStatus",
     "JobSubmitted",
+    "JobSubmittedObservation",
     "JobSummary",
     "JobView",
     "JobsReply",
@@ -370,6 +375,7 @@ __all__ = [
     "ListNodesRequest",
     "LogChunk",
     "LogsRequest",
+    "MetricCondition",
     "NodeAction",
     "NodeAggregate",
     "NodeBlocklisted",
@@ -449,6 +455,7 @@ __all__ = [
     "TaskRef",
     "TaskReleased",
     "TaskRequeued",
+    "TaskSkipped",
     "TaskSpec",
     "TaskStarted",
     "TaskStartedObservation",
@@ -510,5 +517,6 @@ __all__ = [
     "shape_key",
     "shortfall",
     "shown",
+    "simulated_work",
     "subtract",
 ]

@@ -1,7 +1,8 @@
 """``taskfarm demo``: a coordinator, two real agent processes and a small real workload.
 
 It renders an animation with the tiny ray tracer (frames in chunks, previews first) and runs a
-three-stage heat simulation that checkpoints, with dependencies between the stages, shows live
+three-stage heat simulation that checkpoints, with dependencies between the stages, under the
+scientific domain's policy (fair share, checkpoint intervals, recovery strategies), shows live
 progress, and prints where the frames, the charts and the journal are, and how to replay it.
 Everything lives in ``./taskfarm-demo``; running it again adds a new run to the same journal.
 """
@@ -18,6 +19,7 @@ import anyio
 
 from actors import CoordinatorConfig, EngineSettings, JobSummary, open_coordinator, parse_spec
 from actors.cli import ensure_token_file
+from domains.scientific import science_policy
 from runtime import ConfigurationError, tune_gc_for_many_objects
 
 __all__ = ["configure", "demo_spec"]
@@ -51,33 +53,37 @@ labels = ["render"]
 retries = {{ max_attempts = 3, backoff = "1s" }}
 checkpointable = true
 
-# A simulation in three stages; each resumes from its checkpoint if its node is lost.
+# A simulation: one job of three stages, scheduled by the science policy (its owner and
+# project count for fair share); each stage resumes from its checkpoint if its node is lost.
 [[jobs]]
-name = "heat-spinup-{run}"
+name = "heat-{run}"
 priority = "medium"
+checkpointable = true
+preemptible = true
+resources = {{ cores = 1, memory = "256MiB" }}
+metadata = {{ owner = "demo", project = "heat", resilience = "high" }}
+
+[[jobs.tasks]]
+name = "spinup"
 command = ["{python}", "-m", "domains.scientific.heat_simulation", "--stage", "spinup",
            "--steps", "2000", "--output", "{out}/run-{run}/simulation"]
-resources = {{ cores = 1, memory = "256MiB" }}
-checkpointable = true
+max_runtime = "10m"
 
-[[jobs]]
-name = "heat-main-{run}"
-priority = "medium"
+[[jobs.tasks]]
+name = "main"
 command = ["{python}", "-m", "domains.scientific.heat_simulation", "--stage", "main",
            "--steps", "6000", "--input", "{out}/run-{run}/simulation/spinup.json",
            "--output", "{out}/run-{run}/simulation"]
-resources = {{ cores = 1, memory = "256MiB" }}
-checkpointable = true
-depends_on = [{{ job = "heat-spinup-{run}" }}]
+max_runtime = "20m"
+depends_on = ["spinup"]
 
-[[jobs]]
-name = "heat-analysis-{run}"
-priority = "low"
+[[jobs.tasks]]
+name = "analysis"
 command = ["{python}", "-m", "domains.scientific.heat_simulation", "--stage", "analysis",
            "--steps", "200", "--input", "{out}/run-{run}/simulation/main.json",
            "--output", "{out}/run-{run}/simulation"]
-resources = {{ cores = 1, memory = "256MiB" }}
-depends_on = [{{ job = "heat-main-{run}" }}]
+max_runtime = "10m"
+depends_on = ["main"]
 """
 
 
@@ -118,18 +124,18 @@ async def _demo(args: argparse.Namespace) -> int:
         settings=EngineSettings(restart_grace=5.0),
     )
     started = time.monotonic()
-    async with open_coordinator(config) as coordinator:
+    async with open_coordinator(config, policy=science_policy(None)) as coordinator:
         engine = coordinator.engine
         console.print(
             f"[bold]taskfarm demo[/bold]: coordinator on 127.0.0.1:{coordinator.port}, "
-            f"journal {config.journal}"
+            f"journal {config.journal}, policy {engine.policy.name}"
         )
         with anyio.fail_after(60):
             # Polls the scheduler's view: agents are separate processes that connect when ready.
             while sum(n.health == "online" for n in await engine.nodes()) < args.agents:  # noqa: ASYNC110
                 await anyio.sleep(0.1)
         console.print(f"{args.agents} agent processes connected")
-        run = len(await engine.status()) // 4 + 1
+        run = len(await engine.status()) // 2 + 1
         text = demo_spec(root, frames=args.frames, run=run)
         spec_file = parse_spec(text, fmt="toml", source="demo.toml")
         ids = await engine.submit(spec_file.to_commands().jobs, source="demo.toml")

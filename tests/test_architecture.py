@@ -16,6 +16,8 @@ SOLE_IMPORTERS = {
     "aiosqlite": "persistence/_sqlite.py",
     "networkx": "actors/engine/_graph.py",
     "structlog": "runtime/_logging.py",
+    "statsmodels": "domains/scientific/_smoothing.py",
+    "matplotlib": "domains/scientific/_charts.py",
 }
 
 

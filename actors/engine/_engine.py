@@ -50,6 +50,7 @@ from ._events import (
     TaskCancelled,
     TaskCompleted,
     TaskFailed,
+    TaskMetricRecorded,
     TaskRequeued,
     TaskStarted,
     job_stream,
@@ -86,7 +87,14 @@ from ._messages import (
 )
 from ._node import NodeActor
 from ._placement import SchedulerCore
-from ._policy import FifoPolicy, Observation, Policy, TaskEndedObservation, TaskStartedObservation
+from ._policy import (
+    FifoPolicy,
+    JobSubmittedObservation,
+    Observation,
+    Policy,
+    TaskEndedObservation,
+    TaskStartedObservation,
+)
 from ._resources import Resources
 from ._scheduler import KnownNode, Recovered, SchedulerActor
 from ._settings import EngineSettings
@@ -706,7 +714,10 @@ class Engine:
             assert state.submitted_at is not None
             task_outcomes = [_task_outcome(t.status) for t in state.tasks]
             if state.status in _FINISHED:
-                self.core.add_finished_job(spec, _FINISHED[state.status], task_outcomes)
+                outcome = _FINISHED[state.status]
+                if outcome is Outcome.SUCCEEDED and all(t.status == "skipped" for t in state.tasks):
+                    outcome = Outcome.SKIPPED
+                self.core.add_finished_job(spec, outcome, task_outcomes, metrics=_metrics_of(state))
                 continue
             try:
                 self.core.add_job(spec, submitted_at=state.submitted_at, state=state)
@@ -824,6 +835,8 @@ async def _history(journal: Journal) -> list[Observation]:
     """The facts a policy learns from, rebuilt from the whole journal in order."""
     observations: list[Observation] = []
     nodes: dict[tuple[str, int], tuple[str, int]] = {}
+    # The metrics each task reported (last value of each), as live observations carry them.
+    metrics: dict[tuple[str, int], dict[str, float]] = {}
     async for batch in journal.read_all(until_position=await journal.last_position()):
         for recorded in batch:
             if not recorded.stream_id.startswith("job:"):
@@ -839,6 +852,8 @@ async def _history(journal: Journal) -> list[Observation]:
                             job_id=job_id, task=task, node=node, attempt=attempt, at=at
                         )
                     )
+                case TaskMetricRecorded(task=task, name=name, value=value):
+                    metrics.setdefault((job_id, task), {})[name] = value
                 case TaskCompleted(task=task, runtime_s=runtime):
                     node, attempt = nodes.get((job_id, task), ("", 0))
                     observations.append(
@@ -850,6 +865,7 @@ async def _history(journal: Journal) -> list[Observation]:
                             outcome="completed",
                             runtime_s=runtime,
                             at=at,
+                            metrics=dict(metrics.get((job_id, task), {})),
                         )
                     )
                 case TaskFailed(task=task, outcome=outcome, runtime_s=runtime):
@@ -863,6 +879,7 @@ async def _history(journal: Journal) -> list[Observation]:
                             outcome=outcome,
                             runtime_s=runtime,
                             at=at,
+                            metrics=dict(metrics.get((job_id, task), {})),
                         )
                     )
                 case TaskRequeued(task=task, lost=lost):
@@ -880,6 +897,10 @@ async def _history(journal: Journal) -> list[Observation]:
                     )
                 case TaskAssigned(task=task, node=node, attempt=attempt):
                     nodes[(job_id, task)] = (node, attempt)
+                case JobSubmitted(job=spec, submitted_at=submitted):
+                    observations.append(
+                        JobSubmittedObservation(job_id=job_id, spec=spec, at=submitted)
+                    )
                 case _:
                     pass
     return observations
@@ -919,8 +940,17 @@ def _task_outcome(status: str) -> Outcome | None:
         "completed": Outcome.SUCCEEDED,
         "failed": Outcome.FAILED,
         "cancelled": Outcome.CANCELLED,
-        "skipped": Outcome.CANCELLED,
+        "skipped": Outcome.SKIPPED,
     }.get(status)
+
+
+def _metrics_of(state: JobState) -> dict[int, dict[str, float]]:
+    """What a finished job's tasks reported (-1: the job's last values), for conditional
+    dependencies submitted after it ended."""
+    kept = {i: t.metrics for i, t in enumerate(state.tasks) if t.metrics}
+    if state.metrics:
+        kept[-1] = state.metrics
+    return kept
 
 
 @asynccontextmanager

@@ -48,6 +48,7 @@ __all__ = [
     "TaskProgressed",
     "TaskReleased",
     "TaskRequeued",
+    "TaskSkipped",
     "TaskStarted",
     "TaskState",
     "TaskStatus",
@@ -289,6 +290,15 @@ class TaskCheckpointRequested(
     reason: str = ""
 
 
+@ENGINE_CODEC.register
+class TaskSkipped(Event, frozen=True, kw_only=True, tag="engine.task_skipped"):
+    """The task will not run: a conditional branch was not taken (``when`` was false, or the
+    stage it waited on was skipped).  It does not fail or cancel its job."""
+
+    task: int
+    reason: str
+
+
 # -- node events --------------------------------------------------------------------------------
 
 
@@ -485,6 +495,10 @@ class JobAggregate:
                 if task.node:
                     task.last_node = task.node
                 task.node = None
+            case TaskSkipped(task=i):
+                task = state.tasks[i]
+                if task.status in ("pending", "held"):
+                    task.status, task.held_reason = "skipped", None
             case TaskReleased(task=i):
                 task = state.tasks[i]
                 if task.status == "held":

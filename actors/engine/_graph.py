@@ -22,6 +22,13 @@ does not count), ``on_any_outcome`` (it finished in any way). Once the parent ha
 edge is decided: satisfied, or *unreachable* (it can never be satisfied). Only final outcomes are
 recorded (after the last retry).
 
+Conditional edges (``when = "residual < 1e-3"``, on ``on_success`` edges only) branch on a metric
+the parent reported (the task's last value; for a whole job, the last value any task reported):
+a parent that succeeds with the condition true satisfies the edge; false (or the metric never
+reported) decides the child *skipped*, not unreachable. A skipped task is an outcome of its own
+(``Outcome.SKIPPED``): it satisfies ``on_any_outcome`` dependants and skips the others in turn
+(a branch not taken is not taken downstream either), and it never fails or cancels its job.
+
 Incremental state
 -----------------
 Each task keeps a count of its unsatisfied task-level edges and each job a count of its
@@ -41,6 +48,8 @@ from __future__ import annotations
 import bisect
 import enum
 import itertools
+import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Annotated, Any, Final, Literal, NamedTuple, TypeAlias
 
@@ -59,6 +68,7 @@ __all__ = [
     "GraphSnapshot",
     "GraphStatistics",
     "GraphUpdate",
+    "MetricCondition",
     "OnParentFailure",
     "Outcome",
     "TaskRef",
@@ -74,6 +84,7 @@ class Outcome(enum.Enum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    SKIPPED = "skipped"  # a conditional branch not taken (see ``Dependency.when``)
 
 
 class Condition(enum.Enum):
@@ -90,6 +101,57 @@ class Condition(enum.Enum):
         if self is Condition.ON_SUCCESS:
             return outcome is Outcome.SUCCEEDED
         return outcome is Outcome.FAILED
+
+
+_OPERATORS: Final = {
+    "<": lambda a, b: a < b,
+    "<=": lambda a, b: a <= b,
+    ">": lambda a, b: a > b,
+    ">=": lambda a, b: a >= b,
+    "==": lambda a, b: a == b,
+    "!=": lambda a, b: a != b,
+}
+_WHEN: Final = re.compile(
+    r"^\s*(?P<metric>[A-Za-z_][A-Za-z0-9_.-]{0,63})\s*(?P<op><=|>=|==|!=|<|>)\s*"
+    r"(?P<value>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*$"
+)
+
+
+class MetricCondition(msgspec.Struct, frozen=True, kw_only=True):
+    """A condition on a reported metric: ``metric op value`` (``residual < 1e-3``)."""
+
+    metric: str
+    op: Literal["<", "<=", ">", ">=", "==", "!="]
+    value: float
+
+    @classmethod
+    def parse(cls, text: str) -> MetricCondition:
+        """Parse ``"<metric> <op> <number>"`` (op one of ``< <= > >= == !=``).
+
+        Raises:
+            ValueError: the text is not such a condition (the message says what is expected).
+        """
+        found = _WHEN.match(text) if len(text) <= 200 else None
+        if found is None:
+            raise ValueError(
+                f"{text[:60]!r} is not a metric condition; expected '<metric> <op> <number>' "
+                "with op one of <, <=, >, >=, ==, != (e.g. 'residual < 1e-3')"
+            )
+        value = float(found.group("value"))
+        if not math.isfinite(value):
+            raise ValueError(f"{text[:60]!r}: the number must be finite")
+        return cls(metric=found.group("metric"), op=found.group("op"), value=value)  # type: ignore[arg-type]
+
+    def decide(self, metrics: Mapping[str, float] | None) -> tuple[bool, str]:
+        """Return whether the reported ``metrics`` meet the condition, and a readable why."""
+        reported = (metrics or {}).get(self.metric)
+        if reported is None:
+            return False, f"{self} is false: {self.metric} was never reported"
+        met = bool(_OPERATORS[self.op](reported, self.value))
+        return met, f"{self} is {'true' if met else 'false'} ({self.metric} = {reported:g})"
+
+    def __str__(self) -> str:
+        return f"{self.metric} {self.op} {self.value:g}"
 
 
 class TaskRef(msgspec.Struct, frozen=True, order=True, array_like=True):
@@ -131,6 +193,9 @@ class Dependency(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     # When the parent can no longer satisfy the edge: cancel the dependant (naming the
     # parent), or keep it blocked until the parent is retried.
     on_parent_failure: OnParentFailure = "cancel"
+    # A metric condition (``"residual < 1e-3"``): the dependant runs only if the parent
+    # succeeded with it true, and is skipped otherwise (see the module docstring).
+    when: str | None = None
 
 
 class GraphJob(msgspec.Struct, frozen=True, kw_only=True):
@@ -157,6 +222,9 @@ class GraphUpdate(msgspec.Struct, frozen=True, kw_only=True):
 
     newly_ready: tuple[TaskRef, ...] = ()
     newly_unreachable: tuple[TaskRef, ...] = ()
+    # Tasks a conditional branch decided to skip (each with its reason, in ``skip_reasons``).
+    newly_skipped: tuple[TaskRef, ...] = ()
+    skip_reasons: tuple[str, ...] = ()
 
 
 class Blocker(msgspec.Struct, frozen=True, kw_only=True):
@@ -168,6 +236,7 @@ class Blocker(msgspec.Struct, frozen=True, kw_only=True):
     unreachable: bool = False
     reason: str
     on_parent_failure: OnParentFailure = "cancel"
+    skip: bool = False  # decided skipped by a conditional branch (not unreachable)
 
 
 class GraphStatistics(msgspec.Struct, frozen=True, kw_only=True):
@@ -224,6 +293,7 @@ class _Job:
         "gate",
         "gate_blocker",
         "linked",
+        "metrics",
         "outcome",
         "outcomes",
         "pending",
@@ -245,12 +315,15 @@ class _Job:
         self.linked: set[int] = set()
         self.outcome: Outcome | None = None
         self.progress = 0.0
+        # Metrics reported by finished tasks (by index; -1: the job's), for conditional edges.
+        self.metrics: dict[int, dict[str, float]] = {}
 
 
 class _Passivated(NamedTuple):
     outcome: Outcome
     elements: tuple[tuple[int, int], ...]
     task_outcomes: tuple[Outcome, ...]
+    metrics: Mapping[int, Mapping[str, float]] = {}
 
 
 class _Edge(NamedTuple):
@@ -286,6 +359,8 @@ class DependencyGraph:
         self._jobs: dict[str, _Job] = {}
         self._passivated: dict[str, _Passivated] = {}
         self._ready: set[TaskRef] = set()
+        # Tasks decided skipped during the current mutation, with why (drained by ``_update``).
+        self._skipped: list[tuple[TaskRef, str]] = []
 
     # --- queries ------------------------------------------------------------------------------
 
@@ -444,6 +519,7 @@ class DependencyGraph:
                 job.gate,
                 job.gate_blocker,
                 tuple(sorted(job.task_blockers.items())),
+                _canonical_metrics(job.metrics),
             )
             for job_id, job in sorted(self._jobs.items())
         )
@@ -454,7 +530,9 @@ class DependencyGraph:
                 if data.get("explicit")
             )
         )
-        passivated = tuple((k, *v) for k, v in sorted(self._passivated.items()))
+        passivated = tuple(
+            (k, *v[:3], _canonical_metrics(v.metrics)) for k, v in sorted(self._passivated.items())
+        )
         return GraphSnapshot(
             jobs=jobs, edges=edges, ready=self.ready_tasks(), passivated=passivated
         )
@@ -574,12 +652,19 @@ class DependencyGraph:
 
     # --- facts --------------------------------------------------------------------------------
 
-    def record_outcome(self, node: str | TaskRef, outcome: Outcome) -> GraphUpdate:
+    def record_outcome(
+        self,
+        node: str | TaskRef,
+        outcome: Outcome,
+        *,
+        metrics: Mapping[str, float] | None = None,
+    ) -> GraphUpdate:
         """Record the final outcome of a task or a job and propagate it to the dependants.
 
+        ``metrics`` are what it reported (last value of each), for conditional edges.
         Recording a job's outcome cancels its tasks that have none (they will not run), so a
-        job can only succeed once all its tasks have. Recording the same outcome twice is a
-        no-op (replays and duplicate reports are harmless).
+        job can only succeed once all its tasks have (skipped ones count as done). Recording
+        the same outcome twice is a no-op (replays and duplicate reports are harmless).
 
         Raises:
             DependencyError: the job or task is unknown or passivated, it already has a
@@ -588,6 +673,8 @@ class DependencyGraph:
         ready: list[TaskRef] = []
         unreachable: list[TaskRef] = []
         if isinstance(node, TaskRef):
+            if metrics and node.job in self._jobs:
+                self._jobs[node.job].metrics[node.index] = dict(metrics)
             self._record_task(node, outcome, ready, unreachable)
         else:
             job = self._job(node)
@@ -598,7 +685,7 @@ class DependencyGraph:
                     f"job {node!r} already {job.outcome.value}; cannot record {outcome.value}"
                 )
             unfinished = [i for i, o in enumerate(job.outcomes) if o is None]
-            if unfinished and outcome is Outcome.SUCCEEDED:
+            if unfinished and outcome in (Outcome.SUCCEEDED, Outcome.SKIPPED):
                 raise DependencyError(
                     f"job {node!r} cannot succeed with unfinished tasks "
                     f"{', '.join(f'{node}[{i}]' for i in unfinished[:5])}"
@@ -606,6 +693,8 @@ class DependencyGraph:
             for index in unfinished:
                 self._record_task(TaskRef(node, index), Outcome.CANCELLED, ready, unreachable)
             job.outcome = outcome
+            if metrics:
+                job.metrics[-1] = dict(metrics)
             for child, data in self._explicit_successors(_end(node)):
                 self._decide(_end(node), child, data, outcome, ready, unreachable)
         return self._update(ready, unreachable)
@@ -714,13 +803,21 @@ class DependencyGraph:
         nodes = [_start(job_id), _end(job_id), *(_task(job_id, i) for i in job.linked)]
         self._g.remove_nodes_from(nodes)
         outcomes = tuple(o if o is not None else job.outcome for o in job.outcomes)
-        self._passivated[job_id] = _Passivated(job.outcome, job.elements, outcomes)
+        self._passivated[job_id] = _Passivated(job.outcome, job.elements, outcomes, job.metrics)
         del self._jobs[job_id]
 
     def add_passivated(
-        self, job: GraphJob, outcome: Outcome, task_outcomes: Sequence[Outcome | None]
+        self,
+        job: GraphJob,
+        outcome: Outcome,
+        task_outcomes: Sequence[Outcome | None],
+        *,
+        metrics: Mapping[int, Mapping[str, float]] | None = None,
     ) -> None:
         """Record a job that finished before a restart, as ``remove_job`` leaves one.
+
+        ``metrics`` are the metrics its tasks reported (by index; -1 for the job's), which
+        conditional edges added later decide on.
 
         The same result as ``add_jobs``, ``record_outcome`` for it and its tasks, then
         ``remove_job``, without building its nodes: recovery adds many finished jobs at once.
@@ -736,9 +833,10 @@ class DependencyGraph:
                 f"got {len(task_outcomes)} outcomes",
                 job=job.job_id,
             )
-        unset = Outcome.SUCCEEDED if outcome is Outcome.SUCCEEDED else Outcome.CANCELLED
+        unset = outcome if outcome in (Outcome.SUCCEEDED, Outcome.SKIPPED) else Outcome.CANCELLED
         outcomes = tuple(o if o is not None else unset for o in task_outcomes)
-        self._passivated[job.job_id] = _Passivated(outcome, job.elements, outcomes)
+        kept = {i: dict(m) for i, m in (metrics or {}).items() if m}
+        self._passivated[job.job_id] = _Passivated(outcome, job.elements, outcomes, kept)
 
     # --- internals ----------------------------------------------------------------------------
 
@@ -752,11 +850,25 @@ class DependencyGraph:
     def _update(self, ready: Iterable[TaskRef], unreachable: Iterable[TaskRef]) -> GraphUpdate:
         # A task may be released, then finished, within one update (a cancelled job's tasks):
         # report only what still holds.
+        skipped: dict[TaskRef, str] = {}
+        for task, reason in self._skipped:
+            if self._jobs[task.job].outcomes[task.index] is None:
+                skipped.setdefault(task, reason)
+        self._skipped.clear()
+        order = sorted(skipped)
         return GraphUpdate(
             newly_ready=tuple(sorted({t for t in ready if t in self._ready})),
             newly_unreachable=tuple(
-                sorted({t for t in unreachable if self._jobs[t.job].outcomes[t.index] is None})
+                sorted(
+                    {
+                        t
+                        for t in unreachable
+                        if self._jobs[t.job].outcomes[t.index] is None and t not in skipped
+                    }
+                )
             ),
+            newly_skipped=tuple(order),
+            skip_reasons=tuple(skipped[t] for t in order),
         )
 
     @staticmethod
@@ -804,10 +916,56 @@ class DependencyGraph:
             return
         data["done"] = True
         dependency: Dependency = data["dependency"]
-        if dependency.condition.satisfied_by(outcome):
+        verdict, why = self._verdict(parent, dependency, outcome)
+        if verdict == "satisfy":
             self._satisfy(child, ready)
+        elif verdict == "skip":
+            self._skip(child, why)
         else:
             unreachable.extend(self._block(parent, child, dependency, outcome))
+
+    def _verdict(
+        self, parent: _Node, dependency: Dependency, outcome: Outcome
+    ) -> tuple[Literal["satisfy", "skip", "block"], str]:
+        """Decide an edge whose parent has ``outcome``: satisfied, skipped (a branch not
+        taken, or a skipped parent), or blocked (unreachable)."""
+        if outcome is Outcome.SKIPPED:
+            if dependency.condition is Condition.ON_ANY_OUTCOME:
+                return "satisfy", ""
+            return "skip", f"skipped: {_label(parent)} was skipped"
+        if dependency.when is not None and outcome is Outcome.SUCCEEDED:
+            met, why = MetricCondition.parse(dependency.when).decide(self._metrics_of(parent))
+            return ("satisfy", "") if met else ("skip", f"skipped: {_label(parent)}: {why}")
+        if dependency.condition.satisfied_by(outcome):
+            return "satisfy", ""
+        return "block", ""
+
+    def _metrics_of(self, node: _Node) -> Mapping[str, float] | None:
+        index = node[2] if node[0] == _TASK else -1
+        live = self._jobs.get(node[1])
+        if live is not None:
+            return live.metrics.get(index)
+        dead = self._passivated.get(node[1])
+        return dead.metrics.get(index) if dead is not None else None
+
+    def _skip(self, child: _Node, reason: str) -> None:
+        """A conditional branch is not taken: the child's tasks without an outcome are
+        skipped (they stay counted, never ready, until their skip is recorded)."""
+        job_id = child[1]
+        job = self._jobs[job_id]
+        blocker = Blocker(waits_on=job_id, condition=Condition.ON_SUCCESS, reason=reason, skip=True)
+        if child[0] == _START:
+            if job.gate_blocker is None:
+                job.gate_blocker = blocker
+            indices: Iterable[int] = range(len(job.elements))
+        else:
+            index: int = child[2]
+            job.task_blockers.setdefault(index, blocker)
+            indices = (index,)
+        for i in indices:
+            if job.outcomes[i] is None:
+                self._ready.discard(TaskRef(job_id, i))
+                self._skipped.append((TaskRef(job_id, i), reason))
 
     def _satisfy(self, child: _Node, ready: list[TaskRef]) -> None:
         job = self._jobs[child[1]]
@@ -953,7 +1111,8 @@ class DependencyGraph:
                 return []  # already past the threshold: satisfied
         child_job = self._jobs[child[1]]
         if outcome is not None:
-            if dependency.condition.satisfied_by(outcome):
+            verdict, why = self._verdict(parent, dependency, outcome)
+            if verdict == "satisfy":
                 return []
             # Counted like an edge decided later, so that reopening the parent can turn it
             # back into a pending edge without recounting.
@@ -961,6 +1120,9 @@ class DependencyGraph:
                 child_job.gate += 1
             else:
                 child_job.pending[child[2]] += 1
+            if verdict == "skip":
+                self._skip(child, why)
+                return []
             return self._block(parent, child, dependency, outcome)
         for node in (parent, child):
             if node[0] == _TASK:
@@ -1018,6 +1180,19 @@ class DependencyGraph:
             if d.condition is Condition.ON_FAILURE:
                 raise DependencyError(
                     f"{where}: a progress threshold cannot be on_failure",
+                    job=child_id,
+                    position=position,
+                )
+        if d.when is not None:
+            try:
+                MetricCondition.parse(d.when)
+            except ValueError as error:
+                raise DependencyError(
+                    f"{where}: when: {error}", job=child_id, position=position
+                ) from None
+            if d.condition is not Condition.ON_SUCCESS or d.threshold is not None:
+                raise DependencyError(
+                    f"{where}: a 'when' condition needs condition on_success and no threshold",
                     job=child_id,
                     position=position,
                 )
@@ -1126,3 +1301,9 @@ def _cycle_labels(edges: Sequence[tuple[_Node, _Node, Mapping[str, Any]]]) -> tu
     first = names.index(min(names))
     ring = names[first:] + names[:first]
     return (*ring, ring[0])
+
+
+def _canonical_metrics(
+    metrics: Mapping[int, Mapping[str, float]],
+) -> tuple[tuple[int, tuple[tuple[str, float], ...]], ...]:
+    return tuple(sorted((i, tuple(sorted(m.items()))) for i, m in metrics.items()))

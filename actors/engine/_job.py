@@ -60,6 +60,7 @@ from ._events import (
     TaskProgressed,
     TaskReleased,
     TaskRequeued,
+    TaskSkipped,
     TaskStarted,
     job_stream,
 )
@@ -85,6 +86,7 @@ from ._messages import (
     ReportAttempt,
     ResumeJob,
     RetryTasks,
+    SkipTasks,
     StartAttempt,
     TaskEnded,
     TaskUpdate,
@@ -107,6 +109,7 @@ JobMessage = (
     | PreemptTask
     | CancelJob
     | CancelTasks
+    | SkipTasks
     | GetJobSummary
     | PauseJob
     | ResumeJob
@@ -120,6 +123,7 @@ _OUTCOME_OF_STATUS = {
     "completed": Outcome.SUCCEEDED,
     "failed": Outcome.FAILED,
     "cancelled": Outcome.CANCELLED,
+    "skipped": Outcome.SKIPPED,  # a job whose every task was skipped (it ends completed)
 }
 # How an attempt's outcome is classified when it fails.
 _KIND_OF_OUTCOME: dict[str, FailureClass] = {
@@ -174,8 +178,8 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
 
     async def _handle(self, command: JobMessage) -> Any:
         match command:
-            case Dispatch(placements=placements):
-                await self._dispatch(placements)
+            case Dispatch(placements=placements, checkpoint_intervals=intervals):
+                await self._dispatch(placements, intervals)
                 return None
             case ReportAttempt(report=report, node=node):
                 return await self._on_report(report, node)
@@ -208,6 +212,9 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
                 return job_summary(self.job_id, self.state, tasks=False)
             case CancelTasks(tasks=tasks, reason=reason):
                 await self._cancel_tasks(tasks, reason)
+                return None
+            case SkipTasks(tasks=tasks, reason=reason):
+                await self._skip_tasks(tasks, reason)
                 return None
             case GetJobSummary(tasks=tasks):
                 return job_summary(self.job_id, self.state, tasks=tasks)
@@ -282,13 +289,17 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
 
     # -- dispatch -------------------------------------------------------------------------------
 
-    async def _dispatch(self, placements: tuple[tuple[int, tuple[str, ...]], ...]) -> None:
+    async def _dispatch(
+        self,
+        placements: tuple[tuple[int, tuple[str, ...]], ...],
+        intervals: tuple[float | None, ...] = (),
+    ) -> None:
         state = self.state
         spec = state.job
         events: list[Event] = []
-        accepted: list[tuple[int, tuple[str, ...], int, int]] = []
+        accepted: list[tuple[int, tuple[str, ...], int, int, float | None]] = []
         version = self.version
-        for task_index, nodes in placements:
+        for position, (task_index, nodes) in enumerate(placements):
             task = state.tasks[task_index]
             if spec is None or state.status != "active" or task.status != "pending":
                 await self._after(self.scheduler, Unplace(job_id=self.job_id, task=task_index))
@@ -305,17 +316,21 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
                     nodes=nodes if len(nodes) > 1 else (),
                 )
             )
-            accepted.append((task_index, nodes, attempt, token))
+            interval = intervals[position] if position < len(intervals) else None
+            accepted.append((task_index, nodes, attempt, token, interval))
         if not events:
             return
         await self.persist(events)
-        for task_index, nodes, attempt, token in accepted:
+        for task_index, nodes, attempt, token, interval in accepted:
             refs = [self.node_ref(node) for node in nodes]
             gone = [node for node, ref in zip(nodes, refs, strict=True) if ref is None]
             if gone:
                 await self._lost(task_index, token, f"node {gone[0]} left before dispatch")
                 continue
             spec_of = self._attempt_spec(task_index, attempt, token)
+            if interval is not None:
+                env = {**spec_of.env, "TASKFARM_CHECKPOINT_INTERVAL": f"{interval:.0f}"}
+                spec_of = replace(spec_of, env=env)
             launch_all = spec is not None and spec.launch == "all"
             for rank, ref in enumerate(refs):
                 if rank and not launch_all:
@@ -356,7 +371,7 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
             output_dir=first.output,
             resume_from=task.checkpoint,
             checkpointable=spec.checkpointable,
-            max_runtime=spec.timeouts.max_runtime,
+            max_runtime=spec.task_max_runtime(index),
             stall_timeout=spec.timeouts.stall,
             memory=(task.resources or spec.task_resources(index)).memory,
             nodes=tuple(task.gang),
@@ -819,6 +834,25 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
             await self.persist([JobCancelRequested(reason=reason)])
             await self._finish_if_done()
 
+    async def _skip_tasks(self, tasks: tuple[int, ...], reason: str) -> None:
+        """Skip pending tasks whose conditional branch was not taken (``when`` was false)."""
+        state = self.state
+        pending = [i for i in tasks if state.tasks[i].status in ("pending", "held")]
+        if not pending or not state.live:
+            return
+        await self.persist([TaskSkipped(task=i, reason=reason) for i in pending])
+        for index in pending:
+            await self._after(
+                self.scheduler,
+                TaskEnded(
+                    job_id=self.job_id,
+                    task=index,
+                    outcome=Outcome.SKIPPED,
+                    attempt_outcome="skipped",
+                ),
+            )
+        await self._finish_if_done()
+
     async def _tell_cancelled(self, indices: list[int]) -> None:
         for index in indices:
             await self._after(
@@ -859,12 +893,14 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
             outcome, reason = "cancelled", state.reason
         else:
             outcome, reason = "completed", None
+        ended = _OUTCOME_OF_STATUS[outcome]
+        if outcome == "completed" and statuses == {"skipped"}:
+            # Not a failure: the job completes, and its dependants see it skipped.
+            reason, ended = "every task was skipped", Outcome.SKIPPED
         await self.persist(
             [JobFinished(outcome=outcome, reason=reason, finished_at=self.clock.now())]  # type: ignore[arg-type]
         )
-        await self._after(
-            self.scheduler, JobEnded(job_id=self.job_id, outcome=_OUTCOME_OF_STATUS[outcome])
-        )
+        await self._after(self.scheduler, JobEnded(job_id=self.job_id, outcome=ended))
         _log.info("job_finished", job_id=self.job_id, outcome=outcome, reason=reason)
         await self.after_commit(self.context.stop)  # passivate: the journal keeps the state
 
@@ -886,7 +922,7 @@ def job_summary(job_id: str, state: JobState, *, tasks: bool) -> JobSummary:
     progress = 0.0
     for task in state.tasks:
         counts[task.status] = counts.get(task.status, 0) + 1
-        progress += 1.0 if task.status == "completed" else task.progress
+        progress += 1.0 if task.status in ("completed", "skipped") else task.progress
     return JobSummary(
         job_id=job_id,
         name=spec.name if spec else job_id,

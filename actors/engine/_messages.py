@@ -47,6 +47,7 @@ __all__ = [
     "RetryTasks",
     "SetNodeHealth",
     "SetNodeReachable",
+    "SkipTasks",
     "StartAttempt",
     "TaskEnded",
     "TaskUpdate",
@@ -59,6 +60,8 @@ class Dispatch(Message, frozen=True, kw_only=True, tag="engine.cmd.dispatch"):
     """Journal these placements, then send the attempts to their nodes."""
 
     placements: tuple[tuple[int, tuple[str, ...]], ...]  # (task, nodes: leader first)
+    # Per placement, how often (seconds) the policy wants it to checkpoint (empty: never).
+    checkpoint_intervals: tuple[float | None, ...] = ()
 
 
 class ReportAttempt(Message, frozen=True, kw_only=True, tag="engine.cmd.report_attempt"):
@@ -149,6 +152,13 @@ class JobChanged(Message, frozen=True, kw_only=True, tag="engine.evt.job_changed
 
 class CancelTasks(Message, frozen=True, kw_only=True, tag="engine.cmd.cancel_tasks"):
     """Cancel pending tasks whose dependency can no longer be met (to a job actor)."""
+
+    tasks: tuple[int, ...]
+    reason: str
+
+
+class SkipTasks(Message, frozen=True, kw_only=True, tag="engine.cmd.skip_tasks"):
+    """Skip pending tasks whose conditional branch was not taken."""
 
     tasks: tuple[int, ...]
     reason: str

@@ -35,7 +35,7 @@ from runtime import get_logger
 
 from ._events import JobState
 from ._fit import never_fits
-from ._graph import DependencyGraph, Outcome, TaskRef
+from ._graph import DependencyGraph, GraphUpdate, Outcome, TaskRef
 from ._policy import (
     Failure,
     FarmView,
@@ -76,13 +76,15 @@ FitKey = tuple[Resources, tuple[str, ...]]
 @dataclass(frozen=True, slots=True)
 class Placement:
     """A decision: run ``task`` of ``job_id`` on ``node`` (on ``nodes``, leader first, for a
-    multi-node task)."""
+    multi-node task), checkpointing every ``checkpoint_interval`` seconds when the policy asks
+    for it."""
 
     job_id: str
     task: int
     node: str
     request: Resources
     nodes: tuple[str, ...] = ()
+    checkpoint_interval: float | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -102,6 +104,7 @@ class _Job:
     distinct: set[FitKey] = field(default_factory=set)  # its tasks' distinct keys
     # failure signature (kind, exit code) -> nodes where this job failed that way
     signatures: dict[tuple[str, int | None], set[str]] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)  # last value its tasks reported
     progress_sum: float = 0.0  # sum of the progress of unfinished tasks
 
 
@@ -166,6 +169,13 @@ class SchedulerCore:
         # from scratch every cycle, so a hold never outlives the gang's rank.
         self.held_nodes: dict[str, tuple[str, int]] = {}
         self.on_unreachable: Callable[[str, list[int], str], None] | None = None
+        # Tasks a conditional branch skipped: the owner tells their job (job, tasks, reason).
+        self.on_skipped: Callable[[str, list[int], str], None] | None = None
+        # Attempts the policy wants checkpointed periodically: (job, task) -> the time since
+        # which none was taken (start, last checkpoint or last request); and the earliest due.
+        self._checkpoint_since: dict[tuple[str, int], datetime] = {}
+        self._checkpoint_due: datetime | None = None
+        self.unsent_skips: list[tuple[str, list[int], str]] = []
 
     # -- the policy, guarded ------------------------------------------------------------------
 
@@ -296,8 +306,10 @@ class SchedulerCore:
         Returns the tasks of other jobs that became ready (a recovered job's progress can
         release a threshold dependant).
         """
+        added = None
+        # First: it may refuse (an orphaned parent).
         if spec.job_id not in self.graph:
-            self.graph.add_jobs([spec.graph_job()])  # first: it may refuse (orphaned parent)
+            added = self.graph.add_jobs([spec.graph_job()])
         metadata = self._decode_metadata(spec)
         view = JobView(
             job_id=spec.job_id,
@@ -362,10 +374,20 @@ class SchedulerCore:
                     job.distinct.add(job.keys[i])
                 status = recovered.status
                 if status == "completed":
-                    self._finish_task(job, i, Outcome.SUCCEEDED, runtime=recovered.runtime_s)
+                    self._finish_task(
+                        job,
+                        i,
+                        Outcome.SUCCEEDED,
+                        runtime=recovered.runtime_s,
+                        metrics=recovered.metrics,
+                    )
                     continue
                 if status in ("failed", "cancelled", "skipped"):
-                    outcome = Outcome.FAILED if status == "failed" else Outcome.CANCELLED
+                    outcome = {
+                        "failed": Outcome.FAILED,
+                        "cancelled": Outcome.CANCELLED,
+                        "skipped": Outcome.SKIPPED,
+                    }[status]
                     self._finish_task(job, i, outcome, runtime=None)
                     continue
                 if status == "held":
@@ -376,6 +398,19 @@ class SchedulerCore:
             if self.graph.is_ready(TaskRef(spec.job_id, i)):
                 self._enqueue(job, i)
         self._refresh_progress(job)
+        if added is not None:
+            # A branch decided at once (its parent had already ended): skip those tasks.
+            skipped = [
+                (ref, why)
+                for ref, why in zip(added.newly_skipped, added.skip_reasons, strict=True)
+                if ref.index not in job.finished
+            ]
+            self._report_skipped(
+                GraphUpdate(
+                    newly_skipped=tuple(ref for ref, _ in skipped),
+                    skip_reasons=tuple(why for _, why in skipped),
+                )
+            )
         return self._record_progress(job)
 
     def _decode_metadata(self, spec: SubmitJob) -> Any:
@@ -456,6 +491,8 @@ class SchedulerCore:
             self._reserve_gang(job, index, tuple(nodes), started_at=started_at)
         else:
             self._reserve(job, index, node, started_at=started_at)
+        if started_at is not None:
+            self._track_checkpoints(job, index, started_at)
 
     # -- task and job ends ----------------------------------------------------------------------
 
@@ -474,9 +511,11 @@ class SchedulerCore:
         avoid_node: str | None = None,
         resources: Resources | None = None,
         checkpoint_at: datetime | None = None,
+        metrics: Mapping[str, float] | None = None,
     ) -> list[TaskRef]:
         """An attempt ended: free its node, then requeue (``outcome`` None), hold (``held``)
-        or record the task's final outcome.
+        or record the task's final outcome (with the ``metrics`` it reported, which
+        conditional dependants decide on).
 
         Returns the tasks (of any job) that became ready.
         """
@@ -518,13 +557,21 @@ class SchedulerCore:
             return []
         self._dequeue(job, index)
         job.held.pop(index, None)
-        return self._finish_task(job, index, outcome, runtime=runtime_s)
+        return self._finish_task(job, index, outcome, runtime=runtime_s, metrics=metrics)
 
     def _finish_task(
-        self, job: _Job, index: int, outcome: Outcome, *, runtime: float | None
+        self,
+        job: _Job,
+        index: int,
+        outcome: Outcome,
+        *,
+        runtime: float | None,
+        metrics: Mapping[str, float] | None = None,
     ) -> list[TaskRef]:
         if index in job.finished:
             return []
+        if metrics:
+            job.metrics.update(metrics)
         job.finished.add(index)
         task = job.tasks[index]
         view = job.view
@@ -536,13 +583,32 @@ class SchedulerCore:
                 view.runtime.add(runtime)
         elif outcome is Outcome.FAILED:
             view.failed += 1
+        elif outcome is Outcome.SKIPPED:
+            view.skipped += 1
         else:
             view.cancelled += 1
         self._refresh_progress(job)
-        update = self.graph.record_outcome(TaskRef(view.job_id, index), outcome)
+        update = self.graph.record_outcome(TaskRef(view.job_id, index), outcome, metrics=metrics)
         ready = self._release_ready(update.newly_ready)
         self._report_unreachable(update.newly_unreachable)
+        self._report_skipped(update)
         return ready + self._record_progress(job)
+
+    def _report_skipped(self, update: GraphUpdate) -> None:
+        if not update.newly_skipped:
+            return
+        by_job: dict[tuple[str, str], list[int]] = {}
+        for ref, reason in zip(update.newly_skipped, update.skip_reasons, strict=True):
+            by_job.setdefault((ref.job, reason), []).append(ref.index)
+        for (job_id, reason), indices in sorted(by_job.items()):
+            job = self._jobs.get(job_id)
+            if job is not None:
+                for index in indices:
+                    self._dequeue(job, index)
+                if self.on_skipped is None:
+                    self.unsent_skips.append((job_id, indices, reason))  # recovery: no actors yet
+                else:
+                    self.on_skipped(job_id, indices, reason)
 
     def task_progressed(self, job_id: str, index: int, fraction: float) -> list[TaskRef]:
         """A running attempt reported progress: update the views (and threshold dependants)."""
@@ -588,7 +654,7 @@ class SchedulerCore:
 
     def _refresh_progress(self, job: _Job) -> None:
         view = job.view
-        view.progress = min(1.0, (view.completed + job.progress_sum) / view.total)
+        view.progress = min(1.0, (view.completed + view.skipped + job.progress_sum) / view.total)
 
     def _record_progress(self, job: _Job) -> list[TaskRef]:
         if not job.view.children:
@@ -639,9 +705,10 @@ class SchedulerCore:
             parent_job = self._jobs.get(parent)
             if parent_job is not None:
                 parent_job.view.children = tuple(c for c in parent_job.view.children if c != job_id)
-        update = self.graph.record_outcome(job_id, outcome)
+        update = self.graph.record_outcome(job_id, outcome, metrics=job.metrics)
         ready = self._release_ready(update.newly_ready)
         self._report_unreachable(update.newly_unreachable)
+        self._report_skipped(update)
         self.graph.remove_job(job_id)
         return ready
 
@@ -657,12 +724,18 @@ class SchedulerCore:
             self._release(job, index)
 
     def add_finished_job(
-        self, spec: SubmitJob, outcome: Outcome, task_outcomes: Sequence[Outcome | None]
+        self,
+        spec: SubmitJob,
+        outcome: Outcome,
+        task_outcomes: Sequence[Outcome | None],
+        *,
+        metrics: Mapping[int, Mapping[str, float]] | None = None,
     ) -> None:
-        """Record a job that finished before a restart, so its dependants see its outcome."""
+        """Record a job that finished before a restart, so its dependants see its outcome
+        (and, for conditional ones, the ``metrics`` its tasks reported; -1: the job's)."""
         if spec.job_id in self.graph:
             return
-        self.graph.add_passivated(spec.graph_job(), outcome, task_outcomes)
+        self.graph.add_passivated(spec.graph_job(), outcome, task_outcomes, metrics=metrics)
 
     def block_node(self, job_id: str, node: str, until: datetime) -> None:
         """Keep the job's tasks off ``node`` until ``until``."""
@@ -934,8 +1007,16 @@ class SchedulerCore:
                         continue
                     self._dequeue(job, index)
                     self._reserve_gang(job, index, gang, started_at=now)
+                    interval = self._track_checkpoints(job, index, now)
                     placements.append(
-                        Placement(view.job_id, index, gang[0], task.request, nodes=gang)
+                        Placement(
+                            view.job_id,
+                            index,
+                            gang[0],
+                            task.request,
+                            nodes=gang,
+                            checkpoint_interval=interval,
+                        )
                     )
                     if limit is not None and len(placements) >= limit:
                         self.placements_made += len(placements)
@@ -952,7 +1033,16 @@ class SchedulerCore:
                     continue
                 self._dequeue(job, index)
                 self._reserve(job, index, node.view.name, started_at=now)
-                placements.append(Placement(view.job_id, index, node.view.name, task.request))
+                interval = self._track_checkpoints(job, index, now)
+                placements.append(
+                    Placement(
+                        view.job_id,
+                        index,
+                        node.view.name,
+                        task.request,
+                        checkpoint_interval=interval,
+                    )
+                )
                 if limit is not None and len(placements) >= limit:
                     self.placements_made += len(placements)
                     return placements
@@ -1019,6 +1109,79 @@ class SchedulerCore:
         ranked = self._ranked(now) or []
         for _, job in ranked[:_MAX_BLOCKED]:
             self._note_blocked(job, next(iter(job.ready)))
+
+    # -- periodic checkpoints -------------------------------------------------------------------
+
+    def _track_checkpoints(self, job: _Job, index: int, now: datetime) -> float | None:
+        """Ask the policy how often this attempt must checkpoint; track it if at all."""
+        if not job.view.spec.checkpointable:
+            return None
+        task = job.tasks[index]
+        interval = self._guarded(job, None, self.policy.checkpoint_interval, job.view, task, now)
+        if interval is None or not interval > 0:
+            return None
+        interval = min(float(interval), 365 * 86400.0)
+        running = self._running_view(job, index)
+        if running is not None:
+            running.checkpoint_interval = interval
+        key = (job.view.job_id, index)
+        self._checkpoint_since[key] = now
+        due = now + timedelta(seconds=interval)
+        if self._checkpoint_due is None or due < self._checkpoint_due:
+            self._checkpoint_due = due
+        return interval
+
+    def checkpoint_requests(self, now: datetime) -> list[tuple[str, int, str]]:
+        """Return the attempts whose checkpoint interval passed without a checkpoint, as
+        (job, task, reason); each is asked again only after another interval."""
+        due = self._checkpoint_due
+        if due is None or due > now:
+            return []
+        asked: list[tuple[str, int, str]] = []
+        earliest: datetime | None = None
+        for key, since in list(self._checkpoint_since.items()):
+            running = self._running(key)
+            if running is None or running.checkpoint_interval is None:
+                del self._checkpoint_since[key]
+                continue
+            if running.checkpoint_at is not None and running.checkpoint_at > since:
+                since = self._checkpoint_since[key] = running.checkpoint_at
+            step = timedelta(seconds=running.checkpoint_interval)
+            if since + step <= now and not running.yielding:
+                asked.append(
+                    (
+                        key[0],
+                        key[1],
+                        f"no checkpoint for {running.checkpoint_interval:.0f} s "
+                        "(its checkpoint interval)",
+                    )
+                )
+                since = self._checkpoint_since[key] = now
+            if earliest is None or since + step < earliest:
+                earliest = since + step
+        self._checkpoint_due = earliest
+        return asked
+
+    @property
+    def next_checkpoint_due(self) -> datetime | None:
+        """Return when the next periodic checkpoint request may be due (None: none)."""
+        return self._checkpoint_due
+
+    def _running(self, key: tuple[str, int]) -> RunningView | None:
+        job = self._jobs.get(key[0])
+        return self._running_view(job, key[1]) if job is not None else None
+
+    def yield_choices(self, now: datetime) -> list[Preemption]:
+        """Return the policy's ``yields`` that are valid now: the victim runs where the
+        policy says and is not already yielding."""
+        chosen: list[Preemption] = []
+        for choice in self._guarded(None, (), self.policy.yields, self.farm, now):
+            victim = (choice.victim_job, choice.victim_task)
+            if victim in self.preempting or not self.is_running_on(victim, choice.node):
+                continue
+            self.preempting[victim] = ("", -1)  # yields to no task in particular
+            chosen.append(choice)
+        return chosen
 
     def _note_blocked(self, job: _Job, index: int) -> None:
         if len(self.blocked) < _MAX_BLOCKED:

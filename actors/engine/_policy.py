@@ -11,9 +11,13 @@ The engine owns the mechanics (queues, the placement index, dispatch, retries, t
   job per cycle, until a time or until the next cycle;
 - ``admit`` -- hold one task back (backfill that would delay a reservation);
 - ``node_score`` -- where to put it (specialization, fit, learned speed, packing for sleep);
-- ``preemptions`` -- whom to checkpoint-and-yield for a waiting task;
+- ``preemptions`` -- whom to checkpoint-and-yield for a waiting task; ``yields`` -- whom to
+  checkpoint-and-yield now for the policy's own reasons (a window or a reservation starting);
+- ``checkpoint_interval`` -- how often a running stage must checkpoint (passed to it as
+  ``TASKFARM_CHECKPOINT_INTERVAL``; the engine asks for one when an interval passes without);
 - ``on_failure`` -- retry (when, where, with what), fail, or hold for an operator;
-- ``observe`` -- facts in journal order (task start and end, progress, node changes), for
+- ``observe`` -- facts in journal order (job submitted, task start and end, progress, node
+  changes), for
   learned state; ``recover`` rebuilds that state from the journal after a restart;
 - ``next_wakeup`` -- ask for a cycle at a time (a tariff boundary, a window start);
 - ``node_actions`` -- sleep idle nodes, wake them, drain them before maintenance;
@@ -46,6 +50,7 @@ __all__ = [
     "FarmView",
     "FifoPolicy",
     "Hold",
+    "JobSubmittedObservation",
     "JobView",
     "NodeAction",
     "NodeChanged",
@@ -110,6 +115,7 @@ class JobView:
     completed: int = 0
     failed: int = 0
     cancelled: int = 0
+    skipped: int = 0  # conditional branches not taken (done: they need no work)
     progress: float = 0.0
     runtime: RuntimeStats = field(default_factory=RuntimeStats)
     preemptions: int = 0
@@ -131,7 +137,7 @@ class JobView:
     @property
     def remaining(self) -> int:
         """Return how many tasks are not finished."""
-        return self.total - self.completed - self.failed - self.cancelled
+        return self.total - self.completed - self.failed - self.cancelled - self.skipped
 
     @property
     def blocked(self) -> int:
@@ -232,6 +238,7 @@ class RunningView:
     preemptions: int = 0
     yielding: bool = False
     job: JobView | None = None
+    checkpoint_interval: float | None = None  # seconds, as the policy set it at placement
 
     @property
     def priority(self) -> Priority:
@@ -410,7 +417,23 @@ class NodeChanged:
     at: datetime
 
 
-Observation = TaskStartedObservation | TaskEndedObservation | TaskProgressObservation | NodeChanged
+@dataclass(frozen=True, slots=True)
+class JobSubmittedObservation:
+    """A job was accepted (its spec as journaled): what a projection needs to know of a job
+    after it ended (its owner, project, resources), live and in the recovered history."""
+
+    job_id: str
+    spec: SubmitJob
+    at: datetime
+
+
+Observation = (
+    JobSubmittedObservation
+    | TaskStartedObservation
+    | TaskEndedObservation
+    | TaskProgressObservation
+    | NodeChanged
+)
 
 
 # -- the protocol -----------------------------------------------------------------------------
@@ -467,6 +490,18 @@ class Policy(Protocol):
     ) -> Sequence[Preemption]:
         """Return the attempts to preempt so ``task`` can run (empty: wait)."""
         ...
+
+    def yields(self, farm: FarmView, now: datetime) -> Sequence[Preemption]:
+        """Return running attempts to checkpoint-and-yield now, for no waiting task in
+        particular (a maintenance window or a reservation starting; called every cycle)."""
+        ...
+
+    def checkpoint_interval(self, job: JobView, task: TaskView, now: datetime) -> float | None:
+        """Return how often (seconds) the task, placed now, must checkpoint; None: never asked.
+
+        Only for checkpointable jobs.  The attempt gets it as ``TASKFARM_CHECKPOINT_INTERVAL``,
+        and the engine requests a checkpoint (SIGUSR1) when that long passes without one.
+        """
 
     def gang_holds(
         self,
@@ -583,6 +618,12 @@ class FifoPolicy:
         self, job: JobView, task: TaskView, farm: FarmView, now: datetime
     ) -> Sequence[Preemption]:
         return ()
+
+    def yields(self, farm: FarmView, now: datetime) -> Sequence[Preemption]:
+        return ()
+
+    def checkpoint_interval(self, job: JobView, task: TaskView, now: datetime) -> float | None:
+        return None
 
     def gang_holds(
         self,

@@ -26,6 +26,7 @@ from ._messages import (
     AdmitJobs,
     AttemptLost,
     CancelTasks,
+    CheckpointTask,
     DecideRetry,
     DescribeJob,
     Dispatch,
@@ -42,6 +43,7 @@ from ._messages import (
     ReleaseJobIds,
     SetNodeHealth,
     SetNodeReachable,
+    SkipTasks,
     TaskEnded,
     TaskUpdate,
     Unplace,
@@ -49,6 +51,7 @@ from ._messages import (
 )
 from ._placement import SchedulerCore
 from ._policy import (
+    JobSubmittedObservation,
     NodeChanged,
     TaskEndedObservation,
     TaskProgressObservation,
@@ -58,7 +61,14 @@ from ._settings import EngineSettings
 from ._spec import SubmitJob
 from ._summaries import NodeSummary
 
-__all__ = ["DrainDue", "GraceExpired", "KnownNode", "Recovered", "SchedulerActor"]
+__all__ = [
+    "CheckpointsDue",
+    "DrainDue",
+    "GraceExpired",
+    "KnownNode",
+    "Recovered",
+    "SchedulerActor",
+]
 
 _log = get_logger("actors.scheduler")
 
@@ -75,6 +85,10 @@ class DrainDue(Kick, frozen=True, kw_only=True, tag="engine.cmd.drain_due"):
     """A planned drain's time has come: the node drains, what runs there yields."""
 
     name: str
+
+
+class CheckpointsDue(Kick, frozen=True, kw_only=True, tag="engine.cmd.checkpoints_due"):
+    """A periodic checkpoint may be due: ask for the ones that are (no placement cycle)."""
 
 
 SchedulerMessage = (
@@ -154,7 +168,9 @@ class SchedulerActor(Actor[SchedulerMessage]):
         # holds, the policy's wake-ups): one timer, armed for the earliest.
         self._wakeups: list[datetime] = []
         self._armed: datetime | None = None
+        self._checkpoint_timer: datetime | None = None
         core.on_unreachable = self._cancel_unreachable
+        core.on_skipped = self._skip_tasks
 
     async def on_start(self) -> None:
         interval = self.core.policy.cycle_interval
@@ -194,6 +210,7 @@ class SchedulerActor(Actor[SchedulerMessage]):
             case JobsAdded(specs=specs, submitted_at=at):
                 for spec in specs:
                     self._reserved.discard(spec.job_id)
+                    core.observe(JobSubmittedObservation(job_id=spec.job_id, spec=spec, at=at))
                     core.add_job(spec, submitted_at=at)
                     _log.info("job_submitted", job_id=spec.job_id, tasks=len(spec.tasks))
                 self._kick()
@@ -237,6 +254,9 @@ class SchedulerActor(Actor[SchedulerMessage]):
                     _log.info("node_reachability_changed", node_id=name, reachable=reachable)
                     self._kick()
             case Recovered():
+                unsent, core.unsent_skips = core.unsent_skips, []
+                for job_id, tasks, reason in unsent:
+                    self._skip_tasks(job_id, tasks, reason)
                 # Not armed in on_start: on a virtual clock the grace could run out while the
                 # engine still spawns the recovered jobs, whose in-doubt attempts would then be
                 # forgotten instead of requeued.
@@ -249,6 +269,9 @@ class SchedulerActor(Actor[SchedulerMessage]):
                 self._grace_expired()
             case DrainDue(name=name):
                 await self._drain_due(name)
+            case CheckpointsDue():
+                self._checkpoint_timer = None
+                self._request_checkpoints(self.context.clock.now())
             case Kick():
                 self._kick_queued = False
                 self._arm_wakeup()
@@ -350,6 +373,7 @@ class SchedulerActor(Actor[SchedulerMessage]):
             avoid_node=message.avoid_node,
             resources=message.resources,
             checkpoint_at=message.checkpoint_at,
+            metrics=dict(message.metrics),
         )
         if message.blocklist_node and message.blocklist_until:
             core.block_node(message.job_id, message.blocklist_node, message.blocklist_until)
@@ -401,6 +425,12 @@ class SchedulerActor(Actor[SchedulerMessage]):
         if released:
             self._kick()
 
+    def _skip_tasks(self, job_id: str, tasks: list[int], reason: str) -> None:
+        """A conditional branch was not taken: its tasks end skipped (journaled by their job)."""
+        ref = self.job_ref(job_id)
+        if ref is not None:
+            ref.tell_nowait(SkipTasks(tasks=tuple(tasks), reason=reason))
+
     def _cancel_unreachable(self, job_id: str, tasks: list[int], reason: str) -> None:
         """Dependants whose parent can no longer satisfy them are cancelled, naming it."""
         ref = self.job_ref(job_id)
@@ -421,16 +451,44 @@ class SchedulerActor(Actor[SchedulerMessage]):
         for placement in placements:
             nodes = placement.nodes or (placement.node,)
             by_job[placement.job_id].append((placement.task, nodes))
+        intervals: dict[str, list[float | None]] = defaultdict(list)
+        for placement in placements:
+            intervals[placement.job_id].append(placement.checkpoint_interval)
         for job_id, items in by_job.items():
             ref = self.job_ref(job_id)
             if ref is None:
                 for task, _node in items:
                     core.unplace(job_id, task)
                 continue
-            ref.tell_nowait(Dispatch(placements=tuple(items)))
+            every = intervals[job_id]
+            ref.tell_nowait(
+                Dispatch(
+                    placements=tuple(items),
+                    checkpoint_intervals=tuple(every) if any(every) else (),
+                )
+            )
+        self._request_checkpoints(now)
         wakeup = core.next_wakeup(now)
         if wakeup is not None and wakeup > now:
             self._wake_at(wakeup)
+
+    def _request_checkpoints(self, now: datetime) -> None:
+        """Ask for the checkpoints the policy's intervals make due (SIGUSR1 to the attempt)."""
+        for job_id, task, reason in self.core.checkpoint_requests(now):
+            ref = self.job_ref(job_id)
+            if ref is not None:
+                ref.tell_nowait(CheckpointTask(task=task, reason=reason))
+        # Its own timer, not a placement cycle: periodic checkpoints of a big farm come due
+        # far more often than anything else happens.
+        due = self.core.next_checkpoint_due
+        if (
+            due is not None
+            and due > now
+            and (self._checkpoint_timer is None or due < self._checkpoint_timer)
+        ):
+            self._checkpoint_timer = due
+            delay = (due - now).total_seconds()
+            self.context.start_timer("checkpoints", CheckpointsDue(), delay=delay)
 
     async def _apply_node_actions(self) -> None:
         """Journal and apply the node health changes the policy asks for this cycle."""
@@ -451,6 +509,21 @@ class SchedulerActor(Actor[SchedulerMessage]):
             )
             _log.info(
                 "preemption_requested",
+                job_id=choice.victim_job,
+                task=choice.victim_task,
+                node_id=choice.node,
+                reason=choice.reason,
+            )
+        for choice in self.core.yield_choices(now):
+            ref = self.job_ref(choice.victim_job)
+            if ref is None:
+                self.core.preempting.pop((choice.victim_job, choice.victim_task), None)
+                continue
+            ref.tell_nowait(
+                PreemptTask(task=choice.victim_task, node=choice.node, reason=choice.reason)
+            )
+            _log.info(
+                "yield_requested",
                 job_id=choice.victim_job,
                 task=choice.victim_task,
                 node_id=choice.node,
@@ -618,7 +691,7 @@ def _outcome_of(status: str) -> Outcome | None:
         "completed": Outcome.SUCCEEDED,
         "failed": Outcome.FAILED,
         "cancelled": Outcome.CANCELLED,
-        "skipped": Outcome.CANCELLED,
+        "skipped": Outcome.SKIPPED,
     }.get(status)
 
 

@@ -38,6 +38,7 @@ from ._graph import (
     DependencyGraph,
     ElementMap,
     GraphJob,
+    MetricCondition,
     OnParentFailure,
 )
 from ._resources import Resources, format_size, parse_cores, parse_size
@@ -145,6 +146,7 @@ class TaskSpec(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     env: tuple[tuple[str, str], ...] = ()
     resources: Resources | None = None
     requires: tuple[str, ...] = ()
+    max_runtime: float | None = None  # this task's walltime (else the job's)
     nodes: int | None = None  # a multi-node (gang) task: this many nodes, each with resources
 
     @property
@@ -223,8 +225,10 @@ class SubmitJob(Message, frozen=True, kw_only=True, tag="engine.submit_job"):
         return own if own is not None else self.nodes
 
     def task_max_runtime(self, index: int) -> float | None:
-        """Return task ``index``'s walltime in seconds (None: unbounded)."""
-        return self.timeouts.max_runtime
+        """Return task ``index``'s walltime in seconds (its own, else the job's; None:
+        unbounded)."""
+        own = self.tasks[index].max_runtime
+        return own if own is not None else self.timeouts.max_runtime
 
     def metadata_as(self, target: type[T]) -> T:
         """Decode ``metadata`` into ``target`` (a domain's struct).
@@ -343,6 +347,9 @@ class _ResourcesIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     counters: Annotated[dict[str, _Count], msgspec.Meta(max_length=limits.MAX_COUNTERS)] = {}
 
 
+_When = Annotated[str, msgspec.Meta(max_length=200)]
+
+
 class _ElementMapIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     offset: Annotated[
         int, msgspec.Meta(ge=-limits.MAX_FRAME_NUMBER, le=limits.MAX_FRAME_NUMBER)
@@ -358,12 +365,14 @@ class _DependencyIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     elementwise: bool | _ElementMapIn = False
     threshold: Annotated[float, msgspec.Meta(gt=0, le=1)] | None = None
     on_parent_failure: OnParentFailure = "cancel"
+    when: _When | None = None
 
 
 class _TaskDependencyIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     task: _JobRef
     condition: Condition = Condition.ON_SUCCESS
     on_parent_failure: OnParentFailure = "cancel"
+    when: _When | None = None
 
 
 _TaskDependencies = Annotated[
@@ -379,6 +388,7 @@ class _TaskIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     resources: _ResourcesIn | None = None
     depends_on: _TaskDependencies = []
     requires: _Requirements = []
+    max_runtime: _Duration | None = None
     nodes: Annotated[int, msgspec.Meta(ge=1, le=limits.MAX_GANG_NODES)] | None = None
 
 
@@ -713,10 +723,19 @@ class _Builder:
                         else None
                     ),
                     requires=tuple(sorted(set(task.requires))),
+                    max_runtime=self.walltime(f"{where}.max_runtime", task.max_runtime),
                     nodes=task.nodes,
                 )
             )
         return tuple(specs)
+
+    def walltime(self, field: str, value: int | float | str | None) -> float | None:
+        if value is None:
+            return None
+        seconds = self.duration(field, value, maximum=limits.MAX_RUNTIME)
+        if seconds <= 0:
+            raise self.fail(field, "expected a duration above zero")
+        return seconds
 
     def command(self, field: str, value: list[str] | None) -> tuple[str, ...]:
         if value is None:
@@ -1062,6 +1081,7 @@ class _Builder:
                 elementwise = ElementMap(offset=e.offset, before=e.before, after=e.after)
             elif item.elementwise:
                 elementwise = ElementMap()
+            self.when(field, item.when, item.condition, item.threshold)
             deps.append(
                 Dependency(
                     parent=item.job,
@@ -1070,6 +1090,7 @@ class _Builder:
                     elementwise=elementwise,
                     threshold=item.threshold,
                     on_parent_failure=item.on_parent_failure,
+                    when=item.when,
                 )
             )
             fields.append(field)
@@ -1086,6 +1107,7 @@ class _Builder:
                     raise self.fail(
                         field, f"unknown dependency: job {job.name!r} has no task {tdep.task!r}"
                     )
+                self.when(field, tdep.when, tdep.condition, None)
                 deps.append(
                     Dependency(
                         parent=job.name,
@@ -1093,10 +1115,31 @@ class _Builder:
                         parent_task=names[tdep.task],
                         child_task=k,
                         on_parent_failure=tdep.on_parent_failure,
+                        when=tdep.when,
                     )
                 )
                 fields.append(field)
         return tuple(deps), fields
+
+    def when(
+        self, field: str, when: str | None, condition: Condition, threshold: float | None
+    ) -> None:
+        """Check a conditional edge: a metric condition, on an on_success edge."""
+        if when is None:
+            return
+        try:
+            MetricCondition.parse(when)
+        except ValueError as error:
+            raise self.fail(f"{field}.when", str(error)) from None
+        if condition is not Condition.ON_SUCCESS:
+            raise self.fail(
+                f"{field}.when",
+                f"a 'when' condition decides on the parent's success; remove condition = "
+                f"{condition.value!r} (a branch not taken ends 'skipped', which "
+                "on_any_outcome dependants accept)",
+            )
+        if threshold is not None:
+            raise self.fail(f"{field}.when", "a 'when' condition cannot have a threshold")
 
     def task_label(self, label: str) -> str:
         """Turn the graph's ``job[2]`` into ``job[name]`` for explicit, named tasks."""

@@ -20,7 +20,7 @@ from ._interface import (
     attempt_identity,
     gang_environment,
 )
-from ._simulated import SimulatedExecutor, open_simulated_executor
+from ._simulated import SimulatedExecutor, open_simulated_executor, simulated_work
 from ._subprocess import (
     FRAME_SEQUENCE,
     REPORT_PREFIX,
@@ -61,4 +61,5 @@ __all__ = [
     "open_simulated_executor",
     "open_subprocess_executor",
     "parse_report_line",
+    "simulated_work",
 ]

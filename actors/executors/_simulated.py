@@ -3,14 +3,21 @@
 For what-if runs and the domains' simulated weeks: the production engine and policy on a
 :class:`VirtualClock`, with each attempt lasting ``duration(spec)`` seconds (a trace, a model of
 the node's speed).  It reports like any executor (started, optionally progress, then finished),
-so the engine cannot tell it from a real farm; what it saves is a task and its watchdogs per
+so that the engine cannot tell it from a real farm; what it saves is a task and its watchdogs per
 attempt: on a virtual clock an attempt is one timer, and its unit of activity is parked while
 it "runs" so that time can move.
+
+An attempt models a program that checkpoints when asked (SIGUSR1 and preemption alike): a
+checkpoint takes ``checkpoint_cost(spec)`` seconds, during which the attempt makes no progress
+(its end moves later by as much), and records the work done so far counting earlier attempts',
+as ``sim:<seconds>``: ``simulated_work(spec.resume_from)`` is what a resumed attempt need not
+redo, so ``duration(spec)`` can subtract it.  ``metrics(spec)`` are reported before a
+successful end (as ``@taskfarm metric`` lines would be).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +29,7 @@ from ._interface import (
     AttemptCheckpointed,
     AttemptFinished,
     AttemptHandle,
+    AttemptMetric,
     AttemptOutcome,
     AttemptSpec,
     AttemptStarted,
@@ -32,12 +40,24 @@ from ._interface import (
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup
 
-__all__ = ["SimulatedExecutor", "open_simulated_executor"]
+__all__ = ["SimulatedExecutor", "open_simulated_executor", "simulated_work"]
 
 _log = get_logger("actors.executor")
 
 Duration = Callable[[AttemptSpec], float]
 Outcome = Callable[[AttemptSpec], AttemptOutcome]
+Metrics = Callable[[AttemptSpec], Mapping[str, float]]
+
+
+def simulated_work(checkpoint: str | None) -> float:
+    """Return the seconds of work a simulated checkpoint (``sim:<seconds>``) records (0 for
+    None or any other checkpoint)."""
+    if checkpoint is None or not checkpoint.startswith("sim:"):
+        return 0.0
+    try:
+        return max(0.0, float(checkpoint[4:]))
+    except ValueError:
+        return 0.0
 
 
 class _SimulatedAttempt:
@@ -54,6 +74,10 @@ class _SimulatedAttempt:
         self._result: AttemptFinished | None = None
         self._finished = anyio.Event()
         self._checkpoint: str | None = spec.resume_from
+        self._seconds = 0.0
+        self._base = simulated_work(spec.resume_from)
+        self._overhead = 0.0  # seconds spent writing checkpoints (no progress meanwhile)
+        self._writing: Any = None  # the timer of a checkpoint being written
 
     @property
     def spec(self) -> AttemptSpec:
@@ -74,11 +98,42 @@ class _SimulatedAttempt:
     def request_checkpoint(self) -> bool:
         if not self._spec.checkpointable or self._result is not None:
             return False
+        if self._writing is not None:
+            return True  # one is being written: it answers this request too
+        executor = self._executor
+        cost = max(0.0, float(executor.checkpoint_cost(self._spec)))
+        clock = executor.clock
+        if cost <= 0 or not isinstance(clock, VirtualClock):
+            self._write_checkpoint()
+            return True
+        # Writing takes ``cost`` seconds of the attempt: its end moves later by as much.
+        self._overhead += cost
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = clock.call_at(self._ends_at(), self._done)
+        self._writing = clock.call_at(clock.monotonic() + cost, self._write_checkpoint)
+        return True
+
+    def _write_checkpoint(self) -> None:
+        self._writing = None
+        if self._result is not None:
+            return
         elapsed = self._executor.clock.monotonic() - self._started_at
-        self._checkpoint = f"sim:{elapsed:.0f}"
+        work = self._base + max(0.0, elapsed - self._overhead)
+        self._checkpoint = f"sim:{work:.0f}"
         report = AttemptCheckpointed(checkpoint=self._checkpoint, **self._identity)
         self._executor.deliver(self._sink, report, final=False)
-        return True
+
+    def _ends_at(self) -> float:
+        return self._started_at + self._seconds + self._overhead
+
+    def _done(self) -> None:
+        outcome = self._executor.outcome(self._spec)
+        if outcome == "completed":
+            for name, value in self._executor.metrics(self._spec).items():
+                report = AttemptMetric(name=name, value=float(value), **self._identity)
+                self._executor.deliver(self._sink, report, final=False)
+        self._end(outcome, None)
 
     def cancel(self, *, grace: float) -> None:
         self._end("cancelled", "cancelled on request")
@@ -99,6 +154,9 @@ class _SimulatedAttempt:
             return
         if self._timer is not None:
             self._timer.cancel()
+        if self._writing is not None:
+            self._writing.cancel()
+            self._writing = None
         self._executor.unpark(self)
         runtime = max(0.0, self._executor.clock.monotonic() - self._started_at)
         self._result = AttemptFinished(
@@ -116,11 +174,20 @@ class SimulatedExecutor:
     """Attempts that take ``duration(spec)`` clock seconds and end with ``outcome(spec)``."""
 
     def __init__(
-        self, *, duration: Duration, outcome: Outcome, clock: Clock, task_group: TaskGroup
+        self,
+        *,
+        duration: Duration,
+        outcome: Outcome,
+        clock: Clock,
+        task_group: TaskGroup,
+        checkpoint_cost: Duration | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.clock = clock
         self._duration = duration
-        self._outcome = outcome
+        self.outcome = outcome
+        self.checkpoint_cost: Duration = checkpoint_cost or (lambda spec: 0.0)
+        self.metrics: Metrics = metrics or (lambda spec: {})
         self._task_group = task_group
         self.attempts: set[_SimulatedAttempt] = set()
 
@@ -132,21 +199,18 @@ class SimulatedExecutor:
         self.attempts.add(attempt)
         await report(AttemptStarted(pid=None, log_path=None, **attempt_identity(spec)))
         seconds = max(0.0, float(self._duration(spec)))
+        attempt._seconds = seconds
         clock = self.clock
         if isinstance(clock, VirtualClock):
             # The node holds a unit of activity for the attempt until its final report: park
             # it while the attempt "runs", or a virtual clock would never move.
             attempt._parked = clock.activity.park()
-
-            def done() -> None:
-                attempt._end(self._outcome(spec), None)
-
-            attempt._timer = clock.call_at(clock.monotonic() + seconds, done)
+            attempt._timer = clock.call_at(attempt._ends_at(), attempt._done)
         else:
 
             async def run() -> None:
                 await clock.sleep(seconds)
-                attempt._end(self._outcome(spec), None)
+                attempt._done()
 
             self._task_group.start_soon(run)
         return attempt
@@ -162,7 +226,7 @@ class SimulatedExecutor:
     def deliver(
         self,
         sink: ReportSink,
-        report: AttemptCheckpointed | AttemptFinished,
+        report: AttemptCheckpointed | AttemptMetric | AttemptFinished,
         *,
         final: bool,
         attempt: _SimulatedAttempt | None = None,
@@ -189,10 +253,14 @@ async def open_simulated_executor(
     duration: Duration,
     outcome: Outcome | None = None,
     clock: Clock,
+    checkpoint_cost: Duration | None = None,
+    metrics: Metrics | None = None,
 ) -> AsyncIterator[SimulatedExecutor]:
     """Open a simulated executor whose attempts last ``duration(spec)`` clock seconds.
 
-    ``outcome(spec)`` decides how each ends (default: ``completed``).
+    ``outcome(spec)`` decides how each ends (default: ``completed``); a checkpoint takes
+    ``checkpoint_cost(spec)`` seconds of the attempt (default 0); ``metrics(spec)`` are
+    reported before a successful end (see the module docstring).
     """
     async with anyio.create_task_group() as task_group:
         executor = SimulatedExecutor(
@@ -200,6 +268,8 @@ async def open_simulated_executor(
             outcome=outcome or (lambda spec: "completed"),
             clock=clock,
             task_group=task_group,
+            checkpoint_cost=checkpoint_cost,
+            metrics=metrics,
         )
         try:
             yield executor

@@ -1,0 +1,142 @@
+"""Allocated usage, a projection of the journal: core-hours per project per day.
+
+An attempt is allocated from its start (``TaskStarted``) to its end (completed, failed,
+requeued or cancelled), its cores times its nodes; a running attempt counts until the last
+event of the journal.  Each attempt is split over the UTC days it spans.  (Measured usage --
+what the processes really used -- comes with the agents' telemetry; until then allocations
+are what is forecast.)
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+
+import msgspec
+
+from actors import (
+    JobSubmitted,
+    TaskAssigned,
+    TaskCancelled,
+    TaskCompleted,
+    TaskFailed,
+    TaskRequeued,
+    TaskStarted,
+)
+from persistence import Journal, RecordedEvent
+
+from ._model import SimulationMetadata
+
+__all__ = ["CLUSTER", "Usage", "daily_usage", "read_usage"]
+
+CLUSTER = "(cluster)"
+
+
+@dataclass
+class Usage:
+    """Core-hours per project per UTC day, from ``first`` to ``last``."""
+
+    first: date | None = None
+    last: date | None = None
+    by_project: dict[str, dict[date, float]] = field(default_factory=dict)
+
+    def days(self) -> list[date]:
+        """Return every day from the first to the last."""
+        if self.first is None or self.last is None:
+            return []
+        return [self.first + timedelta(days=k) for k in range((self.last - self.first).days + 1)]
+
+    def series(self, project: str = CLUSTER) -> list[float]:
+        """Return one value per day (0 where nothing ran); ``CLUSTER`` sums every project."""
+        days = self.days()
+        if project == CLUSTER:
+            return [sum(p.get(d, 0.0) for p in self.by_project.values()) for d in days]
+        table = self.by_project.get(project, {})
+        return [table.get(d, 0.0) for d in days]
+
+    def projects(self) -> list[str]:
+        """Return the projects that used anything, sorted."""
+        return sorted(self.by_project)
+
+    def monthly(
+        self, project: str = CLUSTER, *, per_node_cores: float | None = None
+    ) -> dict[str, float]:
+        """Return core-hours (or node-hours, given the cores of a node) per ``YYYY-MM``."""
+        months: dict[str, float] = defaultdict(float)
+        for day, value in zip(self.days(), self.series(project), strict=True):
+            months[f"{day.year:04d}-{day.month:02d}"] += value / (per_node_cores or 1.0)
+        return dict(months)
+
+
+def _add(usage: Usage, project: str, cores: float, start: datetime, end: datetime) -> None:
+    table = usage.by_project.setdefault(project, {})
+    at = start
+    while at < end:
+        day = at.astimezone(UTC).date()
+        midnight = datetime(day.year, day.month, day.day, tzinfo=UTC) + timedelta(days=1)
+        until = min(end, midnight)
+        table[day] = table.get(day, 0.0) + cores * (until - at).total_seconds() / 3600.0
+        at = until
+    for day in (start.astimezone(UTC).date(), end.astimezone(UTC).date()):
+        usage.first = day if usage.first is None else min(usage.first, day)
+        usage.last = day if usage.last is None else max(usage.last, day)
+
+
+def daily_usage(records: Iterable[RecordedEvent]) -> Usage:
+    """Fold journal records (in order) into core-hours per project per day."""
+    usage = Usage()
+    projects: dict[str, str] = {}
+    cores: dict[str, list[float]] = {}
+    nodes: dict[tuple[str, int], int] = {}
+    started: dict[tuple[str, int], datetime] = {}
+    last: datetime | None = None
+    for record in records:
+        last = record.timestamp
+        if not record.stream_id.startswith("job:"):
+            continue
+        job_id = record.stream_id[4:]
+        event = record.event
+        match event:
+            case JobSubmitted(job=spec):
+                try:
+                    project = spec.metadata_as(SimulationMetadata).project or "default"
+                except msgspec.ValidationError:
+                    project = "default"
+                projects[job_id] = project
+                cores[job_id] = [spec.task_resources(i).cores for i in range(len(spec.tasks))]
+            case TaskAssigned(task=task, nodes=gang):
+                nodes[(job_id, task)] = max(1, len(gang))
+            case TaskStarted(task=task):
+                started[(job_id, task)] = record.timestamp
+            case (
+                TaskCompleted(task=task)
+                | TaskFailed(task=task)
+                | TaskRequeued(task=task)
+                | TaskCancelled(task=task)
+            ):
+                begin = started.pop((job_id, task), None)
+                if begin is not None and job_id in projects:
+                    width = cores[job_id][task] * nodes.get((job_id, task), 1)
+                    _add(usage, projects[job_id], width, begin, record.timestamp)
+            case _:
+                pass
+    if last is not None:
+        for (job_id, task), begin in started.items():
+            if job_id in projects and last > begin:
+                width = cores[job_id][task] * nodes.get((job_id, task), 1)
+                _add(usage, projects[job_id], width, begin, last)
+    return usage
+
+
+async def read_usage(journal: Journal) -> Usage:
+    """Read the whole journal and return its allocated usage."""
+
+    async def records() -> AsyncIterator[RecordedEvent]:
+        async for batch in journal.read_all(until_position=await journal.last_position()):
+            for record in batch:
+                yield record
+
+    collected = [record async for record in records()]
+    return daily_usage(collected)

@@ -1,0 +1,340 @@
+"""The science policy in the production engine, on a virtual clock with simulated stages:
+reservations and backfill, maintenance, protected preemption, checkpoint intervals,
+recovery, sweeps with successive halving, fair share, and restarts that replay it all."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import anyio
+
+from actors import (
+    ENGINE_CODEC,
+    AttemptOutcome,
+    AttemptSpec,
+    Engine,
+    EngineSettings,
+    Priority,
+    Resources,
+    TaskCheckpointRequested,
+    TaskPreempted,
+    TaskStarted,
+    open_engine,
+    open_simulated_executor,
+    simulated_work,
+)
+from domains.scientific import (
+    SCIENCE_CODEC,
+    SciencePolicy,
+    Simulation,
+    SimulationStage,
+    parameter_sweep,
+    parse_cluster_config,
+)
+from persistence import EventCodec, InMemoryJournal
+from runtime import VirtualClock
+
+T0 = datetime(2027, 3, 1, tzinfo=UTC)
+NODE = Resources.of(cores=32, memory="64GiB")
+WAIT = 20.0
+H = 3600.0
+
+
+def codec() -> EventCodec:
+    merged = EventCodec()
+    merged.update(ENGINE_CODEC)
+    merged.update(SCIENCE_CODEC)
+    return merged
+
+
+@dataclass
+class Cluster:
+    engine: Engine
+    journal: InMemoryJournal
+    clock: VirtualClock
+    policy: SciencePolicy
+
+    async def starts(self, job_id: str) -> list[tuple[float, str]]:
+        """Return (hours since T0, node) of every attempt start of the job."""
+        found = []
+        nodes: dict[int, str] = {}
+        for record in await self.journal.read_stream(f"job:{job_id}"):
+            event = record.event
+            if type(event).__name__ == "TaskAssigned":
+                nodes[event.task] = event.node  # type: ignore[attr-defined]
+            if isinstance(event, TaskStarted):
+                found.append(((record.timestamp - T0).total_seconds() / H, nodes[event.task]))
+        return found
+
+    async def events(self, job_id: str, kind: type) -> list[object]:
+        return [
+            r.event
+            for r in await self.journal.read_stream(f"job:{job_id}")
+            if isinstance(r.event, kind)
+        ]
+
+    async def until(self, hours: float) -> None:
+        await self.clock.sleep((T0 + timedelta(hours=hours) - self.clock.now()).total_seconds())
+
+
+def work(spec: AttemptSpec) -> float:
+    return float(spec.env.get("WORK", "3600")) - simulated_work(spec.resume_from)
+
+
+@asynccontextmanager
+async def cluster(
+    nodes: int = 3,
+    config: str = "",
+    *,
+    journal: InMemoryJournal | None = None,
+    clock: VirtualClock | None = None,
+    outcome: Mapping[str, AttemptOutcome] | None = None,
+    metrics: Mapping[str, float] | None = None,
+) -> AsyncIterator[Cluster]:
+    clock = clock or VirtualClock(auto_advance=True, start=T0)
+    journal = journal or InMemoryJournal(clock=clock, codec=codec())
+    policy = SciencePolicy(parse_cluster_config(config))
+    failing = dict(outcome or {})
+    scores = dict(metrics or {})
+    async with (
+        open_simulated_executor(
+            duration=work,
+            clock=clock,
+            outcome=lambda spec: failing.get(spec.job_id, "completed"),
+            metrics=lambda spec: {"accuracy": scores[spec.job_id]} if spec.job_id in scores else {},
+        ) as executor,
+        open_engine(
+            journal=journal,
+            clock=clock,
+            policy=policy,
+            settings=EngineSettings(preempt_grace=600.0),
+        ) as engine,
+    ):
+        for k in range(nodes):
+            await engine.add_node(f"n{k}", NODE, executor=executor)
+        yield Cluster(engine=engine, journal=journal, clock=clock, policy=policy)
+
+
+def sim(
+    name: str,
+    hours: float,
+    *,
+    walltime: float | None = None,
+    nodes: int = 1,
+    priority: Priority = Priority.MEDIUM,
+    owner: str = "ana",
+    project: str = "climate",
+    **fields: object,
+) -> Simulation:
+    return Simulation(
+        name=name,
+        owner=owner,
+        project=project,
+        priority=priority,
+        stages=[
+            SimulationStage(
+                name="main",
+                command=["model"],
+                cores=32,
+                nodes=nodes,
+                walltime=walltime * H if walltime else None,
+                env={"WORK": str(hours * H)},
+            )
+        ],
+        **fields,  # type: ignore[arg-type]
+    )
+
+
+async def test_a_reservation_is_journaled_listed_and_replayed_after_a_restart() -> None:
+    """``reserve`` is a journaled policy command; a restarted engine still holds it."""
+    clock = VirtualClock(auto_advance=True, start=T0)
+    journal = InMemoryJournal(clock=clock, codec=codec())
+    start = (T0 + timedelta(hours=10)).isoformat()
+    async with cluster(journal=journal, clock=clock) as farm:
+        reply = await farm.engine.policy_command(
+            "reserve", {"for": "big", "start": start, "duration": "1d", "nodes": 2, "name": "r1"}
+        )
+        assert reply["nodes"] == ["n0", "n1"]
+    async with cluster(journal=journal, clock=clock) as farm:
+        rows = await farm.engine.policy_command("reservations", {})
+        assert [(r["name"], r["status"], r["count"]) for r in rows] == [("r1", "planned", 2)]
+        cancelled = await farm.engine.policy_command("unreserve", {"name": "r1"})
+        assert cancelled == {"cancelled": "r1"}
+        assert await farm.engine.policy_command("reservations", {}) == []
+
+
+async def test_backfill_fills_the_gap_and_the_reservation_starts_on_time() -> None:
+    """Short work runs on the held nodes until the start; long work stays off them; the
+    reserved two-node simulation starts at its start, on its nodes."""
+    async with cluster(3) as farm:
+        start = T0 + timedelta(hours=10)
+        await farm.engine.policy_command(
+            "reserve", {"for": "big", "start": start.isoformat(), "duration": "1d", "nodes": 2}
+        )
+        await farm.engine.submit(
+            [
+                sim("long-a", 18, walltime=20).to_job(),
+                sim("long-b", 18, walltime=20).to_job(),
+                sim("short-a", 3, walltime=4).to_job(),
+                sim("short-b", 3, walltime=4).to_job(),
+            ]
+        )
+        await farm.until(1)
+        why = await farm.engine.why("long-b")
+        assert "run into" in why
+        assert "points" in why
+        await farm.until(9)
+        await farm.engine.submit([sim("big", 5, walltime=8, nodes=2).to_job()])
+        with anyio.fail_after(WAIT):
+            await farm.engine.wait_job("big")
+        big = await farm.starts("big")
+        assert big[0][0] <= 10.0 + 0.5  # on time (within a cycle of its start)
+        assert farm.policy.reservations["big@20270301T1000"].job_id == "big"
+        for name in ("short-a", "short-b"):
+            assert (await farm.starts(name))[0][0] == 0.0  # backfilled at once
+        first_long = min(s[0] for s in await farm.starts("long-a") + await farm.starts("long-b"))
+        assert first_long == 0.0
+        long_nodes = {
+            s[1] for s in await farm.starts("long-a") + await farm.starts("long-b") if s[0] < 10
+        }
+        assert len(long_nodes) == 1  # only the node the reservation does not hold
+
+
+async def test_a_major_window_drains_before_and_brings_the_nodes_back_after() -> None:
+    """Work that cannot finish before the window stays off its node; what runs there at the
+    start checkpoints, yields and resumes elsewhere; the node returns after the window."""
+    async with cluster(2) as farm:
+        await farm.engine.policy_command(
+            "maintenance",
+            {
+                "name": "fw",
+                "start": (T0 + timedelta(hours=2)).isoformat(),
+                "end": (T0 + timedelta(hours=4)).isoformat(),
+                "severity": "major",
+                "nodes": ["n0"],
+            },
+        )
+        await farm.engine.submit([sim("walltimed", 3, walltime=3.5).to_job()])
+        await farm.until(0.5)
+        await farm.engine.submit([sim("open", 6).to_job()])  # no walltime: lands on n0
+        await farm.until(2.5)
+        nodes = {n.name: n.health for n in await farm.engine.nodes()}
+        assert nodes["n0"] == "draining"
+        assert (await farm.starts("walltimed"))[0][1] == "n1"
+        preempted = await farm.events("open", TaskPreempted)
+        assert [p.reason for p in preempted] != []  # type: ignore[attr-defined]
+        with anyio.fail_after(WAIT):
+            await farm.engine.wait_job("open")
+            await farm.engine.wait_job("walltimed")
+        await farm.until(4.5)
+        nodes = {n.name: n.health for n in await farm.engine.nodes()}
+        assert nodes["n0"] == "online"
+        opened = await farm.starts("open")
+        assert [s[1] for s in opened][:1] == ["n0"]
+
+
+async def test_a_waiting_high_stage_preempts_only_after_the_minimum_runtime() -> None:
+    """A high simulation waits until the low one ran an hour, then the low one checkpoints
+    and yields, and resumes from its checkpoint once the node is free."""
+    async with cluster(1) as farm:
+        await farm.engine.submit([sim("low", 4, priority=Priority.LOW).to_job()])
+        await farm.until(0.25)
+        await farm.engine.submit([sim("high", 1, priority=Priority.HIGH).to_job()])
+        with anyio.fail_after(WAIT):
+            await farm.engine.wait_job("high")
+            await farm.engine.wait_job("low")
+        preempted = await farm.events("low", TaskPreempted)
+        assert len(preempted) == 1
+        high = await farm.starts("high")
+        assert 1.0 <= high[0][0] <= 1.6  # after the minimum runtime (and the checkpoint)
+        assert "needs node" in preempted[0].reason  # type: ignore[attr-defined]
+        low = await farm.starts("low")
+        assert len(low) == 2
+
+
+async def test_the_checkpoint_interval_follows_the_resilience_level() -> None:
+    """A high-resilience stage without a known checkpoint cost is asked every 30 minutes."""
+    async with cluster(1) as farm:
+        await farm.engine.submit([sim("careful", 2, resilience="high").to_job()])
+        with anyio.fail_after(WAIT):
+            await farm.engine.wait_job("careful")
+        requests = await farm.events("careful", TaskCheckpointRequested)
+        assert len(requests) == 3  # at 30, 60 and 90 minutes
+        assert "careful" in farm.policy.intervals
+        assert farm.policy.intervals["careful"].seconds == 1800
+
+
+async def test_a_crashing_stage_is_restarted_elsewhere_then_held_for_an_operator() -> None:
+    """crash: restart elsewhere after 5 min, then restart after 10 min, then hold."""
+    async with cluster(2, outcome={"bad": "failed"}) as farm:
+        await farm.engine.submit([sim("bad", 0.5).to_job()])
+        await farm.until(3)
+        starts = await farm.starts("bad")
+        assert [round(s[0] * 60) for s in starts] == [0, 35, 75]
+        assert starts[0][1] != starts[1][1]
+        why = await farm.engine.why("bad")
+        assert "held" in why
+        assert "operator" in why
+
+
+async def test_a_sweep_runs_at_its_cap_and_halving_keeps_the_best() -> None:
+    """Nine members, at most three at once; after the first rung the best third goes on,
+    after the second the best one; pruned members wait, pinning one resumes it."""
+    config = "[scenarios]\nrungs = [0.33, 0.66]\nweights = { accuracy = 1 }"
+    quality = {f"mix-{k}": 0.1 * k for k in range(9)}
+    async with cluster(4, config, metrics=quality) as farm:
+        sweep = parameter_sweep(
+            "mix",
+            {"k": list(range(9))},
+            lambda p: [
+                SimulationStage(
+                    name=f"r{r}",
+                    command=["model"],
+                    cores=32,
+                    after=[f"r{r - 1}"] if r else [],
+                    env={"WORK": str(H)},
+                )
+                for r in range(3)
+            ],
+            max_concurrent=3,
+            owner="bo",
+            project="mix",
+        )
+        await farm.engine.submit(list(sweep.to_jobs()))
+        await farm.until(0.5)
+        running = sum(1 for n in await farm.engine.nodes() if n.running)
+        assert running == 3
+        with anyio.fail_after(WAIT):
+            await farm.engine.wait_job("mix-8")
+        rows = await farm.engine.policy_command("scenarios", {})
+        statuses = {m["member"]: m["status"] for m in rows[0]["members"]}
+        assert statuses["mix-8"] == "done"
+        assert sorted(j for j, s in statuses.items() if s == "pruned") == [
+            f"mix-{k}" for k in range(8)
+        ]
+        assert "pruned at rung 2" in await farm.engine.why("mix-7")
+        assert "pruned at rung 1" in await farm.engine.why("mix-0")
+        await farm.engine.policy_command("pin", {"job": "mix-7"})
+        with anyio.fail_after(WAIT):
+            assert (await farm.engine.wait_job("mix-7")).status == "completed"
+
+
+async def test_fair_share_serves_the_light_user_before_the_heavy_one() -> None:
+    """Same priority, the heavy user submitted first: the light user's stage goes first."""
+    async with cluster(1) as farm:
+        await farm.engine.submit([sim("heavy-1", 10, owner="heavy", project="p1").to_job()])
+        await farm.until(9)
+        await farm.engine.submit(
+            [
+                sim("heavy-2", 1, owner="heavy", project="p1").to_job(),
+                sim("light-1", 1, owner="light", project="p2").to_job(),
+            ]
+        )
+        with anyio.fail_after(WAIT):
+            await farm.engine.wait_job("heavy-2")
+        light = (await farm.starts("light-1"))[0][0]
+        heavy = (await farm.starts("heavy-2"))[0][0]
+        assert light < heavy
