@@ -50,6 +50,7 @@ from ._events import (
     TaskCancelled,
     TaskCompleted,
     TaskFailed,
+    TaskPreviewed,
     TaskRequeued,
     TaskStarted,
     job_stream,
@@ -86,7 +87,15 @@ from ._messages import (
 )
 from ._node import NodeActor
 from ._placement import SchedulerCore
-from ._policy import FifoPolicy, Observation, Policy, TaskEndedObservation, TaskStartedObservation
+from ._policy import (
+    FifoPolicy,
+    JobSubmittedObservation,
+    Observation,
+    Policy,
+    TaskEndedObservation,
+    TaskPreviewObservation,
+    TaskStartedObservation,
+)
 from ._resources import Resources
 from ._scheduler import KnownNode, Recovered, SchedulerActor
 from ._settings import EngineSettings
@@ -855,6 +864,14 @@ async def _history(journal: Journal) -> list[Observation]:
                     )
                 case TaskAssigned(task=task, node=node, attempt=attempt):
                     nodes[(job_id, task)] = (node, attempt)
+                case JobSubmitted(job=spec, submitted_at=submitted_at):
+                    observations.append(
+                        JobSubmittedObservation(job_id=job_id, spec=spec, submitted_at=submitted_at)
+                    )
+                case TaskPreviewed(task=task, path=path):
+                    observations.append(
+                        TaskPreviewObservation(job_id=job_id, task=task, path=path, at=at)
+                    )
                 case _:
                     pass
     return observations
