@@ -10,9 +10,7 @@ tables: ``_deadline``, ``_shares``, ``_specialization``, ``_speed``, ``_preempti
 ``_previews``, ``_energy``, ``_forecast``.  ``tiny_renderer`` is the demo's ray tracer.
 """
 
-from __future__ import annotations
-
-from pathlib import Path
+from pathlib import Path as _Path
 
 from ._config import (
     ENERGY_MODES,
@@ -74,7 +72,7 @@ __all__ = [
 ]
 
 
-def render_farm_policy(config: Path | None) -> RenderFarmPolicy:
+def render_farm_policy(config: _Path | None) -> RenderFarmPolicy:
     """Build the policy from ``farm.toml`` (the ``taskfarm.policies`` factory).
 
     Raises:
@@ -88,4 +86,4 @@ def render_farm_policy(config: Path | None) -> RenderFarmPolicy:
             "the render-farm policy needs a farm.toml (its clients, node classes, tariffs)",
             where="--policy-config",
         )
-    return RenderFarmPolicy(load_farm_config(config), config_path=Path(config))
+    return RenderFarmPolicy(load_farm_config(config), config_path=_Path(config))

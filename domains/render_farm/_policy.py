@@ -154,7 +154,7 @@ class RenderFarmPolicy(FifoPolicy):
     # Every fitting node is scored, so every node class is considered, not the first found.
     max_candidates = 1_000_000
     cycle_interval = 30.0
-    metadata_type = RenderMetadata
+    metadata_type: type[Any] | None = RenderMetadata
     history = True
     command_roles: Mapping[str, str] = {
         "status": "read",
@@ -191,6 +191,7 @@ class RenderFarmPolicy(FifoPolicy):
         self._next_sleep_scan: datetime | None = None
         self._farm: FarmView | None = None
         self._forecast: tuple[datetime, dict[str, datetime], list[Slot]] | None = None
+        self._classes: tuple[int, dict[str, tuple[str, ...]]] | None = None
         self._score_cache: dict[tuple[str, str], tuple[tuple[int, str, int], float]] = {}
         self.preemptions_asked = 0
 
@@ -356,8 +357,18 @@ class RenderFarmPolicy(FifoPolicy):
         if not job.full[task] or observation.node is None or observation.runtime_s <= 0:
             return
         seconds_per_frame = observation.runtime_s / max(1e-9, job.units[task])
-        node_class = self._class_of(observation.node)
-        self.speeds.add(observation.node, node_class, job.job_type, seconds_per_frame / job.prior)
+        self.speeds.add(observation.node, job.job_type, seconds_per_frame / job.prior)
+
+    def _members(self, node_class: str) -> tuple[str, ...]:
+        """Return the nodes of a class (as the farm's labels say; cached until a node changes)."""
+        if self._classes is None or self._classes[0] != self._node_version:
+            members: dict[str, list[str]] = {}
+            if self._farm is not None:
+                for name, view in self._farm.nodes.items():
+                    found = node_class_of(view.label_map) or self.config.default_class.name
+                    members.setdefault(found, []).append(name)
+            self._classes = (self._node_version, {k: tuple(v) for k, v in members.items()})
+        return self._classes[1].get(node_class, ())
 
     def _class_of(self, node: str) -> str:
         farm = self._farm
@@ -616,8 +627,10 @@ class RenderFarmPolicy(FifoPolicy):
             base = base_factor(
                 job_type=info.job_type,
                 node=profile,
-                class_factor=self.speeds.class_factor(node_class, info.job_type),
-                node_factor=self.speeds.node_factor(node.name, node_class, info.job_type),
+                class_factor=self.speeds.class_factor(self._members(node_class), info.job_type),
+                node_factor=self.speeds.node_factor(
+                    node.name, self._members(node_class), info.job_type
+                ),
                 mode=self.mode,
                 reference_watts=self._reference_watts(),
             )
@@ -1169,7 +1182,7 @@ class RenderFarmPolicy(FifoPolicy):
         if info is None:
             return 1.0
         node_class = self._class_of(node)
-        ratio = self.speeds.ratio(node, node_class, info.job_type)
+        ratio = self.speeds.ratio(node, self._members(node_class), info.job_type)
         if ratio is not None:
             farm_ratio = self.speeds.types.get(info.job_type)
             return (farm_ratio.value if farm_ratio else 1.0) / ratio
@@ -1356,7 +1369,7 @@ class RenderFarmPolicy(FifoPolicy):
 
     def learned_factor(self, node: str, job_type: str) -> float | None:
         """Return the learned node factor for a job type (None: unknown)."""
-        return self.speeds.node_factor(node, self._class_of(node), job_type)
+        return self.speeds.node_factor(node, self._members(self._class_of(node)), job_type)
 
 
 def _deadline(job: JobView) -> datetime | None:
