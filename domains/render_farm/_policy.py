@@ -326,7 +326,9 @@ class RenderFarmPolicy(FifoPolicy):
                 (task.start, task.end) if task.start is not None and task.end is not None else None
             )
             if index < len(passes):
-                units.append(count / max(1, plan.stride if plan else 1) * passes[index] ** exponent)
+                step = max(1, plan.stride if plan else 1)
+                picked = len(range(task.start or 0, (task.end or 0) + 1, step))
+                units.append(max(1, picked) * passes[index] ** exponent)
                 full.append(False)
             else:
                 units.append(float(count))
@@ -496,7 +498,9 @@ class RenderFarmPolicy(FifoPolicy):
         if info is None:
             return None
         states = self._share_states(farm, now)
-        if info.client in states:
+        if info.client in states and not self._may_preempt(job):
+            # A job that may preempt is not held here: with no room for it, it is offered to
+            # ``preemptions`` (which then only takes from its own client).
             share = self._task_share(info, job, farm)
             state = states[info.client]
             if state.used + share > state.maximum + 1e-9:
@@ -530,6 +534,10 @@ class RenderFarmPolicy(FifoPolicy):
             return None
         share = dominant_share(task.request, self._farm_totals(farm))
         return admit_share(info.client, share, states)
+
+    def _may_preempt(self, job: JobView) -> bool:
+        level = self._levels.get(job.job_id)
+        return job.priority is Priority.CRITICAL or (level is not None and level.at_risk)
 
     def _task_share(self, info: _Job, job: JobView, farm: FarmView) -> float:
         if info.share is None or info.share_version != self._node_version:
@@ -680,13 +688,19 @@ class RenderFarmPolicy(FifoPolicy):
         victims_of = self._victims(farm)
         choice: tuple[str, list[Victim]] | None = None
         reason = ""
+        # A client beyond what its shares allow may only take back from itself.
+        own = info is not None and self._share_refuses(info, task, farm, now)
+        client = info.client if info is not None else ""
         if job.priority is Priority.CRITICAL:
             choice = choose_victims(
                 task.request,
                 task.requires,
                 farm.nodes,
                 victims_of,
-                lambda v: self._base_rank(farm, v.job_id) < Priority.CRITICAL.rank,
+                lambda v: (
+                    self._base_rank(farm, v.job_id) < Priority.CRITICAL.rank
+                    and (not own or v.client == client)
+                ),
             )
             reason = f"critical job {job.job_id} needs the node"
         elif level.at_risk:
@@ -695,10 +709,10 @@ class RenderFarmPolicy(FifoPolicy):
                 task.requires,
                 farm.nodes,
                 victims_of,
-                lambda v: v.level < level.priority.rank,
+                lambda v: v.level < level.priority.rank and (not own or v.client == client),
             )
             reason = f"{job.job_id} is at deadline risk ({level.reason})"
-        if choice is None and info is not None:
+        if choice is None and info is not None and not own:
             choice, reason = self._reclaim(job, task, info, farm, now, victims_of)
         if choice is None:
             return ()
@@ -708,6 +722,13 @@ class RenderFarmPolicy(FifoPolicy):
             Preemption(victim_job=v.job_id, victim_task=v.task, node=node, reason=reason)
             for v in victims
         ]
+
+    def _share_refuses(self, info: _Job, task: TaskView, farm: FarmView, now: datetime) -> bool:
+        states = self._share_states(farm, now)
+        if info.client not in states:
+            return False
+        share = dominant_share(task.request, self._farm_totals(farm))
+        return admit_share(info.client, share, states) is not None
 
     def _reclaim(
         self,

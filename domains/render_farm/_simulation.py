@@ -145,11 +145,17 @@ class SimulatedFarm:
         if event.by != "policy":
             return
         if event.health == "sleeping":
-            self._group.start_soon(self.engine.set_node_reachable, node, "offline")
+            self._group.start_soon(self._suspend, node)
         elif event.health == "online":
             self._group.start_soon(self._boot, node)
 
+    async def _suspend(self, node: str) -> None:
+        # Started from inside the scheduler: this task holds no unit of the clock's activity.
+        self.clock.activity.exit()
+        await self.engine.set_node_reachable(node, "offline")
+
     async def _boot(self, node: str) -> None:
+        self.clock.activity.exit()
         await self.clock.sleep(self.wake_seconds)
         if node in self.nodes:
             await self.engine.set_node_reachable(node, "connected")

@@ -131,7 +131,7 @@ def test_learned_speed_is_a_factor_around_one(
         assert factor is None
     else:
         assert factor is not None
-        assert (factor > 1.0 if expected == "higher" else factor < 1.0)
+        assert factor > 1.0 if expected == "higher" else factor < 1.0
 
 
 CONFIG = parse_farm_config(
