@@ -1211,6 +1211,7 @@ class RenderFarmPolicy(FifoPolicy):
 
     def status_rows(self, farm: FarmView, now: datetime) -> list[dict[str, Any]]:
         """Return one row per live render job, in rank order (for ``taskfarm render status``)."""
+        self._farm = farm
         completion, _ = self._forecast_for(farm, now)
         rows: list[tuple[Any, dict[str, Any]]] = []
         for view in farm.jobs.values():
@@ -1278,6 +1279,7 @@ class RenderFarmPolicy(FifoPolicy):
 
     def client_rows(self, farm: FarmView, now: datetime) -> list[dict[str, Any]]:
         """Return each client's guaranteed, maximum, used, borrowed and lent share (percent)."""
+        self._farm = farm
         states = self._share_states(farm, now)
         ledger = loans(states)
         lent: dict[str, float] = {}

@@ -54,9 +54,12 @@ def _job(frames: int, chunk: int, preview: PreviewSettings | None = None) -> Ren
     )
 
 
-def _plan(job: RenderJob, defaults: PreviewDefaults = PreviewDefaults()) -> list[str]:
+DEFAULTS = PreviewDefaults()
+
+
+def _plan(job: RenderJob) -> list[str]:
     meta = job.to_spec().metadata_as(RenderMetadata)
-    planned = plan_previews(job.to_spec(), preview_choice(meta.render.preview, defaults))
+    planned = plan_previews(job.to_spec(), preview_choice(meta.render.preview, DEFAULTS))
     assert planned is not None
     return [task.name for task in planned[0]]
 
