@@ -32,3 +32,17 @@ def test_embedding_example_runs_and_refuses_a_duplicate(tmp_path: Path) -> None:
     assert second.returncode != 0
     assert "shot-010" in second.stderr
     assert "already exists" in second.stderr
+
+
+def test_the_policy_example_defers_energy_work_to_the_night(tmp_path: Path) -> None:
+    """The "Writing a policy" example starts the preview at once and the simulation at 22:00."""
+    text = README.read_text(encoding="utf-8")
+    match = re.search(r"## Writing a policy.*?```python\n(.*?)```", text, re.S)
+    assert match is not None, "the README has no policy example"
+    script = tmp_path / "policy.py"
+    script.write_text(match.group(1), encoding="utf-8")
+    run = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["preview", "09:00", "simulation", "22:00"]

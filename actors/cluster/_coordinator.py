@@ -172,7 +172,7 @@ class Coordinator:
         # Nodes this coordinator marked unreachable because their agent went away.
         self._suspended: set[str] = set()
         self._clients: set[Connection[WireMessage]] = set()
-        self._holders: dict[tuple[str, int], str] = {}
+        self._holders: dict[tuple[str, int], tuple[str, ...]] = {}
         self.credentials = CredentialStore(
             engine.journal,
             clock,
@@ -202,12 +202,12 @@ class Coordinator:
                         reason="no assignment with this fencing token is journaled",
                     )
                     return
-                if holder != name:
+                if name not in holder:
                     connection = self._connections.get(name)
                     self._refuse_frame(
                         peer=connection.peer if connection is not None else "",
                         node_id=name,
-                        claimed_node=holder,
+                        claimed_node=holder[0],
                         job_id=report.job_id,
                         task=report.task_id,
                         reason=f"report ({type(report).__name__}) for an attempt of another node",
@@ -266,7 +266,12 @@ class Coordinator:
             if engine.node_ref(name) is None:
                 self._suspended.discard(name)  # joining sets it online (unless quarantined)
                 await engine.add_node(
-                    name, hello.capacity, executor=executor, labels=hello.labels, remote=True
+                    name,
+                    hello.capacity,
+                    executor=executor,
+                    labels=hello.labels,
+                    remote=True,
+                    address=_host_of_peer(connection.peer),
                 )
             elif name in self._suspended:
                 self._suspended.discard(name)
@@ -283,11 +288,11 @@ class Coordinator:
                     running.job_id, task, running.fencing_token, name
                 ):
                     holder = await self._holder(running.job_id, running.fencing_token)
-                    if holder is not None and holder != name:
+                    if holder is not None and name not in holder:
                         self._refuse_frame(
                             peer=connection.peer,
                             node_id=name,
-                            claimed_node=holder,
+                            claimed_node=holder[0],
                             job_id=running.job_id,
                             task=running.task_id,
                             reason="claim of an attempt of another node",
@@ -625,29 +630,30 @@ class Coordinator:
             reason=reason,
         )
 
-    async def _holder(self, job_id: str, token: int) -> str | None:
-        """Return the node the engine assigned the attempt with fencing token ``token`` of
-        ``job_id`` to (the ``TaskAssigned`` at that stream version), or None if the journal
-        has none.
+    async def _holder(self, job_id: str, token: int) -> tuple[str, ...] | None:
+        """Return the nodes the engine assigned the attempt with fencing token ``token`` of
+        ``job_id`` to (the ``TaskAssigned`` at that stream version: one node, or every rank's
+        of a multi-node attempt), or None if the journal has none.
 
         A found answer never changes, so it is remembered.
         """
         key = (job_id, token)
         if key in self._holders:
             return self._holders[key]
-        node = None
+        nodes: tuple[str, ...] | None = None
         if token >= 1:
             records = await self.engine.journal.read_stream(
                 job_stream(job_id), after_version=token - 1
             )
             if records and records[0].version == token:
                 event = records[0].event
-                node = event.node if isinstance(event, TaskAssigned) else None
-        if node is not None:  # None may only mean "not committed yet": ask again next time
+                if isinstance(event, TaskAssigned):
+                    nodes = event.nodes or (event.node,)
+        if nodes is not None:  # None may only mean "not committed yet": ask again next time
             if len(self._holders) >= _HOLDERS_REMEMBERED:
                 self._holders.pop(next(iter(self._holders)))
-            self._holders[key] = node
-        return node
+            self._holders[key] = nodes
+        return nodes
 
     def _credential_changed(self, change: Change) -> None:
         """Close the connections a credential change invalidates: those made with a revoked
@@ -964,3 +970,10 @@ def _startup_failure(error: Exception, journal: Path) -> TaskfarmError | None:
 def summaries_json(nodes: list[NodeSummary]) -> Any:
     """Return node summaries as plain JSON-able data."""
     return msgspec.to_builtins(nodes)
+
+
+def _host_of_peer(peer: str) -> str:
+    """Return the host of a ``host:port`` (or ``[v6]:port``) peer: where the ranks of a
+    multi-node task on that agent's node can be reached."""
+    host = peer.rpartition(":")[0] or peer
+    return host.strip("[]")

@@ -136,6 +136,7 @@ class Engine:
         self._jobs: dict[str, ActorRef[Any]] = {}
         self._nodes: dict[str, ActorRef[Any]] = {}
         self._finished: dict[str, anyio.Event] = {}
+        self._addresses: dict[str, str] = {}  # node -> its network address (agents)
         self._scheduler_actor: SchedulerActor | None = None
 
     @property
@@ -155,6 +156,11 @@ class Engine:
         ref = self._nodes.get(name)
         return ref if ref is not None and ref.is_alive else None
 
+    def node_address(self, name: str) -> str:
+        """Return a node's network address for the ranks of multi-node tasks (its name when
+        it gave none: an in-process node)."""
+        return self._addresses.get(name) or name
+
     async def _spawn_job(self, job_id: str, recovered: tuple[JobState, int]) -> ActorRef[Any]:
         once = [recovered]
 
@@ -167,6 +173,7 @@ class Engine:
                 node_ref=self.node_ref,
                 settings=self.settings,
                 recovered=once.pop() if once else None,
+                node_address=self.node_address,
             )
 
         ref = await self.system.spawn(factory, name=f"job-{job_id}")
@@ -189,8 +196,10 @@ class Engine:
         executor: Executor,
         labels: Sequence[str] = (),
         remote: bool = False,
+        address: str = "",
     ) -> None:
-        """Add a node that runs work with ``executor`` (which the caller keeps open).
+        """Add a node that runs work with ``executor`` (which the caller keeps open);
+        ``address`` is where the ranks of a multi-node task on it can be reached.
 
         A node the journal knows keeps the health an operator gave it (drain, sleep and
         quarantine survive a rejoin and a restart).
@@ -205,6 +214,8 @@ class Engine:
             name=f"node-{name}",
         )
         self._nodes[name] = ref
+        if address:
+            self._addresses[name] = address
         await self.scheduler.tell(
             NodeJoined(name=name, capacity=capacity, labels=tuple(sorted(labels)), remote=remote)
         )
@@ -289,7 +300,7 @@ class Engine:
             return False
         await node_ref.ask(AdoptAttempt(spec=spec, job=ref), timeout=self.settings.ask_timeout)
         if self._scheduler_actor is not None:
-            self._scheduler_actor.claimed(job_id, task)
+            self._scheduler_actor.claimed(job_id, task, node)
         return True
 
     async def deliver_orphan(self, report: AttemptReport, node: str) -> bool:
@@ -693,7 +704,7 @@ class Engine:
         # A job submitted in one batch with its parent may sort before it (same time, smaller
         # id): the graph must know every parent before its dependants are added.
         jobs = _parents_first(jobs)
-        in_doubt: dict[tuple[str, int], str] = {}
+        in_doubt: dict[tuple[str, int], set[str]] = {}
         unfinished: list[tuple[JobState, int]] = []
         orphans = 0
         for state, version in jobs:
@@ -719,8 +730,13 @@ class Engine:
                 assert task.node is not None
                 if self.core.node_health(task.node) is None:
                     self.core.add_node(task.node, Resources(), reachable="offline")
-                self.core.mark_running(spec.job_id, index, task.node, task.attempt, started_at=None)
-                in_doubt[(spec.job_id, index)] = task.node
+                for member in task.gang:
+                    if self.core.node_health(member) is None:
+                        self.core.add_node(member, Resources(), reachable="offline")
+                self.core.mark_running(
+                    spec.job_id, index, task.node, task.attempt, started_at=None, nodes=task.gang
+                )
+                in_doubt[(spec.job_id, index)] = set(task.gang or [task.node])
         for record in await self.journal.read_stream(policy_stream(self.core.policy.name)):
             self.core.apply_policy_event(record.event)
         if self.core.policy_wants_history():
@@ -777,7 +793,7 @@ def _time_held(clock: Clock) -> Iterator[None]:
 @dataclass(frozen=True)
 class _Recovered:
     unfinished: list[tuple[JobState, int]]
-    in_doubt: dict[tuple[str, int], str]
+    in_doubt: dict[tuple[str, int], set[str]]
     nodes: dict[str, KnownNode]
 
 

@@ -99,6 +99,7 @@ class TaskAssigned(Event, frozen=True, kw_only=True, tag="engine.task_assigned")
     token: int
     node: str
     resume_from: str | None = None
+    nodes: tuple[str, ...] = ()  # a multi-node attempt's nodes, leader (``node``) first
 
 
 @ENGINE_CODEC.register
@@ -354,6 +355,11 @@ class TaskState(msgspec.Struct, kw_only=True):
     resources: Resources | None = None
     metrics: dict[str, float] = msgspec.field(default_factory=dict)
     nodes: list[str] = msgspec.field(default_factory=list)
+    gang: list[str] = msgspec.field(default_factory=list)  # the current attempt's nodes
+
+    def holds(self, node: str | None) -> bool:
+        """Return whether ``node`` runs (a rank of) the current attempt."""
+        return node is not None and (node == self.node or node in self.gang)
 
 
 class JobState(msgspec.Struct, kw_only=True):
@@ -405,12 +411,13 @@ class JobAggregate:
                 state.submitted_at = at
                 state.status = "active"
                 state.tasks = [TaskState() for _ in job.tasks]
-            case TaskAssigned(task=i, attempt=attempt, token=token, node=node):
+            case TaskAssigned(task=i, attempt=attempt, token=token, node=node, nodes=members):
                 task = state.tasks[i]
                 task.status = "assigned"
                 task.attempt = attempt
                 task.token = token
                 task.node = node
+                task.gang = list(members)
                 task.retry_at = None
                 del task.nodes[attempt - 1 :]
                 task.nodes.extend([""] * (attempt - 1 - len(task.nodes)))

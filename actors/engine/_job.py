@@ -146,6 +146,7 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
         node_ref: Callable[[str], ActorRef[Any] | None],
         settings: EngineSettings,
         recovered: tuple[JobState, int] | None = None,
+        node_address: Callable[[str], str] = str,
     ) -> None:
         super().__init__(
             journal=journal,
@@ -157,6 +158,7 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
         self.job_id = job_id
         self.scheduler = scheduler
         self.node_ref = node_ref
+        self.node_address = node_address
         self.settings = settings
 
     async def handle(self, command: JobMessage) -> Any:
@@ -179,7 +181,7 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
                 return await self._on_report(report, node)
             case AttemptLost(task=task, node=node, reason=reason):
                 current = self.state.tasks[task]
-                if current.node == node:
+                if current.holds(node):
                     await self._lost(task, current.token, reason)
                 return None
             case ClaimAttempt(task=task, token=token, node=node):
@@ -189,11 +191,14 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
                 current = self.state.tasks[task]
                 if (
                     current.token == token
-                    and current.node == node
+                    and current.holds(node)
                     and current.status in ("assigned", "running")
                     and self.state.live
                 ):
-                    return self._attempt_spec(task, current.attempt, token)
+                    spec = self._attempt_spec(task, current.attempt, token)
+                    if current.gang:
+                        spec = msgspec.structs.replace(spec, rank=current.gang.index(node))
+                    return spec
                 return None
             case PreemptTask(task=task, node=node, reason=reason, force=force):
                 await self._preempt(task, node, reason, force=force)
@@ -277,13 +282,13 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
 
     # -- dispatch -------------------------------------------------------------------------------
 
-    async def _dispatch(self, placements: tuple[tuple[int, str], ...]) -> None:
+    async def _dispatch(self, placements: tuple[tuple[int, tuple[str, ...]], ...]) -> None:
         state = self.state
         spec = state.job
         events: list[Event] = []
-        accepted: list[tuple[int, str, int, int]] = []
+        accepted: list[tuple[int, tuple[str, ...], int, int]] = []
         version = self.version
-        for task_index, node in placements:
+        for task_index, nodes in placements:
             task = state.tasks[task_index]
             if spec is None or state.status != "active" or task.status != "pending":
                 await self._after(self.scheduler, Unplace(job_id=self.job_id, task=task_index))
@@ -295,25 +300,31 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
                     task=task_index,
                     attempt=attempt,
                     token=token,
-                    node=node,
+                    node=nodes[0],
                     resume_from=task.checkpoint,
+                    nodes=nodes if len(nodes) > 1 else (),
                 )
             )
-            accepted.append((task_index, node, attempt, token))
+            accepted.append((task_index, nodes, attempt, token))
         if not events:
             return
         await self.persist(events)
-        for task_index, node, attempt, token in accepted:
-            ref = self.node_ref(node)
-            if ref is None:
-                await self._lost(task_index, token, f"node {node} left before dispatch")
+        for task_index, nodes, attempt, token in accepted:
+            refs = [self.node_ref(node) for node in nodes]
+            gone = [node for node, ref in zip(nodes, refs, strict=True) if ref is None]
+            if gone:
+                await self._lost(task_index, token, f"node {gone[0]} left before dispatch")
                 continue
-            # After the commit: inside a batch the assignment is only staged, and an attempt
-            # must never run (or report) before its assignment is durable.
-            start = StartAttempt(
-                spec=self._attempt_spec(task_index, attempt, token), job=self.context.self_ref
-            )
-            await self._after(ref, start)
+            spec_of = self._attempt_spec(task_index, attempt, token)
+            launch_all = spec is not None and spec.launch == "all"
+            for rank, ref in enumerate(refs):
+                if rank and not launch_all:
+                    continue  # "leader": the other nodes are held for the leader's command
+                # After the commit: inside a batch the assignment is only staged, and an
+                # attempt must never run (or report) before its assignment is durable.
+                ranked = spec_of if len(nodes) == 1 else msgspec.structs.replace(spec_of, rank=rank)
+                assert ref is not None
+                await self._after(ref, StartAttempt(spec=ranked, job=self.context.self_ref))
 
     def _attempt_spec(self, index: int, attempt: int, token: int) -> AttemptSpec:
         spec = self.state.job
@@ -348,6 +359,10 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
             max_runtime=spec.timeouts.max_runtime,
             stall_timeout=spec.timeouts.stall,
             memory=(task.resources or spec.task_resources(index)).memory,
+            nodes=tuple(task.gang),
+            launch=spec.launch,
+            hosts=tuple(self.node_address(node) for node in task.gang),
+            port=self.settings.gang_port(self.job_id, index, token) if task.gang else 0,
         )
 
     # -- reports --------------------------------------------------------------------------------
@@ -364,7 +379,7 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
         if (
             task.token != token
             or task.status not in ("assigned", "running")
-            or (node is not None and task.node is not None and node != task.node)
+            or (node is not None and task.node is not None and not task.holds(node))
         ):
             _log.info(
                 "stale_report_rejected",
@@ -372,9 +387,13 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
                 task=index,
                 token=token,
                 current=task.token,
+                status=task.status,
+                node_id=node,
                 report=type(report).__name__,
             )
             return False
+        if task.gang and node is not None and node != task.node:
+            return await self._on_member_report(index, report, node)
         match report:
             case AttemptStarted(pid=pid):
                 if task.status == "assigned":
@@ -418,6 +437,21 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
                 await self._on_finished(index, report)
         return True
 
+    async def _on_member_report(self, index: int, report: Any, node: str) -> bool:
+        """A report from a rank other than the leader's: progress and checkpoints come from
+        rank 0, but a rank that fails (or is stopped) ends the whole attempt everywhere."""
+        if not isinstance(report, AttemptFinished) or report.outcome == "completed":
+            return True
+        task = self.state.tasks[index]
+        rank = task.gang.index(node)
+        error = f"rank {rank} on {node}: {report.error or report.outcome}"
+        if report.outcome in ("lost", "cancelled") and self.state.status != "cancelling":
+            await self._lost(index, task.token, error)
+        else:
+            leader = msgspec.structs.replace(report, error=error)
+            await self._on_finished(index, leader)
+        return True
+
     async def _on_finished(self, index: int, report: AttemptFinished) -> None:
         state = self.state
         spec = state.job
@@ -426,6 +460,7 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
         token = report.fencing_token
         node = task.node
         attempt = task.attempt
+        await self._stop_members(index)
         events: list[Event] = []
         checkpoint_at = None
         if report.checkpoint and report.checkpoint != task.checkpoint:
@@ -562,12 +597,19 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
         assert isinstance(classified, Failure)
         return decision, classified
 
+    async def _stop_members(self, index: int) -> None:
+        """The attempt is over: stop every rank still running (no orphan ranks)."""
+        task = self.state.tasks[index]
+        for member in task.gang:
+            await self._stop_attempt(index, member, task.token)
+
     async def _lost(self, index: int, token: int, reason: str) -> None:
         """The attempt's host is gone: requeue it without spending an attempt (or give up)."""
         task = self.state.tasks[index]
         spec = self.state.job
         if spec is None or task.token != token or task.status not in ("assigned", "running"):
             return
+        await self._stop_members(index)
         node, attempt = task.node, task.attempt
         ended = TaskEnded(job_id=self.job_id, task=index, outcome=None, node=node, attempt=attempt)
         if self.state.status == "cancelling":
@@ -609,7 +651,7 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
         if (
             spec is None
             or (not spec.preemptible and not force)
-            or task.node != node
+            or not task.holds(node)
             or task.status not in ("assigned", "running")
         ):
             return
@@ -618,7 +660,8 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
         await self._after(
             self.scheduler, TaskUpdate(job_id=self.job_id, task=index, preempted=True)
         )
-        await self._yield_attempt(index, node, token, checkpoint=True)
+        for member in task.gang or [node]:
+            await self._yield_attempt(index, member, token, checkpoint=True)
 
     async def _yield_attempt(self, index: int, node: str, token: int, *, checkpoint: bool) -> None:
         ref = self.node_ref(node)
@@ -656,7 +699,10 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
         for index in self.state.active_attempts():
             task = self.state.tasks[index]
             assert task.node is not None
-            await self._yield_attempt(index, task.node, task.token, checkpoint=mode == "checkpoint")
+            for member in task.gang or [task.node]:
+                await self._yield_attempt(
+                    index, member, task.token, checkpoint=mode == "checkpoint"
+                )
 
     async def _resume(self, reason: str) -> None:
         state = self.state
@@ -799,8 +845,8 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
     async def _stop_active_attempts(self, reason: str) -> None:
         for index in self.state.active_attempts():
             task = self.state.tasks[index]
-            if task.node:
-                await self._stop_attempt(index, task.node, task.token)
+            for member in task.gang or ([task.node] if task.node else []):
+                await self._stop_attempt(index, member, task.token)
 
     async def _finish_if_done(self, *, failed: str | None = None) -> None:
         state = self.state

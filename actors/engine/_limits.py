@@ -32,6 +32,7 @@ __all__ = [
     "MAX_ENV_VARS",
     "MAX_FRAMES",
     "MAX_FRAME_NUMBER",
+    "MAX_GANG_NODES",
     "MAX_GPUS",
     "MAX_GPU_MEMORY",
     "MAX_JOBS",
@@ -77,6 +78,7 @@ MAX_FRAMES: Final = 1_000_000  # frames in one range (and the largest chunk)
 MAX_FRAME_NUMBER: Final = 1_000_000_000  # |frame| (frame numbers are 64-bit everywhere else)
 MAX_DEPENDENCIES: Final = 10_000  # depends_on entries of a job, and of each task
 MAX_LABELS: Final = 64
+MAX_GANG_NODES: Final = 4_096  # nodes one multi-node task runs on at once
 MAX_LABEL_LENGTH: Final = 200
 MAX_METADATA_BYTES: Final = 64 * _KiB  # the metadata table, as JSON
 
@@ -132,6 +134,7 @@ LIMITS: Final[tuple[tuple[str, str], ...]] = (
     ("the spec file", f"{_size(MAX_SPEC_BYTES)}, nested at most {MAX_SPEC_DEPTH} levels deep"),
     ("`jobs`", f"{MAX_JOBS:,} per file, {MAX_TASKS_PER_FILE:,} tasks per file in all"),
     ("`tasks`", f"{MAX_TASKS:,} per job (explicit, or frames cut into chunks)"),
+    ("`nodes`", f"{MAX_GANG_NODES:,} nodes for one multi-node task"),
     ("`frames`", f"{MAX_FRAMES:,} frames per range, frame numbers within ±{MAX_FRAME_NUMBER:,}"),
     ("`chunk`", f"{MAX_FRAMES:,}"),
     ("`depends_on`", f"{MAX_DEPENDENCIES:,} entries per job and per task"),

@@ -58,7 +58,7 @@ __all__ = [
 class Dispatch(Message, frozen=True, kw_only=True, tag="engine.cmd.dispatch"):
     """Journal these placements, then send the attempts to their nodes."""
 
-    placements: tuple[tuple[int, str], ...]  # (task, node)
+    placements: tuple[tuple[int, tuple[str, ...]], ...]  # (task, nodes: leader first)
 
 
 class ReportAttempt(Message, frozen=True, kw_only=True, tag="engine.cmd.report_attempt"):

@@ -71,12 +71,14 @@ FitKey = tuple[Resources, tuple[str, ...]]
 
 @dataclass(frozen=True, slots=True)
 class Placement:
-    """A decision: run ``task`` of ``job_id`` on ``node``."""
+    """A decision: run ``task`` of ``job_id`` on ``node`` (on ``nodes``, leader first, for a
+    multi-node task)."""
 
     job_id: str
     task: int
     node: str
     request: Resources
+    nodes: tuple[str, ...] = ()
 
 
 @dataclass(slots=True, eq=False)
@@ -85,7 +87,8 @@ class _Job:
     tasks: list[TaskView]
     keys: list[FitKey]  # per task: what the fit index knows it by
     ready: dict[int, None] = field(default_factory=dict)  # runnable, in index order
-    running: dict[int, str] = field(default_factory=dict)  # task -> node
+    running: dict[int, str] = field(default_factory=dict)  # task -> node (a gang's leader)
+    gangs: dict[int, tuple[str, ...]] = field(default_factory=dict)  # task -> its nodes
     held: dict[int, str] = field(default_factory=dict)  # task -> why (on_failure hold)
     finished: set[int] = field(default_factory=set)
     blocklist: dict[str, datetime] = field(default_factory=dict)
@@ -150,7 +153,9 @@ class SchedulerCore:
         self._logged_errors: set[tuple[str, str]] = set()
         # Times at which held or deferred work becomes placeable again (job holds).
         self.hold_wakeups: list[datetime] = []
-        # Observations raised inside the core (none today) go to the policy in order.
+        # Nodes held this cycle for a waiting multi-node task: node -> (job, task).  Recomputed
+        # from scratch every cycle, so a hold never outlives the gang's rank.
+        self.held_nodes: dict[str, tuple[str, int]] = {}
         self.on_unreachable: Callable[[str, list[int], str], None] | None = None
 
     # -- the policy, guarded ------------------------------------------------------------------
@@ -263,11 +268,16 @@ class SchedulerCore:
             if count > limit:
                 return f"it needs {count} {name} licence(s); the farm has {limit}"
         requires = spec.task_requires(index)
-        if any(
-            fits(node_part, n.view.capacity) and n.view.satisfies(requires) is None
+        able = sum(
+            1
             for n in self._nodes.values()
-        ):
+            if fits(node_part, n.view.capacity) and n.view.satisfies(requires) is None
+        )
+        wanted = spec.task_nodes(index)
+        if able >= wanted:
             return None
+        if able:
+            return f"it needs {wanted} nodes at once and only {able} of the farm's could fit it"
         fitting = [n for n in self._nodes.values() if fits(node_part, n.view.capacity)]
         if fitting:
             return f"no node has {_missing_labels(fitting, requires)}"
@@ -314,6 +324,7 @@ class SchedulerCore:
                     name=task_spec.name,
                     frames=frames,
                     requires=requires,
+                    nodes=spec.task_nodes(i),
                 )
             )
             keys.append((self._split_request(request)[0], requires))
@@ -425,13 +436,24 @@ class SchedulerCore:
         return job.tasks[index]
 
     def mark_running(
-        self, job_id: str, index: int, node: str, attempt: int, *, started_at: datetime | None
+        self,
+        job_id: str,
+        index: int,
+        node: str,
+        attempt: int,
+        *,
+        started_at: datetime | None,
+        nodes: Sequence[str] = (),
     ) -> None:
-        """Record a recovered attempt as running on ``node`` (reserving its resources)."""
+        """Record a recovered attempt as running on ``node`` (on ``nodes`` for a multi-node
+        task), reserving its resources."""
         job = self._jobs[job_id]
         self._dequeue(job, index)
         job.tasks[index].attempt = attempt
-        self._reserve(job, index, node, started_at=started_at)
+        if len(nodes) > 1:
+            self._reserve_gang(job, index, tuple(nodes), started_at=started_at)
+        else:
+            self._reserve(job, index, node, started_at=started_at)
 
     # -- task and job ends ----------------------------------------------------------------------
 
@@ -846,6 +868,7 @@ class SchedulerCore:
         farm = self.farm
         self.cycles += 1
         self.blocked = []
+        self.held_nodes = {}
         candidates: list[_Job] = []
         for job in self._jobs.values():
             if not job.ready or job.view.status != "active":
@@ -897,6 +920,25 @@ class SchedulerCore:
                     break
                 if reason is not None:
                     job.deferred = reason
+                    continue
+                if task.nodes > 1:
+                    gang = self._choose_gang(job, task, now)
+                    if timing is not None:
+                        timing.append(perf_counter() - began)
+                    if gang is None:
+                        self._note_blocked(job, index)
+                        unplaceable.add(key)
+                        if len(unplaceable) >= len(job.distinct):
+                            break
+                        continue
+                    self._dequeue(job, index)
+                    self._reserve_gang(job, index, gang, started_at=now)
+                    placements.append(
+                        Placement(view.job_id, index, gang[0], task.request, nodes=gang)
+                    )
+                    if limit is not None and len(placements) >= limit:
+                        self.placements_made += len(placements)
+                        return placements
                     continue
                 node = self._choose_node(job, task, now)
                 if timing is not None:
@@ -973,10 +1015,7 @@ class SchedulerCore:
                 or node_view.satisfies(task.requires) is not None
             ):
                 continue
-            until = job.blocklist.get(name)
-            if until is not None and until > now:
-                continue
-            if task.avoid and name in task.avoid and len(task.avoid) < len(self._nodes):
+            if not self._usable(job, task, name, node_view, runtime, now):
                 continue
             drain_at = node_view.drain_at
             if (
@@ -995,8 +1034,94 @@ class SchedulerCore:
                 break
         return best
 
+    def _usable(
+        self,
+        job: _Job,
+        task: TaskView,
+        name: str,
+        view: NodeView,
+        runtime: float | None,
+        now: datetime,
+    ) -> bool:
+        """Whether ``task`` may go to node ``name`` now, beyond fitting: not blocklisted for
+        its job, not avoided by the task, not held for another waiting gang, and (with a known
+        walltime) not drained before it could finish."""
+        until = job.blocklist.get(name)
+        if until is not None and until > now:
+            return False
+        if task.avoid and name in task.avoid and len(task.avoid) < len(self._nodes):
+            return False
+        holder = self.held_nodes.get(name)
+        if holder is not None and holder != (job.view.job_id, task.index):
+            return False
+        drain_at = view.drain_at
+        return not (
+            drain_at is not None
+            and runtime is not None
+            and now + timedelta(seconds=runtime) > drain_at
+        )
+
+    def _choose_gang(self, job: _Job, task: TaskView, now: datetime) -> tuple[str, ...] | None:
+        """Choose ``task.nodes`` distinct nodes for a multi-node task, all or nothing.
+
+        The best-scoring usable nodes that fit it now win (ties by name).  When too few are
+        free, the policy's ``gang_holds`` keeps some for it (by default: every node that fits
+        now), so that lower-ranked work does not take them while the gang waits.
+        """
+        node_part, pool_part = self._split_request(task.request)
+        if pool_part and not self.pool.can_acquire(pool_part):
+            return None
+        if self.exhaustive:
+            names: Iterable[str] = [
+                n
+                for n, node in self._nodes.items()
+                if node.view.accepts_work
+                and fits(node_part, node.view.free)
+                and node.view.satisfies(task.requires) is None
+            ]
+        else:
+            names = self._fit_index.get(job.keys[task.index]) or ()
+        runtime = job.view.spec.task_max_runtime(task.index)
+        view = job.view
+        scored: list[tuple[float, str]] = []
+        for name in names:
+            node_view = self._nodes[name].view
+            if not self._usable(job, task, name, node_view, runtime, now):
+                continue
+            score = self._guarded(job, None, self.policy.node_score, view, task, node_view, now)
+            if score is not None:
+                scored.append((-score, name))
+        scored.sort()
+        if len(scored) >= task.nodes:
+            return tuple(name for _, name in scored[: task.nodes])
+        candidates = [name for _, name in scored]
+        holds = self._guarded(
+            job, candidates, self.policy.gang_holds, view, task, candidates, self.farm, now
+        )
+        for name in holds:
+            if name in candidates:
+                self.held_nodes[name] = (view.job_id, task.index)
+        return None
+
+    def _reserve_gang(
+        self, job: _Job, index: int, nodes: tuple[str, ...], *, started_at: datetime | None
+    ) -> None:
+        for name in nodes:
+            self._reserve(job, index, name, started_at=started_at, member=True)
+        job.running[index] = nodes[0]
+        job.gangs[index] = nodes
+        job.view.running += 1
+        places = self.farm.placements.setdefault(job.view.job_id, {})  # type: ignore[attr-defined]
+        places[index] = nodes[0]
+
     def _reserve(
-        self, job: _Job, index: int, node_name: str, *, started_at: datetime | None
+        self,
+        job: _Job,
+        index: int,
+        node_name: str,
+        *,
+        started_at: datetime | None,
+        member: bool = False,
     ) -> None:
         node = self._nodes[node_name]
         task = job.tasks[index]
@@ -1021,16 +1146,19 @@ class SchedulerCore:
             job=job.view,
         )
         view.running = len(node.running)
+        self._reindex_node(node)
+        if member:
+            return  # the gang's books are kept by ``_reserve_gang``
         job.running[index] = node_name
         job.view.running += 1
         placements = self.farm.placements
         placements.setdefault(job.view.job_id, {})[index] = node_name  # type: ignore[attr-defined]
-        self._reindex_node(node)
 
     def _release(self, job: _Job, index: int) -> None:
         node_name = job.running.pop(index, None)
         if node_name is None:
             return
+        members = job.gangs.pop(index, (node_name,))
         job.view.running -= 1
         job_places = self.farm.placements.get(job.view.job_id)
         if job_places is not None:
@@ -1040,16 +1168,17 @@ class SchedulerCore:
         holder = f"{job.view.job_id}/{index}"
         if self.pool.release(holder):
             self._refresh_counters()
-        node = self._nodes.get(node_name)
-        if node is None:
-            return
-        running = node.running.pop((job.view.job_id, index), None)
-        node.view.running = len(node.running)
-        if running is None:
-            return
-        part = self._split_request(running.request)[0]
-        node.view.free = add(node.view.free, part, capacity=node.view.capacity)
-        self._reindex_node(node)
+        for name in members:
+            node = self._nodes.get(name)
+            if node is None:
+                continue
+            running = node.running.pop((job.view.job_id, index), None)
+            node.view.running = len(node.running)
+            if running is None:
+                continue
+            part = self._split_request(running.request)[0]
+            node.view.free = add(node.view.free, part, capacity=node.view.capacity)
+            self._reindex_node(node)
 
     def _refresh_counters(self) -> None:
         free = self.farm.counters_free
@@ -1110,6 +1239,10 @@ class SchedulerCore:
 
     def _placement_failure(self, job: _Job, index: int, now: datetime) -> str:
         task = job.tasks[index]
+        if task.nodes > 1:
+            gang = self._gang_failure(job, task, now)
+            if gang is not None:
+                return gang
         node_part, pool_part = self._split_request(task.request)
         if pool_part and not self.pool.can_acquire(pool_part):
             short = [
@@ -1152,6 +1285,19 @@ class SchedulerCore:
                 )
             allowed = before
         return f"all {len(allowed)} nodes that fit are busy"
+
+    def _gang_failure(self, job: _Job, task: TaskView, now: datetime) -> str | None:
+        never = self.never_fits(job.view.spec, task.index)
+        if never is not None:
+            return never
+        held = sorted(n for n, h in self.held_nodes.items() if h == (job.view.job_id, task.index))
+        free = self._fit_index.get(job.keys[task.index]) or {}
+        if held:
+            return (
+                f"needs {task.nodes} nodes at once; holding {len(held)} of {task.nodes} "
+                f"({', '.join(held[:8])}) for it until the rest are free"
+            )
+        return f"needs {task.nodes} nodes at once; {len(free)} that fit are free now"
 
     def why(self, job_id: str, now: datetime) -> list[str]:
         """Explain, line by line, why a job's unfinished tasks are not running."""

@@ -165,6 +165,7 @@ class TaskView:
     preemptions: int = 0
     not_before: datetime | None = None
     avoid: tuple[str, ...] = ()
+    nodes: int = 1  # a multi-node (gang) task runs on this many nodes at once
 
     @property
     def has_checkpoint(self) -> bool:
@@ -500,6 +501,19 @@ class Policy(Protocol):
         """Return the attempts to preempt so ``task`` can run (empty: wait)."""
         ...
 
+    def gang_holds(
+        self,
+        job: JobView,
+        task: TaskView,
+        candidates: Sequence[str],
+        farm: FarmView,
+        now: datetime,
+    ) -> Sequence[str]:
+        """A multi-node task found too few free nodes: return the ones (of ``candidates``,
+        which fit it now) to keep for it this cycle, so lower-ranked work does not take
+        them.  Holds are recomputed every cycle."""
+        ...
+
     def on_failure(
         self,
         job: JobView,
@@ -608,6 +622,17 @@ class FifoPolicy:
         self, job: JobView, task: TaskView, farm: FarmView, now: datetime
     ) -> Sequence[Preemption]:
         return ()
+
+    def gang_holds(
+        self,
+        job: JobView,
+        task: TaskView,
+        candidates: Sequence[str],
+        farm: FarmView,
+        now: datetime,
+    ) -> Sequence[str]:
+        # Every node that fits now: the gang ranks above what comes after it this cycle.
+        return candidates
 
     def on_failure(
         self,

@@ -137,7 +137,7 @@ class SchedulerActor(Actor[SchedulerMessage]):
         settings: EngineSettings,
         job_ref: Callable[[str], ActorRef[Any] | None],
         on_job_ended: Callable[[str, Outcome], None],
-        in_doubt: dict[tuple[str, int], str] | None = None,
+        in_doubt: dict[tuple[str, int], set[str]] | None = None,
         known_nodes: dict[str, KnownNode] | None = None,
     ) -> None:
         self.core = core
@@ -145,8 +145,9 @@ class SchedulerActor(Actor[SchedulerMessage]):
         self.settings = settings
         self.job_ref = job_ref
         self.on_job_ended = on_job_ended
-        # Attempts running when the coordinator stopped: (job, task) -> node, until re-claimed.
-        self.in_doubt = dict(in_doubt or {})
+        # Attempts running when the coordinator stopped: (job, task) -> the nodes (every rank
+        # of a multi-node attempt) that have not re-claimed it yet.
+        self.in_doubt = {key: set(nodes) for key, nodes in (in_doubt or {}).items()}
         self._kick_queued = False
         self._known_nodes: dict[str, KnownNode] = dict(known_nodes or {})
         # Ids of submissions validated but not yet journaled (no second job may take them).
@@ -428,9 +429,10 @@ class SchedulerActor(Actor[SchedulerMessage]):
             self._wake_at(when)
         core.hold_wakeups.clear()
         self._preempt(now)
-        by_job: dict[str, list[tuple[int, str]]] = defaultdict(list)
+        by_job: dict[str, list[tuple[int, tuple[str, ...]]]] = defaultdict(list)
         for placement in placements:
-            by_job[placement.job_id].append((placement.task, placement.node))
+            nodes = placement.nodes or (placement.node,)
+            by_job[placement.job_id].append((placement.task, nodes))
         for job_id, items in by_job.items():
             ref = self.job_ref(job_id)
             if ref is None:
@@ -596,8 +598,9 @@ class SchedulerActor(Actor[SchedulerMessage]):
         )
 
     def _grace_expired(self) -> None:
-        for (job_id, task), node in sorted(self.in_doubt.items()):
+        for (job_id, task), nodes in sorted(self.in_doubt.items()):
             ref = self.job_ref(job_id)
+            node = min(nodes)
             if ref is not None:
                 ref.tell_nowait(
                     AttemptLost(
@@ -606,9 +609,14 @@ class SchedulerActor(Actor[SchedulerMessage]):
                 )
         self.in_doubt.clear()
 
-    def claimed(self, job_id: str, task: int) -> None:
-        """An agent re-claimed an in-doubt attempt: it is running, not lost."""
-        self.in_doubt.pop((job_id, task), None)
+    def claimed(self, job_id: str, task: int, node: str) -> None:
+        """An agent re-claimed (its rank of) an in-doubt attempt: that part runs, not lost.
+        A multi-node attempt is safe once every rank is re-claimed."""
+        nodes = self.in_doubt.get((job_id, task))
+        if nodes is not None:
+            nodes.discard(node)
+            if not nodes:
+                del self.in_doubt[(job_id, task)]
 
     async def _check_quarantine(self, message: TaskEnded) -> None:
         node = message.node

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -25,6 +26,15 @@ class EngineSettings:
     # Farm-wide licence counters (``{"nuke": 10}``), enforced across every node; counters not
     # named here are node-local (an agent's ``--counter NAME=N``).
     counters: Mapping[str, int] = field(default_factory=dict)
+    # The ports multi-node attempts' ranks meet on: gang_port_base + [0, gang_port_span).
+    gang_port_base: int = 29_500
+    gang_port_span: int = 10_000
+
+    def gang_port(self, job_id: str, task: int, token: int) -> int:
+        """Return the port the ranks of a multi-node attempt meet on (its leader listens):
+        derived from the attempt, so every rank and every retry computes the same one."""
+        digest = zlib.crc32(f"{job_id}/{task}/{token}".encode())
+        return self.gang_port_base + digest % self.gang_port_span
 
     def snapshot_interval(self, tasks: int) -> int:
         """Return how many events a job of ``tasks`` tasks journals between snapshots (0: none).

@@ -145,6 +145,7 @@ class TaskSpec(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     env: tuple[tuple[str, str], ...] = ()
     resources: Resources | None = None
     requires: tuple[str, ...] = ()
+    nodes: int | None = None  # a multi-node (gang) task: this many nodes, each with resources
 
     @property
     def frames(self) -> range:
@@ -184,6 +185,11 @@ class SubmitJob(Message, frozen=True, kw_only=True, tag="engine.submit_job"):
     preemptible: bool = False
     labels: tuple[str, ...] = ()
     requires: tuple[str, ...] = ()
+    # A multi-node (gang) job: each task runs on this many nodes at once, each node with
+    # ``resources``; ``launch`` "all" runs the command on every node (ranks), "leader" on the
+    # first only (for ``mpirun -hostfile``).
+    nodes: int = 1
+    launch: Literal["all", "leader"] = "all"
     metadata: bytes = b"{}"
     source: str = ""
     owner: str | None = None  # the principal that submitted it (None: unknown, or the join token)
@@ -210,6 +216,11 @@ class SubmitJob(Message, frozen=True, kw_only=True, tag="engine.submit_job"):
         if not own:
             return self.requires
         return tuple(sorted({*self.requires, *own}))
+
+    def task_nodes(self, index: int) -> int:
+        """Return how many nodes task ``index`` runs on at once (1: a single-node task)."""
+        own = self.tasks[index].nodes
+        return own if own is not None else self.nodes
 
     def task_max_runtime(self, index: int) -> float | None:
         """Return task ``index``'s walltime in seconds (None: unbounded)."""
@@ -368,6 +379,7 @@ class _TaskIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     resources: _ResourcesIn | None = None
     depends_on: _TaskDependencies = []
     requires: _Requirements = []
+    nodes: Annotated[int, msgspec.Meta(ge=1, le=limits.MAX_GANG_NODES)] | None = None
 
 
 class _RetriesIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -403,6 +415,8 @@ class _JobIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     preemptible: bool = False
     labels: Annotated[list[_Label], msgspec.Meta(max_length=limits.MAX_LABELS)] = []
     requires: _Requirements = []
+    nodes: Annotated[int, msgspec.Meta(ge=1, le=limits.MAX_GANG_NODES)] = 1
+    launch: Literal["all", "leader"] = "all"
     metadata: dict[str, Any] = {}
 
 
@@ -599,6 +613,8 @@ class _Builder:
                     preemptible=job.preemptible,
                     labels=tuple(sorted(set(job.labels))),
                     requires=tuple(sorted(set(job.requires))),
+                    nodes=job.nodes,
+                    launch=job.launch,
                     metadata=msgspec.json.encode(msgspec.to_builtins(job.metadata), order="sorted"),
                     source=self.source,
                 )
@@ -697,6 +713,7 @@ class _Builder:
                         else None
                     ),
                     requires=tuple(sorted(set(task.requires))),
+                    nodes=task.nodes,
                 )
             )
         return tuple(specs)

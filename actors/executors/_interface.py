@@ -109,6 +109,7 @@ __all__ = [
     "ReportSink",
     "RunningAttempt",
     "attempt_identity",
+    "gang_environment",
 ]
 
 # Ids become path components of log and checkpoint directories: no separators, no "." or "..".
@@ -158,6 +159,15 @@ class AttemptSpec(
     # The memory the attempt asked for, in bytes (0: none stated); an executor may stop an
     # attempt that uses far more, as out of memory.
     memory: Annotated[int, msgspec.Meta(ge=0)] = 0
+    # A multi-node attempt: every node (leader first), this node's rank in them, and whether
+    # every rank runs the command ("all") or only the leader ("leader", for mpirun).
+    nodes: tuple[str, ...] = ()
+    rank: Annotated[int, msgspec.Meta(ge=0)] = 0
+    launch: Literal["all", "leader"] = "all"
+    # The nodes' network addresses (in ``nodes`` order) and a port for the ranks to meet on
+    # (the leader listens): what MPI's hostfile or torchrun's MASTER_ADDR/PORT need.
+    hosts: tuple[str, ...] = ()
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
 
     def __post_init__(self) -> None:
         if bool(self.argv) == (self.function is not None):
@@ -178,6 +188,27 @@ class RunningAttempt(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     task_id: str
     attempt: int
     fencing_token: int
+
+
+def gang_environment(spec: AttemptSpec, hostfile: str | None) -> dict[str, str]:
+    """Return the environment a rank of a multi-node attempt runs with (empty otherwise):
+    ``TASKFARM_NODE_RANK``, ``TASKFARM_NUM_NODES``, ``TASKFARM_NODES`` (the host list,
+    comma-separated, leader first), ``TASKFARM_NODE_NAMES``, ``TASKFARM_LEADER`` and
+    ``TASKFARM_PORT`` (where rank 0 listens), and ``TASKFARM_HOSTFILE`` when one was written."""
+    if len(spec.nodes) < 2:
+        return {}
+    hosts = spec.hosts or spec.nodes
+    env = {
+        "TASKFARM_NODE_RANK": str(spec.rank),
+        "TASKFARM_NUM_NODES": str(len(spec.nodes)),
+        "TASKFARM_NODES": ",".join(hosts),
+        "TASKFARM_NODE_NAMES": ",".join(spec.nodes),
+        "TASKFARM_LEADER": hosts[0],
+        "TASKFARM_PORT": str(spec.port),
+    }
+    if hostfile is not None:
+        env["TASKFARM_HOSTFILE"] = hostfile
+    return env
 
 
 class AttemptIdentity(TypedDict):

@@ -34,6 +34,7 @@ from ._interface import (
     AttemptSpec,
     ReportSink,
     attempt_identity,
+    gang_environment,
 )
 
 if TYPE_CHECKING:
@@ -417,6 +418,13 @@ class SubprocessExecutor(ExecutorBase):
             TASKFARM_ATTEMPT=str(spec.attempt),
             TASKFARM_CHECKPOINT_DIR=str(paths.checkpoints),
         )
+        if len(spec.nodes) > 1:
+            # One host per line, leader first: ``mpirun -hostfile $TASKFARM_HOSTFILE``.
+            hosts = spec.hosts or spec.nodes
+            hostfile = paths.checkpoints / f"hostfile.{spec.attempt}"
+            hostfile.parent.mkdir(parents=True, exist_ok=True)
+            hostfile.write_text("".join(f"{host}\n" for host in hosts), encoding="utf-8")
+            env.update(gang_environment(spec, str(hostfile)))
         # Never let a value inherited from the agent's own environment pose as this job's.
         for name, value in (
             ("TASKFARM_RESUME_FROM", spec.resume_from),

@@ -683,3 +683,45 @@ async def test_a_failing_report_sink_fails_the_executor_and_leaks_no_process(
     assert caught.group_contains(RuntimeError, match="the node actor is gone")
     assert raised.is_set()
     assert not _alive(pids[0])
+
+
+async def test_a_rank_of_a_multi_node_attempt_gets_its_rank_hosts_and_hostfile(
+    tmp_path: Path,
+) -> None:
+    """Rank 1 of a 2-node attempt sees its rank, the host list, the leader and the port, and a
+    hostfile with one host per line, leader first."""
+    spec = _child(
+        "env",
+        output_dir=str(tmp_path / "out"),
+        nodes=("n1", "n2"),
+        hosts=("10.0.0.1", "10.0.0.2"),
+        rank=1,
+        port=29_501,
+    )
+    async with _subprocess_executor(tmp_path) as executor:
+        await (await executor.start(spec, Recorder())).wait()
+    env = json.loads(await anyio.Path(tmp_path / "out" / "env.json").read_text())
+    assert {
+        k: v
+        for k, v in env.items()
+        if k.startswith("TASKFARM_N") or k in ("TASKFARM_LEADER", "TASKFARM_PORT")
+    } == {
+        "TASKFARM_NODE_RANK": "1",
+        "TASKFARM_NUM_NODES": "2",
+        "TASKFARM_NODES": "10.0.0.1,10.0.0.2",
+        "TASKFARM_NODE_NAMES": "n1,n2",
+        "TASKFARM_LEADER": "10.0.0.1",
+        "TASKFARM_PORT": "29501",
+    }
+    hostfile = await anyio.Path(env["TASKFARM_HOSTFILE"]).read_text()
+    assert hostfile == "10.0.0.1\n10.0.0.2\n"
+
+
+async def test_a_single_node_attempt_has_no_rank_variables(tmp_path: Path) -> None:
+    """Nothing about ranks leaks into an ordinary attempt's environment."""
+    spec = _child("env", output_dir=str(tmp_path / "out"))
+    async with _subprocess_executor(tmp_path) as executor:
+        await (await executor.start(spec, Recorder())).wait()
+    env = json.loads(await anyio.Path(tmp_path / "out" / "env.json").read_text())
+    assert not [k for k in env if k.startswith("TASKFARM_NODE")]
+    assert "TASKFARM_HOSTFILE" not in env

@@ -58,6 +58,8 @@ class Run:
     resume_from: str | None
     args: tuple[str, ...]
     memory: int = 0
+    rank: int = 0
+    hosts: tuple[str, ...] = ()
 
 
 class Works:
@@ -102,6 +104,8 @@ class Works:
                 resume_from=ctx.resume_from,
                 args=tuple(ctx.arguments.get("args", ())),
                 memory=spec.memory,
+                rank=spec.rank,
+                hosts=spec.nodes,
             )
             self.runs.append(run)
             self._notify()
@@ -176,7 +180,29 @@ class Works:
                 count = self.checkpoints[run.job] = self.checkpoints.get(run.job, 0) + 1
                 await ctx.checkpoint(f"checkpoint-{count}")  # arms a fresh request event
 
+        async def blocked(run: Run) -> None:
+            try:
+                await self.gates["never"].wait()
+            except anyio.get_cancelled_exc_class():
+                self.cancelled.append(run)
+                self._notify()
+                raise
+
+        async def rank_fails_once(ctx: AttemptContext) -> None:
+            run = start(ctx)
+            if run.attempt == 1:
+                if run.rank == 1:
+                    raise RuntimeError("rank 1 lost its MPI peer")
+                await blocked(run)
+
+        async def block_first(ctx: AttemptContext) -> None:
+            run = start(ctx)
+            if run.attempt == 1:
+                await blocked(run)
+
         return {
+            "block_first": block_first,
+            "rank_fails_once": rank_fails_once,
             "checkpoint_on_request": checkpoint_on_request,
             "nan_progress": nan_progress,
             "oom_once": oom_once,
