@@ -529,7 +529,7 @@ class RenderFarmPolicy(FifoPolicy):
         info = self._jobs.get(job.job_id)
         if info is None:
             return None
-        states = self._share_states(farm, now, fresh=True)
+        states = self._share_states(farm, now)
         if info.client not in states:
             return None
         share = dominant_share(task.request, self._farm_totals(farm))
@@ -573,12 +573,10 @@ class RenderFarmPolicy(FifoPolicy):
             for client, s in used.items()
         }
 
-    def _share_states(
-        self, farm: FarmView, now: datetime, *, fresh: bool = False
-    ) -> dict[str, ShareState]:
+    def _share_states(self, farm: FarmView, now: datetime) -> dict[str, ShareState]:
         usage = self._usage(farm)
         guarantees = self.config.guarantees()
-        waiting = self._waiting_clients(farm, now)
+        waiting = self._waiting_clients(farm, now, usage)
         return {
             c.id: ShareState(
                 guaranteed=guarantees[c.id],
@@ -590,11 +588,17 @@ class RenderFarmPolicy(FifoPolicy):
             for c in self.config.clients
         }
 
-    def _waiting_clients(self, farm: FarmView, now: datetime) -> dict[str, bool]:
-        """Return, per client, whether work of it waits that could run on a free node now (its
-        unused guarantee is then not lent; computed once per cycle)."""
+    def _waiting_clients(
+        self, farm: FarmView, now: datetime, usage: Mapping[str, float]
+    ) -> dict[str, bool]:
+        """Return, per client, whether work of it waits that it could run now within its own
+        guarantee, on a free node (its unused guarantee is then not lent: reclaim by not
+        refilling).  A client whose next task would exceed its guarantee anyway does not hold
+        the rest of its guarantee back from others.  Computed once per cycle."""
         if self._waiting is not None:
             return self._waiting
+        guarantees = self.config.guarantees()
+        totals = self._farm_totals(farm)
         shapes: dict[str, set[tuple[Resources, tuple[str, ...]]]] = {}
         for job_id, view in farm.jobs.items():
             if not view.queued or view.status != "active":
@@ -603,7 +607,10 @@ class RenderFarmPolicy(FifoPolicy):
             if hold is not None and (hold.until is None or hold.until > now):
                 continue
             info = self._jobs.get(job_id)
-            if info is not None:
+            if info is None or info.client not in guarantees:
+                continue
+            idle = guarantees[info.client] - usage.get(info.client, 0.0)
+            if dominant_share(view.spec.resources, totals) <= idle + 1e-9:
                 shapes.setdefault(info.client, set()).add((view.spec.resources, view.spec.requires))
         waiting: dict[str, bool] = {}
         free = [n for n in farm.nodes.values() if n.accepts_work]
