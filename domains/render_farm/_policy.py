@@ -86,6 +86,7 @@ _FAILED: Final = frozenset({"failed", "timed_out", "stalled", "oom", "start_fail
 _FORECAST_EVERY: Final = 60.0  # seconds: the forecast is recomputed at most this often
 _SLEEP_SCAN_EVERY: Final = 30.0  # seconds between two looks for idle nodes to put to sleep
 _WAKE_SECONDS: Final = 120.0  # how long a woken node takes to come back (forecast, waking)
+WAKE_TIMEOUT: Final = 600.0  # a woken node not back after this long is counted out
 _STRIP: Final = 40  # characters of a frame strip
 
 
@@ -153,7 +154,8 @@ class RenderFarmPolicy(FifoPolicy):
     name = "render-farm"
     # Every fitting node is scored, so every node class is considered, not the first found.
     max_candidates = 1_000_000
-    cycle_interval = 30.0
+    # Every event (a task ending, a submission) runs a cycle; the timer is a backstop.
+    cycle_interval = 120.0
     metadata_type: type[Any] | None = RenderMetadata
     history = True
     command_roles: Mapping[str, str] = {
@@ -183,9 +185,13 @@ class RenderFarmPolicy(FifoPolicy):
         self._blocked_since: dict[str, datetime] = {}
         self._profiles: dict[str, NodeProfile] = {}
         self._node_version = 0
-        self._slots: dict[tuple[Resources, tuple[str, ...]], int] = {}
+        self._slots: dict[tuple[Resources, tuple[str, ...]], int] = {}  # until a node changes
         self._totals: Totals | None = None
         self._waiting: dict[str, bool] | None = None
+        # Caches valid from a cycle's first hook to its ``cycle_events``.
+        self._cycle_open = False
+        self._cycle_sums: dict[str, list[int]] | None = None
+        self._last_admitted: tuple[str, str, int, Resources] | None = None
         self._idle_since: dict[str, datetime] = {}
         self._waking: dict[str, datetime] = {}
         self._next_sleep_scan: datetime | None = None
@@ -276,6 +282,7 @@ class RenderFarmPolicy(FifoPolicy):
                 self._node_version += 1
                 self._profiles.pop(node, None)
                 self._totals = None
+                self._slots.clear()
                 if observation.reachable == "connected":
                     self._waking.pop(node, None)
             case _:
@@ -385,6 +392,7 @@ class RenderFarmPolicy(FifoPolicy):
 
     def rank(self, job: JobView, farm: FarmView, now: datetime) -> tuple[Any, ...]:
         self._farm = farm
+        self._cycle_open = True
         level = self._effective(job, farm, now)
         self._levels[job.job_id] = level
         return order_key(level.priority, _deadline(job), job.submitted_at, job.job_id)
@@ -464,15 +472,27 @@ class RenderFarmPolicy(FifoPolicy):
             return found
         total = 0
         for node in farm.nodes.values():
-            if not _available(node) or node.satisfies(requires) is not None:
+            if not self._available(node) or node.satisfies(requires) is not None:
                 continue
             total += _copies(request, node.capacity)
         self._slots[key] = total
         return total
 
+    def _available(self, node: NodeView) -> bool:
+        """Return whether the node counts in the farm shares are fractions of: online and
+        connected, asleep by the policy's decision (it wakes for work), or woken by it and
+        booting (for ``WAKE_TIMEOUT``: one that does not come back is counted out)."""
+        if node.health == "online" and node.reachable == "connected":
+            return True
+        if node.health_by != "policy":
+            return False
+        return node.health == "sleeping" or (node.health == "online" and node.name in self._waking)
+
     def _farm_totals(self, farm: FarmView) -> Totals:
         if self._totals is None:
-            self._totals = Totals.of([n.capacity for n in farm.nodes.values() if _available(n)])
+            self._totals = Totals.of(
+                [n.capacity for n in farm.nodes.values() if self._available(n)]
+            )
         return self._totals
 
     def explain_rank(self, job: JobView, now: datetime) -> str:
@@ -493,6 +513,7 @@ class RenderFarmPolicy(FifoPolicy):
 
     def admit_job(self, job: JobView, farm: FarmView, now: datetime) -> Hold | None:
         self._farm = farm
+        self._cycle_open = True
         info = self._jobs.get(job.job_id)
         self._holds.pop(job.job_id, None)
         if info is None:
@@ -529,11 +550,15 @@ class RenderFarmPolicy(FifoPolicy):
         info = self._jobs.get(job.job_id)
         if info is None:
             return None
+        self._cycle_open = True
         states = self._share_states(farm, now)
         if info.client not in states:
             return None
         share = dominant_share(task.request, self._farm_totals(farm))
-        return admit_share(info.client, share, states)
+        reason = admit_share(info.client, share, states)
+        if reason is None:
+            self._admitted(info.client, job.job_id, task.index, task.request)
+        return reason
 
     def _may_preempt(self, job: JobView) -> bool:
         level = self._levels.get(job.job_id)
@@ -546,8 +571,23 @@ class RenderFarmPolicy(FifoPolicy):
         return info.share
 
     def _usage(self, farm: FarmView) -> dict[str, float]:
-        """Return each client's dominant share of the farm, from what runs now."""
+        """Return each client's dominant share of the farm, from what runs now.
+
+        Within a cycle the sums are computed once and then kept current: each task ``admit``
+        lets through is added, and taken back if the engine found no node for it."""
+        self._reconcile(farm)
+        sums = self._cycle_sums if self._cycle_open else None
+        if sums is None:
+            sums = self._running_sums(farm)
+            if self._cycle_open:
+                self._cycle_sums = sums
         totals = self._farm_totals(farm)
+        return {
+            client: dominant_share(Resources(millicores=s[0], memory=s[1], gpus=s[2]), totals)
+            for client, s in sums.items()
+        }
+
+    def _running_sums(self, farm: FarmView) -> dict[str, list[int]]:
         used: dict[str, list[int]] = {}
         for job_id, view in farm.jobs.items():
             if not view.running:
@@ -568,10 +608,32 @@ class RenderFarmPolicy(FifoPolicy):
                     sums[0] += running.request.millicores
                     sums[1] += running.request.memory
                     sums[2] += running.request.gpus
-        return {
-            client: dominant_share(Resources(millicores=s[0], memory=s[1], gpus=s[2]), totals)
-            for client, s in used.items()
-        }
+        return used
+
+    def _admitted(self, client: str, job_id: str, task: int, request: Resources) -> None:
+        """Count a task ``admit`` let through (the engine places it next, or finds no node)."""
+        if self._cycle_sums is None:
+            return
+        sums = self._cycle_sums.setdefault(client, [0, 0, 0])
+        sums[0] += request.millicores
+        sums[1] += request.memory
+        sums[2] += request.gpus
+        self._last_admitted = (client, job_id, task, request)
+
+    def _reconcile(self, farm: FarmView) -> None:
+        """Take back the last admitted task if the engine found no node for it."""
+        last = self._last_admitted
+        if last is None:
+            return
+        self._last_admitted = None
+        client, job_id, task, request = last
+        if task in farm.placements.get(job_id, {}) or self._cycle_sums is None:
+            return
+        sums = self._cycle_sums.get(client)
+        if sums is not None:
+            sums[0] -= request.millicores
+            sums[1] -= request.memory
+            sums[2] -= request.gpus
 
     def _share_states(self, farm: FarmView, now: datetime) -> dict[str, ShareState]:
         usage = self._usage(farm)
@@ -595,7 +657,7 @@ class RenderFarmPolicy(FifoPolicy):
         guarantee, on a free node (its unused guarantee is then not lent: reclaim by not
         refilling).  A client whose next task would exceed its guarantee anyway does not hold
         the rest of its guarantee back from others.  Computed once per cycle."""
-        if self._waiting is not None:
+        if self._waiting is not None and self._cycle_open:
             return self._waiting
         guarantees = self.config.guarantees()
         totals = self._farm_totals(farm)
@@ -620,7 +682,8 @@ class RenderFarmPolicy(FifoPolicy):
                 for request, requires in wanted
                 for node in free
             )
-        self._waiting = waiting
+        if self._cycle_open:
+            self._waiting = waiting
         return waiting
 
     # -- placement ------------------------------------------------------------------------------
@@ -857,21 +920,21 @@ class RenderFarmPolicy(FifoPolicy):
                 NodeAction(node=n.name, health="online", reason=f"energy mode {self.mode}")
                 for n in sorted(mine_asleep, key=lambda n: n.name)
             ]
-        demand = self._unmet_demand(farm, now)
-        if demand and mine_asleep:
-            actions.extend(self._wake(demand, mine_asleep, farm, now))
-        if self._next_sleep_scan is not None and now < self._next_sleep_scan and not demand:
+        if mine_asleep:
+            demand = self._unmet_demand(farm, now)
+            if demand:
+                actions.extend(self._wake(demand, mine_asleep, farm, now))
+        if self._next_sleep_scan is not None and now < self._next_sleep_scan:
             return actions
+        # After a cycle, an idle node that admissible work fits has been given it: the nodes
+        # still idle have nothing they could run now.
         self._next_sleep_scan = now + timedelta(seconds=_SLEEP_SCAN_EVERY)
         idle: list[tuple[str, datetime]] = []
         for name, node in farm.nodes.items():
             if node.running or not node.accepts_work:
                 self._idle_since.pop(name, None)
                 continue
-            since = self._idle_since.setdefault(name, now)
-            if any(node.satisfies(req) is None and fits(r, node.capacity) for r, req, _ in demand):
-                continue
-            idle.append((name, since))
+            idle.append((name, self._idle_since.setdefault(name, now)))
         idle.sort(key=lambda item: self._keep_awake_key(farm.nodes[item[0]]))
         sleepers = plan_sleep(
             idle,
@@ -902,12 +965,20 @@ class RenderFarmPolicy(FifoPolicy):
         """Return (request, requires, tasks) of admissible queued work no free node fits."""
         demand: list[tuple[Resources, tuple[str, ...], int]] = []
         free = [n for n in farm.nodes.values() if n.accepts_work]
+        states: dict[str, ShareState] | None = None
         for job_id, view in farm.jobs.items():
             if not view.queued or view.status != "active":
                 continue
             hold = self._holds.get(job_id)
             if hold is not None and (hold.until is None or hold.until > now):
                 continue
+            info = self._jobs.get(job_id)
+            if info is not None:
+                # Work its client's shares do not admit now needs no node woken.
+                states = states if states is not None else self._share_states(farm, now)
+                share = self._task_share(info, view, farm)
+                if info.client in states and admit_share(info.client, share, states):
+                    continue
             request, requires = view.spec.resources, view.spec.requires
             if any(fits(request, n.free) and n.satisfies(requires) is None for n in free):
                 continue
@@ -922,8 +993,10 @@ class RenderFarmPolicy(FifoPolicy):
         now: datetime,
     ) -> list[NodeAction]:
         for name, since in list(self._waking.items()):
-            if (now - since).total_seconds() > 10 * _WAKE_SECONDS:
+            if (now - since).total_seconds() > WAKE_TIMEOUT:
                 del self._waking[name]  # it never came back: count it no longer
+                self._totals = None
+                self._slots.clear()
         actions = []
         candidates = sorted(asleep, key=self._keep_awake_key)
         chosen: set[str] = set()
@@ -955,8 +1028,11 @@ class RenderFarmPolicy(FifoPolicy):
 
     def cycle_events(self, farm: FarmView, now: datetime) -> Sequence[Event]:
         self._farm = farm
-        self._waiting = None  # a new cycle sees fresh numbers
-        self._slots.clear()
+        # The cycle is over: the next one starts from fresh numbers.
+        self._cycle_open = False
+        self._waiting = None
+        self._cycle_sums = None
+        self._last_admitted = None
         events: list[Event] = list(self._pending)
         self._pending.clear()
         if self.config.energy.auto:
@@ -1416,14 +1492,6 @@ def _placements(farm: FarmView, job_id: str) -> Iterable[tuple[str, int]]:
 
 def _uniform(spec: SubmitJob) -> bool:
     return not any(t.resources is not None for t in spec.tasks)
-
-
-def _available(node: NodeView) -> bool:
-    """Return whether the node counts in the farm shares are fractions of: online (connected)
-    or asleep or waking by the policy's decision."""
-    if node.health == "online" and node.reachable == "connected":
-        return True
-    return node.health_by == "policy" and node.health in ("online", "sleeping")
 
 
 def _copies(request: Resources, capacity: Resources) -> int:

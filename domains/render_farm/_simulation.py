@@ -5,7 +5,8 @@ clock (a trace, a node-by-job-type speed matrix), so a week runs in seconds with
 policy and journal code as a real farm.  It models what hardware does around the engine:
 
 - **sleep and wake**: a node the policy puts to sleep disconnects (its agent is suspended); a
-  node it wakes reconnects ``wake_seconds`` later (booting), as with wake-on-LAN;
+  node it wakes reconnects ``wake_seconds`` later (booting, recorded in ``boots``), as with
+  wake-on-LAN -- unless it lost power meanwhile;
 - **node failures**: ``fail_node`` takes a node away (its work is requeued from the last
   checkpoint), ``restore_node`` brings it back;
 - **checkpoints**: a preempted or lost attempt resumes with the fraction of its work it had done
@@ -27,6 +28,7 @@ from anyio.abc import TaskGroup
 
 from actors import (
     ENGINE_CODEC,
+    AttemptOutcome,
     AttemptSpec,
     Engine,
     EngineSettings,
@@ -86,6 +88,12 @@ class _Attempt:
     started: float  # clock.monotonic() at start
 
 
+def _bind(
+    outcome: Callable[[str, AttemptSpec], AttemptOutcome], node: str
+) -> Callable[[AttemptSpec], AttemptOutcome]:
+    return lambda spec: outcome(node, spec)
+
+
 class _Timings:
     """Durations of attempts: the trace's, less what a resumed attempt had done."""
 
@@ -121,6 +129,7 @@ class SimulatedFarm:
     _group: TaskGroup
     _executors: dict[str, SimulatedExecutor]
     down: dict[str, list[tuple[datetime, datetime | None]]] = field(default_factory=dict)
+    boots: dict[str, list[tuple[datetime, datetime]]] = field(default_factory=dict)
 
     async def _join(self, name: str) -> None:
         node = self.nodes[name]
@@ -156,9 +165,13 @@ class SimulatedFarm:
 
     async def _boot(self, node: str) -> None:
         self.clock.activity.exit()
+        woken = self.clock.now()
         await self.clock.sleep(self.wake_seconds)
-        if node in self.nodes:
-            await self.engine.set_node_reachable(node, "connected")
+        spans = self.down.get(node)
+        if spans and spans[-1][1] is None:
+            return  # it lost power while asleep: it never comes back by itself
+        self.boots.setdefault(node, []).append((woken, self.clock.now()))
+        await self.engine.set_node_reachable(node, "connected")
 
 
 @asynccontextmanager
@@ -171,8 +184,11 @@ async def open_simulated_farm(
     settings: EngineSettings | None = None,
     wake_seconds: float = 120.0,
     journal: InMemoryJournal | None = None,
+    outcome: Callable[[str, AttemptSpec], AttemptOutcome] | None = None,
 ) -> AsyncIterator[SimulatedFarm]:
-    """Open a simulated farm of ``nodes`` running ``policy``; see the module docstring."""
+    """Open a simulated farm of ``nodes`` running ``policy``; see the module docstring.
+
+    ``outcome(node, spec)`` decides how each attempt ends (default: completed)."""
     clock = clock or VirtualClock(auto_advance=True)
     watched = journal if journal is not None else _WatchedJournal(clock=clock, codec=farm_codec())
     async with AsyncExitStack() as stack:
@@ -183,7 +199,11 @@ async def open_simulated_farm(
         timings = _Timings(clock=clock, duration=duration)
         for node in nodes:
             executors[node.name] = await stack.enter_async_context(
-                open_simulated_executor(duration=timings.of(node.name), clock=clock)
+                open_simulated_executor(
+                    duration=timings.of(node.name),
+                    outcome=_bind(outcome, node.name) if outcome is not None else None,
+                    clock=clock,
+                )
             )
         engine = await stack.enter_async_context(
             open_engine(journal=watched, clock=clock, policy=policy, settings=settings)
