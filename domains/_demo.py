@@ -1,10 +1,12 @@
 """``taskfarm demo``: a coordinator, two real agent processes and a small real workload.
 
-It renders an animation with the tiny ray tracer (frames in chunks, previews first) and runs a
-three-stage heat simulation that checkpoints, with dependencies between the stages, under the
-scientific domain's policy (fair share, checkpoint intervals, recovery strategies), shows live
-progress, and prints where the frames, the charts and the journal are, and how to replay it.
-Everything lives in ``./taskfarm-demo``; running it again adds a new run to the same journal.
+It runs a simulation of three stages that checkpoint, with dependencies between the stages,
+under the scientific domain's policy (fair share, checkpoint intervals, recovery strategies),
+then a render farm: a coordinator running the render-farm policy renders two client studios'
+shots with the tiny ray tracer, with deadlines and previews first
+(:mod:`domains.render_farm._demo`).  It shows live progress, and prints where the frames, the
+charts and the journals are, and how to replay and audit them.  Everything lives in
+``./taskfarm-demo``; running it again adds a new run to the same journals.
 """
 
 from __future__ import annotations
@@ -40,19 +42,6 @@ def demo_spec(root: Path, *, frames: int, run: int) -> str:
     python = sys.executable.replace("\\", "/")
     out = (root / "output").as_posix()
     return f"""
-# An animation: frames in chunks of 3, each chunk previewed first.
-[[jobs]]
-name = "shot010-render-{run}"
-priority = "high"
-frames = "1-{frames}"
-chunk = 3
-command = ["{python}", "-m", "domains.render_farm.tiny_renderer", "--frames", "{{start}}-{{end}}",
-           "--output", "{out}/run-{run}/frames", "--preview"]
-resources = {{ cores = 1, memory = "256MiB" }}
-labels = ["render"]
-retries = {{ max_attempts = 3, backoff = "1s" }}
-checkpointable = true
-
 # A simulation: one job of three stages, scheduled by the science policy (its owner and
 # project count for fair share); each stage resumes from its checkpoint if its node is lost.
 [[jobs]]
@@ -135,7 +124,7 @@ async def _demo(args: argparse.Namespace) -> int:
             while sum(n.health == "online" for n in await engine.nodes()) < args.agents:  # noqa: ASYNC110
                 await anyio.sleep(0.1)
         console.print(f"{args.agents} agent processes connected")
-        run = len(await engine.status()) // 2 + 1
+        run = len(await engine.status()) + 1
         text = demo_spec(root, frames=args.frames, run=run)
         spec_file = parse_spec(text, fmt="toml", source="demo.toml")
         ids = await engine.submit(spec_file.to_commands().jobs, source="demo.toml")
@@ -161,6 +150,12 @@ async def _demo(args: argparse.Namespace) -> int:
                     if all(s.status in _FINISHED for s in summaries):
                         break
                     await anyio.sleep(0.2)
+    from domains.render_farm._demo import run_render_demo
+
+    console.print("")
+    render = await run_render_demo(
+        root, frames=args.frames, agents=args.agents, run=run, show=console.print
+    )
     elapsed = time.monotonic() - started
     failed = [s for s in summaries if s.status != "completed"]
     out = root / "output" / f"run-{run}"
@@ -168,9 +163,19 @@ async def _demo(args: argparse.Namespace) -> int:
     console.print(f"\nfinished in {elapsed:.1f} s: {done} of {len(summaries)} jobs completed")
     for summary in failed:
         console.print(f"[red]{summary.job_id}: {summary.status}[/red] {summary.reason or ''}")
-    console.print(f"frames:      {out / 'frames'} (previews in previews/)")
+    rendered = [job for job, status in render.statuses.items() if status == "completed"]
+    console.print(f"render farm: {len(rendered)} of {len(render.jobs)} shots completed")
+    for job in render.jobs:
+        first = render.first_preview_s.get(job)
+        console.print(
+            f"  {job}: {render.statuses.get(job)}, deadline {render.verdicts.get(job, '-')}; "
+            f"{len(render.previews.get(job, []))} previews"
+            + (f", the first {first:.1f} s after submission" if first is not None else "")
+        )
+    console.print(f"frames:      {render.output} (previews in */previews/)")
     console.print(f"simulation:  {out / 'simulation'} (spinup/main/analysis .json and .png)")
-    console.print(f"journal:     {config.journal}")
+    console.print(f"journals:    {config.journal}, {render.journal}")
     console.print(f"inspect it:  taskfarm journal inspect {config.journal}")
     console.print(f"replay it:   taskfarm replay {config.journal} --stream job:{ids[0]}")
-    return 1 if failed else 0
+    console.print(f"audit it:    taskfarm audit --journal {render.journal} --job {render.jobs[1]}")
+    return 1 if failed or len(rendered) != len(render.jobs) else 0

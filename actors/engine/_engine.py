@@ -51,6 +51,7 @@ from ._events import (
     TaskCompleted,
     TaskFailed,
     TaskMetricRecorded,
+    TaskPreviewed,
     TaskRequeued,
     TaskStarted,
     job_stream,
@@ -93,6 +94,7 @@ from ._policy import (
     Observation,
     Policy,
     TaskEndedObservation,
+    TaskPreviewObservation,
     TaskStartedObservation,
 )
 from ._resources import Resources
@@ -900,6 +902,10 @@ async def _history(journal: Journal) -> list[Observation]:
                 case JobSubmitted(job=spec, submitted_at=submitted):
                     observations.append(
                         JobSubmittedObservation(job_id=job_id, spec=spec, at=submitted)
+                    )
+                case TaskPreviewed(task=task, path=path):
+                    observations.append(
+                        TaskPreviewObservation(job_id=job_id, task=task, path=path, at=at)
                     )
                 case _:
                     pass

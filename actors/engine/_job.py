@@ -443,6 +443,9 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
                 )
             case AttemptPreview(path=path):
                 await self.persist([TaskPreviewed(task=index, token=token, path=path)])
+                await self._after(
+                    self.scheduler, TaskUpdate(job_id=self.job_id, task=index, preview=path)
+                )
             case AttemptMetric(name=name, value=value):
                 await self.persist(
                     [TaskMetricRecorded(task=index, token=token, name=name, value=value)]

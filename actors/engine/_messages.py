@@ -121,7 +121,8 @@ class JobRevived(Message, frozen=True, kw_only=True, tag="engine.evt.job_revived
 
 
 class TaskUpdate(Message, frozen=True, kw_only=True, tag="engine.evt.task_update"):
-    """A running attempt started, progressed or checkpointed (for the views and the policy)."""
+    """A running attempt started, progressed, checkpointed or produced a preview (for the
+    views and the policy)."""
 
     job_id: str
     task: int
@@ -131,6 +132,7 @@ class TaskUpdate(Message, frozen=True, kw_only=True, tag="engine.evt.task_update
     progress: float | None = None
     checkpoint_at: datetime | None = None
     preempted: bool = False
+    preview: str | None = None
 
 
 class DecideRetry(Message, frozen=True, kw_only=True, tag="engine.query.decide_retry"):

@@ -223,6 +223,14 @@ class SchedulerCore:
         """Return when the policy wants its next cycle (None: no need)."""
         return self._guarded(None, None, self.policy.next_wakeup, now)
 
+    def cycle_events(self, now: datetime) -> Sequence[Any]:
+        """Return the facts the policy decided by itself this cycle (to journal and apply);
+        a policy without the hook has none."""
+        hook = getattr(self.policy, "cycle_events", None)
+        if hook is None:
+            return ()
+        return self._guarded(None, (), hook, self.farm, now)
+
     def apply_policy_event(self, event: Any) -> None:
         """Fold one of the policy's journaled events into it (an error is logged, not raised)."""
         self._guarded(None, None, self.policy.apply, event)

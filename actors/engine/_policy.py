@@ -16,10 +16,12 @@ The engine owns the mechanics (queues, the placement index, dispatch, retries, t
 - ``checkpoint_interval`` -- how often a running stage must checkpoint (passed to it as
   ``TASKFARM_CHECKPOINT_INTERVAL``; the engine asks for one when an interval passes without);
 - ``on_failure`` -- retry (when, where, with what), fail, or hold for an operator;
-- ``observe`` -- facts in journal order (job submitted, task start and end, progress, node
-  changes), for
-  learned state; ``recover`` rebuilds that state from the journal after a restart;
+- ``observe`` -- facts in journal order (submissions, task start and end, progress, previews,
+  node changes), for learned state; ``recover`` rebuilds that state from the journal after a
+  restart;
 - ``next_wakeup`` -- ask for a cycle at a time (a tariff boundary, a window start);
+- ``cycle_events`` -- facts the policy decided by itself (a priority transition), journaled in
+  its stream after the cycle and folded back in with ``apply``;
 - ``node_actions`` -- sleep idle nodes, wake them, drain them before maintenance;
 - ``command`` / ``apply`` -- domain commands (reservations, configuration reloads): pure
   decisions whose events are journaled in the policy's own stream and folded back in;
@@ -63,6 +65,7 @@ __all__ = [
     "RunningView",
     "RuntimeStats",
     "TaskEndedObservation",
+    "TaskPreviewObservation",
     "TaskProgressObservation",
     "TaskStartedObservation",
     "TaskView",
@@ -407,6 +410,27 @@ class TaskProgressObservation:
 
 
 @dataclass(frozen=True, slots=True)
+class TaskPreviewObservation:
+    """A running attempt produced a preview (a partial output to look at) at ``path``."""
+
+    job_id: str
+    task: int
+    path: str
+    at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class JobSubmittedObservation:
+    """A job was accepted, as journaled (after ``prepare``): what a policy learning from the
+    history needs to know of jobs that finished before it started (their type, their owner,
+    the frames of each task)."""
+
+    job_id: str
+    spec: SubmitJob
+    at: datetime
+
+
+@dataclass(frozen=True, slots=True)
 class NodeChanged:
     """A node joined, left, or changed health or reachability."""
 
@@ -417,21 +441,12 @@ class NodeChanged:
     at: datetime
 
 
-@dataclass(frozen=True, slots=True)
-class JobSubmittedObservation:
-    """A job was accepted (its spec as journaled): what a projection needs to know of a job
-    after it ended (its owner, project, resources), live and in the recovered history."""
-
-    job_id: str
-    spec: SubmitJob
-    at: datetime
-
-
 Observation = (
     JobSubmittedObservation
     | TaskStartedObservation
     | TaskEndedObservation
     | TaskProgressObservation
+    | TaskPreviewObservation
     | NodeChanged
 )
 
@@ -541,6 +556,12 @@ class Policy(Protocol):
 
     def node_actions(self, farm: FarmView, now: datetime) -> Sequence[NodeAction]:
         """Return the node health changes the policy wants now (journaled, then applied)."""
+        ...
+
+    def cycle_events(self, farm: FarmView, now: datetime) -> Sequence[Event]:
+        """Return the facts the policy decided on its own since the last call (an effective
+        priority that changed, a deadline now at risk): journaled in its stream after each
+        cycle, then folded in with ``apply`` (and replayed on restart like a command's)."""
         ...
 
     def describe(self, job: JobView, now: datetime) -> Mapping[str, str]:
@@ -656,6 +677,9 @@ class FifoPolicy:
         return None
 
     def node_actions(self, farm: FarmView, now: datetime) -> Sequence[NodeAction]:
+        return ()
+
+    def cycle_events(self, farm: FarmView, now: datetime) -> Sequence[Event]:
         return ()
 
     def describe(self, job: JobView, now: datetime) -> Mapping[str, str]:

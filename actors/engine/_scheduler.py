@@ -54,6 +54,7 @@ from ._policy import (
     JobSubmittedObservation,
     NodeChanged,
     TaskEndedObservation,
+    TaskPreviewObservation,
     TaskProgressObservation,
     TaskStartedObservation,
 )
@@ -277,6 +278,7 @@ class SchedulerActor(Actor[SchedulerMessage]):
                 self._arm_wakeup()
                 self._cycle()
                 await self._apply_node_actions()
+                await self._journal_cycle_events()
             case WhyJob(job_id=job_id):
                 return "\n".join(core.why(job_id, self.context.clock.now()))
             case DescribeJob(job_id=job_id):
@@ -422,6 +424,12 @@ class SchedulerActor(Actor[SchedulerMessage]):
             core.task_checkpointed(message.job_id, message.task, message.checkpoint_at)
         if message.preempted:
             core.task_preempted(message.job_id, message.task)
+        if message.preview is not None:
+            core.observe(
+                TaskPreviewObservation(
+                    job_id=message.job_id, task=message.task, path=message.preview, at=now
+                )
+            )
         if released:
             self._kick()
 
@@ -496,6 +504,16 @@ class SchedulerActor(Actor[SchedulerMessage]):
             await self._set_health(
                 action.node, action.health, action.reason, action.at, by="policy"
             )
+
+    async def _journal_cycle_events(self) -> None:
+        """Journal the facts the policy decided by itself this cycle, then fold them in."""
+        core = self.core
+        events = core.cycle_events(self.context.clock.now())
+        if not events:
+            return
+        await self.journal.append(policy_stream(core.policy.name), list(events))
+        for event in events:
+            core.apply_policy_event(event)
 
     def _preempt(self, now: datetime) -> None:
         """Ask the victims the policy chose for the tasks this cycle could not place."""

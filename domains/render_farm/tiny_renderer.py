@@ -4,7 +4,7 @@ Usage::
 
     python -m domains.render_farm.tiny_renderer --scene orbit --frame 12 --output out/
     python -m domains.render_farm.tiny_renderer --scene bounce --frames 0-23 --output out/ \\
-        [--width 240] [--height 135] [--samples 4] [--preview]
+        [--width 240] [--height 135] [--samples 4] [--preview] [--step 4] [--quality 0.25]
 
 A few spheres (one of them a mirror) stand on a checkered plane under one point light; the
 camera (scene ``orbit``) or a ball (scene ``bounce``) moves with the frame number, so the frames
@@ -19,6 +19,9 @@ It speaks the attempt protocol of the subprocess executor on stdout:
 - with ``--preview``, before each frame, a quarter-size one-sample render is written to
   ``OUTPUT/previews/<scene>_<frame:04d>.png`` and reported with ``@taskfarm preview PATH``;
 - ``@taskfarm metric render_seconds S`` after each frame;
+- with ``--quality Q`` (a preview pass), each frame rendered at Q of the size with one ray
+  per pixel into ``OUTPUT/previews/qQ/`` and reported as a preview (no checkpoints: a pass is
+  short);
 - ``@taskfarm checkpoint frame:N`` after each frame: frames up to N of the chunk are done.  A
   later attempt started with ``TASKFARM_RESUME_FROM=frame:N`` skips those whose file is still a
   valid PNG of the right size, and renders the rest.
@@ -355,7 +358,26 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--height", type=_positive, default=135)
     parser.add_argument("--samples", type=_positive, default=4, help="rays per pixel")
     parser.add_argument("--preview", action="store_true", help="write a quick preview first")
+    parser.add_argument(
+        "--quality",
+        type=_quality,
+        help="a preview pass: render at this fraction of the size (0-1], one ray per pixel, "
+        "into OUTPUT/previews/q<QUALITY>/, reporting each file as a preview",
+    )
+    parser.add_argument(
+        "--step", type=_positive, default=1, help="render every STEP-th frame of the range"
+    )
     return parser
+
+
+def _quality(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return value
 
 
 def _resume_point(frames: range) -> int:
@@ -374,8 +396,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the renderer with command-line arguments ``argv``; return the exit code."""
     args = _parser().parse_args(argv)
     frames: range = args.frame if args.frame is not None else args.frames
+    frames = frames[:: args.step]
     output: Path = args.output
     width, height, samples = args.width, args.height, args.samples
+    if args.quality is not None:
+        return _preview_pass(args, frames, output)
     band = max(1, math.ceil(height / PROGRESS_BANDS))
     done_until = _resume_point(frames)
 
@@ -404,6 +429,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         report(f"metric render_seconds {time.perf_counter() - started:.3f}")
         report(f"checkpoint frame:{frame}")
         print(f"tiny_renderer: wrote {path}", flush=True)
+    return 0
+
+
+def _preview_pass(args: argparse.Namespace, frames: range, output: Path) -> int:
+    """Render ``frames`` small and fast, each reported as a preview as soon as it is written."""
+    quality: float = args.quality
+    width = max(1, round(args.width * quality))
+    height = max(1, round(args.height * quality))
+    folder = output / "previews" / f"q{quality:g}"
+    for index, frame in enumerate(frames):
+        rows = render(SCENES[args.scene](frame), width=width, height=height, samples=1)
+        path = folder / frame_path(output, args.scene, frame).name
+        write_atomically(path, encode_png(width, height, rows))
+        report(f"preview {path}")
+        report(f"progress {(index + 1) / len(frames):.4f} preview of frame {frame}")
     return 0
 
 
