@@ -150,7 +150,7 @@ async def _demo(args: argparse.Namespace) -> int:
                     if all(s.status in _FINISHED for s in summaries):
                         break
                     await anyio.sleep(0.2)
-    from domains.render_farm._demo import run_render_demo
+    from domains.render_farm import run_render_demo
 
     console.print("")
     render = await run_render_demo(

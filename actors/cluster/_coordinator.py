@@ -1118,10 +1118,15 @@ async def _open_coordinator(
 ) -> AsyncIterator[Coordinator]:
     settings = config.settings
     codec = COORDINATOR_CODEC
-    if config.events:
+    # The policy's own events are journaled too: its codec joins the plugins' (the same
+    # codec registered twice, by the policy and by a plugin, is merged once).
+    extras = [*config.events]
+    if policy is not None and policy.events is not None and policy.events not in extras:
+        extras.append(policy.events)
+    if extras:
         codec = EventCodec()
         codec.update(COORDINATOR_CODEC)
-        for extra in config.events:
+        for extra in extras:
             codec.update(extra)  # a conflicting tag is a ConfigurationError naming it
     fence = config.lease_timing().fence
     if settings.restart_grace < fence:

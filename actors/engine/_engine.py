@@ -959,6 +959,23 @@ def _metrics_of(state: JobState) -> dict[int, dict[str, float]]:
     return kept
 
 
+def _check_policy_events(policy: Policy, journal: Journal) -> None:
+    """Refuse a journal that could not store the policy's events, now rather than when the
+    policy first journals one (which would stop scheduling)."""
+    events = getattr(policy, "events", None)
+    codec = getattr(journal, "codec", None)
+    if events is None or codec is None:
+        return
+    missing = sorted(set(events.tags()) - set(codec.tags()))
+    if missing:
+        raise ConfigurationError(
+            f"the journal's codec lacks the events of policy {policy.name!r} "
+            f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): open the journal "
+            "with a codec updated with the policy's `events`",
+            where="open_engine",
+        )
+
+
 @asynccontextmanager
 async def open_engine(
     *,
@@ -974,6 +991,7 @@ async def open_engine(
     """
     settings = settings or EngineSettings()
     core = SchedulerCore(policy or FifoPolicy(), counters=settings.counters)
+    _check_policy_events(core.policy, journal)
     async with open_system(clock=clock) as system:
         engine = Engine(system=system, journal=journal, core=core, settings=settings)
         recovered = await engine._rebuild()

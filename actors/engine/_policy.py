@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal, Protocol
 
-from persistence import Event
+from persistence import Event, EventCodec
 from runtime import ConfigurationError
 
 from ._resources import Resources, add, fits
@@ -473,6 +473,9 @@ class Policy(Protocol):
     #: The role each command needs (``read``, ``submit``, ``operator``, ``admin``); a command
     #: not listed needs ``operator``.
     command_roles: Mapping[str, str]
+    #: The codec of the events the policy journals (``cycle_events``, command results), merged
+    #: into the coordinator's journal codec; None: it journals none.
+    events: EventCodec | None
 
     def validate(self, spec: SubmitJob, now: datetime) -> None:
         """Refuse a job at submission by raising ``SpecError`` naming the field."""
@@ -603,6 +606,7 @@ class FifoPolicy:
     #: Whether ``recover`` gets the journal's history of facts when the engine opens.
     history = False
     command_roles: Mapping[str, str] = {}
+    events: EventCodec | None = None
 
     def validate(self, spec: SubmitJob, now: datetime) -> None:
         return None

@@ -17,7 +17,7 @@ from datetime import datetime
 from typing import Any, assert_never
 
 from actors._errors import SpecError
-from persistence import Journal
+from persistence import EventEncodeError, Journal
 from runtime import Actor, ActorRef, ConfigurationError, TaskfarmError, get_logger
 
 from ._events import NodeHealthChanged, NodeRegistered, node_stream, policy_stream
@@ -351,7 +351,11 @@ class SchedulerActor(Actor[SchedulerMessage]):
                 f"policy error: {type(error).__name__}: {error}", where=f"command {name}"
             )
         if result.events:
-            await self.journal.append(policy_stream(core.policy.name), list(result.events))
+            try:
+                await self.journal.append(policy_stream(core.policy.name), list(result.events))
+            except EventEncodeError as error:  # the policy's events are not in the codec
+                core._policy_failed(None, f"command {name}", error)
+                return ConfigurationError(f"policy error: {error}", where=f"command {name}")
             for event in result.events:
                 core.apply_policy_event(event)
             self._kick()
@@ -511,7 +515,11 @@ class SchedulerActor(Actor[SchedulerMessage]):
         events = core.cycle_events(self.context.clock.now())
         if not events:
             return
-        await self.journal.append(policy_stream(core.policy.name), list(events))
+        try:
+            await self.journal.append(policy_stream(core.policy.name), list(events))
+        except EventEncodeError as error:  # a policy bug: logged once, scheduling goes on
+            core._policy_failed(None, "cycle_events", error)
+            return
         for event in events:
             core.apply_policy_event(event)
 

@@ -26,6 +26,7 @@ from ._config import (
     load_farm_config,
     parse_farm_config,
 )
+from ._demo import RenderDemo, run_render_demo
 from ._events import (
     RENDER_CODEC,
     DeadlineVerdictChanged,
@@ -59,6 +60,7 @@ __all__ = [
     "PreviewPlan",
     "PreviewSettings",
     "PriorityChanged",
+    "RenderDemo",
     "RenderFarmPolicy",
     "RenderJob",
     "RenderMetadata",
@@ -69,6 +71,7 @@ __all__ = [
     "load_farm_config",
     "parse_farm_config",
     "render_farm_policy",
+    "run_render_demo",
 ]
 
 

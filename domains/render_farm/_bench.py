@@ -227,10 +227,10 @@ def make_trace(
     rng = random.Random(seed)
     counts = {"std": round(nodes * 0.55), "big": round(nodes * 0.25)}
     counts["gpu"] = nodes - counts["std"] - counts["big"]
-    shapes = {
-        "std": {"cores": 16, "memory": "64GiB"},
-        "big": {"cores": 32, "memory": "256GiB"},
-        "gpu": {"cores": 16, "memory": "128GiB", "gpus": 2},
+    shapes: dict[str, tuple[float, str, int]] = {
+        "std": (16, "64GiB", 0),
+        "big": (32, "256GiB", 0),
+        "gpu": (16, "128GiB", 2),
     }
     farm: list[RenderNode] = []
     speed: dict[tuple[str, str], float] = {}

@@ -51,7 +51,7 @@ from actors import (
     fits,
     parse_duration,
 )
-from persistence import Event
+from persistence import Event, EventCodec
 from runtime import ConfigurationError
 
 from ._config import ENERGY_MODES, EnergyMode, FarmConfig, config_changes, parse_farm_config
@@ -66,6 +66,7 @@ from ._deadline import (
 )
 from ._energy import SLEEP_AFTER_FACTOR, defer_to_off_peak, plan_sleep
 from ._events import (
+    RENDER_CODEC,
     DeadlineVerdictChanged,
     EnergyModeChanged,
     FarmConfigChanged,
@@ -158,6 +159,7 @@ class RenderFarmPolicy(FifoPolicy):
     cycle_interval = 120.0
     metadata_type: type[Any] | None = RenderMetadata
     history = True
+    events: EventCodec | None = RENDER_CODEC
     command_roles: Mapping[str, str] = {
         "status": "read",
         "clients": "read",

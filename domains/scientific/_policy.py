@@ -58,7 +58,7 @@ from actors import (
     add,
     fits,
 )
-from persistence import Event
+from persistence import Event, EventCodec
 from runtime import ConfigurationError
 
 from ._backfill import Hold as NodeHold
@@ -66,6 +66,7 @@ from ._backfill import ShadowPlan, backfill_refusal, head_hold, plan_reservation
 from ._checkpointing import Interval, checkpoint_interval
 from ._config import ClusterConfig, MaintenanceWindow, Reservation, load_cluster_config
 from ._events import (
+    SCIENCE_CODEC,
     MaintenanceCancelled,
     MaintenanceScheduled,
     MemberPinned,
@@ -132,6 +133,7 @@ class SciencePolicy(FifoPolicy):
     max_candidates = 64
     metadata_type: type[Any] | None = SimulationMetadata
     history = True
+    events: EventCodec | None = SCIENCE_CODEC
     command_roles: Mapping[str, str] = {
         "reservations": "read",
         "windows": "read",

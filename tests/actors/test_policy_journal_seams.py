@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from datetime import datetime
 
 import anyio
+import pytest
+import structlog
 from engine_farm import CPU4, WAIT, job
 
 from actors import (
@@ -24,7 +26,7 @@ from actors import (
     open_inprocess_executor,
 )
 from persistence import Event, EventCodec, InMemoryJournal
-from runtime import VirtualClock
+from runtime import ConfigurationError, VirtualClock
 
 CODEC = EventCodec()
 CODEC.update(ENGINE_CODEC)
@@ -118,3 +120,45 @@ async def test_submissions_and_previews_are_observed_live_and_in_the_history() -
         assert of_job[0] is submitted[0]
         previews = sorted((o.task, o.path) for o in seen if isinstance(o, TaskPreviewObservation))
         assert previews == [(0, "previews/a-0.png"), (1, "previews/a-1.png")]
+
+
+class Declaring(Noticing):
+    """Noticing, with its events declared: the codec a journal must know."""
+
+    name = "declaring"
+    events: EventCodec | None = CODEC
+
+
+async def test_an_engine_refuses_a_journal_that_cannot_store_the_policys_events() -> None:
+    """A policy that declares its events is refused over a journal whose codec lacks them (at
+    open, naming the policy and an event), instead of failing when it first journals one."""
+    clock = VirtualClock(auto_advance=True)
+    journal = InMemoryJournal(clock=clock, codec=ENGINE_CODEC)
+    with pytest.raises(ConfigurationError, match=r"'declaring'.*test\.seams\.noticed"):
+        async with open_engine(journal=journal, clock=clock, policy=Declaring()):
+            pass
+    async with open_engine(
+        journal=InMemoryJournal(clock=clock, codec=CODEC), clock=clock, policy=Declaring()
+    ):
+        pass
+
+
+async def test_an_event_the_journal_cannot_store_is_a_contained_policy_error() -> None:
+    """Cycle events the codec cannot encode are logged once as a policy error; the engine
+    goes on scheduling and the jobs complete."""
+    clock = VirtualClock(auto_advance=True)
+    journal = InMemoryJournal(clock=clock, codec=ENGINE_CODEC)  # lacks Noticed
+    with structlog.testing.capture_logs() as logs:
+        async with (
+            open_inprocess_executor({"preview": _preview}, clock=clock) as executor,
+            open_engine(journal=journal, clock=clock, policy=Noticing()) as engine,
+        ):
+            await engine.add_node("n1", CPU4, executor=executor)
+            await engine.submit([job("a", "preview", tasks=2)])
+            with anyio.fail_after(WAIT):
+                summary = await engine.wait_job("a")
+    assert summary.status == "completed"
+    errors = [e for e in logs if e["event"] == "policy_error"]
+    assert errors
+    assert all(e["hook"] == "cycle_events" for e in errors)
+    assert "Noticed" in errors[0]["error"]

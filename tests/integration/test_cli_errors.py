@@ -270,6 +270,25 @@ def table(made: dict[str, Path], farm: Cluster) -> dict[str, Case]:
             ("slurm", "agent", "--connect", "127.0.0.1:1", "--token-file", token),
             ("$SLURM_JOB_ID", "--end-time"),
         ),
+        "render-no-subcommand": Case(("render",), ("required", "COMMAND")),
+        "render-bad-mode": Case(("render", "mode", "turbo"), ("invalid choice", "'turbo'")),
+        "audit-missing-journal": Case(
+            ("audit", "--journal", str(made["a-folder"] / "none.db")), ("--journal", "none.db")
+        ),
+        "audit-not-sqlite": Case(
+            ("audit", "--journal", str(made["not-sqlite.db"])), ("not-sqlite.db", "not an SQLite")
+        ),
+        "audit-bad-since": Case(
+            ("audit", "--journal", str(made["good.db"]), "--since", "yesterday"), ("--since",)
+        ),
+        "science-no-subcommand": Case(("science",), ("required", "COMMAND")),
+        "science-reserve-no-nodes": Case(
+            ("science", "reserve", "--start", "+1h", "--duration", "1h", "--for", "sim"),
+            ("--nodes",),
+        ),
+        "science-report-no-out": Case(
+            ("science", "report", "--journal", str(made["good.db"])), ("--out",)
+        ),
         "no-command": Case((), ("required", "COMMAND")),
         "unknown-command": Case(("format-disk",), ("invalid choice",)),
     }
@@ -303,6 +322,7 @@ async def run(farm: Cluster, case: Case, cwd: Path) -> subprocess.CompletedProce
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # about 80 processes, each importing the whole CLI
 async def test_every_command_refuses_bad_input_in_one_line(
     farm: Cluster, tmp_path_factory: pytest.TempPathFactory
 ) -> None:

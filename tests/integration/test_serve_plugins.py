@@ -156,7 +156,7 @@ async def test_serve_refuses_an_unknown_policy_naming_the_known_ones(cluster: Cl
     assert result.returncode == 2
     assert result.stderr.decode().splitlines() == [
         "taskfarm: error: --policy: unknown policy 'fastest'; known policies: fifo, "
-        "priority-preemption"
+        "priority-preemption, render-farm, science"
     ]
     assert not (cluster.root / "x.db").exists()
 

@@ -127,32 +127,20 @@ async def test_failed_attempts_count_against_the_job_until_max_errors_fails_it()
     reason, each retry avoiding the node it failed on."""
     policy = RenderFarmPolicy(CONFIG)
     nodes = [RenderNode(name=f"n{i}", cores=4) for i in range(3)]
-    async with open_simulated_farm(policy=policy, nodes=nodes, duration=lambda n, s: 10.0) as farm:
-        failing = _job(frames=(1, 1))
-        async with _failing(farm):
-            await farm.engine.submit([failing.to_spec()])
-            summary = await farm.engine.wait_job("shot")
+    async with open_simulated_farm(
+        policy=policy,
+        nodes=nodes,
+        duration=lambda n, s: 10.0,
+        outcome=lambda node, spec: "failed",  # a broken scene: every attempt fails
+    ) as farm:
+        await farm.engine.submit([_job(frames=(1, 1)).to_spec()])
+        summary = await farm.engine.wait_job("shot")
         assert summary.status == "failed"
         assert "3 failed attempts reached max_errors (3)" in (summary.reason or "")
         events = [r.event for r in await farm.journal.read_stream("job:shot")]
         assert sum(isinstance(e, TaskFailed) for e in events) == 3
         nodes_used = [e.node for e in events if isinstance(e, TaskAssigned)]
         assert len(set(nodes_used)) == 3
-
-
-class _failing:
-    """Make every simulated attempt of the farm end as failed (a broken scene)."""
-
-    def __init__(self, farm: object) -> None:
-        self.farm = farm
-
-    async def __aenter__(self) -> None:
-        for executor in self.farm._executors.values():  # type: ignore[attr-defined]
-            executor._outcome = lambda spec: "failed"
-
-    async def __aexit__(self, *exc: object) -> None:
-        for executor in self.farm._executors.values():  # type: ignore[attr-defined]
-            executor._outcome = lambda spec: "completed"
 
 
 async def test_a_lost_node_requeues_its_work_from_the_last_checkpoint() -> None:
