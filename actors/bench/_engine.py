@@ -29,7 +29,7 @@ import subprocess
 import sys
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -91,7 +91,9 @@ async def _noop(ctx: AttemptContext) -> None:
     return None
 
 
-def _job(job_id: str, tasks: int, command: str, resources: Resources) -> SubmitJob:
+def _job(
+    job_id: str, tasks: int, command: str, resources: Resources, *, nodes: int = 1
+) -> SubmitJob:
     return SubmitJob(
         job_id=job_id,
         name=job_id,
@@ -99,6 +101,7 @@ def _job(job_id: str, tasks: int, command: str, resources: Resources) -> SubmitJ
         resources=resources,
         tasks=tuple(TaskSpec(index=i, name=str(i)) for i in range(tasks)),
         retries=_NO_RETRY,
+        nodes=nodes,
     )
 
 
@@ -211,21 +214,33 @@ def _shape(shapes: tuple[tuple[Resources, int], ...], number: int) -> Resources:
 class _Drained:
     def __init__(self) -> None:
         self.placed = 0
+        self.gangs = 0  # placements of multi-node tasks
         self.cycles = 0
         self.place_seconds = 0.0
         self.total_seconds = 0.0
 
 
 def _drain(
-    core: SchedulerCore, *, tasks: int, nodes: int, release: int, stop_after: int | None = None
+    core: SchedulerCore,
+    *,
+    tasks: int,
+    nodes: int,
+    release: int,
+    stop_after: int | None = None,
+    per_job: int = 1000,
+    gang: Callable[[int], int] | None = None,
 ) -> _Drained:
-    """Queue ``tasks`` on ``nodes``, then place and release until every task has been placed."""
-    per_job = 1000
+    """Queue ``tasks`` on ``nodes``, then place and release until every task has been placed.
+
+    ``gang(job_number)`` gives the nodes each task of that job spans (multi-node jobs).
+    """
     for number in range(nodes):
         core.add_node(f"node-{number:04d}", _shape(_NODE_SHAPES, number))
     left: dict[str, int] = {}
     for number in range(tasks // per_job):
-        spec = _job(f"job-{number:03d}", per_job, "noop", _shape(_REQUEST_SHAPES, number))
+        width = gang(number) if gang is not None else 1
+        request = _shape(_REQUEST_SHAPES, number)
+        spec = _job(f"job-{number:03d}", per_job, "noop", request, nodes=width)
         core.add_job(spec, submitted_at=_EPOCH)
         left[spec.job_id] = per_job
     goal = min(tasks, stop_after or tasks)
@@ -239,6 +254,7 @@ def _drain(
         result.place_seconds += clock() - began
         result.cycles += 1
         result.placed += len(placements)
+        result.gangs += sum(len(p.nodes) > 1 for p in placements)
         running.extend((p.job_id, p.task) for p in placements)
         if not placements and not running:
             raise RuntimeError("placement stalled with nothing running")
@@ -303,6 +319,57 @@ def _figure_placement(ctx: BenchContext, rounds: int) -> list[Figure]:
             note=f"{len(samples):,} decisions, p50 "
             f"{percentile(samples, 50) * 1e6:.0f} us, max "
             f"{max(samples) * 1000:.2f} ms",
+        ),
+    ]
+
+
+def _gang_width(job_number: int) -> int:
+    """One job in ten spans 2 to 8 nodes; the others run on one."""
+    return 2 + (job_number // 10) % 7 if job_number % 10 == 0 else 1
+
+
+def _figure_gang_placement(ctx: BenchContext, rounds: int) -> list[Figure]:
+    """Placement with multi-node tasks beside the single-node queue of the same size."""
+    tasks, nodes, release = (2_000, 200, 20) if ctx.quick else (10_000, 1_000, 100)
+    ctx.progress(
+        f"engine: gang placement, {tasks:,} tasks (10% on 2-8 nodes) on {nodes:,} nodes "
+        f"(best of {rounds})"
+    )
+
+    def drain(gang: Callable[[int], int] | None, timed: bool = False) -> tuple[_Drained, Any]:
+        core = SchedulerCore(FifoPolicy(), time_decisions=timed)
+        return (
+            _drain(core, tasks=tasks, nodes=nodes, release=release, per_job=100, gang=gang),
+            core,
+        )
+
+    def best(gang: Callable[[int], int] | None) -> _Drained:
+        return max(
+            (drain(gang)[0] for _ in range(rounds)), key=lambda r: r.placed / r.place_seconds
+        )
+
+    with_gangs, single = best(_gang_width), best(None)
+    gang_samples = drain(_gang_width, timed=True)[1].decision_seconds or [0.0]
+    single_samples = drain(None, timed=True)[1].decision_seconds or [0.0]
+    return [
+        Figure(
+            name=f"gang placement, {tasks:,} queued tasks (10% on 2-8 nodes) on {nodes:,} nodes",
+            value=with_gangs.placed / with_gangs.place_seconds,
+            unit="placements/s",
+            baseline_name="the same queue, every task on one node",
+            baseline_value=single.placed / single.place_seconds,
+            ratio_target=0.5,
+            note=f"{with_gangs.gangs:,} multi-node placements, each counted once; "
+            f"{with_gangs.cycles} cycles releasing {release} each; best of {rounds}",
+        ),
+        Figure(
+            name="gang placement decision latency p99",
+            value=percentile(gang_samples, 99) * 1000,
+            unit="ms",
+            baseline_name="every task on one node",
+            baseline_value=percentile(single_samples, 99) * 1000,
+            better="lower",
+            note=f"{len(gang_samples):,} decisions, max {max(gang_samples) * 1000:.2f} ms",
         ),
     ]
 
@@ -821,6 +888,7 @@ async def run_suite(ctx: BenchContext) -> list[Figure]:
     end_to_end, in_process_rate = await _figure_end_to_end(ctx, rounds)
     figures = [end_to_end]
     figures += await anyio.to_thread.run_sync(_figure_placement, ctx, rounds)
+    figures += await anyio.to_thread.run_sync(_figure_gang_placement, ctx, rounds)
     figures += await _figure_loopback(ctx, rounds, in_process_rate)
     figures += await _figure_restart(ctx, rounds)
     figures += await _figure_simulated_farm(ctx, rounds)

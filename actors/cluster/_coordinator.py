@@ -439,8 +439,10 @@ class Coordinator:
         if node.drain_at is not None and datetime.fromisoformat(node.drain_at) <= message.at:
             return
         try:
+            # The host goes away by itself (its allocation ends): the engine's decision, not
+            # an operator's, so `taskfarm nodes` and the journal say who drained it.
             await self.engine.set_node_health(
-                name, "draining", reason=message.reason, at=message.at
+                name, "draining", reason=message.reason, at=message.at, by="engine"
             )
         except TaskfarmError as error:
             _log.warning("node_drain_refused", node_id=name, error=str(error))

@@ -19,7 +19,7 @@ from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 import msgspec
@@ -224,9 +224,15 @@ class Engine:
         )
 
     async def set_node_health(
-        self, name: str, health: str, *, reason: str = "", at: datetime | None = None
+        self,
+        name: str,
+        health: str,
+        *,
+        reason: str = "",
+        at: datetime | None = None,
+        by: Literal["operator", "engine"] = "operator",
     ) -> None:
-        """Set a node's health (journaled, kept across rejoins and restarts).
+        """Set a node's health (journaled with ``by``, kept across rejoins and restarts).
 
         ``online`` gets new work; ``draining`` (before maintenance), ``sleeping`` (to save
         energy) and ``quarantined`` do not, and their running attempts carry on.  ``draining``
@@ -248,7 +254,7 @@ class Engine:
         if at is not None:
             health = "online"  # until the time comes
         known = await self.scheduler.ask(
-            SetNodeHealth(name=name, health=health, reason=reason, drain_at=drain_at),
+            SetNodeHealth(name=name, health=health, reason=reason, drain_at=drain_at, by=by),
             timeout=self.settings.ask_timeout,
         )
         if not known:

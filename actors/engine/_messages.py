@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from actors.executors import AttemptReport, AttemptSpec
 from runtime import Message
@@ -289,6 +289,7 @@ class SetNodeHealth(Message, frozen=True, kw_only=True, tag="engine.cmd.set_node
     health: str
     reason: str = ""
     drain_at: datetime | None = None
+    by: Literal["operator", "engine"] = "operator"  # who decided (policies use node_actions)
 
 
 class Kick(Message, frozen=True, kw_only=True, tag="engine.cmd.kick"):

@@ -1317,6 +1317,9 @@ class SchedulerCore:
         runtime = job.view.spec.task_max_runtime(task.index)
         view = job.view
         scored: list[tuple[float, str]] = []
+        # As for one node, the best of the first candidates wins: scoring every node of a
+        # large farm for each gang would cost more than the placement is worth.
+        enough = max(self.policy.max_candidates, task.nodes)
         for name in names:
             node_view = self._nodes[name].view
             if not self._usable(job, task, name, node_view, runtime, now):
@@ -1324,6 +1327,8 @@ class SchedulerCore:
             score = self._guarded(job, None, self.policy.node_score, view, task, node_view, now)
             if score is not None:
                 scored.append((-score, name))
+                if len(scored) >= enough and not self.exhaustive:
+                    break
         scored.sort()
         if len(scored) >= task.nodes:
             return tuple(name for _, name in scored[: task.nodes])

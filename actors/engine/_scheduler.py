@@ -246,8 +246,8 @@ class SchedulerActor(Actor[SchedulerMessage]):
                 await self._node_joined(name, capacity, labels, remote)
             case NodeLeft(name=name, reason=reason):
                 self._node_left(name, reason)
-            case SetNodeHealth(name=name, health=health, reason=reason, drain_at=drain_at):
-                return await self._set_health(name, health, reason, drain_at)
+            case SetNodeHealth(name=name, health=health, reason=reason, drain_at=drain_at, by=by):
+                return await self._set_health(name, health, reason, drain_at, by=by)
             case SetNodeReachable(name=name, reachable=reachable):
                 if core.node_health(name) is not None:
                     core.set_reachable(name, reachable)

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import structlog
 
-from actors.bench._engine import SUITE
+from actors import FifoPolicy
+from actors.bench._engine import SUITE, _drain, _gang_width
+from actors.engine import SchedulerCore
 from runtime._bench import BenchContext, format_table
 
 
@@ -28,7 +30,7 @@ async def test_quick_run_reports_positive_named_figures(tmp_path: Path) -> None:
     with structlog.testing.capture_logs():
         figures = await SUITE(BenchContext(workdir=tmp_path, quick=True, progress=progress.append))
     names = [figure.name for figure in figures]
-    assert len(names) == len(set(names)) == 13
+    assert len(names) == len(set(names)) == 15
     for figure in figures:
         assert figure.name
         assert figure.unit
@@ -39,3 +41,16 @@ async def test_quick_run_reports_positive_named_figures(tmp_path: Path) -> None:
         assert figure.baseline_value > 0, figure
     assert progress
     assert "placement decision latency p99" in format_table(figures)
+    assert any(name.startswith("gang placement, ") for name in names)
+
+
+def test_gang_workload_is_one_job_in_ten_on_two_to_eight_nodes() -> None:
+    """The gang placement figure's queue: 10 % of the jobs span 2-8 nodes, and all of it drains."""
+    widths = [_gang_width(number) for number in range(100)]
+    assert sum(width > 1 for width in widths) == 10
+    assert {width for width in widths if width > 1} <= set(range(2, 9))
+    assert len({width for width in widths if width > 1}) == 7
+    core = SchedulerCore(FifoPolicy())
+    drained = _drain(core, tasks=2_000, nodes=100, release=20, per_job=100, gang=_gang_width)
+    assert drained.placed == 2_000
+    assert drained.gangs == 200  # 2 of the 20 jobs, 100 tasks each

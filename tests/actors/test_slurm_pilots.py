@@ -588,6 +588,12 @@ async def test_an_allocation_agent_has_its_node_drained_before_the_end(tmp_path:
         node = await wait_node(farm, "pilot-1-n1", lambda n: n.drain_at is not None)
         assert node.health == "online"
         assert node.drain_at == (end - timedelta(seconds=600)).isoformat()
+        planned = [
+            record.event
+            for record in await farm.engine.journal.read_stream(node_stream("pilot-1-n1"))
+            if isinstance(record.event, NodeHealthChanged)
+        ]
+        assert [(e.drain_at, e.by) for e in planned] == [(end - timedelta(seconds=600), "engine")]
         await farm.engine.submit_text(
             JOBS.format(name="long", runtime="2h") + JOBS.format(name="short", runtime="10m"),
             fmt="toml",
