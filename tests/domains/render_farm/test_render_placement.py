@@ -4,7 +4,7 @@ class is considered, not only the first candidates found."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -26,6 +26,7 @@ from domains.render_farm import (
     RenderNode,
     parse_farm_config,
 )
+from domains.render_farm._policy import PATIENCE, PATIENCE_RATIO
 from domains.render_farm._simulation import farm_codec, open_simulated_farm
 from domains.render_farm._specialization import (
     NodeProfile,
@@ -152,9 +153,12 @@ stride = 1
 )
 
 
-def _vfx_view(policy: RenderFarmPolicy, name: str = "fx-shot") -> tuple[JobView, TaskView]:
+def _vfx_view(
+    policy: RenderFarmPolicy, name: str = "fx-shot", priority: str = "medium"
+) -> tuple[JobView, TaskView]:
     spec = RenderJob(
         name=name,
+        priority=priority,
         client="acme",
         job_type="vfx",
         command=["fx", "{start}"],
@@ -251,3 +255,64 @@ async def test_learned_speed_is_rebuilt_from_the_journal_on_restart() -> None:
         fast = second.learned_factor("fast", "vfx")
         assert fast is not None
         assert fast > 1.0
+
+
+PATIENT = parse_farm_config(
+    """
+[[clients]]
+id = "acme"
+[[node_classes]]
+name = "fx"
+performance = 2.0
+watts = { idle = 100, busy = 300 }
+job_types = ["vfx"]
+[[node_classes]]
+name = "general"
+watts = { idle = 100, busy = 300 }
+job_types = ["animation"]
+[previews]
+stride = 1
+"""
+)
+
+
+@pytest.mark.parametrize(
+    ("priority", "waited", "takes_the_slow_node"),
+    [
+        ("medium", 0.0, False),  # a class 2.9x better for vfx exists: wait for it
+        ("medium", PATIENCE - 1, False),
+        ("medium", PATIENCE, True),  # waited long enough: take what there is
+        ("critical", 0.0, True),  # critical work never waits for a better node
+    ],
+)
+def test_a_job_waits_a_while_for_a_much_faster_class_before_taking_a_slow_node(
+    priority: str, waited: float, takes_the_slow_node: bool
+) -> None:
+    """Delay scheduling: a vfx task refuses a node of a class far slower at vfx (by more than
+    PATIENCE_RATIO) for up to PATIENCE seconds, unless it is critical; the fast class is always
+    acceptable."""
+    policy = RenderFarmPolicy(PATIENT)
+    farm = FarmView(nodes={"f1": _node("f1", "fx"), "g1": _node("g1", "general")})
+    policy.cycle_events(farm, NOW)
+    view, task = _vfx_view(policy, priority=priority)
+    assert policy.node_score(view, task, farm.nodes["f1"], NOW) is not None
+    first = policy.node_score(view, task, farm.nodes["g1"], NOW)
+    assert (first is not None) == (priority == "critical")
+    later = NOW + timedelta(seconds=waited)
+    score = policy.node_score(view, task, farm.nodes["g1"], later)
+    assert (score is not None) == takes_the_slow_node
+    if not takes_the_slow_node:
+        # A cycle runs when the patience runs out (the placement has nothing else to wake it).
+        just_before = NOW + timedelta(seconds=PATIENCE - 1)
+        assert policy.next_wakeup(just_before) == NOW + timedelta(seconds=PATIENCE)
+
+
+def test_a_class_only_somewhat_slower_is_taken_at_once() -> None:
+    """No waiting when the best class is less than PATIENCE_RATIO times better (vfx on a class
+    not built for it scores 0.7 of one built for it)."""
+    policy = RenderFarmPolicy(CONFIG)
+    farm = FarmView(nodes={"f1": _node("f1", "fx"), "g1": _node("g1", "general")})
+    policy.cycle_events(farm, NOW)
+    view, task = _vfx_view(policy)
+    assert PATIENCE_RATIO > 1.0 / 0.7
+    assert policy.node_score(view, task, farm.nodes["g1"], NOW) is not None

@@ -148,11 +148,11 @@ class _failing:
 
     async def __aenter__(self) -> None:
         for executor in self.farm._executors.values():  # type: ignore[attr-defined]
-            executor._outcome = lambda spec: "failed"
+            executor.outcome = lambda spec: "failed"
 
     async def __aexit__(self, *exc: object) -> None:
         for executor in self.farm._executors.values():  # type: ignore[attr-defined]
-            executor._outcome = lambda spec: "completed"
+            executor.outcome = lambda spec: "completed"
 
 
 async def test_a_lost_node_requeues_its_work_from_the_last_checkpoint() -> None:

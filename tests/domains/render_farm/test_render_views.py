@@ -171,5 +171,5 @@ def test_the_gantt_chart_is_written_as_svg_and_png(tmp_path: Path) -> None:
     png = tmp_path / "schedule.png"
     assert write_chart(CHART, png) == 2
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    with pytest.raises(ConfigurationError, match="--out: .*a chart is .svg or .png"):
+    with pytest.raises(ConfigurationError, match=r"--out: .*a chart is \.svg or \.png"):
         write_chart(CHART, tmp_path / "schedule.pdf")
