@@ -17,7 +17,7 @@ wins over the last one journaled, and the difference is journaled.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -196,6 +196,7 @@ class RenderFarmPolicy(FifoPolicy):
         self._cycle_open = False
         self._cycle_sums: dict[str, list[int]] | None = None
         self._cycle_states: dict[str, ShareState] | None = None
+        self._no_victims: set[tuple[Any, ...]] = set()
         self._last_admitted: tuple[str, str, int, Resources] | None = None
         self._idle_since: dict[str, datetime] = {}
         self._waking: dict[str, datetime] = {}
@@ -811,10 +812,10 @@ class RenderFarmPolicy(FifoPolicy):
         own = urgent and info is not None and self._share_refuses(info, task, farm, now)
         client = info.client if info is not None else ""
         if job.priority is Priority.CRITICAL:
-            choice = choose_victims(
-                task.request,
-                task.requires,
-                farm.nodes,
+            choice = self._choose(
+                ("critical", own and client),
+                task,
+                farm,
                 victims_of,
                 lambda v: (
                     self._base_rank(farm, v.job_id) < Priority.CRITICAL.rank
@@ -823,10 +824,10 @@ class RenderFarmPolicy(FifoPolicy):
             )
             reason = f"critical job {job.job_id} needs the node"
         elif level.at_risk:
-            choice = choose_victims(
-                task.request,
-                task.requires,
-                farm.nodes,
+            choice = self._choose(
+                ("at risk", level.priority.rank, own and client),
+                task,
+                farm,
                 victims_of,
                 lambda v: v.level < level.priority.rank and (not own or v.client == client),
             )
@@ -873,10 +874,10 @@ class RenderFarmPolicy(FifoPolicy):
         if not borrowers:
             return None, ""
         budget = sum(states[c].borrowed for c in borrowers)
-        choice = choose_victims(
-            task.request,
-            task.requires,
-            farm.nodes,
+        choice = self._choose(
+            ("reclaim", info.client),
+            task,
+            farm,
             victims_of,
             lambda v: v.client in borrowers,
             budget=budget,
@@ -888,6 +889,28 @@ class RenderFarmPolicy(FifoPolicy):
             f"(its work waited {waited} > reclaim_after "
             f"{format_seconds(self.config.reclaim_after)})"
         )
+
+    def _choose(
+        self,
+        kind: tuple[Any, ...],
+        task: TaskView,
+        farm: FarmView,
+        victims_of: Any,
+        eligible: Callable[[Victim], bool],
+        **limits: Any,
+    ) -> tuple[str, list[Victim]] | None:
+        """Choose victims, remembering for the rest of the cycle when there are none: the
+        same search for the same shape would find none again (nothing it looks at changes
+        within a cycle but the work placed in it, which is no one's to preempt)."""
+        key = (kind, task.request, task.requires)
+        if self._cycle_open and key in self._no_victims:
+            return None
+        choice = choose_victims(
+            task.request, task.requires, farm.nodes, victims_of, eligible, **limits
+        )
+        if choice is None and self._cycle_open:
+            self._no_victims.add(key)
+        return choice
 
     def _victims(self, farm: FarmView) -> Any:
         def running(node: str) -> Iterable[Victim]:
@@ -1084,6 +1107,7 @@ class RenderFarmPolicy(FifoPolicy):
         self._waiting = None
         self._cycle_sums = None
         self._cycle_states = None
+        self._no_victims.clear()
         self._last_admitted = None
         events: list[Event] = list(self._pending)
         self._pending.clear()
