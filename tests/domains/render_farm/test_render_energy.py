@@ -230,3 +230,24 @@ async def clock_tick() -> None:
     import anyio
 
     await anyio.lowlevel.checkpoint()
+
+
+async def test_auto_mode_switches_at_tariff_boundaries_and_each_switch_is_journaled() -> None:
+    """``auto = true``: night-savings from 07:00 (peak) and balanced from 23:00, each switch a
+    journaled ``EnergyModeChanged`` by "auto" with its reason, with no work to wake it."""
+    text = FARM.replace('mode = "{mode}"', 'mode = "balanced"\nauto = true')
+    policy = RenderFarmPolicy(parse_farm_config(text))
+    clock = VirtualClock(auto_advance=True, start=MONDAY + timedelta(hours=6))
+    async with open_simulated_farm(
+        policy=policy, nodes=_nodes(), duration=_seconds, clock=clock
+    ) as farm:
+        await clock.sleep(3600 + 60)
+        assert policy.mode == "night-savings"
+        await clock.sleep(16 * 3600)
+        assert policy.mode == "balanced"
+        records = await farm.journal.read_stream("policy:render-farm")
+    switches = [(r.timestamp, r.event) for r in records if isinstance(r.event, EnergyModeChanged)]
+    assert [(at.hour, e.previous, e.mode, e.by, e.reason) for at, e in switches] == [
+        (7, "balanced", "night-savings", "auto", "peak hours"),
+        (23, "night-savings", "balanced", "auto", "off-peak hours"),
+    ]

@@ -316,3 +316,31 @@ def test_a_class_only_somewhat_slower_is_taken_at_once() -> None:
     view, task = _vfx_view(policy)
     assert PATIENCE_RATIO > 1.0 / 0.7
     assert policy.node_score(view, task, farm.nodes["g1"], NOW) is not None
+
+
+@pytest.mark.parametrize(
+    ("mode", "busy_watts", "expected"),
+    [
+        ("balanced", 150.0, 1.0),  # only the energy-saving modes look at the watts
+        ("performance", 150.0, 1.0),
+        ("efficiency", 200.0, 1.5**0.5),  # fewer watts than the reference: scores higher
+        ("night-savings", 600.0, 0.5**0.5),  # twice: lower
+        ("efficiency", 30.0, 1.3),  # bounded: power never outweighs speed
+        ("efficiency", 3000.0, 0.7),
+    ],
+)
+def test_the_energy_saving_modes_prefer_nodes_that_do_more_per_watt(
+    mode: str, busy_watts: float, expected: float
+) -> None:
+    """Against a 300 W reference, a node's factor is sqrt(reference / its watts per unit of
+    performance) in efficiency and night-savings, between 0.7 and 1.3; 1.0 otherwise."""
+    node_class = NodeClass(name="x", busy_watts=busy_watts, job_types=("vfx",))
+    factor = base_factor(
+        job_type="vfx",
+        node=_profile(node_class),
+        class_factor=None,
+        node_factor=None,
+        mode=mode,  # type: ignore[arg-type]
+        reference_watts=300.0,
+    )
+    assert factor == pytest.approx(expected)
