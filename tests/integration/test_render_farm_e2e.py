@@ -156,6 +156,19 @@ async def test_a_render_farm_renders_previews_first_survives_a_lost_node_and_aud
     assert previews.returncode == 0, previews.stderr
     assert "q0.25" in previews.stdout.decode()
 
+    # The operator's commands: the energy mode (journaled), the configuration, a chart.
+    mode = await cluster.cli("render", "mode", "balanced", "--reason", "night shift")
+    assert mode.stdout.decode().strip() == "energy mode: balanced", mode.stderr
+    shown = await cluster.cli("render", "config", "show")
+    assert json.loads(shown.stdout)["mode"] == "balanced"
+    reload = await cluster.cli("render", "config", "reload")
+    assert reload.stdout.decode().splitlines()[0] == "no change", reload.stderr
+    chart = await cluster.cli("render", "chart", "--out", str(tmp_path / "schedule.svg"))
+    assert chart.returncode == 0, chart.stderr
+    assert (tmp_path / "schedule.svg").read_text().startswith("<svg")
+
+    whole = await _audit(cluster, "--json")
+    assert "mode" in [entry["kind"] for entry in json.loads(whole.stdout)["entries"]]
     audit = await _audit(cluster, "--job", "shot", "--json")
     assert audit.returncode == 0, audit.stderr
     report = json.loads(audit.stdout)

@@ -1,0 +1,39 @@
+"""The render farm part of ``taskfarm demo``: a coordinator with the render-farm policy, real
+agent processes, two clients' shots with deadlines, previews first."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anyio
+import pytest
+
+from domains.render_farm._demo import run_render_demo
+
+
+@pytest.mark.slow
+async def test_the_demo_renders_two_clients_shots_previews_first_with_verdicts(
+    tmp_path: Path,
+) -> None:
+    """Both shots complete on real agents; each has a deadline verdict and its effective
+    priority, previews on disk, and its first preview before its last frame."""
+    lines: list[str] = []
+    with anyio.fail_after(240):
+        demo = await run_render_demo(tmp_path, frames=6, agents=2, run=1, show=lines.append)
+    assert demo.statuses == {"shot010-1": "completed", "shot020-1": "completed"}
+    assert any("studio-a" in line for line in lines)
+    assert any("studio-b" in line for line in lines)
+    for job in demo.jobs:
+        verdict = demo.verdicts[job]
+        assert verdict.split(" (")[0] in ("will meet", "at risk", "will miss"), verdict
+        assert "(priority " in verdict
+        assert demo.previews[job], job
+        assert not _missing(demo.previews[job])
+        assert job in demo.first_preview_s
+    # The tight shot (due in 45 s, base low) is lifted by its deadline.
+    assert "priority low" not in demo.verdicts["shot020-1"]
+    assert not _missing([str(tmp_path / "farm.toml"), str(demo.journal)])
+
+
+def _missing(paths: list[str]) -> list[str]:
+    return [path for path in paths if not Path(path).exists()]
