@@ -154,11 +154,15 @@ stride = 1
 
 
 def _vfx_view(
-    policy: RenderFarmPolicy, name: str = "fx-shot", priority: str = "medium"
+    policy: RenderFarmPolicy,
+    name: str = "fx-shot",
+    priority: str = "medium",
+    deadline: datetime | None = None,
 ) -> tuple[JobView, TaskView]:
     spec = RenderJob(
         name=name,
         priority=priority,
+        deadline=deadline,
         client="acme",
         job_type="vfx",
         command=["fx", "{start}"],
@@ -283,21 +287,28 @@ stride = 1
         ("medium", PATIENCE - 1, False),
         ("medium", PATIENCE, True),  # waited long enough: take what there is
         ("critical", 0.0, True),  # critical work never waits for a better node
+        ("at risk", 0.0, True),  # nor work at deadline risk
     ],
 )
 def test_a_job_waits_a_while_for_a_much_faster_class_before_taking_a_slow_node(
     priority: str, waited: float, takes_the_slow_node: bool
 ) -> None:
     """Delay scheduling: a vfx task refuses a node of a class far slower at vfx (by more than
-    PATIENCE_RATIO) for up to PATIENCE seconds, unless it is critical; the fast class is always
-    acceptable."""
+    PATIENCE_RATIO) for up to PATIENCE seconds, unless it is critical or at deadline risk; the
+    fast class is always acceptable."""
     policy = RenderFarmPolicy(PATIENT)
     farm = FarmView(nodes={"f1": _node("f1", "fx"), "g1": _node("g1", "general")})
     policy.cycle_events(farm, NOW)
-    view, task = _vfx_view(policy, priority=priority)
+    if priority == "at risk":
+        # 4 frames of 100 s and a 2 h margin: due in an hour, it is at risk.
+        view, task = _vfx_view(policy, deadline=NOW + timedelta(hours=1))
+        policy.rank(view, FarmView(nodes=farm.nodes, jobs={view.job_id: view}), NOW)
+        assert "at risk" in policy.describe(view, NOW)["effective priority"]
+    else:
+        view, task = _vfx_view(policy, priority=priority)
     assert policy.node_score(view, task, farm.nodes["f1"], NOW) is not None
     first = policy.node_score(view, task, farm.nodes["g1"], NOW)
-    assert (first is not None) == (priority == "critical")
+    assert (first is not None) == (priority in ("critical", "at risk"))
     later = NOW + timedelta(seconds=waited)
     score = policy.node_score(view, task, farm.nodes["g1"], later)
     assert (score is not None) == takes_the_slow_node
