@@ -92,7 +92,7 @@ def test_the_node_and_job_type_factors(
         (Resources.of(cores=16, memory="64GiB"), NODE, FX, "balanced", 1.0),  # a perfect fit
         (Resources.of(cores=8, memory="32GiB"), NODE, FX, "balanced", 1 - 0.2 * 0.5),
         (Resources.of(cores=8, memory="32GiB"), NODE, FX, "efficiency", 1 - 0.5 * 0.5),
-        (Resources.of(cores=16, memory="64GiB"), GPU_NODE, FX, "balanced", 0.5),  # GPUs idle
+        (Resources.of(cores=16, memory="64GiB"), GPU_NODE, FX, "balanced", 0.8),  # GPUs idle
         (Resources.of(cores=16, memory="64GiB", gpus=2), GPU_NODE, FX, "balanced", 1.0),
         (Resources.of(cores=4, memory="64GiB"), NODE, BIG, "balanced", (1 - 0.2 * 0.375) * 0.7),
     ],
