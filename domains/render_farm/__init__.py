@@ -7,7 +7,8 @@ configuration (``FarmConfig``, ``Client``, ``load_farm_config``), the policy
 --policy-config farm.toml`` calls), its journaled events (``RENDER_CODEC``) and the journal's
 projections for the audit (``audit_journal``).  The rules live in pure modules tested with
 tables: ``_deadline``, ``_shares``, ``_specialization``, ``_speed``, ``_preemption``,
-``_previews``, ``_energy``, ``_forecast``.  ``tiny_renderer`` is the demo's ray tracer.
+``_previews``, ``_energy``, ``_forecast``.  ``run_render_demo`` is ``taskfarm demo``'s render
+farm; ``tiny_renderer`` its ray tracer.
 """
 
 from pathlib import Path as _Path
@@ -26,6 +27,7 @@ from ._config import (
     load_farm_config,
     parse_farm_config,
 )
+from ._demo import RenderDemo, run_render_demo
 from ._events import (
     RENDER_CODEC,
     DeadlineVerdictChanged,
@@ -59,6 +61,7 @@ __all__ = [
     "PreviewPlan",
     "PreviewSettings",
     "PriorityChanged",
+    "RenderDemo",
     "RenderFarmPolicy",
     "RenderJob",
     "RenderMetadata",
@@ -69,6 +72,7 @@ __all__ = [
     "load_farm_config",
     "parse_farm_config",
     "render_farm_policy",
+    "run_render_demo",
 ]
 
 

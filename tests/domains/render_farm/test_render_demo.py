@@ -8,7 +8,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from domains.render_farm._demo import run_render_demo
+from domains.render_farm import run_render_demo
 
 
 @pytest.mark.slow
