@@ -4,9 +4,9 @@ It runs a simulation of three stages that checkpoint, with dependencies between 
 under the scientific domain's policy (fair share, checkpoint intervals, recovery strategies),
 then a render farm: a coordinator running the render-farm policy renders two client studios'
 shots with the tiny ray tracer, with deadlines and previews first
-(:mod:`domains.render_farm._demo`).  It shows live progress, and prints where the frames, the
-charts and the journals are, and how to replay and audit them.  Everything lives in
-``./taskfarm-demo``; running it again adds a new run to the same journals.
+(:func:`domains.render_farm.run_render_demo`).  It shows live progress, and prints where the
+frames, the charts and the journals are, and how to replay and audit them.  Everything lives
+in ``./taskfarm-demo``; running it again adds a new run to the same journals.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ PACKAGES = [
     "actors.cli",
     "actors.bench",
     "domains",
+    "domains.render_farm",
     "domains.scientific",
 ]
 

@@ -46,3 +46,77 @@ def test_the_policy_example_defers_energy_work_to_the_night(tmp_path: Path) -> N
     )
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == ["preview", "09:00", "simulation", "22:00"]
+
+
+def _render_section() -> str:
+    text = README.read_text(encoding="utf-8")
+    match = re.search(r"\n## Render farm \(`domains\.render_farm`\)\n(.*?)\n## ", text, re.S)
+    assert match is not None, "the README has no render farm section"
+    return match.group(1)
+
+
+def test_the_render_farm_toml_is_valid_and_its_errors_name_the_file_and_field() -> None:
+    """The README's farm.toml parses as it says; a maximum below its guarantee is refused with
+    the message the README quotes."""
+    from domains.render_farm import parse_farm_config
+    from runtime import ConfigurationError
+
+    farm, _shot = re.findall(r"```toml\n(.*?)```", _render_section(), re.S)
+    config = parse_farm_config(farm, source="farm.toml")
+    assert [c.id for c in config.clients] == ["acme", "blue"]
+    assert (config.margin, config.reclaim_after, config.max_errors) == (7200.0, 120.0, 3)
+    assert [c.name for c in config.node_classes] == ["std", "gpu"]
+    assert config.previews.stride == 8
+    assert config.energy.mode == "balanced"
+    broken = farm.replace("maximum = 60", "maximum = 20")
+    try:
+        parse_farm_config(broken, source="farm.toml")
+    except ConfigurationError as error:
+        message = str(error)
+    else:
+        raise AssertionError("a maximum below the guarantee was accepted")
+    assert message == "farm.toml: clients[1].maximum: 20 % is below the guarantee of 30 %"
+    assert "`farm.toml: clients[1].maximum: 40 % is below the guarantee of 50 %`" in (
+        " ".join(_render_section().split())
+    )
+
+
+async def test_the_render_farm_example_runs_previews_first_with_its_deadline_verdict() -> None:
+    """The README's shot, under its farm.toml on four simulated 16-core nodes at 09:00 on 5 March
+    2027: high (base medium), will meet; its low-quality passes, then every 8th frame, then the
+    rest in chunks of 8; it completes."""
+    from datetime import UTC, datetime
+
+    from actors import TaskAssigned
+    from domains.render_farm import RenderFarmPolicy, RenderNode, parse_farm_config
+    from domains.render_farm._simulation import open_simulated_farm
+    from runtime import VirtualClock
+
+    farm_toml, shot = re.findall(r"```toml\n(.*?)```", _render_section(), re.S)
+    policy = RenderFarmPolicy(parse_farm_config(farm_toml, source="farm.toml"))
+    clock = VirtualClock(auto_advance=True, start=datetime(2027, 3, 5, 9, 0, tzinfo=UTC))
+    nodes = [RenderNode(name=f"n{i}", node_class="std", cores=16, memory="64GiB") for i in range(4)]
+    async with open_simulated_farm(
+        policy=policy, nodes=nodes, duration=lambda node, spec: 240.0, clock=clock
+    ) as farm:
+        clock.activity.acquire()  # look before the virtual clock moves
+        assert await farm.engine.submit_text(shot, fmt="toml", source="shot.toml") == ["shot040"]
+        [row] = await farm.engine.policy_command("status")
+        assert (row["priority"], row["base_priority"], row["verdict"]) == (
+            "high",
+            "medium",
+            "will meet",
+        )
+        clock.activity.release()
+        summary = await farm.engine.wait_job("shot040")
+        records = await farm.journal.read_stream("job:shot040")
+    assert summary.status == "completed"
+    submitted = records[0].event
+    names = [task.name for task in submitted.job.tasks]  # type: ignore[attr-defined]
+    assert [name.rpartition("-1-")[0] for name in names[:2]] == ["preview-q0.25", "preview-q0.5"]
+    assert names[2:14] == [str(frame) for frame in range(1, 97, 8)]
+    first = next(r.event for r in records if isinstance(r.event, TaskAssigned))
+    assert first.task == 0
+    section = " ".join(_render_section().split())
+    assert "quarter- and half-quality passes first" in section
+    assert "it is `high` (base `medium`, due within 24 h) and its verdict is `will meet`" in section

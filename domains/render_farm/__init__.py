@@ -7,7 +7,8 @@ configuration (``FarmConfig``, ``Client``, ``load_farm_config``), the policy
 --policy-config farm.toml`` calls), its journaled events (``RENDER_CODEC``) and the journal's
 projections for the audit (``audit_journal``).  The rules live in pure modules tested with
 tables: ``_deadline``, ``_shares``, ``_specialization``, ``_speed``, ``_preemption``,
-``_previews``, ``_energy``, ``_forecast``.  ``tiny_renderer`` is the demo's ray tracer.
+``_previews``, ``_energy``, ``_forecast``.  ``run_render_demo`` is ``taskfarm demo``'s render
+farm; ``tiny_renderer`` its ray tracer.
 """
 
 from pathlib import Path as _Path

@@ -17,7 +17,7 @@ wins over the last one journaled, and the difference is journaled.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -88,6 +88,10 @@ _FORECAST_EVERY: Final = 60.0  # seconds: the forecast is recomputed at most thi
 _SLEEP_SCAN_EVERY: Final = 30.0  # seconds between two looks for idle nodes to put to sleep
 _WAKE_SECONDS: Final = 120.0  # how long a woken node takes to come back (forecast, waking)
 WAKE_TIMEOUT: Final = 600.0  # a woken node not back after this long is counted out
+# A job waits up to PATIENCE seconds for a node of a class PATIENCE_RATIO times better at its
+# job type before it takes a slower one (delay scheduling; never when it is urgent).
+PATIENCE: Final = 900.0
+PATIENCE_RATIO: Final = 1.6
 _STRIP: Final = 40  # characters of a frame strip
 
 
@@ -156,7 +160,7 @@ class RenderFarmPolicy(FifoPolicy):
     # Every fitting node is scored, so every node class is considered, not the first found.
     max_candidates = 1_000_000
     # Every event (a task ending, a submission) runs a cycle; the timer is a backstop.
-    cycle_interval = 120.0
+    cycle_interval = 300.0
     metadata_type: type[Any] | None = RenderMetadata
     history = True
     events: EventCodec | None = RENDER_CODEC
@@ -193,6 +197,8 @@ class RenderFarmPolicy(FifoPolicy):
         # Caches valid from a cycle's first hook to its ``cycle_events``.
         self._cycle_open = False
         self._cycle_sums: dict[str, list[int]] | None = None
+        self._cycle_states: dict[str, ShareState] | None = None
+        self._no_victims: set[tuple[Any, ...]] = set()
         self._last_admitted: tuple[str, str, int, Resources] | None = None
         self._idle_since: dict[str, datetime] = {}
         self._waking: dict[str, datetime] = {}
@@ -200,7 +206,8 @@ class RenderFarmPolicy(FifoPolicy):
         self._farm: FarmView | None = None
         self._forecast: tuple[datetime, dict[str, datetime], list[Slot]] | None = None
         self._classes: tuple[int, dict[str, tuple[str, ...]]] | None = None
-        self._score_cache: dict[tuple[str, str], tuple[tuple[int, str, int], float]] = {}
+        self._score_cache: dict[tuple[str, str], tuple[Any, tuple[float, float]]] = {}
+        self._best_cache: dict[tuple[str, Resources], tuple[Any, float]] = {}
         self.preemptions_asked = 0
 
     # -- submission ---------------------------------------------------------------------------
@@ -533,6 +540,8 @@ class RenderFarmPolicy(FifoPolicy):
                 )
                 self._holds[job.job_id] = hold
                 return hold
+        if self.mode != "night-savings" or not info.energy_intensive:
+            return None
         deferral = defer_to_off_peak(
             mode=self.mode,
             energy_intensive=info.energy_intensive,
@@ -584,10 +593,7 @@ class RenderFarmPolicy(FifoPolicy):
             if self._cycle_open:
                 self._cycle_sums = sums
         totals = self._farm_totals(farm)
-        return {
-            client: dominant_share(Resources(millicores=s[0], memory=s[1], gpus=s[2]), totals)
-            for client, s in sums.items()
-        }
+        return {client: _dominant(s, totals) for client, s in sums.items()}
 
     def _running_sums(self, farm: FarmView) -> dict[str, list[int]]:
         used: dict[str, list[int]] = {}
@@ -620,6 +626,7 @@ class RenderFarmPolicy(FifoPolicy):
         sums[0] += request.millicores
         sums[1] += request.memory
         sums[2] += request.gpus
+        self._cycle_states = None
         self._last_admitted = (client, job_id, task, request)
 
     def _reconcile(self, farm: FarmView) -> None:
@@ -636,12 +643,16 @@ class RenderFarmPolicy(FifoPolicy):
             sums[0] -= request.millicores
             sums[1] -= request.memory
             sums[2] -= request.gpus
+            self._cycle_states = None
 
     def _share_states(self, farm: FarmView, now: datetime) -> dict[str, ShareState]:
+        self._reconcile(farm)
+        if self._cycle_open and self._cycle_states is not None:
+            return self._cycle_states
         usage = self._usage(farm)
         guarantees = self.config.guarantees()
         waiting = self._waiting_clients(farm, now, usage)
-        return {
+        states = {
             c.id: ShareState(
                 guaranteed=guarantees[c.id],
                 maximum=c.maximum / 100,
@@ -651,6 +662,9 @@ class RenderFarmPolicy(FifoPolicy):
             )
             for c in self.config.clients
         }
+        if self._cycle_open:
+            self._cycle_states = states
+        return states
 
     def _waiting_clients(
         self, farm: FarmView, now: datetime, usage: Mapping[str, float]
@@ -697,24 +711,16 @@ class RenderFarmPolicy(FifoPolicy):
         if info is None:
             return super().node_score(job, task, node, now)
         profile = self._profile(node)
-        key = (node.name, info.job_type)
-        stamp = (self.speeds.version, self.mode, id(self.config))
-        cached = self._score_cache.get(key)
-        if cached is not None and cached[0] == stamp:
-            base = cached[1]
-        else:
-            node_class = profile.node_class.name
-            base = base_factor(
-                job_type=info.job_type,
-                node=profile,
-                class_factor=self.speeds.class_factor(self._members(node_class), info.job_type),
-                node_factor=self.speeds.node_factor(
-                    node.name, self._members(node_class), info.job_type
-                ),
-                mode=self.mode,
-                reference_watts=self._reference_watts(),
-            )
-            self._score_cache[key] = (stamp, base)
+        base, class_base = self._base(node, profile, info.job_type)
+        if class_base * PATIENCE_RATIO < self._best_class_base(info.job_type, task.request):
+            # A class far slower at this job type: wait a while for a better node, unless the
+            # job cannot afford to (critical, at deadline risk) or has waited long enough.
+            level = self._levels.get(job.job_id)
+            urgent = job.priority is Priority.CRITICAL or (level is not None and level.at_risk)
+            since = self._blocked_since.get(job.job_id, now)
+            if not urgent and (now - since).total_seconds() < PATIENCE:
+                self._blocked_since.setdefault(job.job_id, now)
+                return None
         fit = fit_factor(
             request=task.request,
             free=node.free,
@@ -724,6 +730,49 @@ class RenderFarmPolicy(FifoPolicy):
         )
         retry_here = bool(task.failures) and task.last_node == node.name
         return base * fit * (RETRY_HERE if retry_here else 1.0)
+
+    def _base(self, node: NodeView, profile: NodeProfile, job_type: str) -> tuple[float, float]:
+        """Return the node's factors for the job type: with and without its own speed."""
+        key = (node.name, job_type)
+        stamp = (self.speeds.version, self.mode, id(self.config), self._node_version)
+        cached = self._score_cache.get(key)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        node_class = profile.node_class.name
+        members = self._members(node_class)
+        class_only = base_factor(
+            job_type=job_type,
+            node=profile,
+            class_factor=self.speeds.class_factor(members, job_type),
+            node_factor=None,
+            mode=self.mode,
+            reference_watts=self._reference_watts(),
+        )
+        factor = self.speeds.node_factor(node.name, members, job_type)
+        both = (class_only * (factor or 1.0), class_only)
+        self._score_cache[key] = (stamp, both)
+        return both
+
+    def _best_class_base(self, job_type: str, request: Resources) -> float:
+        """Return the best class factor for the job type among classes whose nodes fit it."""
+        key = (job_type, request)
+        stamp = (self.speeds.version, self.mode, id(self.config), self._node_version)
+        cached = self._best_cache.get(key)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        best = 0.0
+        farm = self._farm
+        seen: set[str] = set()
+        if farm is not None:
+            for node in farm.nodes.values():
+                profile = self._profile(node)
+                name = profile.node_class.name
+                if name in seen or not fits(request, node.capacity) or not self._available(node):
+                    continue
+                seen.add(name)
+                best = max(best, self._base(node, profile, job_type)[1])
+        self._best_cache[key] = (stamp, best)
+        return best
 
     def _reference_watts(self) -> float | None:
         classes = self.config.node_classes
@@ -761,13 +810,14 @@ class RenderFarmPolicy(FifoPolicy):
         choice: tuple[str, list[Victim]] | None = None
         reason = ""
         # A client beyond what its shares allow may only take back from itself.
-        own = info is not None and self._share_refuses(info, task, farm, now)
+        urgent = job.priority is Priority.CRITICAL or level.at_risk
+        own = urgent and info is not None and self._share_refuses(info, task, farm, now)
         client = info.client if info is not None else ""
         if job.priority is Priority.CRITICAL:
-            choice = choose_victims(
-                task.request,
-                task.requires,
-                farm.nodes,
+            choice = self._choose(
+                ("critical", own and client),
+                task,
+                farm,
                 victims_of,
                 lambda v: (
                     self._base_rank(farm, v.job_id) < Priority.CRITICAL.rank
@@ -776,10 +826,10 @@ class RenderFarmPolicy(FifoPolicy):
             )
             reason = f"critical job {job.job_id} needs the node"
         elif level.at_risk:
-            choice = choose_victims(
-                task.request,
-                task.requires,
-                farm.nodes,
+            choice = self._choose(
+                ("at risk", level.priority.rank, own and client),
+                task,
+                farm,
                 victims_of,
                 lambda v: v.level < level.priority.rank and (not own or v.client == client),
             )
@@ -826,10 +876,10 @@ class RenderFarmPolicy(FifoPolicy):
         if not borrowers:
             return None, ""
         budget = sum(states[c].borrowed for c in borrowers)
-        choice = choose_victims(
-            task.request,
-            task.requires,
-            farm.nodes,
+        choice = self._choose(
+            ("reclaim", info.client),
+            task,
+            farm,
             victims_of,
             lambda v: v.client in borrowers,
             budget=budget,
@@ -841,6 +891,28 @@ class RenderFarmPolicy(FifoPolicy):
             f"(its work waited {waited} > reclaim_after "
             f"{format_seconds(self.config.reclaim_after)})"
         )
+
+    def _choose(
+        self,
+        kind: tuple[Any, ...],
+        task: TaskView,
+        farm: FarmView,
+        victims_of: Any,
+        eligible: Callable[[Victim], bool],
+        **limits: Any,
+    ) -> tuple[str, list[Victim]] | None:
+        """Choose victims, remembering for the rest of the cycle when there are none: the
+        same search for the same shape would find none again (nothing it looks at changes
+        within a cycle but the work placed in it, which is no one's to preempt)."""
+        key = (kind, task.request, task.requires)
+        if self._cycle_open and key in self._no_victims:
+            return None
+        choice = choose_victims(
+            task.request, task.requires, farm.nodes, victims_of, eligible, **limits
+        )
+        if choice is None and self._cycle_open:
+            self._no_victims.add(key)
+        return choice
 
     def _victims(self, farm: FarmView) -> Any:
         def running(node: str) -> Iterable[Victim]:
@@ -906,7 +978,9 @@ class RenderFarmPolicy(FifoPolicy):
             after = timedelta(seconds=max(30.0, self.config.energy.sleep_after * factor))
             times.append(min(self._idle_since.values()) + after)
         reclaim = timedelta(seconds=self.config.reclaim_after)
-        times.extend(since + reclaim for since in self._blocked_since.values())
+        patience = timedelta(seconds=PATIENCE)
+        for since in self._blocked_since.values():
+            times.extend((since + reclaim, since + patience))
         future = [t for t in times if t > now]
         return min(future) if future else None
 
@@ -1034,6 +1108,8 @@ class RenderFarmPolicy(FifoPolicy):
         self._cycle_open = False
         self._waiting = None
         self._cycle_sums = None
+        self._cycle_states = None
+        self._no_victims.clear()
         self._last_admitted = None
         events: list[Event] = list(self._pending)
         self._pending.clear()
@@ -1490,6 +1566,15 @@ def _deadline(job: JobView) -> datetime | None:
 def _placements(farm: FarmView, job_id: str) -> Iterable[tuple[str, int]]:
     for index, node in farm.placements.get(job_id, {}).items():
         yield node, index
+
+
+def _dominant(sums: Sequence[int], totals: Totals) -> float:
+    """Return the dominant share of summed (millicores, memory, GPUs)."""
+    share = 0.0
+    for asked, total in zip(sums, (totals.millicores, totals.memory, totals.gpus), strict=True):
+        if asked:
+            share = max(share, asked / total if total else float("inf"))
+    return share
 
 
 def _uniform(spec: SubmitJob) -> bool:

@@ -42,6 +42,11 @@ class SpeedTable:
     nodes: dict[tuple[str, str], _Average] = field(default_factory=dict)
     types: dict[str, _Average] = field(default_factory=dict)
     version: int = 0  # bumped by every sample (placement caches its factors by it)
+    # (id of the members, job type) -> (version, the members, ratio): placement asks for the
+    # same class many times between two samples.
+    _class_cache: dict[tuple[int, str], tuple[int, object, float | None]] = field(
+        default_factory=dict, repr=False, compare=False
+    )
 
     def add(self, node: str, job_type: str, ratio: float) -> None:
         """Record one sample: seconds per frame measured on ``node`` over the prior estimate."""
@@ -55,13 +60,22 @@ class SpeedTable:
     def class_ratio(self, members: Iterable[str], job_type: str) -> float | None:
         """Return the class's measured/estimated ratio for the type: its nodes' averages
         weighted by their samples (None: none of them measured it)."""
+        key = (id(members), job_type)
+        cached = self._class_cache.get(key)
+        if cached is not None and cached[0] == self.version and cached[1] is members:
+            return cached[2]
         total = weight = 0.0
         for node in members:
             average = self.nodes.get((node, job_type))
             if average is not None:
                 total += average.value * average.samples
                 weight += average.samples
-        return total / weight if weight else None
+        ratio = total / weight if weight else None
+        if isinstance(members, tuple):  # an immutable sequence: safe to remember by identity
+            if len(self._class_cache) > 4096:
+                self._class_cache.clear()
+            self._class_cache[key] = (self.version, members, ratio)
+        return ratio
 
     def class_factor(self, members: Iterable[str], job_type: str) -> float | None:
         """Return how much faster than the farm the class is for the type (None: unknown)."""

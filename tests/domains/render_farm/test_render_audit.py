@@ -148,3 +148,23 @@ def test_an_empty_journal_has_no_figures() -> None:
     assert projection.entries == []
     assert figures["on_time_rate"] is None
     assert figures["energy"]["kwh"] == 0.0
+
+
+async def test_a_nodes_own_watts_labels_override_its_class() -> None:
+    """Node b says ``watts.busy=150`` (its agent's labels, from ``RenderNode(watts=...)``): its
+    busy hour costs 0.15 kWh, not its class's 0.3."""
+    policy = RenderFarmPolicy(parse_farm_config(FARM.replace("stride = 4", "stride = 1")))
+    frugal = RenderNode(name="b", node_class="std", cores=4, watts=(50.0, 150.0, 2.0))
+    assert {"watts.idle=50", "watts.busy=150", "watts.sleep=2"} <= set(frugal.all_labels)
+    nodes = [RenderNode(name="a", node_class="std", cores=4), frugal]
+    clock = VirtualClock(auto_advance=True, start=MONDAY)
+    job = RenderJob(name="hour", client="acme", command=["r"], frames=(1, 1), resources=WHOLE)
+    async with open_simulated_farm(
+        policy=policy, nodes=nodes, duration=lambda n, s: 3600.0, clock=clock
+    ) as farm:
+        await farm.engine.submit([job.to_spec(), job.to_spec(job_id="hour-2")])
+        await farm.engine.wait_job("hour")
+        await farm.engine.wait_job("hour-2")
+        records = await _records(farm)
+    energy = audit_records(records).metrics()["energy"]
+    assert energy["kwh"] == pytest.approx(0.3 + 0.15)  # a at 300 W, b at its own 150 W

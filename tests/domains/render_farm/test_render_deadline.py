@@ -21,6 +21,7 @@ from domains.render_farm import (
     RenderFarmPolicy,
     RenderJob,
     RenderMetadata,
+    RenderNode,
     parse_farm_config,
 )
 from domains.render_farm._deadline import (
@@ -31,6 +32,8 @@ from domains.render_farm._deadline import (
     remaining_seconds,
     verdict,
 )
+from domains.render_farm._simulation import open_simulated_farm
+from runtime import TaskfarmError, VirtualClock
 
 NOW = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
 H = 3600.0
@@ -263,3 +266,37 @@ def test_inheritance_through_the_policy_lifts_the_parent_a_high_job_waits_on() -
     assert comp.blocked == comp.total
     assert _effective(policy, plate, farm, NOW) == "high"
     assert "comp waits on it" in policy.explain_rank(plate, NOW)
+
+
+async def test_amending_the_deadline_through_the_engine_takes_effect_within_one_cycle() -> None:
+    """``amend --set deadline=...`` on a live job (the engine's amend): a medium job due in 10
+    hours is high; moved out a week it is medium again, the base priority untouched; a deadline
+    that is not a time is refused."""
+    policy = RenderFarmPolicy(CONFIG)
+    clock = VirtualClock(auto_advance=True, start=NOW)
+    job = RenderJob(
+        name="shot",
+        client="acme",
+        command=["render", "{start}"],
+        frames=(1, 2),
+        frame_estimate=3600.0,
+        deadline=NOW + timedelta(hours=10),
+        resources=NODE,
+    )
+    async with open_simulated_farm(
+        policy=policy,
+        nodes=[RenderNode(name="n1", cores=4, memory="16GiB")],
+        duration=lambda n, s: 3600.0,
+        clock=clock,
+    ) as farm:
+        clock.activity.acquire()  # hold the clock: the job stays where we look at it
+        await farm.engine.submit([job.to_spec()])
+        assert "effective priority high" in await farm.engine.why("shot")
+        later = (NOW + timedelta(days=7)).isoformat()
+        summary = await farm.engine.amend("shot", set_metadata={"deadline": later})
+        assert summary.priority == "medium"
+        assert "effective priority medium" in await farm.engine.why("shot")
+        with pytest.raises(TaskfarmError, match="deadline"):
+            await farm.engine.amend("shot", set_metadata={"deadline": "next friday"})
+        clock.activity.release()
+        await farm.engine.wait_job("shot")

@@ -230,3 +230,45 @@ async def clock_tick() -> None:
     import anyio
 
     await anyio.lowlevel.checkpoint()
+
+
+async def test_auto_mode_switches_at_tariff_boundaries_and_each_switch_is_journaled() -> None:
+    """``auto = true``: night-savings from 07:00 (peak) and balanced from 23:00, each switch a
+    journaled ``EnergyModeChanged`` by "auto" with its reason, with no work to wake it."""
+    text = FARM.replace('mode = "{mode}"', 'mode = "balanced"\nauto = true')
+    policy = RenderFarmPolicy(parse_farm_config(text))
+    clock = VirtualClock(auto_advance=True, start=MONDAY + timedelta(hours=6))
+    async with open_simulated_farm(
+        policy=policy, nodes=_nodes(), duration=_seconds, clock=clock
+    ) as farm:
+        seen = []
+        for hours in (1, 16):
+            await clock.sleep(hours * 3600 + 60)
+            seen.append(policy.mode)
+        assert seen == ["night-savings", "balanced"]
+        records = await farm.journal.read_stream("policy:render-farm")
+    switches = [(r.timestamp, r.event) for r in records if isinstance(r.event, EnergyModeChanged)]
+    assert [(at.hour, e.previous, e.mode, e.by, e.reason) for at, e in switches] == [
+        (7, "balanced", "night-savings", "auto", "peak hours"),
+        (23, "night-savings", "balanced", "auto", "off-peak hours"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("mode", "asleep_after_6_minutes"),
+    [("balanced", 0), ("efficiency", 3), ("night-savings", 3), ("performance", 0)],
+)
+async def test_the_saving_modes_sleep_idle_nodes_after_half_of_sleep_after(
+    mode: str, asleep_after_6_minutes: int
+) -> None:
+    """sleep_after = 10 min, reserve 1: six idle minutes put three of four nodes to sleep in
+    efficiency and night-savings (half of it), none in balanced (the whole of it) or in
+    performance (never)."""
+    policy = RenderFarmPolicy(parse_farm_config(FARM.replace("{mode}", mode)))
+    clock = VirtualClock(auto_advance=True, start=MONDAY + timedelta(hours=1))
+    async with open_simulated_farm(
+        policy=policy, nodes=_nodes(), duration=_seconds, clock=clock
+    ) as farm:
+        await clock.sleep(360)
+        asleep = sum(n.health == "sleeping" for n in await farm.engine.nodes())
+    assert asleep == asleep_after_6_minutes

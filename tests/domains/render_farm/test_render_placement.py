@@ -4,7 +4,7 @@ class is considered, not only the first candidates found."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -26,6 +26,7 @@ from domains.render_farm import (
     RenderNode,
     parse_farm_config,
 )
+from domains.render_farm._policy import PATIENCE, PATIENCE_RATIO
 from domains.render_farm._simulation import farm_codec, open_simulated_farm
 from domains.render_farm._specialization import (
     NodeProfile,
@@ -91,7 +92,7 @@ def test_the_node_and_job_type_factors(
         (Resources.of(cores=16, memory="64GiB"), NODE, FX, "balanced", 1.0),  # a perfect fit
         (Resources.of(cores=8, memory="32GiB"), NODE, FX, "balanced", 1 - 0.2 * 0.5),
         (Resources.of(cores=8, memory="32GiB"), NODE, FX, "efficiency", 1 - 0.5 * 0.5),
-        (Resources.of(cores=16, memory="64GiB"), GPU_NODE, FX, "balanced", 0.5),  # GPUs idle
+        (Resources.of(cores=16, memory="64GiB"), GPU_NODE, FX, "balanced", 0.8),  # GPUs idle
         (Resources.of(cores=16, memory="64GiB", gpus=2), GPU_NODE, FX, "balanced", 1.0),
         (Resources.of(cores=4, memory="64GiB"), NODE, BIG, "balanced", (1 - 0.2 * 0.375) * 0.7),
     ],
@@ -152,9 +153,16 @@ stride = 1
 )
 
 
-def _vfx_view(policy: RenderFarmPolicy, name: str = "fx-shot") -> tuple[JobView, TaskView]:
+def _vfx_view(
+    policy: RenderFarmPolicy,
+    name: str = "fx-shot",
+    priority: str = "medium",
+    deadline: datetime | None = None,
+) -> tuple[JobView, TaskView]:
     spec = RenderJob(
         name=name,
+        priority=priority,
+        deadline=deadline,
         client="acme",
         job_type="vfx",
         command=["fx", "{start}"],
@@ -251,3 +259,99 @@ async def test_learned_speed_is_rebuilt_from_the_journal_on_restart() -> None:
         fast = second.learned_factor("fast", "vfx")
         assert fast is not None
         assert fast > 1.0
+
+
+PATIENT = parse_farm_config(
+    """
+[[clients]]
+id = "acme"
+[[node_classes]]
+name = "fx"
+performance = 2.0
+watts = { idle = 100, busy = 300 }
+job_types = ["vfx"]
+[[node_classes]]
+name = "general"
+watts = { idle = 100, busy = 300 }
+job_types = ["animation"]
+[previews]
+stride = 1
+"""
+)
+
+
+@pytest.mark.parametrize(
+    ("priority", "waited", "takes_the_slow_node"),
+    [
+        ("medium", 0.0, False),  # a class 2.9x better for vfx exists: wait for it
+        ("medium", PATIENCE - 1, False),
+        ("medium", PATIENCE, True),  # waited long enough: take what there is
+        ("critical", 0.0, True),  # critical work never waits for a better node
+        ("at risk", 0.0, True),  # nor work at deadline risk
+    ],
+)
+def test_a_job_waits_a_while_for_a_much_faster_class_before_taking_a_slow_node(
+    priority: str, waited: float, takes_the_slow_node: bool
+) -> None:
+    """Delay scheduling: a vfx task refuses a node of a class far slower at vfx (by more than
+    PATIENCE_RATIO) for up to PATIENCE seconds, unless it is critical or at deadline risk; the
+    fast class is always acceptable."""
+    policy = RenderFarmPolicy(PATIENT)
+    farm = FarmView(nodes={"f1": _node("f1", "fx"), "g1": _node("g1", "general")})
+    policy.cycle_events(farm, NOW)
+    if priority == "at risk":
+        # 4 frames of 100 s and a 2 h margin: due in an hour, it is at risk.
+        view, task = _vfx_view(policy, deadline=NOW + timedelta(hours=1))
+        policy.rank(view, FarmView(nodes=farm.nodes, jobs={view.job_id: view}), NOW)
+        assert "at risk" in policy.describe(view, NOW)["effective priority"]
+    else:
+        view, task = _vfx_view(policy, priority=priority)
+    assert policy.node_score(view, task, farm.nodes["f1"], NOW) is not None
+    first = policy.node_score(view, task, farm.nodes["g1"], NOW)
+    assert (first is not None) == (priority in ("critical", "at risk"))
+    later = NOW + timedelta(seconds=waited)
+    score = policy.node_score(view, task, farm.nodes["g1"], later)
+    assert (score is not None) == takes_the_slow_node
+    if not takes_the_slow_node:
+        # A cycle runs when the patience runs out (the placement has nothing else to wake it).
+        just_before = NOW + timedelta(seconds=PATIENCE - 1)
+        assert policy.next_wakeup(just_before) == NOW + timedelta(seconds=PATIENCE)
+
+
+def test_a_class_only_somewhat_slower_is_taken_at_once() -> None:
+    """No waiting when the best class is less than PATIENCE_RATIO times better (vfx on a class
+    not built for it scores 0.7 of one built for it)."""
+    policy = RenderFarmPolicy(CONFIG)
+    farm = FarmView(nodes={"f1": _node("f1", "fx"), "g1": _node("g1", "general")})
+    policy.cycle_events(farm, NOW)
+    view, task = _vfx_view(policy)
+    assert PATIENCE_RATIO > 1.0 / 0.7
+    assert policy.node_score(view, task, farm.nodes["g1"], NOW) is not None
+
+
+@pytest.mark.parametrize(
+    ("mode", "busy_watts", "expected"),
+    [
+        ("balanced", 150.0, 1.0),  # only the energy-saving modes look at the watts
+        ("performance", 150.0, 1.0),
+        ("efficiency", 200.0, 1.5**0.5),  # fewer watts than the reference: scores higher
+        ("night-savings", 600.0, 0.5**0.5),  # twice: lower
+        ("efficiency", 30.0, 1.3),  # bounded: power never outweighs speed
+        ("efficiency", 3000.0, 0.7),
+    ],
+)
+def test_the_energy_saving_modes_prefer_nodes_that_do_more_per_watt(
+    mode: str, busy_watts: float, expected: float
+) -> None:
+    """Against a 300 W reference, a node's factor is sqrt(reference / its watts per unit of
+    performance) in efficiency and night-savings, between 0.7 and 1.3; 1.0 otherwise."""
+    node_class = NodeClass(name="x", busy_watts=busy_watts, job_types=("vfx",))
+    factor = base_factor(
+        job_type="vfx",
+        node=_profile(node_class),
+        class_factor=None,
+        node_factor=None,
+        mode=mode,  # type: ignore[arg-type]
+        reference_watts=300.0,
+    )
+    assert factor == pytest.approx(expected)

@@ -319,3 +319,32 @@ def test_status_columns_and_rows_say_what_an_operator_needs() -> None:
     assert columns["per frame"] == "10m (estimate)"
     assert columns["verdict"] == "will meet (margin 1h00m)"
     assert columns["effective priority"].startswith("high: deadline in 3h00m")
+
+
+def test_the_forecast_is_recomputed_at_most_once_a_minute() -> None:
+    """A more urgent job submitted 30 s after a forecast does not move the other's ETA until
+    a minute has passed; then it goes behind it."""
+    policy = RenderFarmPolicy(CONFIG)
+    node = NodeView(name="n1", capacity=CHUNK, free=CHUNK, labels=())
+    views: dict[str, JobView] = {}
+
+    def submit(name: str, hours: float, at: datetime) -> None:
+        spec = _job(name, deadline=MONDAY + timedelta(hours=hours)).to_spec()
+        policy.observe(JobSubmittedObservation(job_id=name, spec=spec, at=at))
+        views[name] = JobView(
+            job_id=name,
+            spec=spec,
+            submitted_at=at,
+            total=4,
+            queued=4,
+            metadata=spec.metadata_as(RenderMetadata),
+        )
+
+    submit("late", 30, MONDAY)
+    farm = FarmView(nodes={"n1": node}, jobs=views)
+    [first] = policy.status_rows(farm, MONDAY)
+    submit("soon", 3, MONDAY + timedelta(seconds=30))
+    cached = {r["job"]: r["eta"] for r in policy.status_rows(farm, MONDAY + timedelta(seconds=30))}
+    assert cached["late"] == first["eta"]
+    fresh = {r["job"]: r["eta"] for r in policy.status_rows(farm, MONDAY + timedelta(seconds=61))}
+    assert fresh["late"] > first["eta"]  # four 10-minute frames of "soon" now come first

@@ -20,7 +20,9 @@ async def test_the_demo_runs_its_simulation_under_the_science_policy(tmp_path: P
     output = result.stdout.decode()
     assert result.returncode == 0, output + result.stderr.decode()
     assert "policy science" in output
+    # The simulation; the shots run on a render farm of their own (domains.render_farm).
     assert "1 of 1 jobs completed" in output
+    assert "render farm: 2 of 2 shots completed" in output
     simulation = tmp_path / "output" / "run-1" / "simulation"
     assert {p.name for p in simulation.glob("*.json")} == {
         "spinup.json",
