@@ -133,10 +133,14 @@ def plan_reservations(
         # Every node running the simulation (a multi-node stage's placement names only its
         # leader; the others run it too).
         job_id = reservation.job_id
-        own = sorted(
-            node
-            for node, attempts in farm.running.items()
-            if node not in plan.holds and any(key[0] == job_id for key in attempts)
+        own = (
+            sorted(
+                node
+                for node, attempts in farm.running.items()
+                if node not in plan.holds and any(key[0] == job_id for key in attempts)
+            )
+            if job_id in farm.placements
+            else []
         )
         candidates: list[tuple[tuple[int, float], str]] = []
         start = reservation.start
