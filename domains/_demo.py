@@ -21,7 +21,7 @@ import anyio
 
 from actors import CoordinatorConfig, EngineSettings, JobSummary, open_coordinator, parse_spec
 from actors.cli import ensure_token_file
-from domains.scientific import science_policy
+from domains.scientific import SCIENCE_CODEC, science_policy
 from runtime import ConfigurationError, tune_gc_for_many_objects
 
 __all__ = ["configure", "demo_spec"]
@@ -111,6 +111,7 @@ async def _demo(args: argparse.Namespace) -> int:
         heartbeat_interval=0.5,
         heartbeat_timeout=5.0,
         settings=EngineSettings(restart_grace=5.0),
+        events=(SCIENCE_CODEC,),  # the science policy's journaled decisions
     )
     started = time.monotonic()
     async with open_coordinator(config, policy=science_policy(None)) as coordinator:

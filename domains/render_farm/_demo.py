@@ -23,6 +23,7 @@ from actors.cli import ensure_token_file
 
 from ._audit import AuditProjection
 from ._config import load_farm_config
+from ._events import RENDER_CODEC
 from ._models import PreviewSettings, RenderJob
 from ._policy import RenderFarmPolicy
 
@@ -119,6 +120,7 @@ async def run_render_demo(
         heartbeat_interval=0.5,
         heartbeat_timeout=5.0,
         settings=EngineSettings(restart_grace=5.0),
+        events=(RENDER_CODEC,),  # the policy journals its own events (priority changes)
     )
     started = time.monotonic()
     async with open_coordinator(config, policy=policy) as coordinator:
