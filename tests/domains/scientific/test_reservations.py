@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from datetime import UTC, datetime, timedelta
 
@@ -377,7 +378,7 @@ def test_a_started_reservation_counts_every_node_of_its_multi_node_stage() -> No
             "c": {},
         }
     )
-    view.placements["sim"] = {0: "a"}
+    view = dataclasses.replace(view, placements={"sim": {0: "a"}})
     plan = plan_reservations([reservation(start=-1.0)], view, T0, walltime=walltime)
     assert plan.nodes["big"] == ("a", "b")
     assert "big" in plan.active
