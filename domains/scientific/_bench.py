@@ -373,13 +373,19 @@ class NoBackfill(SciencePolicy):
 
 
 class _NodeExecutor:
-    """One node's share of the simulated executor (its own attempts, for a node that fails)."""
+    """One node's share of the simulated executor (its own attempts, for a node that fails);
+    it notes each attempt's checkpoint interval (``intervals``, by job, task and token)."""
 
-    def __init__(self, executor: Executor) -> None:
+    def __init__(self, executor: Executor, intervals: dict[tuple[str, int, int], float]) -> None:
         self._executor = executor
         self._handles: list[AttemptHandle] = []
+        self._intervals = intervals
 
     async def start(self, spec: AttemptSpec, report: ReportSink) -> AttemptHandle:
+        interval = spec.env.get("TASKFARM_CHECKPOINT_INTERVAL")
+        if interval is not None:
+            key = (spec.job_id, int(spec.task_id), spec.fencing_token)
+            self._intervals[key] = float(interval)
         handle = await self._executor.start(spec, report)
         self._handles = [h for h in self._handles if not getattr(h, "done", False)]
         self._handles.append(handle)
@@ -415,6 +421,8 @@ class Outcome(msgspec.Struct, kw_only=True):
     completed: int = 0
     seconds: float = 0.0
     cpu_seconds: float = 0.0  # this run's process CPU time (the machine's load aside)
+    lost_failures: int = 0  # attempts of checkpointing stages lost to their node
+    lost_beyond_interval: int = 0  # ... that lost more than one checkpoint interval of work
 
 
 def _duration(spec: AttemptSpec) -> float:
@@ -461,6 +469,7 @@ class _Run:
     events: list[tuple[float, int, str, Any]] = field(default_factory=list)
     busy: list[float] = field(default_factory=list)
     busy_any: list[float] = field(default_factory=list)
+    intervals: dict[tuple[str, int, int], float] = field(default_factory=dict)
     order: int = 0
 
     def push(self, at: float, kind: str, payload: Any) -> None:
@@ -469,7 +478,8 @@ class _Run:
 
     async def add_node(self, name: str) -> None:
         labels = (f"rack=r{int(name[1:]) // 30}",)
-        await self.engine.add_node(name, NODE, executor=_NodeExecutor(self.executor), labels=labels)
+        executor = _NodeExecutor(self.executor, self.intervals)
+        await self.engine.add_node(name, NODE, executor=executor, labels=labels)
 
     async def handle(self, kind: str, payload: Any) -> None:
         engine = self.engine
@@ -593,6 +603,7 @@ async def run_trace(
         records,
         outcome,
         parse_cluster_config(CONFIG),
+        intervals=run.intervals,
         forecast=isinstance(policy, SciencePolicy) and type(policy) is SciencePolicy,
     )
     outcome.seconds = time.perf_counter() - began
@@ -606,6 +617,7 @@ def _measure(
     outcome: Outcome,
     config: ClusterConfig,
     *,
+    intervals: dict[tuple[str, int, int], float] | None = None,
     forecast: bool = True,
 ) -> None:
     """Compute the figures from the journal's records (the forecast's only if ``forecast``:
@@ -684,6 +696,13 @@ def _measure(
                 if isinstance(event, TaskRequeued) and event.lost:
                     last = max([begin, *checkpoints[key]])
                     lost += (at - last).total_seconds() * width
+                    interval = (intervals or {}).get((job_id, task, event.token))
+                    if interval is not None:
+                        # One interval of work, plus the checkpoint being written then.
+                        bound = interval + cost
+                        outcome.lost_failures += 1
+                        if (at - last).total_seconds() > bound + 1.0:
+                            outcome.lost_beyond_interval += 1
                     fixed_lost += (seconds % period) * width
                     lost_at[key] = at
         if isinstance(event, TaskCompleted) and job_id in trace.quality and event.task == 2:
@@ -890,6 +909,15 @@ async def run_suite(ctx: BenchContext) -> list[Figure]:
             target=50.0,
             better="lower",
             note=f"true best member found: {'yes' if science.best_found else 'no'}",
+        ),
+        Figure(
+            name="failures that lost more than one checkpoint interval of work",
+            value=float(science.lost_beyond_interval),
+            unit="",
+            target=0.0,
+            better="lower",
+            note=f"of {science.lost_failures} attempts lost to their node (science); the "
+            "interval is the one the attempt was given",
         ),
         Figure(
             name="median time to restart a stage after its node failed",
