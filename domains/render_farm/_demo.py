@@ -23,7 +23,6 @@ from actors.cli import ensure_token_file
 
 from ._audit import AuditProjection
 from ._config import load_farm_config
-from ._events import RENDER_CODEC
 from ._models import PreviewSettings, RenderJob
 from ._policy import RenderFarmPolicy
 
@@ -120,8 +119,6 @@ async def run_render_demo(
         heartbeat_interval=0.5,
         heartbeat_timeout=5.0,
         settings=EngineSettings(restart_grace=5.0),
-        # The policy journals its own events (configuration, priority transitions, verdicts).
-        events=(RENDER_CODEC,),
     )
     started = time.monotonic()
     async with open_coordinator(config, policy=policy) as coordinator:

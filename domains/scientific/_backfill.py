@@ -3,12 +3,17 @@
 Each cycle, every reservation that has not ended picks the nodes it will use (its *shadow*):
 the nodes already running its simulation count first, then, among the healthy nodes with the
 required label that no earlier reservation took and no critical maintenance window takes
-during it, those that will be free soonest -- free now, else by the walltime (``max_runtime``)
-of what runs there -- then by name.  So a reserved node that fails is replaced from the free
-pool at the next cycle, without anything to journal: the shadow is a function of the farm.
+during it, those free by its start (by the walltime, ``max_runtime``, of what runs there) that
+stay busy longest -- so a node idle now is held only when it must be, and the busy ones need no
+backfill -- then those that will be free soonest after it, then by name.  So a reserved node
+that fails is replaced from the free pool at the next cycle, without anything to journal: the
+shadow is a function of the farm.
 
 Backfill (EASY): before a reservation starts, work of other simulations may run on its shadow
-nodes only if its walltime ends before the start; work without a walltime never does.  So
+nodes only if its walltime ends before the start; work without a walltime never does.  A
+checkpointable, preemptible stage may also run there if it has the minimum runtime before a
+lead time ahead of the start: at that lead it checkpoints and yields (the policy's ``yields``),
+so it cannot delay the reservation either.  So
 backfill never delays a reservation: at the start its nodes are free, unless work that ran
 there before the reservation was made is still running, which then checkpoints and yields.
 Once started (and while its simulation is live) the shadow is for that simulation only.
@@ -21,6 +26,7 @@ multi-node stage gets the engine's gang holds: the nodes that fit it are kept fo
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -37,6 +43,10 @@ __all__ = [
     "head_hold",
     "plan_reservations",
 ]
+
+
+_NEVER_YEAR = 9999  # datetime.max: a node whose work has no walltime
+HEAD = "the head of the queue"  # the name of the queue head's hold
 
 
 @dataclass(frozen=True)
@@ -120,21 +130,31 @@ def plan_reservations(
             continue  # its simulation is not live: the nodes are not held
         if started:
             plan.active[reservation.name] = reservation
-        own = sorted(
-            {
+        # Every node running the simulation (a multi-node stage's placement names only its
+        # leader; the others run it too).
+        job_id = reservation.job_id
+        own = (
+            sorted(
                 node
-                for node in farm.placements.get(reservation.job_id, {}).values()
-                if node not in plan.holds
-            }
+                for node, attempts in farm.running.items()
+                if node not in plan.holds and any(key[0] == job_id for key in attempts)
+            )
+            if job_id in farm.placements
+            else []
         )
-        candidates: list[tuple[datetime, str]] = []
+        candidates: list[tuple[tuple[int, float], str]] = []
+        start = reservation.start
         for name, node in farm.nodes.items():
             if name in plan.holds or name in own or not _eligible(node, reservation, windows):
                 continue
             if name not in free:
                 found = free_at(name, farm.running.get(name, {}), walltime, now)
                 free[name] = found if found is not None else never
-            candidates.append((free[name], name))
+            at = free[name]
+            # Free by the start: the node busy longest first (holding a node that is idle now
+            # would leave it idle unless short work fits before the start); else soonest free.
+            key = (0, -at.timestamp()) if at <= start else (1, _stamp(at))
+            candidates.append((key, name))
         candidates.sort()
         if reservation.count:
             wanted = max(0, reservation.count - len(own))
@@ -149,19 +169,34 @@ def plan_reservations(
     return plan
 
 
+def _stamp(at: datetime) -> float:
+    return math.inf if at.year == _NEVER_YEAR else at.timestamp()
+
+
 def backfill_refusal(
     job_id: str,
     walltime: float | None,
     node: str,
     holds: Mapping[str, Hold],
     now: datetime,
+    *,
+    yields: tuple[float, float] | None = None,
 ) -> str | None:
-    """Return why a stage of ``job_id`` may not start on ``node`` now (None: it may)."""
+    """Return why a stage of ``job_id`` may not start on ``node`` now (None: it may).
+
+    ``yields`` = (lead, minimum runtime) for a checkpointable, preemptible stage: it may use a
+    reservation's node whatever its walltime if it can run the minimum runtime before it must
+    checkpoint and yield, ``lead`` seconds before the reservation starts.
+    """
     hold = holds.get(node)
     if hold is None or hold.job_id == job_id:
         return None
     if now >= hold.start:
         return f"node {node} is reserved for {hold.job_id} ({hold.name})"
+    if yields is not None and hold.name != HEAD:
+        lead, minimum = yields
+        if now + timedelta(seconds=lead + minimum) <= hold.start:
+            return None  # it checkpoints and yields ``lead`` before the start
     if walltime is None:
         return (
             f"node {node} is held for {hold.job_id} from {hold.start.isoformat()} ({hold.name}) "
@@ -198,4 +233,4 @@ def head_hold(
             best = (free, name)
     if best is None:
         return None
-    return best[1], Hold("the head of the queue", job_id, best[0], None)
+    return best[1], Hold(HEAD, job_id, best[0], None)

@@ -102,9 +102,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def _remote(commands: Any, name: str, text: str) -> argparse.ArgumentParser:
     parser: argparse.ArgumentParser = commands.add_parser(name, help=text)
-    add = getattr(cli, "add_client_arguments", None)
-    if add is not None:
-        add(parser)
+    cli.add_client_arguments(parser)
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.set_defaults(handler=_policy)
     return parser
@@ -164,12 +162,7 @@ def _window_arguments(args: argparse.Namespace) -> PolicyArguments:
 async def _policy(args: argparse.Namespace) -> int:
     builder: Callable[[argparse.Namespace], PolicyArguments] = args.arguments
     arguments = builder(args)  # a bad argument is refused before anything connects
-    run = getattr(cli, "run_policy_command", None)
-    if run is None:
-        raise ConfigurationError(
-            "this taskfarm cannot send policy commands to a coordinator yet", where="science"
-        )
-    reply = await run(args, args.policy_command, arguments)
+    reply = await cli.run_policy_command(args, args.policy_command, arguments)
     if args.json:
         print(json.dumps(reply, indent=2, sort_keys=True, default=str))
     else:
@@ -212,6 +205,8 @@ def _scenario_text(row: Mapping[str, Any]) -> str:
 
 def _cell(value: Any) -> str:
     if isinstance(value, list | tuple):
+        if not value:
+            return "-"
         return ",".join(str(v) for v in value) if len(value) <= 6 else f"{len(value)} items"
     if isinstance(value, float):
         return f"{value:.4g}"

@@ -64,6 +64,10 @@ class ProtectionSettings(msgspec.Struct, frozen=True, kw_only=True):
     protection_window: float = 6 * 3600.0
     # A waiting stage preempts only work of a priority at least this many ranks lower.
     priority_gap: int = 1
+    # Checkpointable, preemptible stages may run on a reservation's nodes past its start: they
+    # checkpoint and yield this long before it (so they cannot delay it).
+    preemptible_backfill: bool = True
+    yield_lead: float = 900.0
 
     def budget(self, priority: Priority) -> int:
         """Return the daily budget of preemptions for a simulation of ``priority``."""
@@ -231,6 +235,8 @@ class _ProtectionIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     minimum_runtime: _Duration = "1h"
     protection_window: _Duration = "6h"
     priority_gap: Annotated[int, msgspec.Meta(ge=1, le=4)] = 1
+    preemptible_backfill: bool = True
+    yield_lead: _Duration = "15m"
 
 
 class _FairShareIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -411,6 +417,8 @@ class _Build:
                 "protection.protection_window", p.protection_window, positive=False
             ),
             priority_gap=p.priority_gap,
+            preemptible_backfill=p.preemptible_backfill,
+            yield_lead=self.duration("protection.yield_lead", p.yield_lead),
         )
         f = raw.fair_share
         fair_share = FairShareSettings(

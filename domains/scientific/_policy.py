@@ -28,7 +28,7 @@ import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -398,7 +398,9 @@ class SciencePolicy(FifoPolicy):
         walltime = job.spec.task_max_runtime(task.index)
         refused = maintenance_refusal(
             list(self.windows.values()), node, job.spec.priority, walltime, now
-        ) or backfill_refusal(job.job_id, walltime, node.name, cycle.holds, now)
+        ) or backfill_refusal(
+            job.job_id, walltime, node.name, cycle.holds, now, yields=self._yields(job)
+        )
         if refused is not None:
             self.refusals[job.job_id] = refused
             return None
@@ -409,6 +411,16 @@ class SciencePolicy(FifoPolicy):
         if hold is not None and hold.job_id == job.job_id:
             score += 5.0  # its own reserved nodes first
         return score + 2.0 * reliability
+
+    def _yields(self, job: JobView) -> tuple[float, float] | None:
+        """(lead, minimum runtime) if ``job``'s stages may backfill a reservation's nodes
+        past its start, yielding ahead of it (checkpointable and preemptible ones)."""
+        protection = self.config.protection
+        if not (protection.preemptible_backfill and job.spec.checkpointable):
+            return None
+        if not job.spec.preemptible:
+            return None
+        return protection.yield_lead, protection.minimum_runtime
 
     # -- preemption ---------------------------------------------------------------------------
 
@@ -507,12 +519,47 @@ class SciencePolicy(FifoPolicy):
                             f"started at {reservation.start.isoformat()}",
                         )
                     )
+        chosen += self._clear_before_start(cycle, farm, now)
         reserved = set(cycle.plan.holds)
         for choice in window_yields(list(self.windows.values()), farm, now, reserved=reserved):
             key = (choice.victim_job, choice.victim_task)
             if key not in self.asked:
                 self.asked.add(key)
                 chosen.append(choice)
+        return chosen
+
+    def _clear_before_start(self, cycle: _Cycle, farm: FarmView, now: datetime) -> list[Preemption]:
+        """``yield_lead`` before a reservation starts (its simulation submitted), the work on
+        its nodes that would run past the start checkpoints and yields."""
+        lead = timedelta(seconds=self.config.protection.yield_lead)
+        chosen: list[Preemption] = []
+        walltime: Mapping[tuple[str, int], float | None] | None = None
+        for reservation in self.reservations.values():
+            if not reservation.start - lead <= now < reservation.start:
+                continue
+            if reservation.job_id not in farm.jobs:
+                continue  # nobody to clear the nodes for (yet)
+            for name in cycle.plan.nodes.get(reservation.name, ()):
+                for key, attempt in sorted(farm.running.get(name, {}).items()):
+                    if key[0] == reservation.job_id or key in self.asked:
+                        continue
+                    if not attempt.preemptible or attempt.started_at is None:
+                        continue
+                    walltime = walltime if walltime is not None else self._walltimes(farm)
+                    limit = walltime.get(key)
+                    end = None if limit is None else attempt.started_at + timedelta(seconds=limit)
+                    if end is not None and end <= reservation.start:
+                        continue  # it ends before the start anyway
+                    self.asked.add(key)
+                    chosen.append(
+                        Preemption(
+                            victim_job=key[0],
+                            victim_task=key[1],
+                            node=name,
+                            reason=f"reservation {reservation.name} for {reservation.job_id} "
+                            f"starts at {reservation.start.isoformat()}",
+                        )
+                    )
         return chosen
 
     # -- checkpoints and failures -------------------------------------------------------------
@@ -635,9 +682,13 @@ class SciencePolicy(FifoPolicy):
     # -- wake-ups and nodes ---------------------------------------------------------------------
 
     def next_wakeup(self, now: datetime) -> datetime | None:
-        times = [t for r in self.reservations.values() for t in (r.start, r.end) if t > now] + [
-            t for w in self.windows.values() for t in (w.start, w.end) if t > now
-        ]
+        lead = timedelta(seconds=self.config.protection.yield_lead)
+        times = [
+            t
+            for r in self.reservations.values()
+            for t in (r.start - lead, r.start, r.end)
+            if t > now
+        ] + [t for w in self.windows.values() for t in (w.start, w.end) if t > now]
         return min(times, default=None)
 
     def node_actions(self, farm: FarmView, now: datetime) -> Sequence[NodeAction]:

@@ -27,9 +27,10 @@ Checkpoints go to ``--checkpoint-dir``, else ``$TASKFARM_CHECKPOINT_DIR``, else
 temporary file, fsynced and renamed into place; its first line holds a SHA-256 of the rest, and
 it records the stage, the step and a fingerprint of the initial condition.  When
 ``$TASKFARM_RESUME_FROM`` names a checkpoint, the run resumes from it only if all of that checks
-out; otherwise it says why on stderr and starts over from step 0.  Each step depends only on the
-grid before it and JSON keeps floats exactly, so a run interrupted after a checkpoint and resumed
-from it ends with a grid bit-identical to an uninterrupted run.
+out; otherwise it says why on stderr and tries the older checkpoints of the stage kept beside
+it, newest first, and only when none is valid starts over from step 0.  Each step depends only
+on the grid before it and JSON keeps floats exactly, so a run interrupted after a checkpoint and
+resumed from it ends with a grid bit-identical to an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -381,15 +382,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     grid, step = start, 0
     resume_from = os.environ.get("TASKFARM_RESUME_FROM")
     if resume_from:
-        try:
-            checkpoint = _resume(
-                Path(resume_from), stage=stage, origin=origin, size=size, steps=steps
-            )
-        except CheckpointError as e:
-            warn(f"invalid checkpoint {resume_from}: {e}; starting over from step 0")
-        else:
+        # The checkpoint named, else the older ones of this stage kept beside it, newest first:
+        # a damaged newest checkpoint costs one interval of work, not the whole run.
+        named = Path(resume_from)
+        older = sorted(named.parent.glob(f"{stage}-*.ckpt"), reverse=True)
+        for candidate in [named, *(p for p in older if p.name < named.name)]:
+            try:
+                checkpoint = _resume(candidate, stage=stage, origin=origin, size=size, steps=steps)
+            except CheckpointError as e:
+                warn(f"invalid checkpoint {candidate}: {e}")
+                continue
             grid, step = checkpoint.grid, checkpoint.step
-            warn(f"resuming from step {step} ({resume_from})")
+            warn(f"resuming from step {step} ({candidate})")
+            break
+        else:
+            warn("no valid checkpoint to resume from; starting over from step 0")
 
     heater = heater_cells(size)
     report_every = max(1, steps // PROGRESS_REPORTS)

@@ -316,10 +316,14 @@ def _remove(path: Path) -> None:
 def test_damaged_checkpoint_is_detected_and_the_run_starts_over(
     tmp_path: Path, damage: Callable[[Path], None], reason: str
 ) -> None:
-    """A damaged checkpoint is reported on stderr and the run starts from step 0, still right."""
+    """A damaged checkpoint (with no older one kept beside it) is reported on stderr and the
+    run starts from step 0, still right."""
     steps = ["--steps", "200", "--checkpoint-every", "50"]
     first = simulate(tmp_path / "first", *steps)
     checkpoint = Path(first.of("checkpoint")[-1])
+    for older in checkpoint.parent.glob("main-*.ckpt"):
+        if older != checkpoint:
+            older.unlink()
     damage(checkpoint)
     with pytest.raises(CheckpointError):
         load_checkpoint(checkpoint)
@@ -329,6 +333,22 @@ def test_damaged_checkpoint_is_detected_and_the_run_starts_over(
     assert reason in again.stderr
     assert "starting over from step 0" in again.stderr
     assert again.of("progress")[0] == "0.0000 step 0/200"
+    assert final_grid(tmp_path / "again", "main") == final_grid(tmp_path / "first", "main")
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_older_one(tmp_path: Path) -> None:
+    """A flipped byte in the newest checkpoint is caught, the run resumes from the older one
+    kept beside it (one interval lost, not the run), and its result is still exact."""
+    steps = ["--steps", "200", "--checkpoint-every", "50"]
+    first = simulate(tmp_path / "first", *steps)
+    *_, previous, newest = (Path(p) for p in first.of("checkpoint"))
+    assert previous.exists()
+    _flip_a_byte(newest)
+    again = simulate(tmp_path / "again", *steps, TASKFARM_RESUME_FROM=str(newest))
+    assert f"invalid checkpoint {newest}: SHA-256 mismatch" in again.stderr
+    step = load_checkpoint(previous).step
+    assert f"resuming from step {step} ({previous})" in again.stderr
+    assert again.of("progress")[0] == f"{step / 200:.4f} step {step}/200"
     assert final_grid(tmp_path / "again", "main") == final_grid(tmp_path / "first", "main")
 
 

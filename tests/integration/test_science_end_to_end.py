@@ -1,7 +1,8 @@
 """The scientific domain end to end: a three-stage heat simulation whose middle stage spans two
-nodes, on three real agents with a shared checkpoint folder.  The agent running the middle stage
-is SIGKILLed; the stage resumes on the others from its last checkpoint in the shared folder,
-and the result is bit-identical to an uninterrupted run."""
+nodes, on three real agents with a shared checkpoint folder, under ``taskfarm serve --policy
+science``.  The agent running the middle stage is SIGKILLed; the stage resumes on the others
+from its last checkpoint in the shared folder, the result is bit-identical to an uninterrupted
+run, and ``taskfarm science nodes`` counts the lost node against its reliability."""
 
 from __future__ import annotations
 
@@ -88,7 +89,11 @@ async def test_a_simulation_resumes_its_two_node_stage_elsewhere_after_a_sigkill
     stage's result equals an uninterrupted run's."""
     shared = cluster.root / "shared-checkpoints"
     out = cluster.root / "out"
-    cluster.start_coordinator(heartbeat_timeout=2.0)
+    config = cluster.root / "cluster.toml"
+    config.write_text("[projects.climate]\nweight = 2\n")
+    cluster.start_coordinator(
+        "--policy", "science", "--policy-config", str(config), heartbeat_timeout=2.0
+    )
     for name in ("a1", "a2", "a3"):
         cluster.start_agent(name)
     await cluster.wait_online("a1", "a2", "a3")
@@ -117,6 +122,13 @@ async def test_a_simulation_resumes_its_two_node_stage_elsewhere_after_a_sigkill
     assert set(attempts[1].nodes) == {"a1", "a2", "a3"} - {leader}
     assert attempts[1].resume_from is not None
     assert attempts[1].resume_from.startswith(shared.as_posix())
+    # The science policy counted the lost node against its reliability.
+    result = await cluster.cli("science", "nodes", "--json")
+    assert result.returncode == 0, result.stderr.decode()
+    reliability = {n["node"]: n for n in json.loads(result.stdout)}
+    assert reliability[leader]["recent_failures"] > 0
+    assert reliability[leader]["reliability"] < 1
+    assert all(reliability[n]["reliability"] == 1 for n in reliability if n != leader)
 
     # The same stages, uninterrupted, in one process after the other.
     alone = cluster.root / "alone"

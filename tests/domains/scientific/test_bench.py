@@ -47,6 +47,7 @@ async def test_a_small_run_measures_its_figures_from_the_journal() -> None:
         assert 0 < science.utilization <= 1
     assert science.overhead < 0.02
     assert sum(science.violations.values()) == 0
+    assert science.lost_beyond_interval == 0  # no failure lost more than its interval
     assert science.late == 0
     assert science.reservations == 1
     fifo, _ = await run_trace(trace, Fifo())

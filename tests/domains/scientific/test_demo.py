@@ -11,7 +11,8 @@ import pytest
 
 @pytest.mark.slow
 async def test_the_demo_runs_its_simulation_under_the_science_policy(tmp_path: Path) -> None:
-    """The demo's coordinator uses the science policy and every job completes."""
+    """The demo's first coordinator uses the science policy, its simulation completes its
+    three stages, then the render farm's two shots complete."""
     with anyio.fail_after(300):
         result = await anyio.run_process(
             [sys.executable, "-m", "runtime.cli", "demo", "--frames", "3", "--dir", str(tmp_path)],

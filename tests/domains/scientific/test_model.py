@@ -9,6 +9,7 @@ import pytest
 
 from actors import Condition, Priority
 from domains.scientific import (
+    ClusterConfig,
     Simulation,
     SimulationMetadata,
     SimulationStage,
@@ -33,6 +34,8 @@ weight = 3
 [protection]
 budgets = { high = 2 }
 minimum_runtime = "30m"
+yield_lead = "20m"
+preemptible_backfill = false
 protection_window = "4h"
 
 [fair_share]
@@ -79,6 +82,9 @@ def test_an_example_cluster_toml_is_read_into_every_section() -> None:
     assert config.protection.budget(Priority.HIGH) == 2
     assert config.protection.budget(Priority.LOW) == 4  # defaults kept
     assert config.protection.minimum_runtime == 1800
+    assert config.protection.yield_lead == 1200
+    assert not config.protection.preemptible_backfill
+    assert ClusterConfig().protection.yield_lead == 900  # the default
     assert config.fair_share.half_life == 3 * 86400
     assert config.checkpoints.intervals["critical"] == 600
     assert config.checkpoints.intervals["medium"] == 3600
@@ -100,6 +106,7 @@ def test_an_example_cluster_toml_is_read_into_every_section() -> None:
     [
         ("[protection]\nbudgets = { urgent = 1 }", "protection.budgets.urgent", "unknown priority"),
         ('[protection]\nminimum_runtime = "soon"', "protection.minimum_runtime", "not a duration"),
+        ('[protection]\nyield_lead = "0s"', "protection.yield_lead", ""),
         (
             "[checkpoints]\nintervals = { extreme = 5 }",
             "checkpoints.intervals.extreme",

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import anyio
+import pytest
 
 from actors import (
     ENGINE_CODEC,
@@ -19,6 +20,7 @@ from actors import (
     EngineSettings,
     Priority,
     Resources,
+    TaskCheckpointed,
     TaskCheckpointRequested,
     TaskPreempted,
     TaskStarted,
@@ -167,8 +169,8 @@ async def test_a_reservation_is_journaled_listed_and_replayed_after_a_restart() 
 
 
 async def test_backfill_fills_the_gap_and_the_reservation_starts_on_time() -> None:
-    """Short work runs on the held nodes until the start; long work stays off them; the
-    reserved two-node simulation starts at its start, on its nodes."""
+    """Short work runs on the held nodes until the start; long work that cannot yield stays
+    off them; the reserved two-node simulation starts at its start, on its nodes."""
     async with cluster(3) as farm:
         start = T0 + timedelta(hours=10)
         await farm.engine.policy_command(
@@ -176,8 +178,8 @@ async def test_backfill_fills_the_gap_and_the_reservation_starts_on_time() -> No
         )
         await farm.engine.submit(
             [
-                sim("long-a", 18, walltime=20).to_job(),
-                sim("long-b", 18, walltime=20).to_job(),
+                sim("long-a", 18, walltime=20, preemptible=False).to_job(),
+                sim("long-b", 18, walltime=20, preemptible=False).to_job(),
                 sim("short-a", 3, walltime=4).to_job(),
                 sim("short-b", 3, walltime=4).to_job(),
             ]
@@ -201,6 +203,42 @@ async def test_backfill_fills_the_gap_and_the_reservation_starts_on_time() -> No
             s[1] for s in await farm.starts("long-a") + await farm.starts("long-b") if s[0] < 10
         }
         assert len(long_nodes) == 1  # only the node the reservation does not hold
+
+
+@pytest.mark.parametrize(
+    ("preemptible", "on_reserved_nodes"), [(True, True), (False, False)], ids=["yields", "cannot"]
+)
+async def test_long_preemptible_work_backfills_and_yields_before_the_start(
+    preemptible: bool, on_reserved_nodes: bool
+) -> None:
+    """A checkpointable, preemptible stage longer than the gap runs on the reserved nodes
+    anyway, checkpoints and yields 15 minutes before the start (resuming later from its
+    checkpoint, with no budget spent), and the reservation starts on time; one that cannot
+    yield stays off them."""
+    async with cluster(2) as farm:
+        start = T0 + timedelta(hours=10)
+        await farm.engine.policy_command(
+            "reserve", {"for": "big", "start": start.isoformat(), "duration": "1d", "nodes": 2}
+        )
+        await farm.engine.submit([sim("long", 18, walltime=20, preemptible=preemptible).to_job()])
+        await farm.until(9)
+        await farm.engine.submit([sim("big", 5, walltime=8, nodes=2).to_job()])
+        with anyio.fail_after(WAIT):
+            await farm.engine.wait_job("big")
+            await farm.engine.wait_job("long")
+        big = await farm.starts("big")
+        assert big[0][0] <= 10.0
+        long = await farm.starts("long")
+        assert (long[0][0] < 9.0) is on_reserved_nodes  # both nodes are reserved
+        if on_reserved_nodes:
+            (yielded,) = await farm.events("long", TaskPreempted)
+            assert "reservation big@20270301T1000 for big starts at" in yielded.reason  # type: ignore[attr-defined]
+            assert len(long) == 2
+            assert long[1][0] >= big[0][0] + 5.0  # after big
+            assert await farm.events("long", TaskCheckpointed)  # it resumed from its checkpoint
+            assert not farm.policy.preempted.times.get("long")  # no budget spent
+        else:
+            assert long[0][0] >= big[0][0] + 5.0  # only once the reservation's work is done
 
 
 async def test_a_major_window_drains_before_and_brings_the_nodes_back_after() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from datetime import UTC, datetime, timedelta
 
@@ -18,7 +19,13 @@ from actors import (
     TaskSpec,
 )
 from domains.scientific import MaintenanceWindow, Reservation
-from domains.scientific._backfill import backfill_refusal, head_hold, plan_reservations
+from domains.scientific._backfill import (
+    HEAD,
+    Hold,
+    backfill_refusal,
+    head_hold,
+    plan_reservations,
+)
 from domains.scientific._maintenance import (
     maintenance_actions,
     maintenance_refusal,
@@ -93,8 +100,20 @@ def reservation(
     )
 
 
-def test_a_reservation_holds_the_nodes_that_free_soonest() -> None:
-    """Idle nodes first, then by when their work's walltime ends; unknown walltimes last."""
+@pytest.mark.parametrize(
+    ("count", "held"),
+    [
+        (1, ("c",)),  # busy until 5 h, free by the start at 10 h: holding it idles nothing
+        (2, ("c", "b")),  # the idle node only when it must
+        (3, ("c", "b", "a")),  # then the one that frees soonest after the start
+        (4, ("c", "b", "a", "d")),  # unknown walltimes last
+    ],
+)
+def test_a_reservation_holds_nodes_free_by_its_start_busy_longest_first(
+    count: int, held: tuple[str, ...]
+) -> None:
+    """Nodes free by the start come first, the one whose work ends latest first (so a node
+    idle now is held only when needed), then by when their walltime ends after the start."""
     view, walltime = farm(
         {
             "a": {"j1": (0.0, 20.0, Priority.LOW)},
@@ -103,8 +122,8 @@ def test_a_reservation_holds_the_nodes_that_free_soonest() -> None:
             "d": {"j3": (0.0, None, Priority.LOW)},
         }
     )
-    plan = plan_reservations([reservation(count=3)], view, T0, walltime=walltime)
-    assert plan.nodes["big"] == ("b", "c", "a")
+    plan = plan_reservations([reservation(count=count)], view, T0, walltime=walltime)
+    assert plan.nodes["big"] == held
     assert plan.short["big"] == 0
 
 
@@ -227,6 +246,34 @@ def test_the_queue_head_gets_the_node_that_frees_first() -> None:
     assert backfill_refusal("small", 7 * 3600, "b", {node: hold}, T0) is not None
 
 
+@pytest.mark.parametrize(
+    ("now_h", "walltime_h", "yields", "allowed"),
+    [
+        (0.0, 20.0, (900.0, 3600.0), True),  # yields at 9:45, after 9 h 45 of work
+        (8.75, 20.0, (900.0, 3600.0), True),  # exactly the minimum runtime before the lead
+        (9.0, 20.0, (900.0, 3600.0), False),  # less than the minimum runtime left
+        (0.0, None, (900.0, 3600.0), True),  # no walltime: it yields all the same
+        (0.0, 20.0, None, False),  # cannot checkpoint or be preempted: walltime only
+        (10.0, 1.0, (900.0, 3600.0), False),  # from the start the node is the simulation's
+    ],
+)
+def test_preemptible_backfill_table(
+    now_h: float, walltime_h: float | None, yields: tuple[float, float] | None, allowed: bool
+) -> None:
+    """A stage that can checkpoint and yield may use a reserved node past the start if it
+    gets its minimum runtime before the lead; others only if their walltime ends before it."""
+    hold = Hold("big", "sim", at(10), at(34))
+    walltime = walltime_h * 3600 if walltime_h is not None else None
+    refusal = backfill_refusal("x", walltime, "a", {"a": hold}, at(now_h), yields=yields)
+    assert (refusal is None) is allowed, refusal
+
+
+def test_the_queue_heads_hold_is_never_backfilled_preemptibly() -> None:
+    """The queue head's own hold admits only work that ends before it frees."""
+    hold = Hold(HEAD, "head", at(6), None)
+    assert backfill_refusal("x", 7 * 3600, "b", {"b": hold}, T0, yields=(900.0, 3600.0))
+
+
 # -- maintenance --------------------------------------------------------------------------------
 
 
@@ -319,3 +366,19 @@ def test_at_a_windows_start_what_runs_there_yields() -> None:
     major = window_yields([window("major")], view, at(11), reserved={"c"})
     assert [(p.victim_job, p.node) for p in major] == [("bg", "a"), ("hi", "b")]
     assert window_yields([window("major")], view, at(9)) == []
+
+
+def test_a_started_reservation_counts_every_node_of_its_multi_node_stage() -> None:
+    """Once its simulation runs a two-node stage, a two-node reservation holds those two
+    nodes (not an idle one beside them), though the placement names only the leader."""
+    view, walltime = farm(
+        {
+            "a": {"sim": (-1.0, 30.0, Priority.HIGH)},
+            "b": {"sim": (-1.0, 30.0, Priority.HIGH)},
+            "c": {},
+        }
+    )
+    view = dataclasses.replace(view, placements={"sim": {0: "a"}})
+    plan = plan_reservations([reservation(start=-1.0)], view, T0, walltime=walltime)
+    assert plan.nodes["big"] == ("a", "b")
+    assert "big" in plan.active
