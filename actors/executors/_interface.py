@@ -111,6 +111,8 @@ import msgspec
 from actors._errors import AttemptSpecError
 from runtime import Message
 
+from ._manifest import CheckpointManifest, CheckpointRecord
+
 __all__ = [
     "PATH_SAFE_PATTERN",
     "AttemptCheckpointed",
@@ -187,6 +189,13 @@ class AttemptSpec(
     # (the leader listens): what MPI's hostfile or torchrun's MASTER_ADDR/PORT need.
     hosts: tuple[str, ...] = ()
     port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
+    # The task's kept checkpoints, oldest first (``resume_from`` is normally the last): the
+    # executor re-verifies the one it resumes from and falls back to an earlier one when that
+    # fails, and deletes those that fall out of the last ``checkpoint_retention``.
+    checkpoints: tuple[CheckpointRecord, ...] = ()
+    checkpoint_retention: Annotated[int, msgspec.Meta(ge=1)] = 3
+    # SIGUSR1 this long before ``max_runtime`` (a checkpointable attempt only).
+    checkpoint_warning: Seconds | None = None
 
     def __post_init__(self) -> None:
         if bool(self.argv) == (self.function is not None):
@@ -264,6 +273,11 @@ class AttemptStarted(_Report, frozen=True, kw_only=True, tag="engine.attempt_sta
 
     pid: int | None = None
     log_path: str | None = None
+    # Set when the attempt resumes: the checkpoint it resumes from, and the later ones it
+    # skipped because they failed verification (``refused``, with ``fallback`` saying why).
+    resumed_from: str | None = None
+    refused: tuple[str, ...] = ()
+    fallback: str | None = None
 
 
 class AttemptProgress(_Report, frozen=True, kw_only=True, tag="engine.attempt_progress"):
@@ -274,9 +288,11 @@ class AttemptProgress(_Report, frozen=True, kw_only=True, tag="engine.attempt_pr
 
 
 class AttemptCheckpointed(_Report, frozen=True, kw_only=True, tag="engine.attempt_checkpointed"):
-    """The attempt wrote a checkpoint (a token or a path) that a later attempt can resume from."""
+    """The attempt wrote a checkpoint (a token or a path) that a later attempt can resume from;
+    ``manifest``, when the program gave one, lists its files as verified by the executor."""
 
     checkpoint: str
+    manifest: CheckpointManifest | None = None
 
 
 class AttemptPreview(_Report, frozen=True, kw_only=True, tag="engine.attempt_preview"):
