@@ -517,9 +517,7 @@ class SchedulerActor(Actor[SchedulerMessage]):
         core = self.core
         warned: set[tuple[str, str, int]] = set()
         earliest: datetime | None = None
-        for name, known in self._known_nodes.items():
-            if known.drain_at is None:
-                continue
+        for name, drain_at in sorted(core.planned_drains.items()):
             for job_id, task in core.running_on(name):
                 view = core.job_view(job_id)
                 if view is None or not view.spec.checkpointable:
@@ -528,7 +526,7 @@ class SchedulerActor(Actor[SchedulerMessage]):
                 if warning is None:
                     continue
                 key = (name, job_id, task)
-                due = known.drain_at - timedelta(seconds=warning)
+                due = drain_at - timedelta(seconds=warning)
                 if key in self._drain_warned:
                     warned.add(key)
                 elif due <= now:
@@ -536,7 +534,7 @@ class SchedulerActor(Actor[SchedulerMessage]):
                     ref = self.job_ref(job_id)
                     if ref is not None:
                         reason = (
-                            f"node {name} drains at {known.drain_at.isoformat()} "
+                            f"node {name} drains at {drain_at.isoformat()} "
                             f"(checkpoint_warning {warning:g} s)"
                         )
                         ref.tell_nowait(CheckpointTask(task=task, reason=reason))
@@ -546,7 +544,7 @@ class SchedulerActor(Actor[SchedulerMessage]):
                             node_id=name,
                             job_id=job_id,
                             task=task,
-                            drain_at=known.drain_at.isoformat(),
+                            drain_at=drain_at.isoformat(),
                         )
                 elif earliest is None or due < earliest:
                     earliest = due
