@@ -21,6 +21,9 @@ The program runs with the node agent's environment, the job's ``env`` on top, an
 | `TASKFARM_CHECKPOINT_DIR` | a directory for this task that persists across its attempts     |
 | `TASKFARM_RESUME_FROM`    | the last checkpoint reported by an earlier attempt (only set    |
 |                           | when resuming): resume from it instead of starting over         |
+| `TASKFARM_RESUME_FALLBACK`| set when the last checkpoint failed verification: why, and that |
+|                           | ``TASKFARM_RESUME_FROM`` is the one before (or unset: start     |
+|                           | over)                                                           |
 | `TASKFARM_OUTPUT_DIR`     | the job's output directory (only set when the job has one)      |
 | `TASKFARM_EXECUTOR_ID`    | the executor (node agent) that started it: every process that   |
 |                           | carries it is killed if that agent dies (leave it inherited)    |
@@ -36,6 +39,9 @@ A line on **stdout** that starts with `@taskfarm ` (with the space) is a report,
 ```
 @taskfarm progress <fraction> [message]   fraction of the task done, 0 to 1
 @taskfarm checkpoint <token-or-path>      a checkpoint a later attempt can resume from
+@taskfarm checkpoint --manifest <file>    the same, with its files' sizes and SHA-256: the
+                                          executor verifies them before it reports it
+                                          (see ``_manifest.py``)
 @taskfarm preview <path>                  a preview image (or other partial output) is ready
 @taskfarm metric <name> <number>          a named measurement (frame time, residual, ...)
 ```
@@ -53,7 +59,8 @@ attempt.  Report lines on stderr are ordinary log lines.
   (before preemption, before a maintenance window), and only if the job declared that it
   handles it (`checkpointable`), because SIGUSR1's default action kills a process.  A
   well-behaved program writes a checkpoint, reports it with `@taskfarm checkpoint ...` and
-  carries on, as with Slurm's `--signal=USR1`.
+  carries on, as with Slurm's `--signal=USR1`.  With ``checkpoint_warning`` it also comes
+  that long before ``max_runtime`` (and, from the coordinator, before a planned drain).
 - **SIGTERM: stop.**  Sent to the whole process group on cancellation, preemption, a
   `max_runtime` timeout or a stall; after a grace period the group gets **SIGKILL**.  When the
   main process exits, whatever is left in its process group is killed too: no process outlives

@@ -49,7 +49,7 @@ from actors.executors import (
     verify_manifest,
     write_manifest,
 )
-from runtime import SystemClock, VirtualClock
+from runtime import ConfigurationError, SystemClock, VirtualClock, create_token_file
 
 _T0 = datetime(2026, 1, 1, tzinfo=UTC)
 STEPPER = Path(__file__).parent / "workloads" / "stepper.py"
@@ -543,3 +543,37 @@ def test_bad_checkpoint_fields_are_refused_naming_the_field(
         _load(body)
     assert field in str(caught.value)
     assert problem in str(caught.value)
+
+
+# -- the agent's flag -------------------------------------------------------------------------
+
+
+def _agent_args(tmp_path: Path, *extra: str) -> Any:
+    import argparse
+
+    from actors.cli._agent import configure
+
+    parser = argparse.ArgumentParser()
+    configure(parser)
+    token = tmp_path / "token"
+    if not token.exists():
+        create_token_file(token)
+    base = ["--connect", "127.0.0.1:7717", "--token-file", str(token)]
+    return parser.parse_args([*base, "--work-dir", str(tmp_path / "w"), *extra])
+
+
+def test_the_agent_takes_a_shared_checkpoint_folder(tmp_path: Path) -> None:
+    """--checkpoint-dir is created and kept absolute; without it the work folder's is used;
+    a path that is a file is refused naming the flag."""
+    from actors.cli._agent import config_from_args
+
+    shared = tmp_path / "shared" / "ck"
+    config = config_from_args(_agent_args(tmp_path, "--checkpoint-dir", str(shared)))
+    assert config.checkpoint_dir == str(shared.resolve())
+    assert shared.is_dir()
+    assert config_from_args(_agent_args(tmp_path)).checkpoint_dir is None
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    with pytest.raises(ConfigurationError) as caught:
+        config_from_args(_agent_args(tmp_path, "--checkpoint-dir", str(afile)))
+    assert caught.value.where == "--checkpoint-dir"
