@@ -89,7 +89,9 @@ MAX_BACKOFF_FACTOR: Final = 100.0
 MAX_RUNTIME: Final = 366 * _DAY  # one attempt (long simulations checkpoint and resume)
 MAX_STALL: Final = 30 * _DAY
 MAX_CHECKPOINT_WARNING: Final = MAX_RUNTIME  # before max_runtime or a planned drain
-MAX_CHECKPOINT_RETENTION: Final = 100  # checkpoints kept per task
+MAX_CHECKPOINT_RETENTION: Final = (
+    20  # checkpoints kept per task (their manifests travel with each attempt)
+)
 
 # -- resources (one task's request) -------------------------------------------------------------
 MAX_CORES: Final = 1_000_000

@@ -65,8 +65,8 @@ __all__ = [
 MANIFEST_NAME = "manifest.json"
 # A manifest is a list of files, not data: bounded so a runaway program cannot make the agent
 # read (or the journal keep) without limit.
-MAX_MANIFEST_BYTES = 4 * 1024 * 1024
-MAX_MANIFEST_FILES = 10_000
+MAX_MANIFEST_BYTES = 1024 * 1024
+MAX_MANIFEST_FILES = 1_000
 # Big enough that a read is one system call per MiB, small enough to stay in cache.
 _CHUNK = 1024 * 1024
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")

@@ -531,7 +531,7 @@ def test_checkpoint_fields_in_a_spec() -> None:
         ('checkpointable = true\ncheckpoint_warning = "0s"', "checkpoint_warning", "above zero"),
         ('checkpointable = true\ncheckpoint_warning = "400d"', "checkpoint_warning", "maximum"),
         ("checkpoint_retention = 0", "checkpoint_retention", ""),
-        ("checkpoint_retention = 101", "checkpoint_retention", ""),
+        ("checkpoint_retention = 21", "checkpoint_retention", ""),
     ],
 )
 def test_bad_checkpoint_fields_are_refused_naming_the_field(
