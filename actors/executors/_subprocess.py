@@ -349,8 +349,9 @@ class _SubprocessAttempt(BaseAttempt):
                 task_id=spec.task_id,
                 attempt=spec.attempt,
             ) from error
-        resume = await self._choose_resume() if spec.resume_from is not None else None
         try:
+            # Verified again before it is resumed from: it may have been damaged since.
+            resume = await self._choose_resume() if spec.resume_from is not None else None
             try:
                 child = self._child = spawn_child(
                     resolve_argv(spec.argv), env=self._env, cwd=spec.cwd
