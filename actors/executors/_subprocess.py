@@ -255,6 +255,7 @@ class _SubprocessAttempt(BaseAttempt):
         self._kept: list[CheckpointRecord] = list(spec.checkpoints)
         self._resumed: CheckpointRecord | None = None
         self._deferred: list[CheckpointRecord] = []
+        self._refused = 0
 
     @property
     def pid(self) -> int | None:
@@ -576,6 +577,15 @@ class _SubprocessAttempt(BaseAttempt):
                 path=error.path,
                 problem=error.problem,
                 **self._identity,
+            )
+            # Visible where the job is looked at too: a metric the job journals and shows.
+            self._refused += 1
+            await self._emit(
+                AttemptMetric(
+                    name="checkpoints_refused",
+                    value=float(self._refused),
+                    **attempt_identity(self._spec),
+                )
             )
             return
         _log.info(

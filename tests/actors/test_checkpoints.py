@@ -18,6 +18,7 @@ import structlog
 
 from actors import (
     AttemptCheckpointed,
+    AttemptMetric,
     AttemptProgress,
     AttemptSpec,
     AttemptStarted,
@@ -276,6 +277,8 @@ async def test_a_torn_checkpoint_is_refused_and_older_ones_are_deleted(tmp_path:
     assert "torn" in refused[0]["problem"]
     log = executor.log_path(spec).read_text()
     assert "checkpoint refused:" in log
+    metrics = [(m.name, m.value) for m in reports.of(AttemptMetric)]
+    assert metrics == [("checkpoints_refused", 1.0)]
     # Kept: the last two verified (30, 50); the torn 40 was never a checkpoint: left as is.
     assert _steps(folder) == [30, 40, 50]
 
