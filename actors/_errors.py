@@ -8,6 +8,7 @@ __all__ = [
     "AccessDeniedError",
     "AgentUnavailableError",
     "AttemptSpecError",
+    "CheckpointManifestError",
     "CredentialError",
     "DependencyCycleError",
     "DependencyError",
@@ -159,6 +160,18 @@ class ReportLineError(TaskfarmError, ValueError):
         self.line = line
         self.reason = reason
         super().__init__(f"{reason}: {line!r}")
+
+
+class CheckpointManifestError(TaskfarmError, ValueError):
+    """Raised when a checkpoint manifest cannot be read, is malformed, or the files on disk do
+    not match it (missing, another size, another SHA-256); ``path`` is the manifest or the
+    file at fault and ``problem`` what is wrong.  The executor refuses the checkpoint (logged,
+    in the attempt log) and carries on; it never fails the attempt."""
+
+    def __init__(self, path: str, problem: str) -> None:
+        self.path = path
+        self.problem = problem
+        super().__init__(f"{path}: {problem}")
 
 
 class AgentUnavailableError(ExecutorError):

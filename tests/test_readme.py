@@ -120,3 +120,79 @@ async def test_the_render_farm_example_runs_previews_first_with_its_deadline_ver
     section = " ".join(_render_section().split())
     assert "quarter- and half-quality passes first" in section
     assert "it is `high` (base `medium`, due within 24 h) and its verdict is `will meet`" in section
+
+
+def _checkpoint_block(language: str) -> str:
+    text = README.read_text(encoding="utf-8")
+    section = re.search(r"### Checkpoints that survive their host\n(.*?)\n### ", text, re.S)
+    assert section is not None, "the README has no shared checkpoint section"
+    match = re.search(rf"```{language}\n(.*?)```", section.group(1), re.S)
+    assert match is not None, f"the shared checkpoint section has no {language} block"
+    return match.group(1)
+
+
+def test_the_checkpoint_spec_example_loads_with_its_fields() -> None:
+    """The shared checkpoint section's spec loads: retention 3, a 10-minute warning."""
+    from actors import parse_spec
+
+    (job,) = parse_spec(_checkpoint_block("toml"), fmt="toml", source="README.md").jobs
+    assert job.checkpointable
+    assert job.checkpoint_retention == 3
+    assert job.task_checkpoint_warning(0) == 600.0
+    assert job.task_max_runtime(0) == 12 * 3600.0
+
+
+async def test_the_checkpoint_program_example_is_verified_kept_and_resumed(
+    tmp_path: Path,
+) -> None:
+    """The section's program checkpoints with manifests that its executor verifies; with K = 2
+    the oldest is deleted; and a resume whose latest checkpoint was damaged falls back to
+    the one before and still finishes."""
+    from actors import AttemptCheckpointed, AttemptSpec, AttemptStarted, open_subprocess_executor
+    from actors.executors import CheckpointRecord
+    from runtime import SystemClock
+
+    program = tmp_path / "model.py"
+    program.write_text(_checkpoint_block("python"), encoding="utf-8")
+    reports: list[object] = []
+
+    async def sink(report: object) -> None:
+        reports.append(report)
+
+    def spec(attempt: int, **fields: object) -> AttemptSpec:
+        return AttemptSpec(
+            job_id="ocean",
+            task_id="0",
+            attempt=attempt,
+            fencing_token=attempt,
+            argv=(sys.executable, str(program)),
+            checkpointable=True,
+            checkpoint_retention=2,
+            **fields,  # type: ignore[arg-type]
+        )
+
+    async with open_subprocess_executor(
+        log_dir=tmp_path / "logs", checkpoint_dir=tmp_path / "ck", clock=SystemClock()
+    ) as executor:
+        first = await (await executor.start(spec(1), sink)).wait()
+        assert first.outcome == "completed"
+        checkpoints = [r for r in reports if isinstance(r, AttemptCheckpointed)]
+        assert [Path(c.checkpoint).name for c in checkpoints] == [
+            "step-000100",
+            "step-000200",
+            "step-000300",
+        ]
+        folder = tmp_path / "ck" / "ocean" / "0"
+        assert sorted(p.name for p in folder.iterdir()) == ["step-000200", "step-000300"]
+        (folder / "step-000300" / "state.json").write_text('{"step": 299}')
+        kept = tuple(
+            CheckpointRecord(checkpoint=c.checkpoint, manifest=c.manifest) for c in checkpoints[1:]
+        )
+        reports.clear()
+        second = await (
+            await executor.start(spec(2, resume_from=kept[-1].checkpoint, checkpoints=kept), sink)
+        ).wait()
+    assert second.outcome == "completed"
+    (started,) = [r for r in reports if isinstance(r, AttemptStarted)]
+    assert started.resumed_from == str(folder / "step-000200")
+    assert started.refused == (str(folder / "step-000300"),)

@@ -1,5 +1,6 @@
-"""The engine's benchmark suite (``taskfarm bench engine``)."""
+"""The engine's benchmark suites (``taskfarm bench engine``, ``taskfarm bench checkpoints``)."""
 
+from ._checkpoints import CHECKPOINTS_SUITE
 from ._engine import SUITE
 
-__all__ = ["SUITE"]
+__all__ = ["CHECKPOINTS_SUITE", "SUITE"]

@@ -82,6 +82,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default="taskfarm-agent",
         help="attempt logs, checkpoints and the report outbox (default: ./taskfarm-agent)",
     )
+    parser.add_argument(
+        "--checkpoint-dir",
+        metavar="DIR",
+        help="keep tasks' checkpoints here, in DIR/JOB/TASK (shared storage such as NFS or "
+        "Lustre lets another host resume them; default: WORK_DIR/checkpoints)",
+    )
     parser.add_argument("--cores", metavar="N", help="cores to offer, e.g. 8 or 7500m (detected)")
     parser.add_argument("--memory", metavar="SIZE", help="memory to offer, e.g. 64GiB (detected)")
     parser.add_argument("--gpus", metavar="N", help="GPUs to offer (default: 0)")
@@ -204,6 +210,18 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         raise ConfigurationError(
             f"cannot create {work_dir}: {error.strerror}", where="--work-dir"
         ) from None
+    checkpoint_dir: str | None = None
+    if args.checkpoint_dir is not None:
+        chosen = Path(args.checkpoint_dir)
+        try:
+            chosen.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ConfigurationError(
+                f"cannot create {chosen}: {error.strerror}", where="--checkpoint-dir"
+            ) from None
+        if not os.access(chosen, os.W_OK | os.X_OK):
+            raise ConfigurationError(f"{chosen} is not writable", where="--checkpoint-dir")
+        checkpoint_dir = str(chosen.resolve())
     gpus: int | None = None
     if args.gpus is not None:
         try:
@@ -240,6 +258,7 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         credential_file=args.credential_file,
         name=name,
         work_dir=str(work_dir.resolve()),
+        checkpoint_dir=checkpoint_dir,
         capacity=capacity,
         labels=labels,
         tls_ca=_readable(args.tls_ca, where="--tls-ca"),

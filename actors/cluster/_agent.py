@@ -177,6 +177,7 @@ class AgentConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     credential_file: str | None = None  # this node's credential (its name must be ``name``)
     name: Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=_NAME_PATTERN)]
     work_dir: str
+    checkpoint_dir: str | None = None  # default: ``<work_dir>/checkpoints``
     capacity: Resources
     labels: tuple[str, ...] = ()
     tls_ca: str | None = None
@@ -963,7 +964,11 @@ async def run_agent(
         executor = await stack.enter_async_context(
             (open_executor or open_subprocess_executor)(
                 log_dir=work / "logs",
-                checkpoint_dir=work / "checkpoints",
+                checkpoint_dir=(
+                    Path(config.checkpoint_dir)
+                    if config.checkpoint_dir is not None
+                    else work / "checkpoints"
+                ),
                 clock=chosen,
                 terminate_grace=config.terminate_grace,
                 executor_id=executor_id,

@@ -13,6 +13,7 @@ from typing import Literal
 
 import msgspec
 
+from actors.executors import CheckpointManifest, CheckpointRecord, retain
 from persistence import Event, EventCodec
 
 from ._resources import Resources
@@ -111,6 +112,11 @@ class TaskStarted(Event, frozen=True, kw_only=True, tag="engine.task_started"):
     token: int
     pid: int | None = None
     at: datetime | None = None  # when it started (None in journals written before 0.2)
+    # A resumed attempt: what it resumed from, and the later checkpoints it skipped because
+    # they failed verification (dropped from the task's kept checkpoints), with why.
+    resumed_from: str | None = None
+    refused: tuple[str, ...] = ()
+    fallback: str | None = None
 
 
 @ENGINE_CODEC.register
@@ -130,6 +136,7 @@ class TaskCheckpointed(Event, frozen=True, kw_only=True, tag="engine.task_checkp
     token: int
     checkpoint: str
     at: datetime | None = None
+    manifest: CheckpointManifest | None = None  # its files, as the executor verified them
 
 
 @ENGINE_CODEC.register
@@ -352,6 +359,9 @@ class TaskState(msgspec.Struct, kw_only=True):
     last_node: str | None = None
     checkpoint: str | None = None
     checkpoint_at: datetime | None = None
+    # The last ``checkpoint_retention`` checkpoints, oldest first (``checkpoint`` is the last).
+    checkpoints: list[CheckpointRecord] = msgspec.field(default_factory=list)
+    resume_note: str | None = None  # why the last resume fell back to an earlier checkpoint
     progress: float = 0.0
     failures: int = 0
     lost: int = 0
@@ -435,15 +445,23 @@ class JobAggregate:
                 del task.nodes[attempt - 1 :]
                 task.nodes.extend([""] * (attempt - 1 - len(task.nodes)))
                 task.nodes.append(node)
-            case TaskStarted(task=i, at=at):
-                state.tasks[i].status = "running"
-                state.tasks[i].started_at = at
+            case TaskStarted(task=i, at=at, refused=refused, resumed_from=resumed_from):
+                task = state.tasks[i]
+                task.status = "running"
+                task.started_at = at
+                if refused:
+                    task.checkpoints = [c for c in task.checkpoints if c.checkpoint not in refused]
+                    task.checkpoint = resumed_from
+                    task.resume_note = event.fallback
             case TaskProgressed(task=i, fraction=fraction):
                 state.tasks[i].progress = fraction
-            case TaskCheckpointed(task=i, checkpoint=checkpoint, at=at):
+            case TaskCheckpointed(task=i, checkpoint=checkpoint, at=at, manifest=manifest):
                 task = state.tasks[i]
                 task.checkpoint = checkpoint
                 task.checkpoint_at = at or task.checkpoint_at
+                keep = state.job.checkpoint_retention if state.job is not None else 3
+                record = CheckpointRecord(checkpoint=checkpoint, manifest=manifest)
+                task.checkpoints, _ = retain([*task.checkpoints, record], keep)
             case TaskPreviewed(task=i, path=path):
                 state.tasks[i].preview = path
             case TaskMetricRecorded(task=i, name=name, value=value):

@@ -378,6 +378,9 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
             launch=spec.launch,
             hosts=tuple(self.node_address(node) for node in task.gang),
             port=self.settings.gang_port(self.job_id, index, token) if task.gang else 0,
+            checkpoints=tuple(task.checkpoints),
+            checkpoint_retention=spec.checkpoint_retention,
+            checkpoint_warning=spec.task_checkpoint_warning(index),
         )
 
     # -- reports --------------------------------------------------------------------------------
@@ -412,8 +415,27 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
         match report:
             case AttemptStarted(pid=pid):
                 if task.status == "assigned":
+                    if report.refused:
+                        _log.warning(
+                            "task_resume_fell_back",
+                            job_id=self.job_id,
+                            task=index,
+                            refused=list(report.refused),
+                            resume_from=report.resumed_from,
+                            reason=report.fallback,
+                        )
                     await self.persist(
-                        [TaskStarted(task=index, token=token, pid=pid, at=self.clock.now())]
+                        [
+                            TaskStarted(
+                                task=index,
+                                token=token,
+                                pid=pid,
+                                at=self.clock.now(),
+                                resumed_from=report.resumed_from,
+                                refused=report.refused,
+                                fallback=report.fallback,
+                            )
+                        ]
                     )
                     await self._after(
                         self.scheduler,
@@ -432,10 +454,18 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
                         self.scheduler,
                         TaskUpdate(job_id=self.job_id, task=index, progress=fraction),
                     )
-            case AttemptCheckpointed(checkpoint=checkpoint):
+            case AttemptCheckpointed(checkpoint=checkpoint, manifest=manifest):
                 now = self.clock.now()
                 await self.persist(
-                    [TaskCheckpointed(task=index, token=token, checkpoint=checkpoint, at=now)]
+                    [
+                        TaskCheckpointed(
+                            task=index,
+                            token=token,
+                            checkpoint=checkpoint,
+                            at=now,
+                            manifest=manifest,
+                        )
+                    ]
                 )
                 await self._after(
                     self.scheduler,
@@ -946,6 +976,8 @@ def job_summary(job_id: str, state: JobState, *, tasks: bool) -> JobSummary:
                 node=t.node or t.last_node,
                 progress=1.0 if t.status == "completed" else t.progress,
                 checkpoint=t.checkpoint,
+                checkpoints=tuple(c.checkpoint for c in t.checkpoints),
+                resume_note=t.resume_note,
                 last_error=t.last_error,
                 name=spec.tasks[i].name if spec else str(i),
                 frames=_frames(spec, i),

@@ -88,6 +88,10 @@ MAX_BACKOFF: Final = 30 * _DAY  # backoff and max_backoff
 MAX_BACKOFF_FACTOR: Final = 100.0
 MAX_RUNTIME: Final = 366 * _DAY  # one attempt (long simulations checkpoint and resume)
 MAX_STALL: Final = 30 * _DAY
+MAX_CHECKPOINT_WARNING: Final = MAX_RUNTIME  # before max_runtime or a planned drain
+MAX_CHECKPOINT_RETENTION: Final = (
+    20  # checkpoints kept per task (their manifests travel with each attempt)
+)
 
 # -- resources (one task's request) -------------------------------------------------------------
 MAX_CORES: Final = 1_000_000
@@ -145,6 +149,8 @@ LIMITS: Final[tuple[tuple[str, str], ...]] = (
     ("`retries.backoff_factor`", f"{MAX_BACKOFF_FACTOR:g}"),
     ("`timeouts.max_runtime`", format_duration(MAX_RUNTIME)),
     ("`timeouts.stall`", format_duration(MAX_STALL)),
+    ("`checkpoint_warning`", f"{format_duration(MAX_CHECKPOINT_WARNING)}, below `max_runtime`"),
+    ("`checkpoint_retention`", f"{MAX_CHECKPOINT_RETENTION} checkpoints per task"),
     ("`resources.cores`", f"{MAX_CORES:,}"),
     ("`resources.memory`, `resources.scratch`", _size(MAX_MEMORY)),
     ("`resources.gpus`", f"{MAX_GPUS:,}"),

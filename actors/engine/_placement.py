@@ -175,6 +175,7 @@ class SchedulerCore:
         # which none was taken (start, last checkpoint or last request); and the earliest due.
         self._checkpoint_since: dict[tuple[str, int], datetime] = {}
         self._checkpoint_due: datetime | None = None
+        self._drains: dict[str, datetime] = {}  # node -> planned drain time
         self.unsent_skips: list[tuple[str, list[int], str]] = []
 
     # -- the policy, guarded ------------------------------------------------------------------
@@ -914,6 +915,15 @@ class SchedulerCore:
     def set_drain_at(self, name: str, when: datetime | None) -> None:
         """Plan a drain: work that cannot finish before ``when`` is not placed there."""
         self._nodes[name].view.drain_at = when
+        if when is None:
+            self._drains.pop(name, None)
+        else:
+            self._drains[name] = when
+
+    @property
+    def planned_drains(self) -> dict[str, datetime]:
+        """Return the nodes whose drain is planned, with its time (read-only use)."""
+        return self._drains
 
     def node_health(self, name: str) -> NodeHealth | None:
         """Return a node's health, or None if unknown."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import heapq
 from collections import defaultdict
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, assert_never
 
 from actors._errors import SpecError
@@ -89,7 +89,10 @@ class DrainDue(Kick, frozen=True, kw_only=True, tag="engine.cmd.drain_due"):
 
 
 class CheckpointsDue(Kick, frozen=True, kw_only=True, tag="engine.cmd.checkpoints_due"):
-    """A periodic checkpoint may be due: ask for the ones that are (no placement cycle)."""
+    """A periodic checkpoint (or, with ``drain``, a warning before a planned drain) may be
+    due: ask for the ones that are (no placement cycle)."""
+
+    drain: bool = False
 
 
 SchedulerMessage = (
@@ -170,6 +173,10 @@ class SchedulerActor(Actor[SchedulerMessage]):
         self._wakeups: list[datetime] = []
         self._armed: datetime | None = None
         self._checkpoint_timer: datetime | None = None
+        # Attempts warned of their node's planned drain (node, job, task), and when the next
+        # warning is due (its own timer).
+        self._drain_warned: set[tuple[str, str, int]] = set()
+        self._drain_warning_timer: datetime | None = None
         core.on_unreachable = self._cancel_unreachable
         core.on_skipped = self._skip_tasks
 
@@ -270,8 +277,11 @@ class SchedulerActor(Actor[SchedulerMessage]):
                 self._grace_expired()
             case DrainDue(name=name):
                 await self._drain_due(name)
-            case CheckpointsDue():
-                self._checkpoint_timer = None
+            case CheckpointsDue(drain=drain):
+                if drain:
+                    self._drain_warning_timer = None
+                else:
+                    self._checkpoint_timer = None
                 self._request_checkpoints(self.context.clock.now())
             case Kick():
                 self._kick_queued = False
@@ -490,6 +500,7 @@ class SchedulerActor(Actor[SchedulerMessage]):
             ref = self.job_ref(job_id)
             if ref is not None:
                 ref.tell_nowait(CheckpointTask(task=task, reason=reason))
+        self._warn_before_drains(now)
         # Its own timer, not a placement cycle: periodic checkpoints of a big farm come due
         # far more often than anything else happens.
         due = self.core.next_checkpoint_due
@@ -501,6 +512,53 @@ class SchedulerActor(Actor[SchedulerMessage]):
             self._checkpoint_timer = due
             delay = (due - now).total_seconds()
             self.context.start_timer("checkpoints", CheckpointsDue(), delay=delay)
+
+    def _warn_before_drains(self, now: datetime) -> None:
+        """Ask each attempt on a node whose drain is planned to checkpoint its
+        ``checkpoint_warning`` before the drain (once per attempt and node), as Slurm's
+        ``--signal`` does before a walltime: at the drain it is preempted (asked once more,
+        given the preempt grace, stopped), so a long stage loses at most the work since."""
+        core = self.core
+        warned: set[tuple[str, str, int]] = set()
+        earliest: datetime | None = None
+        for name, drain_at in sorted(core.planned_drains.items()):
+            for job_id, task in core.running_on(name):
+                view = core.job_view(job_id)
+                if view is None or not view.spec.checkpointable:
+                    continue
+                warning = view.spec.task_checkpoint_warning(task)
+                if warning is None:
+                    continue
+                key = (name, job_id, task)
+                due = drain_at - timedelta(seconds=warning)
+                if key in self._drain_warned:
+                    warned.add(key)
+                elif due <= now:
+                    warned.add(key)
+                    ref = self.job_ref(job_id)
+                    if ref is not None:
+                        reason = (
+                            f"node {name} drains at {drain_at.isoformat()} "
+                            f"(checkpoint_warning {warning:g} s)"
+                        )
+                        ref.tell_nowait(CheckpointTask(task=task, reason=reason))
+                        _log.info(
+                            "checkpoint_warning_sent",
+                            before="drain",
+                            node_id=name,
+                            job_id=job_id,
+                            task=task,
+                            drain_at=drain_at.isoformat(),
+                        )
+                elif earliest is None or due < earliest:
+                    earliest = due
+        self._drain_warned = warned  # forgets attempts that ended or moved
+        if earliest is not None and (
+            self._drain_warning_timer is None or earliest < self._drain_warning_timer
+        ):
+            self._drain_warning_timer = earliest
+            delay = (earliest - now).total_seconds()
+            self.context.start_timer("drain-warnings", CheckpointsDue(drain=True), delay=delay)
 
     async def _apply_node_actions(self) -> None:
         """Journal and apply the node health changes the policy asks for this cycle."""

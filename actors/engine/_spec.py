@@ -148,6 +148,7 @@ class TaskSpec(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     requires: tuple[str, ...] = ()
     max_runtime: float | None = None  # this task's walltime (else the job's)
     nodes: int | None = None  # a multi-node (gang) task: this many nodes, each with resources
+    checkpoint_warning: float | None = None  # this task's (else the job's)
 
     @property
     def frames(self) -> range:
@@ -192,6 +193,10 @@ class SubmitJob(Message, frozen=True, kw_only=True, tag="engine.submit_job"):
     # first only (for ``mpirun -hostfile``).
     nodes: int = 1
     launch: Literal["all", "leader"] = "all"
+    # SIGUSR1 this long (seconds) before max_runtime and before a planned drain of the node;
+    # and how many of each task's last checkpoints the job keeps (older ones are deleted).
+    checkpoint_warning: float | None = None
+    checkpoint_retention: int = 3
     metadata: bytes = b"{}"
     source: str = ""
     owner: str | None = None  # the principal that submitted it (None: unknown, or the join token)
@@ -229,6 +234,12 @@ class SubmitJob(Message, frozen=True, kw_only=True, tag="engine.submit_job"):
         unbounded)."""
         own = self.tasks[index].max_runtime
         return own if own is not None else self.timeouts.max_runtime
+
+    def task_checkpoint_warning(self, index: int) -> float | None:
+        """Return how long before task ``index``'s walltime (or a planned drain of its node)
+        it is asked to checkpoint (its own, else the job's; None: not warned)."""
+        own = self.tasks[index].checkpoint_warning
+        return own if own is not None else self.checkpoint_warning
 
     def metadata_as(self, target: type[T]) -> T:
         """Decode ``metadata`` into ``target`` (a domain's struct).
@@ -390,6 +401,7 @@ class _TaskIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     requires: _Requirements = []
     max_runtime: _Duration | None = None
     nodes: Annotated[int, msgspec.Meta(ge=1, le=limits.MAX_GANG_NODES)] | None = None
+    checkpoint_warning: _Duration | None = None
 
 
 class _RetriesIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -427,6 +439,8 @@ class _JobIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     requires: _Requirements = []
     nodes: Annotated[int, msgspec.Meta(ge=1, le=limits.MAX_GANG_NODES)] = 1
     launch: Literal["all", "leader"] = "all"
+    checkpoint_warning: _Duration | None = None
+    checkpoint_retention: Annotated[int, msgspec.Meta(ge=1, le=limits.MAX_CHECKPOINT_RETENTION)] = 3
     metadata: dict[str, Any] = {}
 
 
@@ -625,6 +639,10 @@ class _Builder:
                     requires=tuple(sorted(set(job.requires))),
                     nodes=job.nodes,
                     launch=job.launch,
+                    checkpoint_warning=self.walltime(
+                        f"jobs[{i}].checkpoint_warning", job.checkpoint_warning
+                    ),
+                    checkpoint_retention=job.checkpoint_retention,
                     metadata=msgspec.json.encode(msgspec.to_builtins(job.metadata), order="sorted"),
                     source=self.source,
                 )
@@ -725,6 +743,9 @@ class _Builder:
                     requires=tuple(sorted(set(task.requires))),
                     max_runtime=self.walltime(f"{where}.max_runtime", task.max_runtime),
                     nodes=task.nodes,
+                    checkpoint_warning=self.walltime(
+                        f"{where}.checkpoint_warning", task.checkpoint_warning
+                    ),
                 )
             )
         return tuple(specs)
@@ -884,7 +905,30 @@ class _Builder:
                 f"{len(job.metadata):,} bytes as JSON, more than the maximum of "
                 f"{limits.MAX_METADATA_BYTES:,}",
             )
+        self.check_warnings(at, job)
         self.check_expansions(at, job)
+
+    def check_warnings(self, at: str, job: SubmitJob) -> None:
+        """A checkpoint warning is a SIGUSR1, which only a checkpointable job gets, and it must
+        come before the walltime it warns of."""
+        for task in job.tasks:
+            where = f"{at}.tasks[{task.index}]" if task.checkpoint_warning is not None else at
+            warning = job.task_checkpoint_warning(task.index)
+            if warning is None:
+                continue
+            if not job.checkpointable:
+                raise self.fail(
+                    f"{where}.checkpoint_warning",
+                    "needs checkpointable = true (the warning is a SIGUSR1, which only a "
+                    "checkpointable job is sent)",
+                )
+            runtime = job.task_max_runtime(task.index)
+            if runtime is not None and warning >= runtime:
+                raise self.fail(
+                    f"{where}.checkpoint_warning",
+                    f"{limits.format_duration(warning)} is not shorter than the max_runtime "
+                    f"it warns of ({limits.format_duration(runtime)})",
+                )
 
     def check_expansions(self, at: str, job: SubmitJob) -> None:
         """Refuse a command that, expanded for some frame of some task, is more than a process

@@ -27,6 +27,9 @@ class TaskSummary(msgspec.Struct, frozen=True, kw_only=True):
     nodes: tuple[str, ...] = ()  # the node of every attempt, in order
     held_reason: str | None = None
     started_at: str | None = None  # of the running attempt (ISO), when known
+    # the checkpoints the task keeps (oldest first), and why its last resume fell back
+    checkpoints: tuple[str, ...] = ()
+    resume_note: str | None = None
 
 
 class JobSummary(msgspec.Struct, frozen=True, kw_only=True):

@@ -160,13 +160,31 @@ class BaseAttempt:
             self._finished.set()
 
     async def _watch(self) -> None:
-        """Stop the attempt when it runs past ``max_runtime`` or reports nothing for too long."""
+        """Stop the attempt when it runs past ``max_runtime`` or reports nothing for too long;
+        ask it to checkpoint ``checkpoint_warning`` before ``max_runtime`` (once)."""
         max_runtime, stall_timeout = self._spec.max_runtime, self._spec.stall_timeout
         if max_runtime is None and stall_timeout is None:
             return
+        warning = self._spec.checkpoint_warning
+        warn_at = (
+            self._started_at + max_runtime - warning
+            if max_runtime is not None and warning is not None and self._spec.checkpointable
+            else math.inf
+        )
         while True:
             now = self._clock.monotonic()
             deadlines = [math.inf]
+            if now >= warn_at:
+                warn_at = math.inf
+                asked = self.request_checkpoint()
+                _log.info(
+                    "checkpoint_warning_sent",
+                    before="max_runtime",
+                    warning_s=warning,
+                    delivered=asked,
+                    **self._identity,
+                )
+            deadlines.append(warn_at)
             if max_runtime is not None:
                 if now >= self._started_at + max_runtime:
                     self._stop(

@@ -21,6 +21,9 @@ The program runs with the node agent's environment, the job's ``env`` on top, an
 | `TASKFARM_CHECKPOINT_DIR` | a directory for this task that persists across its attempts     |
 | `TASKFARM_RESUME_FROM`    | the last checkpoint reported by an earlier attempt (only set    |
 |                           | when resuming): resume from it instead of starting over         |
+| `TASKFARM_RESUME_FALLBACK`| set when the last checkpoint failed verification: why, and that |
+|                           | ``TASKFARM_RESUME_FROM`` is the one before (or unset: start     |
+|                           | over)                                                           |
 | `TASKFARM_OUTPUT_DIR`     | the job's output directory (only set when the job has one)      |
 | `TASKFARM_EXECUTOR_ID`    | the executor (node agent) that started it: every process that   |
 |                           | carries it is killed if that agent dies (leave it inherited)    |
@@ -36,6 +39,9 @@ A line on **stdout** that starts with `@taskfarm ` (with the space) is a report,
 ```
 @taskfarm progress <fraction> [message]   fraction of the task done, 0 to 1
 @taskfarm checkpoint <token-or-path>      a checkpoint a later attempt can resume from
+@taskfarm checkpoint --manifest <file>    the same, with its files' sizes and SHA-256: the
+                                          executor verifies them before it reports it
+                                          (see ``_manifest.py``)
 @taskfarm preview <path>                  a preview image (or other partial output) is ready
 @taskfarm metric <name> <number>          a named measurement (frame time, residual, ...)
 ```
@@ -53,7 +59,8 @@ attempt.  Report lines on stderr are ordinary log lines.
   (before preemption, before a maintenance window), and only if the job declared that it
   handles it (`checkpointable`), because SIGUSR1's default action kills a process.  A
   well-behaved program writes a checkpoint, reports it with `@taskfarm checkpoint ...` and
-  carries on, as with Slurm's `--signal=USR1`.
+  carries on, as with Slurm's `--signal=USR1`.  With ``checkpoint_warning`` it also comes
+  that long before ``max_runtime`` (and, from the coordinator, before a planned drain).
 - **SIGTERM: stop.**  Sent to the whole process group on cancellation, preemption, a
   `max_runtime` timeout or a stall; after a grace period the group gets **SIGKILL**.  When the
   main process exits, whatever is left in its process group is killed too: no process outlives
@@ -110,6 +117,8 @@ import msgspec
 
 from actors._errors import AttemptSpecError
 from runtime import Message
+
+from ._manifest import CheckpointManifest, CheckpointRecord
 
 __all__ = [
     "PATH_SAFE_PATTERN",
@@ -187,6 +196,13 @@ class AttemptSpec(
     # (the leader listens): what MPI's hostfile or torchrun's MASTER_ADDR/PORT need.
     hosts: tuple[str, ...] = ()
     port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
+    # The task's kept checkpoints, oldest first (``resume_from`` is normally the last): the
+    # executor re-verifies the one it resumes from and falls back to an earlier one when that
+    # fails, and deletes those that fall out of the last ``checkpoint_retention``.
+    checkpoints: tuple[CheckpointRecord, ...] = ()
+    checkpoint_retention: Annotated[int, msgspec.Meta(ge=1)] = 3
+    # SIGUSR1 this long before ``max_runtime`` (a checkpointable attempt only).
+    checkpoint_warning: Seconds | None = None
 
     def __post_init__(self) -> None:
         if bool(self.argv) == (self.function is not None):
@@ -264,6 +280,11 @@ class AttemptStarted(_Report, frozen=True, kw_only=True, tag="engine.attempt_sta
 
     pid: int | None = None
     log_path: str | None = None
+    # Set when the attempt resumes: the checkpoint it resumes from, and the later ones it
+    # skipped because they failed verification (``refused``, with ``fallback`` saying why).
+    resumed_from: str | None = None
+    refused: tuple[str, ...] = ()
+    fallback: str | None = None
 
 
 class AttemptProgress(_Report, frozen=True, kw_only=True, tag="engine.attempt_progress"):
@@ -274,9 +295,11 @@ class AttemptProgress(_Report, frozen=True, kw_only=True, tag="engine.attempt_pr
 
 
 class AttemptCheckpointed(_Report, frozen=True, kw_only=True, tag="engine.attempt_checkpointed"):
-    """The attempt wrote a checkpoint (a token or a path) that a later attempt can resume from."""
+    """The attempt wrote a checkpoint (a token or a path) that a later attempt can resume from;
+    ``manifest``, when the program gave one, lists its files as verified by the executor."""
 
     checkpoint: str
+    manifest: CheckpointManifest | None = None
 
 
 class AttemptPreview(_Report, frozen=True, kw_only=True, tag="engine.attempt_preview"):

@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import anyio
+import msgspec
 
-from actors._errors import ExecutorError, ReportLineError
+from actors._errors import CheckpointManifestError, ExecutorError, ReportLineError
 from runtime import Clock, SystemClock, get_logger
 
 from ._base import BaseAttempt, ExecutorBase, check_grace, owning
@@ -40,6 +41,14 @@ from ._interface import (
     ReportSink,
     attempt_identity,
     gang_environment,
+)
+from ._manifest import (
+    CheckpointManifest,
+    CheckpointRecord,
+    delete_checkpoint,
+    read_manifest,
+    retain,
+    verify_manifest,
 )
 from ._process import Child, Warden, spawn_child, start_warden
 from ._warden import EXECUTOR_ID_VARIABLE
@@ -84,7 +93,18 @@ _LOG_PENDING, _LOG_WANTED, _LOG_OPEN, _LOG_CLOSED = range(4)
 # bounds OS I/O, not farm time.
 _DRAIN_TIMEOUT = 2.0
 
-ParsedReport = AttemptProgress | AttemptCheckpointed | AttemptPreview | AttemptMetric
+_MANIFEST_FLAG = "--manifest"
+
+
+class ManifestReport(msgspec.Struct, frozen=True, kw_only=True):
+    """``@taskfarm checkpoint --manifest FILE``: a checkpoint the executor verifies first."""
+
+    path: str
+
+
+ParsedReport = (
+    AttemptProgress | AttemptCheckpointed | AttemptPreview | AttemptMetric | ManifestReport
+)
 
 
 def _number(text: str, line: str, what: str) -> float:
@@ -126,6 +146,11 @@ def parse_report_line(line: str, spec: AttemptSpec) -> ParsedReport | None:
         case "checkpoint":
             if not rest:
                 raise ReportLineError(line, "checkpoint needs a token or path")
+            flag, path = _first_word(rest)
+            if flag == _MANIFEST_FLAG:
+                if not path:
+                    raise ReportLineError(line, "--manifest needs the manifest file")
+                return ManifestReport(path=path)
             return AttemptCheckpointed(checkpoint=rest, **ident)
         case "preview":
             if not rest:
@@ -225,6 +250,12 @@ class _SubprocessAttempt(BaseAttempt):
         self._stop_sleep: anyio.CancelScope | None = None
         self._task_group: TaskGroup | None = None
         self._enforcing = False
+        # The task's kept checkpoints as this attempt folds them (the job's rule: ``retain``),
+        # the one it resumed from (deleted only once it ended) and those waiting for that.
+        self._kept: list[CheckpointRecord] = list(spec.checkpoints)
+        self._resumed: CheckpointRecord | None = None
+        self._deferred: list[CheckpointRecord] = []
+        self._refused = 0
 
     @property
     def pid(self) -> int | None:
@@ -320,6 +351,8 @@ class _SubprocessAttempt(BaseAttempt):
                 attempt=spec.attempt,
             ) from error
         try:
+            # Verified again before it is resumed from: it may have been damaged since.
+            resume = await self._choose_resume() if spec.resume_from is not None else None
             try:
                 child = self._child = spawn_child(
                     resolve_argv(spec.argv), env=self._env, cwd=spec.cwd
@@ -336,7 +369,15 @@ class _SubprocessAttempt(BaseAttempt):
                 self._write(
                     "sys", f"started pid {child.pid}: {shlex.join(spec.argv)}", notable=False
                 )
-                await self._emit(self._started(pid=child.pid, log_path=self._paths.log))
+                started = self._started(pid=child.pid, log_path=self._paths.log)
+                if resume is not None:
+                    started = msgspec.structs.replace(
+                        started,
+                        resumed_from=resume[0],
+                        refused=resume[1],
+                        fallback=resume[2],
+                    )
+                await self._emit(started)
                 task_status.started()
                 code = await self._supervise(child)
                 result = self._outcome(code)
@@ -351,6 +392,9 @@ class _SubprocessAttempt(BaseAttempt):
                         await child.wait()
                 child.close()
                 self._exited.set()
+            if self._deferred:
+                # The attempt is over: nothing reads what it resumed from any more.
+                await self._delete(self._deferred)
             self._close_log()
             await self._report_final(result)
         finally:
@@ -469,6 +513,117 @@ class _SubprocessAttempt(BaseAttempt):
         self._write("sys", "killing (SIGKILL to the process group)")
         _signal_group(pgid, signal.SIGKILL)
 
+    # -- checkpoints -------------------------------------------------------------------------
+
+    async def _choose_resume(self) -> tuple[str | None, tuple[str, ...], str | None]:
+        """Verify the checkpoint to resume from again; fall back to the one before while that
+        fails.  Return (what to resume from, the refused ones, why), and set the environment."""
+        spec = self._spec
+        records = list(spec.checkpoints)
+        indices = [i for i, r in enumerate(records) if r.checkpoint == spec.resume_from]
+        if not indices:
+            return spec.resume_from, (), None  # nothing to verify it against
+        refused: list[str] = []
+        reasons: list[str] = []
+        chosen: CheckpointRecord | None = None
+        for record in reversed(records[: indices[-1] + 1]):
+            if record.manifest is not None:
+                try:
+                    await anyio.to_thread.run_sync(verify_manifest, record.manifest)
+                except CheckpointManifestError as error:
+                    refused.append(record.checkpoint)
+                    reasons.append(str(error))
+                    continue
+            chosen = record
+            break
+        self._resumed = chosen
+        if not refused:
+            return spec.resume_from, (), None
+        self._kept = [r for r in self._kept if r.checkpoint not in refused]
+        target = chosen.checkpoint if chosen is not None else None
+        fallback = f"checkpoint {refused[0]} failed verification ({reasons[0]}); " + (
+            f"resuming from the one before, {target}" if target else "starting over"
+        )
+        if len(refused) > 1:
+            fallback += f" ({len(refused)} refused in all)"
+        _log.warning(
+            "checkpoint_fallback",
+            refused=refused,
+            reasons=reasons,
+            resume_from=target,
+            **self._identity,
+        )
+        self._write("sys", fallback)
+        if target is None:
+            self._env.pop("TASKFARM_RESUME_FROM", None)
+        else:
+            self._env["TASKFARM_RESUME_FROM"] = target
+        self._env["TASKFARM_RESUME_FALLBACK"] = fallback
+        return target, tuple(refused), fallback
+
+    async def _verified(self, report: ManifestReport) -> None:
+        """Verify a reported manifest (in a worker thread); report the checkpoint only if its
+        files match, and delete the checkpoints that fall out of the kept window."""
+        started = self._clock.monotonic()
+        try:
+            checkpoint, manifest = await anyio.to_thread.run_sync(
+                _read_and_verify, report.path, self._spec.cwd
+            )
+        except CheckpointManifestError as error:
+            self._write("sys", f"checkpoint refused: {error}")
+            _log.warning(
+                "checkpoint_refused",
+                manifest=report.path,
+                path=error.path,
+                problem=error.problem,
+                **self._identity,
+            )
+            # Visible where the job is looked at too: a metric the job journals and shows.
+            self._refused += 1
+            await self._emit(
+                AttemptMetric(
+                    name="checkpoints_refused",
+                    value=float(self._refused),
+                    **attempt_identity(self._spec),
+                )
+            )
+            return
+        _log.info(
+            "checkpoint_verified",
+            checkpoint=checkpoint,
+            files=len(manifest.files),
+            bytes=manifest.size,
+            elapsed_ms=round((self._clock.monotonic() - started) * 1000),
+            **self._identity,
+        )
+        await self._emit(
+            AttemptCheckpointed(
+                checkpoint=checkpoint, manifest=manifest, **attempt_identity(self._spec)
+            )
+        )
+        record = CheckpointRecord(checkpoint=checkpoint, manifest=manifest)
+        self._kept, dropped = retain([*self._kept, record], self._spec.checkpoint_retention)
+        if dropped and self._spec.rank == 0:  # one rank owns a gang's checkpoints
+            now = [r for r in dropped if r != self._resumed]
+            self._deferred.extend(r for r in dropped if r == self._resumed)
+            if now:
+                await self._delete(now)
+
+    async def _delete(self, records: list[CheckpointRecord]) -> None:
+        kept = list(self._kept)
+
+        def delete() -> list[str]:
+            return [path for record in records for path in delete_checkpoint(record, kept)]
+
+        deleted = await anyio.to_thread.run_sync(delete)
+        if deleted:
+            _log.info(
+                "checkpoints_deleted",
+                checkpoints=[r.checkpoint for r in records],
+                files=len(deleted),
+                **self._identity,
+            )
+
     async def _line(self, name: str, raw: bytes | bytearray) -> None:
         text = raw.decode("utf-8", errors="replace").rstrip("\r")
         if name == "out":
@@ -487,6 +642,10 @@ class _SubprocessAttempt(BaseAttempt):
                     attempt=self._spec.attempt,
                 )
                 return
+            if isinstance(report, ManifestReport):
+                self._flush_log()
+                await self._verified(report)
+                return
             if report is not None:
                 self._flush_log()  # what came before a report is on disk before it is sent
                 await self._emit(report)
@@ -494,6 +653,12 @@ class _SubprocessAttempt(BaseAttempt):
         elif text.strip():
             self._last_stderr = text.strip()
         self._write(name, text, flush=False)
+
+
+def _read_and_verify(path: str, cwd: str | None) -> tuple[str, CheckpointManifest]:
+    checkpoint, manifest = read_manifest(path, cwd=cwd)
+    verify_manifest(manifest)
+    return checkpoint, manifest
 
 
 class SubprocessExecutor(ExecutorBase):
@@ -590,7 +755,10 @@ class SubprocessExecutor(ExecutorBase):
             hosts = spec.hosts or spec.nodes
             hostfile = os.path.join(paths.checkpoints, f"hostfile.{spec.attempt}")
             os.makedirs(paths.checkpoints, exist_ok=True)
-            Path(hostfile).write_text("".join(f"{host}\n" for host in hosts), encoding="utf-8")
+            # Written aside and renamed: with a shared checkpoint folder every rank writes it.
+            aside = f"{hostfile}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+            Path(aside).write_text("".join(f"{host}\n" for host in hosts), encoding="utf-8")
+            os.replace(aside, hostfile)
             env.update(gang_environment(spec, hostfile))
         # Never let a value inherited from the agent's own environment pose as this job's.
         for name, value in (
