@@ -30,6 +30,7 @@ from actors.cluster import (
     default_name,
     detect_resources,
     load_agent_secret,
+    parse_command,
     run_agent,
 )
 from actors.engine import Resources
@@ -133,6 +134,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         metavar="S",
         default="10",
         help="seconds between SIGTERM and SIGKILL when stopping work (default: 10)",
+    )
+    parser.add_argument(
+        "--sleep-command",
+        metavar="CMD",
+        help="run CMD (split like a shell line, no shell) when the coordinator puts this node "
+        'to sleep and nothing runs here, e.g. "systemctl suspend" (default: the node '
+        "sleeps only logically)",
     )
     parser.epilog = (
         "Timing, set by the coordinator (`taskfarm serve`) unless capped here: the agent "
@@ -251,6 +259,11 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         raise ConfigurationError("--tls-cert needs --tls-key", where="--tls-cert")
     grace = _seconds(args.terminate_grace, where="--terminate-grace", allow_zero=True)
     assert grace is not None
+    sleep_command = (
+        parse_command(args.sleep_command, where="--sleep-command")
+        if args.sleep_command is not None
+        else ()
+    )
     config = AgentConfig(
         host=host,
         port=port,
@@ -267,6 +280,7 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         heartbeat=_seconds(args.heartbeat, where="--heartbeat"),
         lease=_seconds(args.lease, where="--lease"),
         terminate_grace=grace,
+        sleep_command=sleep_command,
     )
     load_agent_secret(config)  # a credential for another node or kind is named now
     tls = config.tls_config()

@@ -26,6 +26,7 @@ import anyio
 import msgspec
 
 from actors.cluster import (
+    WAKE_PLACEHOLDERS,
     CancelJobRequest,
     CoordinatorConfig,
     JobsReply,
@@ -38,6 +39,7 @@ from actors.cluster import (
     TextReply,
     WhyRequest,
     WireMessage,
+    parse_command,
     run_coordinator,
 )
 from actors.engine import EngineSettings, read_spec_text
@@ -178,6 +180,14 @@ def configure_serve(parser: argparse.ArgumentParser) -> None:
         help="a farm-wide licence counter, e.g. nuke=10: at most N units in use across every "
         "node (repeatable; counters not named here are node-local: agent --counter)",
     )
+    parser.add_argument(
+        "--wake-command",
+        metavar="CMD",
+        help="run CMD (split like a shell line, no shell) to wake a sleeping node whose agent "
+        "is away when its health leaves sleeping (a policy's wake, `node resume`); {node}, "
+        "{mac} (its mac= label) and {address} (the host its agent last connected from) are "
+        'filled in, e.g. "wakeonlan {mac}"',
+    )
     parser.add_argument("--synchronous", default="FULL", choices=("FULL", "NORMAL"))
     parser.add_argument("--tls-ca", help="CA that signs agent/client certificates (mutual TLS)")
     parser.add_argument("--tls-cert", help="the coordinator's certificate")
@@ -227,6 +237,11 @@ async def _serve(args: argparse.Namespace) -> int:
     policy = load_policy(args.policy, Path(args.policy_config) if args.policy_config else None)
     events = load_event_codecs()
     work_dir = _work_dir(args.work_dir)
+    wake_command = (
+        parse_command(args.wake_command, where="--wake-command", placeholders=WAKE_PLACEHOLDERS)
+        if args.wake_command is not None
+        else ()
+    )
     join_token, join_client_role, client_idle = serve_security(args)
     token_file: Path | None = None
     token: bytes | None = None
@@ -257,6 +272,7 @@ async def _serve(args: argparse.Namespace) -> int:
         synchronous=args.synchronous,
         settings=EngineSettings(restart_grace=args.restart_grace, counters=counters),
         events=events,
+        wake_command=wake_command,
     )
     async with anyio.create_task_group() as tg:
         coordinator = await tg.start(partial(run_coordinator, config, policy=policy))

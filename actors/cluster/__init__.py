@@ -43,6 +43,7 @@ from ._outbox import (
     OutboxReport,
     attempt_key,
 )
+from ._power import WAKE_PLACEHOLDERS, PowerControl, parse_command
 from ._probe import check_label, default_name, detect_resources
 from ._protocol import (
     AgentHello,
@@ -78,6 +79,7 @@ from ._protocol import (
     RetryTasksRequest,
     RunAttempt,
     SetNodeHealthRequest,
+    SleepNode,
     StatusRequest,
     SubmitRequest,
     SubmittedReply,
@@ -96,6 +98,7 @@ __all__ = [
     "COORDINATOR_CODEC",
     "OUTBOX_CODEC",
     "ROLES",
+    "WAKE_PLACEHOLDERS",
     "WIRE_CODEC",
     "AgentConfig",
     "AgentHandle",
@@ -145,6 +148,7 @@ __all__ = [
     "PlanDrain",
     "PolicyCommandRequest",
     "PolicyReply",
+    "PowerControl",
     "PreemptTaskRequest",
     "ReadLog",
     "RemoteAttempt",
@@ -161,6 +165,7 @@ __all__ = [
     "Rule",
     "RunAttempt",
     "SetNodeHealthRequest",
+    "SleepNode",
     "StatusRequest",
     "SubmitRequest",
     "SubmittedReply",
@@ -180,6 +185,7 @@ __all__ = [
     "lock_journal",
     "open_coordinator",
     "open_remote_executor",
+    "parse_command",
     "role_rank",
     "rule_for",
     "run_agent",

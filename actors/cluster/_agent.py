@@ -111,6 +111,7 @@ from ._outbox import (
     OutboxReport,
     attempt_key,
 )
+from ._power import sleep_node
 from ._probe import check_label
 from ._protocol import (
     MAX_REPORTS_PER_FRAME,
@@ -128,6 +129,7 @@ from ._protocol import (
     ReportAck,
     Reports,
     RunAttempt,
+    SleepNode,
     Welcome,
 )
 
@@ -189,6 +191,9 @@ class AgentConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     reconnect_initial: float = 0.2
     reconnect_max: float = 10.0
     welcome_timeout: float = 30.0
+    # Run (argv, no shell) when the coordinator puts this idle node to sleep (``SleepNode``);
+    # empty: the node sleeps only logically.
+    sleep_command: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         # msgspec checks the Meta constraints when decoding only; direct construction is
@@ -763,6 +768,17 @@ class _Agent:
                 self._heartbeat_answered(sequence)
             case ReadLog():
                 task_group.start_soon(self._read_log, connection, message)
+            case SleepNode(reason=reason):
+                # In the agent's group, not the connection's: the host may drop it meanwhile.
+                self.task_group.start_soon(
+                    partial(
+                        sleep_node,
+                        self.config.sleep_command,
+                        node_id=self.node_id,
+                        reason=reason,
+                        executor=self.executor,
+                    )
+                )
             case Welcome():
                 pass  # a repeated welcome changes nothing
             case AgentHello() | Heartbeat() | Report() | Reports() | LogChunk() | PlanDrain():

@@ -84,6 +84,7 @@ from ._credentials import (
     Role,
 )
 from ._lease import LeaseTiming, lease_timing
+from ._power import PowerControl
 from ._protocol import (
     AgentHello,
     AmendJobRequest,
@@ -179,6 +180,9 @@ class CoordinatorConfig:
     # Domain event codecs (the ``taskfarm.events`` plugins) merged into the journal's codec,
     # so a policy's command events can be journaled and read back.
     events: tuple[EventCodec, ...] = ()
+    # Run (argv, placeholders filled) to wake a node whose health leaves sleeping while its
+    # agent is away (see _power.py); empty: nodes wake only when their agent comes back.
+    wake_command: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self.lease_timing()  # a bad lease or fence is named now, not when an agent connects
@@ -224,6 +228,12 @@ class Coordinator:
         self.timing = config.lease_timing()
         # When the last frame of each agent was read (the fence counts from it).
         self._last_heard: dict[str, float] = {}
+        self.power = PowerControl(
+            engine=engine,
+            clock=clock,
+            executors=self._executors,
+            wake_command=config.wake_command,
+        )
 
     # -- agents ---------------------------------------------------------------------------------
 
@@ -366,6 +376,7 @@ class Coordinator:
                 running=len(hello.running),
                 reclaimed=claimed,
             )
+            self.power.agent_connected(name, _host_of_peer(connection.peer))
             if replay <= 0:
                 await self._abandon(name, executor, gone)
             while True:
@@ -416,6 +427,7 @@ class Coordinator:
             if self._connections.get(name) is connection:
                 del self._connections[name]
                 executor.detach()
+                self.power.agent_disconnected(name)
                 assert self._task_group is not None
                 self._task_group.start_soon(self._suspend_agent, name, generation)
                 self._task_group.start_soon(self._expire_agent, name, generation)
@@ -1168,6 +1180,7 @@ async def _open_coordinator(
         failure: Exception | None = None
         async with anyio.create_task_group() as task_group:
             coordinator._task_group = task_group
+            await task_group.start(coordinator.power.run)
             try:
                 async with open_server(
                     handler=coordinator._handle,

@@ -13,6 +13,7 @@ Agent conversation::
     coord -> HeartbeatAck(sequence)  (renews the agent's lease on its attempts)
              | PlanDrain(at)        (an agent whose batch allocation ends at a known time)
     coord -> ReportAck(sequence)     (the agent drops acknowledged reports from its outbox)
+    coord -> SleepNode(reason)       (the node is sleeping and idle: run the sleep command)
 
 The lease: an agent runs its attempts only while it hears from the coordinator.  Each
 ``Heartbeat`` carries a number; the coordinator answers it with ``HeartbeatAck`` of the same
@@ -85,6 +86,7 @@ __all__ = [
     "RetryTasksRequest",
     "RunAttempt",
     "SetNodeHealthRequest",
+    "SleepNode",
     "StatusRequest",
     "SubmitRequest",
     "SubmittedReply",
@@ -225,9 +227,22 @@ class ReadLog(Message, frozen=True, kw_only=True, tag="coordinator.read_log"):
     max_bytes: int = 64 * 1024
 
 
+class SleepNode(Message, frozen=True, kw_only=True, tag="coordinator.sleep_node"):
+    """The node is sleeping and runs nothing: put the host to sleep (``--sleep-command``)."""
+
+    reason: _Short = ""
+
+
 AgentToCoordinator = AgentHello | Heartbeat | Report | Reports | LogChunk | PlanDrain
 CoordinatorToAgent = (
-    Welcome | HeartbeatAck | RunAttempt | CancelAttempt | CheckpointAttempt | ReportAck | ReadLog
+    Welcome
+    | HeartbeatAck
+    | RunAttempt
+    | CancelAttempt
+    | CheckpointAttempt
+    | ReportAck
+    | ReadLog
+    | SleepNode
 )
 AgentWire = AgentToCoordinator | CoordinatorToAgent
 

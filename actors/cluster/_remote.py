@@ -55,6 +55,7 @@ from ._protocol import (
     Report,
     ReportAck,
     RunAttempt,
+    SleepNode,
     WireMessage,
 )
 
@@ -557,6 +558,10 @@ class RemoteExecutor:
         return 1 <= request <= self._last_request
 
     # -- outbound commands -------------------------------------------------------------------
+
+    def send_nowait(self, message: SleepNode) -> bool:
+        """Queue a node command for the agent; return False when the agent is away."""
+        return self._send_nowait(message)
 
     def _send_nowait(self, message: WireMessage) -> bool:
         """Queue a command for the sender task; return False when the agent is away."""

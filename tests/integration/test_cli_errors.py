@@ -207,6 +207,20 @@ def table(made: dict[str, Path], farm: Cluster) -> dict[str, Case]:
         ),
         "serve-bad-counter": Case(serve("--counter", "nuke"), ("--counter", "NAME=N")),
         "agent-bad-counter": Case((*agent, "--counter", "nuke=lots"), ("--counter", "NAME=N")),
+        "agent-empty-sleep-command": Case(
+            (*agent, "--sleep-command", "  "), ("--sleep-command", "empty")
+        ),
+        "agent-unparsable-sleep-command": Case(
+            (*agent, "--sleep-command", "systemctl 'suspend"), ("--sleep-command", "cannot split")
+        ),
+        "serve-empty-wake-command": Case(serve("--wake-command", ""), ("--wake-command", "empty")),
+        "serve-unknown-wake-placeholder": Case(
+            serve("--wake-command", "wakeonlan {ip}"),
+            ("--wake-command", "unknown placeholder {ip}", "{mac}"),
+        ),
+        "serve-lone-brace-wake-command": Case(
+            serve("--wake-command", "wakeonlan {mac"), ("--wake-command", "'{mac'")
+        ),
         "amend-unknown-job": Case(
             ("amend", "nosuchjob", "--priority", "high"), ("no job 'nosuchjob'",), client=True
         ),

@@ -1,0 +1,31 @@
+"""A stand-in for a power command, run by a real agent or coordinator:
+``power_command.py MARKER [--stop-parent] ARG...``.
+
+Writes its arguments (one a line) to MARKER, atomically (the test reads either nothing or all
+of it); with ``--stop-parent`` it then SIGTERMs its parent process (the agent that ran it), as
+a suspended host takes its agent away.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+
+def main(marker: str, *arguments: str) -> int:
+    stop_parent = arguments[:1] == ("--stop-parent",)
+    if stop_parent:
+        arguments = arguments[1:]
+    path = Path(marker)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text("".join(f"{argument}\n" for argument in arguments))
+    partial.replace(path)
+    if stop_parent:
+        os.kill(os.getppid(), signal.SIGTERM)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(*sys.argv[1:]))

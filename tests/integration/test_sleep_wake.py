@@ -1,0 +1,186 @@
+"""Sleeping and waking nodes on a real cluster: ``taskfarm agent --sleep-command`` runs when the
+coordinator puts an idle node to sleep, ``taskfarm serve --wake-command`` runs when a sleeping
+node whose agent is away is woken.  Real coordinator and agent processes over loopback TCP; the
+power commands are a small script that writes a marker file (and may SIGTERM its agent, as a
+suspended host takes its agent away).
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import anyio
+import pytest
+
+from actors import NodeHealthChanged
+
+if TYPE_CHECKING:
+    from conftest import Cluster
+
+pytestmark = pytest.mark.slow
+
+POWER = Path(__file__).with_name("power_command.py")
+MAC = "aa:bb:cc:dd:ee:01"
+SMALL = 'resources = { cores = "100m", memory = "16MiB" }'
+LIMIT = 60.0
+
+
+def power(marker: Path, *arguments: str) -> str:
+    """A power command line running the stand-in script, writing ``marker``."""
+    return shlex.join([sys.executable, str(POWER), str(marker), *arguments])
+
+
+async def ok(cluster: Cluster, *args: str) -> str:
+    """Run a client command that must succeed; return its stdout."""
+    with anyio.fail_after(LIMIT):
+        result = await cluster.cli(*args)
+    assert result.returncode == 0, (args, result.stderr.decode())
+    return result.stdout.decode()
+
+
+async def wait_file(cluster: Cluster, path: Path) -> list[str]:
+    """Wait until the power script wrote ``path``; return its lines."""
+
+    async def written() -> bool:
+        return await anyio.Path(path).exists()
+
+    await cluster.wait_until(written, what=f"{path.name} written", limit=LIMIT)
+    return (await anyio.Path(path).read_text()).splitlines()
+
+
+async def wait_exit(cluster: Cluster, process: subprocess.Popen[bytes]) -> int:
+    """Wait until ``process`` exits; return its status."""
+
+    async def exited() -> bool:
+        return process.poll() is not None
+
+    await cluster.wait_until(exited, what="the agent to exit", limit=LIMIT)
+    assert process.returncode is not None
+    return process.returncode
+
+
+def job(name: str, command: list[str]) -> str:
+    return f"[[jobs]]\nname = {json.dumps(name)}\ncommand = {json.dumps(command)}\n{SMALL}\n"
+
+
+async def test_sleep_runs_the_agents_command_and_resume_runs_the_wake_command(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """`node sleep` on an idle agent runs its --sleep-command (the node sleeps, not lost);
+    `node resume` while it is away runs serve's --wake-command with {node} and {mac}, and the
+    restarted agent brings the node back online to run the work queued meanwhile."""
+    slept, woke = tmp_path / "slept", tmp_path / "woke"
+    cluster.start_coordinator(
+        "--wake-command",
+        power(woke, "{node}", "{mac}", "{address}"),
+        "--lease",
+        "1",
+        "--fence",
+        "2.6",
+        heartbeat_timeout=1.0,
+    )
+    sleep_command = power(slept, "--stop-parent", "suspend")
+    agent_flags = ("--label", f"mac={MAC}", "--sleep-command", sleep_command)
+    agent = cluster.start_agent("n1", extra=agent_flags)
+    await cluster.wait_online("n1")
+
+    await ok(cluster, "node", "sleep", "n1", "--reason", "night")
+    assert await wait_file(cluster, slept) == ["suspend"]
+    await wait_exit(cluster, agent)  # the host "suspended": its agent is gone
+    entry = await cluster.wait_for_log("agent-n1", "node_sleeping", node_id="n1")
+    assert entry["reason"] == "night"
+    await cluster.wait_for_log("coordinator", "node_sleep_requested", node_id="n1")
+    # Past the fence the node is asleep offline, not lost.
+    await cluster.wait_for_log("coordinator", "node_asleep_offline", node_id="n1")
+    assert (await cluster.nodes())["n1"].health == "sleeping"
+
+    (job_id,) = await cluster.submit(job("queued", ["true"]), source=f"{tmp_path}/spec.toml")
+    await ok(cluster, "node", "resume", "n1")
+    lines = await wait_file(cluster, woke)
+    assert lines == ["n1", MAC, "127.0.0.1"]
+    await cluster.wait_for_log("coordinator", "node_wake_sent", node_id="n1")
+    (summary,) = await cluster.status(job_id)
+    assert summary.status != "completed"  # nothing ran while the node slept
+
+    cluster.agents.pop("n1")  # what wake-on-LAN does: the host, and its agent, start again
+    cluster.start_agent("n1", extra=agent_flags)
+    await cluster.wait_online("n1")
+    done = await cluster.wait_finished(job_id)
+    assert done[job_id].status == "completed"
+    changes = [
+        r.event.health
+        for r in await cluster.journal_events()
+        if r.stream_id == "node:n1" and isinstance(r.event, NodeHealthChanged)
+    ]
+    assert changes == ["sleeping", "online"]
+
+
+async def test_sleep_waits_for_the_running_attempt(cluster: Cluster, tmp_path: Path) -> None:
+    """A node put to sleep while an attempt runs there is told to sleep only once that
+    attempt has ended; its agent then runs the sleep command."""
+    slept, release = tmp_path / "slept", tmp_path / "release"
+    cluster.start_coordinator()
+    cluster.start_agent("n1", extra=("--sleep-command", power(slept, "suspend")))
+    await cluster.wait_online("n1")
+    # The work itself waits for the test's release file (polling is the workload's business).
+    wait = (
+        f"import pathlib, time\nwhile not pathlib.Path({str(release)!r}).exists(): time.sleep(0.05)"
+    )
+    (job_id,) = await cluster.submit(
+        job("busy", [sys.executable, "-c", wait]), source=f"{tmp_path}/spec.toml"
+    )
+    await cluster.wait_job(
+        job_id, lambda j: any(t.status == "running" for t in j.tasks), what="running"
+    )
+
+    await ok(cluster, "node", "sleep", "n1")
+    deferred = await cluster.wait_for_log("coordinator", "node_sleep_deferred", node_id="n1")
+    assert deferred["running"] == 1
+    assert not slept.exists()
+    assert not [e for e in cluster.log_entries("agent-n1") if e.get("event") == "node_sleeping"]
+
+    release.touch()
+    assert await wait_file(cluster, slept) == ["suspend"]
+    done = await cluster.wait_finished(job_id)
+    assert done[job_id].status == "completed"
+    await cluster.wait_for_log("agent-n1", "node_sleep_command_done", node_id="n1")
+    assert (await cluster.nodes())["n1"].health == "sleeping"
+
+
+async def test_a_failing_sleep_command_and_a_wake_without_a_mac_are_logged(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """A sleep command that fails is logged with its exit status and last stderr line and the
+    agent stays connected; a wake command needing {mac} for a node without a mac= label is
+    logged as node_wake_failed naming the node and the label."""
+    woke = tmp_path / "woke"
+    cluster.start_coordinator("--wake-command", power(woke, "{mac}"))
+    failing = shlex.join([sys.executable, "-c", "import sys; sys.exit('no permission\\n' * 2)"])
+    agent = cluster.start_agent("n1", extra=("--sleep-command", failing))
+    await cluster.wait_online("n1")
+
+    await ok(cluster, "node", "sleep", "n1")
+    entry = await cluster.wait_for_log("agent-n1", "node_sleep_failed", node_id="n1")
+    assert entry["status"] == 1
+    assert entry["stderr"] == "no permission"
+    assert agent.poll() is None
+    await ok(cluster, "node", "resume", "n1")  # connected: nothing to wake
+    await cluster.wait_online("n1")
+
+    await ok(cluster, "node", "sleep", "n1")
+    await cluster.wait_for_log("agent-n1", "node_sleep_failed", node_id="n1")
+    cluster.kill_agent("n1")
+    await cluster.wait_for_log("coordinator", "agent_disconnected", node_id="n1")
+    await ok(cluster, "node", "resume", "n1")
+    failed = await cluster.wait_for_log("coordinator", "node_wake_failed", node_id="n1")
+    assert failed["missing"] == ["mac"]
+    assert "no {mac} for node n1" in failed["error"]
+    assert "mac= label" in failed["error"]
+    assert not woke.exists()
+    assert cluster.coordinator is not None
+    assert cluster.coordinator.poll() is None
