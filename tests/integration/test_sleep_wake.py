@@ -11,13 +11,18 @@ import json
 import shlex
 import subprocess
 import sys
+from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import anyio
 import pytest
+import structlog
 
 from actors import NodeHealthChanged
+from actors.cluster import WAKE_PLACEHOLDERS, CoordinatorConfig, open_coordinator, parse_command
+from actors.engine import FarmView, FifoPolicy, NodeAction
 
 if TYPE_CHECKING:
     from conftest import Cluster
@@ -64,8 +69,16 @@ async def wait_exit(cluster: Cluster, process: subprocess.Popen[bytes]) -> int:
     return process.returncode
 
 
-def job(name: str, command: list[str]) -> str:
-    return f"[[jobs]]\nname = {json.dumps(name)}\ncommand = {json.dumps(command)}\n{SMALL}\n"
+def held_until(release: Path) -> list[str]:
+    """A task's command that runs until ``release`` exists (polling is the work's business)."""
+    code = (
+        f"import pathlib, time\nwhile not pathlib.Path({str(release)!r}).exists(): time.sleep(0.05)"
+    )
+    return [sys.executable, "-c", code]
+
+
+def job(name: str, command: list[str], resources: str = SMALL) -> str:
+    return f"[[jobs]]\nname = {json.dumps(name)}\ncommand = {json.dumps(command)}\n{resources}\n"
 
 
 async def test_sleep_runs_the_agents_command_and_resume_runs_the_wake_command(
@@ -184,3 +197,71 @@ async def test_a_failing_sleep_command_and_a_wake_without_a_mac_are_logged(
     assert not woke.exists()
     assert cluster.coordinator is not None
     assert cluster.coordinator.poll() is None
+
+
+class SleepyFarm(FifoPolicy):
+    """Sleeps every idle connected node beyond one; wakes its sleepers when work is queued."""
+
+    def node_actions(self, farm: FarmView, now: datetime) -> Sequence[NodeAction]:
+        if any(job.queued for job in farm.jobs.values()):
+            return [
+                NodeAction(node=name, health="online", reason="work waits")
+                for name, view in sorted(farm.nodes.items())
+                if view.health == "sleeping" and view.health_by == "policy"
+            ]
+        idle = sorted(
+            name
+            for name, view in farm.nodes.items()
+            if view.health == "online" and view.reachable == "connected" and not view.running
+        )
+        return [NodeAction(node=name, health="sleeping", reason="idle") for name in idle[1:]]
+
+
+async def test_a_policy_sleeps_a_node_for_real_and_wakes_it_for_queued_work(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """A policy's node_actions sleep reaches the agent's --sleep-command, and its wake for
+    queued work runs the coordinator's --wake-command (an in-process coordinator, real agent
+    processes)."""
+    slept, woke, release = tmp_path / "slept", tmp_path / "woke", tmp_path / "release"
+    wake = parse_command(
+        power(woke, "{node}", "{mac}"), where="--wake-command", placeholders=WAKE_PLACEHOLDERS
+    )
+    config = CoordinatorConfig(
+        journal=cluster.journal,
+        token=cluster.token,
+        port=0,
+        work_dir=tmp_path / "coordinator-work",
+        heartbeat_interval=0.2,
+        heartbeat_timeout=1.0,
+        lease=1.0,
+        fence=2.6,
+        wake_command=wake,
+    )
+    flags = ("--sleep-command", power(slept, "--stop-parent", "suspend"))
+    with structlog.testing.capture_logs() as logs:
+        async with open_coordinator(config, policy=SleepyFarm()) as coordinator:
+            cluster.port = coordinator.port
+            cluster.start_agent("n1", extra=flags)
+            await cluster.wait_online("n1")
+            n2 = cluster.start_agent("n2", extra=("--label", f"mac={MAC}", *flags))
+            assert await wait_file(cluster, slept) == ["suspend"]  # n2: idle beyond one
+            await wait_exit(cluster, n2)
+            assert (await cluster.nodes())["n2"].health == "sleeping"
+
+            # Two tasks of a whole core each: one runs on n1, the other waits for n2.
+            whole = 'resources = { cores = 1, memory = "16MiB" }'
+            spec = job("wide", held_until(release), whole).replace(
+                "[[jobs]]\n", '[[jobs]]\nframes = "1-2"\nchunk = 1\n'
+            )
+            (job_id,) = await cluster.submit(spec, source=f"{tmp_path}/spec.toml")
+            assert await wait_file(cluster, woke) == ["n2", MAC]
+            release.touch()
+            cluster.agents.pop("n2")
+            cluster.start_agent("n2", extra=("--label", f"mac={MAC}"))
+            done = await cluster.wait_finished(job_id)
+            assert done[job_id].status == "completed"
+    sent = [e for e in logs if e["event"] == "node_wake_sent"]
+    assert [(e["node_id"], e["by"]) for e in sent] == [("n2", "policy")]
+    requested = [e["node_id"] for e in logs if e["event"] == "node_sleep_requested"]
+    assert requested[0] == "n2"
