@@ -776,7 +776,7 @@ class _Agent:
                         self.config.sleep_command,
                         node_id=self.node_id,
                         reason=reason,
-                        executor=self.executor,
+                        running=len(self.executor.running()),
                     )
                 )
             case Welcome():

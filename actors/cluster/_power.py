@@ -39,7 +39,6 @@ from actors.engine import (
     TaskPreempted,
     TaskRequeued,
 )
-from actors.executors import Executor
 from runtime import Clock, ConfigurationError, get_logger
 
 from ._protocol import SleepNode
@@ -152,15 +151,14 @@ async def sleep_node(
     *,
     node_id: str,
     reason: str,
-    executor: Executor,
+    running: int,
     time_limit: float = COMMAND_TIMEOUT,
 ) -> None:
     """Put this agent's host to sleep with ``command`` (``SleepNode`` from the coordinator).
 
-    Refused while attempts run here; without a command the node is asleep only logically.
-    A failing command is logged; the agent carries on, connected.
+    Refused while attempts run here (``running``); without a command the node is asleep only
+    logically.  A failing command is logged; the agent carries on, connected.
     """
-    running = len(executor.running())
     if running:
         _log.warning("node_sleep_refused", node_id=node_id, running=running, reason=reason)
         return

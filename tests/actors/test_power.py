@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import shlex
 import sys
+from pathlib import Path
 
 import pytest
+import structlog
 
 from actors.cluster import WAKE_PLACEHOLDERS, parse_command
-from actors.cluster._power import run_command
+from actors.cluster._power import run_command, sleep_node
 from runtime import ConfigurationError
 
 
@@ -66,3 +68,26 @@ async def test_run_command_kills_a_hung_command_and_names_a_missing_one() -> Non
     missing = await run_command(["/nonexistent/wake-node"])
     assert missing.status is None
     assert "cannot run /nonexistent/wake-node" in missing.error
+
+
+async def test_the_agent_refuses_to_sleep_while_attempts_run(tmp_path: Path) -> None:
+    """SleepNode reaching an agent that runs attempts is refused (logged), nothing is run."""
+    marker = tmp_path / "slept"
+    command = (sys.executable, "-c", f"open({str(marker)!r}, 'w').close()")
+    with structlog.testing.capture_logs() as logs:
+        await sleep_node(command, node_id="n1", reason="idle", running=2)
+    assert [(e["event"], e["running"]) for e in logs] == [("node_sleep_refused", 2)]
+    assert not marker.exists()
+    with structlog.testing.capture_logs() as logs:
+        await sleep_node(command, node_id="n1", reason="idle", running=0)
+    assert [e["event"] for e in logs] == ["node_sleeping", "node_sleep_command_done"]
+    assert marker.exists()
+
+
+async def test_without_a_sleep_command_the_node_sleeps_only_logically() -> None:
+    """With no sleep command the agent logs node_sleeping and runs nothing."""
+    with structlog.testing.capture_logs() as logs:
+        await sleep_node((), node_id="n1", reason="night", running=0)
+    assert [(e["event"], e["reason"], e["command"]) for e in logs] == [
+        ("node_sleeping", "night", "")
+    ]

@@ -69,6 +69,18 @@ async def wait_exit(cluster: Cluster, process: subprocess.Popen[bytes]) -> int:
     return process.returncode
 
 
+async def wait_count(cluster: Cluster, process: str, event: str, count: int) -> None:
+    """Wait until ``process`` has logged ``event`` (for node n1) ``count`` times."""
+
+    async def logged() -> bool:
+        entries = cluster.log_entries(process)
+        seen = [e for e in entries if e.get("event") == event and e.get("node_id") == "n1"]
+        assert len(seen) <= count, seen
+        return len(seen) == count
+
+    await cluster.wait_until(logged, what=f"{process} to log {event} x{count}", limit=LIMIT)
+
+
 def held_until(release: Path) -> list[str]:
     """A task's command that runs until ``release`` exists (polling is the work's business)."""
     code = (
@@ -116,7 +128,8 @@ async def test_sleep_runs_the_agents_command_and_resume_runs_the_wake_command(
     await ok(cluster, "node", "resume", "n1")
     lines = await wait_file(cluster, woke)
     assert lines == ["n1", MAC, "127.0.0.1"]
-    await cluster.wait_for_log("coordinator", "node_wake_sent", node_id="n1")
+    sent = await cluster.wait_for_log("coordinator", "node_wake_sent", node_id="n1")
+    assert sent["by"] == "operator"
     (summary,) = await cluster.status(job_id)
     assert summary.status != "completed"  # nothing ran while the node slept
 
@@ -168,9 +181,10 @@ async def test_sleep_waits_for_the_running_attempt(cluster: Cluster, tmp_path: P
 async def test_a_failing_sleep_command_and_a_wake_without_a_mac_are_logged(
     cluster: Cluster, tmp_path: Path
 ) -> None:
-    """A sleep command that fails is logged with its exit status and last stderr line and the
-    agent stays connected; a wake command needing {mac} for a node without a mac= label is
-    logged as node_wake_failed naming the node and the label."""
+    """A failing sleep command is logged with its exit status and last stderr line and the
+    agent stays connected; an agent back while its node sleeps is told again; a wake command
+    needing {mac} for a node without a mac= label is logged as node_wake_failed naming the
+    node and the label."""
     woke = tmp_path / "woke"
     cluster.start_coordinator("--wake-command", power(woke, "{mac}"))
     failing = shlex.join([sys.executable, "-c", "import sys; sys.exit('no permission\\n' * 2)"])
@@ -186,9 +200,14 @@ async def test_a_failing_sleep_command_and_a_wake_without_a_mac_are_logged(
     await cluster.wait_online("n1")
 
     await ok(cluster, "node", "sleep", "n1")
-    await cluster.wait_for_log("agent-n1", "node_sleep_failed", node_id="n1")
+    await wait_count(cluster, "agent-n1", "node_sleep_failed", 2)
+    # An agent that comes back while its node still sleeps is told again.
     cluster.kill_agent("n1")
-    await cluster.wait_for_log("coordinator", "agent_disconnected", node_id="n1")
+    await wait_count(cluster, "coordinator", "agent_disconnected", 1)
+    cluster.start_agent("n1", extra=("--sleep-command", failing))
+    await wait_count(cluster, "agent-n1", "node_sleep_failed", 3)
+    cluster.kill_agent("n1")
+    await wait_count(cluster, "coordinator", "agent_disconnected", 2)
     await ok(cluster, "node", "resume", "n1")
     failed = await cluster.wait_for_log("coordinator", "node_wake_failed", node_id="n1")
     assert failed["missing"] == ["mac"]
