@@ -113,6 +113,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         metavar="L",
         help="a node label for placement (repeatable)",
     )
+    parser.add_argument(
+        "--sleep-command",
+        metavar="CMD",
+        help="run CMD (split like a shell line, no shell) when the coordinator puts this node "
+        'to sleep and nothing runs here, e.g. "systemctl suspend" (default: the node '
+        "sleeps only logically)",
+    )
     parser.add_argument("--tls-ca", metavar="FILE", help="CA certificate to verify the coordinator")
     parser.add_argument("--tls-cert", metavar="FILE", help="this agent's certificate (mutual TLS)")
     parser.add_argument("--tls-key", metavar="FILE", help="the key of --tls-cert")
@@ -134,13 +141,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
         metavar="S",
         default="10",
         help="seconds between SIGTERM and SIGKILL when stopping work (default: 10)",
-    )
-    parser.add_argument(
-        "--sleep-command",
-        metavar="CMD",
-        help="run CMD (split like a shell line, no shell) when the coordinator puts this node "
-        'to sleep and nothing runs here, e.g. "systemctl suspend" (default: the node '
-        "sleeps only logically)",
     )
     parser.epilog = (
         "Timing, set by the coordinator (`taskfarm serve`) unless capped here: the agent "
@@ -253,17 +253,17 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         fields["counters"] = tuple(counters.items())
         capacity = Resources(**fields)
     labels = tuple(dict.fromkeys(check_label(label, where="--label") for label in args.labels))
+    sleep_command = (
+        parse_command(args.sleep_command, where="--sleep-command")
+        if args.sleep_command is not None
+        else ()
+    )
     if args.tls_key is not None and args.tls_cert is None:
         raise ConfigurationError("--tls-key needs --tls-cert", where="--tls-key")
     if args.tls_cert is not None and args.tls_key is None:
         raise ConfigurationError("--tls-cert needs --tls-key", where="--tls-cert")
     grace = _seconds(args.terminate_grace, where="--terminate-grace", allow_zero=True)
     assert grace is not None
-    sleep_command = (
-        parse_command(args.sleep_command, where="--sleep-command")
-        if args.sleep_command is not None
-        else ()
-    )
     config = AgentConfig(
         host=host,
         port=port,
@@ -274,13 +274,13 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         checkpoint_dir=checkpoint_dir,
         capacity=capacity,
         labels=labels,
+        sleep_command=sleep_command,
         tls_ca=_readable(args.tls_ca, where="--tls-ca"),
         tls_cert=_readable(args.tls_cert, where="--tls-cert"),
         tls_key=_readable(args.tls_key, where="--tls-key"),
         heartbeat=_seconds(args.heartbeat, where="--heartbeat"),
         lease=_seconds(args.lease, where="--lease"),
         terminate_grace=grace,
-        sleep_command=sleep_command,
     )
     load_agent_secret(config)  # a credential for another node or kind is named now
     tls = config.tls_config()

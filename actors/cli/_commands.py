@@ -172,6 +172,14 @@ def configure_serve(parser: argparse.ArgumentParser) -> None:
         "--policy-config", metavar="FILE.toml", help="the policy's configuration file"
     )
     parser.add_argument(
+        "--wake-command",
+        metavar="CMD",
+        help="run CMD (split like a shell line, no shell) to wake a sleeping node whose agent "
+        "is away when its health leaves sleeping (a policy's wake, `node resume`); {node}, "
+        "{mac} (its mac= label) and {address} (the host its agent last connected from) are "
+        'filled in, e.g. "wakeonlan {mac}"',
+    )
+    parser.add_argument(
         "--counter",
         dest="counters",
         action="append",
@@ -179,14 +187,6 @@ def configure_serve(parser: argparse.ArgumentParser) -> None:
         metavar="NAME=N",
         help="a farm-wide licence counter, e.g. nuke=10: at most N units in use across every "
         "node (repeatable; counters not named here are node-local: agent --counter)",
-    )
-    parser.add_argument(
-        "--wake-command",
-        metavar="CMD",
-        help="run CMD (split like a shell line, no shell) to wake a sleeping node whose agent "
-        "is away when its health leaves sleeping (a policy's wake, `node resume`); {node}, "
-        "{mac} (its mac= label) and {address} (the host its agent last connected from) are "
-        'filled in, e.g. "wakeonlan {mac}"',
     )
     parser.add_argument("--synchronous", default="FULL", choices=("FULL", "NORMAL"))
     parser.add_argument("--tls-ca", help="CA that signs agent/client certificates (mutual TLS)")
@@ -236,12 +236,12 @@ async def _serve(args: argparse.Namespace) -> int:
     counters = parse_counters(args.counters)
     policy = load_policy(args.policy, Path(args.policy_config) if args.policy_config else None)
     events = load_event_codecs()
-    work_dir = _work_dir(args.work_dir)
     wake_command = (
         parse_command(args.wake_command, where="--wake-command", placeholders=WAKE_PLACEHOLDERS)
         if args.wake_command is not None
         else ()
     )
+    work_dir = _work_dir(args.work_dir)
     join_token, join_client_role, client_idle = serve_security(args)
     token_file: Path | None = None
     token: bytes | None = None
@@ -264,6 +264,7 @@ async def _serve(args: argparse.Namespace) -> int:
         tls=tls_config(args, server=True),
         work_dir=work_dir,
         local_agents=args.local_agents,
+        wake_command=wake_command,
         token_file=token_file,
         heartbeat_interval=max(0.2, args.heartbeat_timeout / 5),
         heartbeat_timeout=args.heartbeat_timeout,
@@ -272,7 +273,6 @@ async def _serve(args: argparse.Namespace) -> int:
         synchronous=args.synchronous,
         settings=EngineSettings(restart_grace=args.restart_grace, counters=counters),
         events=events,
-        wake_command=wake_command,
     )
     async with anyio.create_task_group() as tg:
         coordinator = await tg.start(partial(run_coordinator, config, policy=policy))

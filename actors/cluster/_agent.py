@@ -182,6 +182,9 @@ class AgentConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     checkpoint_dir: str | None = None  # default: ``<work_dir>/checkpoints``
     capacity: Resources
     labels: tuple[str, ...] = ()
+    # Run (argv, no shell) when the coordinator puts this idle node to sleep (``SleepNode``);
+    # empty: the node sleeps only logically.
+    sleep_command: tuple[str, ...] = ()
     tls_ca: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -191,9 +194,6 @@ class AgentConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     reconnect_initial: float = 0.2
     reconnect_max: float = 10.0
     welcome_timeout: float = 30.0
-    # Run (argv, no shell) when the coordinator puts this idle node to sleep (``SleepNode``);
-    # empty: the node sleeps only logically.
-    sleep_command: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         # msgspec checks the Meta constraints when decoding only; direct construction is

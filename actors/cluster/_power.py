@@ -39,7 +39,7 @@ from actors.engine import (
     TaskPreempted,
     TaskRequeued,
 )
-from runtime import Clock, ConfigurationError, get_logger
+from runtime import Clock, ConfigurationError, TaskfarmError, get_logger
 
 from ._protocol import SleepNode
 from ._remote import RemoteExecutor
@@ -260,7 +260,12 @@ class PowerControl:
         self._task_group.start_soon(self._wake, name, event.by)
 
     async def _wake(self, name: str, by: str) -> None:
-        summary = next((n for n in await self._engine.nodes() if n.name == name), None)
+        try:
+            nodes = await self._engine.nodes()
+        except TaskfarmError as error:  # the engine is stopping: the next start sees the node
+            _log.warning("node_wake_failed", node_id=name, error=str(error))
+            return
+        summary = next((n for n in nodes if n.name == name), None)
         labels = dict(
             label.split("=", 1) for label in (summary.labels if summary else ()) if "=" in label
         )
@@ -319,7 +324,11 @@ class PowerControl:
             ]
             if not waiting:
                 continue
-            summaries = {n.name: n for n in await self._engine.nodes()}
+            try:
+                summaries = {n.name: n for n in await self._engine.nodes()}
+            except TaskfarmError as error:  # the engine is stopping
+                _log.info("node_sleep_check_skipped", error=str(error))
+                continue
             for name in waiting:
                 summary = summaries.get(name)
                 executor = self._executors.get(name)
