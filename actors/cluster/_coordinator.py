@@ -171,6 +171,9 @@ class CoordinatorConfig:
     work_dir: Path = Path("taskfarm-work")
     local_agents: int = 0
     token_file: Path | None = None  # local agents read the join token from here
+    # Run (argv, placeholders filled) to wake a node whose health leaves sleeping while its
+    # agent is away (see _power.py); empty: nodes wake only when their agent comes back.
+    wake_command: tuple[str, ...] = ()
     heartbeat_interval: float = 1.0
     heartbeat_timeout: float = 5.0
     lease: float | None = None  # default: 2 x heartbeat_timeout (see _lease.py)
@@ -180,9 +183,6 @@ class CoordinatorConfig:
     # Domain event codecs (the ``taskfarm.events`` plugins) merged into the journal's codec,
     # so a policy's command events can be journaled and read back.
     events: tuple[EventCodec, ...] = ()
-    # Run (argv, placeholders filled) to wake a node whose health leaves sleeping while its
-    # agent is away (see _power.py); empty: nodes wake only when their agent comes back.
-    wake_command: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self.lease_timing()  # a bad lease or fence is named now, not when an agent connects
@@ -1180,8 +1180,8 @@ async def _open_coordinator(
         failure: Exception | None = None
         async with anyio.create_task_group() as task_group:
             coordinator._task_group = task_group
-            await task_group.start(coordinator.power.run)
             try:
+                await task_group.start(coordinator.power.run)
                 async with open_server(
                     handler=coordinator._handle,
                     codec=_INBOUND_CODEC,
