@@ -104,10 +104,9 @@ async def test_sleep_runs_the_agents_command_and_resume_runs_the_wake_command(
         "--wake-command",
         power(woke, "{node}", "{mac}", "{address}"),
         "--lease",
-        "1",
+        "2",
         "--fence",
-        "2.6",
-        heartbeat_timeout=1.0,
+        "4.5",  # short, so that the test sees the node asleep past it
     )
     sleep_command = power(slept, "--stop-parent", "suspend")
     agent_flags = ("--label", f"mac={MAC}", "--sleep-command", sleep_command)
@@ -251,10 +250,8 @@ async def test_a_policy_sleeps_a_node_for_real_and_wakes_it_for_queued_work(
         token=cluster.token,
         port=0,
         work_dir=tmp_path / "coordinator-work",
-        heartbeat_interval=0.2,
-        heartbeat_timeout=1.0,
-        lease=1.0,
-        fence=2.6,
+        heartbeat_interval=0.4,
+        heartbeat_timeout=2.0,
         wake_command=wake,
     )
     flags = ("--sleep-command", power(slept, "--stop-parent", "suspend"))
