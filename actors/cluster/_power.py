@@ -247,12 +247,15 @@ class PowerControl:
             return
         if name not in self._sleeping:
             return
+        told = name in self._told
         self._sleeping.discard(name)
         self._told.discard(name)
         self._deferred.discard(name)
         executor = self._executors.get(name)
-        if executor is not None and executor.attached:
-            return  # its agent never left (it had no sleep command, or it failed): no wake
+        if executor is not None and executor.attached and not told:
+            return  # never told to sleep (it had work, or no agent): awake, nothing to wake
+        # Told to sleep but still connected: a suspended host's connection lingers until its
+        # heartbeat timeout, so it is woken all the same (waking an awake host is harmless).
         if not self._wake_command:
             _log.info("node_wake_not_sent", node_id=name, reason="no --wake-command")
             return

@@ -195,7 +195,7 @@ async def test_a_failing_sleep_command_and_a_wake_without_a_mac_are_logged(
     assert entry["status"] == 1
     assert entry["stderr"] == "no permission"
     assert agent.poll() is None
-    await ok(cluster, "node", "resume", "n1")  # connected: nothing to wake
+    await ok(cluster, "node", "resume", "n1")  # (a wake is tried: it was told to sleep)
     await cluster.wait_online("n1")
 
     await ok(cluster, "node", "sleep", "n1")
@@ -208,7 +208,8 @@ async def test_a_failing_sleep_command_and_a_wake_without_a_mac_are_logged(
     cluster.kill_agent("n1")
     await wait_count(cluster, "coordinator", "agent_disconnected", 2)
     await ok(cluster, "node", "resume", "n1")
-    failed = await cluster.wait_for_log("coordinator", "node_wake_failed", node_id="n1")
+    await wait_count(cluster, "coordinator", "node_wake_failed", 2)  # each resume tried one
+    failed = [e for e in cluster.coordinator_log() if e.get("event") == "node_wake_failed"][-1]
     assert failed["missing"] == ["mac"]
     assert "no {mac} for node n1" in failed["error"]
     assert "mac= label" in failed["error"]
@@ -281,3 +282,27 @@ async def test_a_policy_sleeps_a_node_for_real_and_wakes_it_for_queued_work(
     assert [(e["node_id"], e["by"]) for e in sent] == [("n2", "policy")]
     requested = [e["node_id"] for e in logs if e["event"] == "node_sleep_requested"]
     assert requested[0] == "n2"
+
+
+async def test_a_node_told_to_sleep_is_woken_even_while_its_connection_lingers(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """A suspended host's agent is frozen with its connection still open: `node resume` before
+    the heartbeat timeout runs the wake command all the same, and the node carries on."""
+    slept, woke = tmp_path / "slept", tmp_path / "woke"
+    cluster.start_coordinator(
+        "--wake-command", power(woke, "{node}", "{mac}"), heartbeat_timeout=60.0
+    )
+    flags = ("--label", f"mac={MAC}", "--sleep-command", power(slept, "--suspend-parent", "zz"))
+    cluster.start_agent("n1", extra=flags)
+    await cluster.wait_online("n1")
+
+    await ok(cluster, "node", "sleep", "n1")
+    assert await wait_file(cluster, slept) == ["zz"]  # the agent is frozen now
+    await ok(cluster, "node", "resume", "n1")
+    assert await wait_file(cluster, woke) == ["n1", MAC]
+    assert not [e for e in cluster.coordinator_log() if e.get("event") == "agent_disconnected"]
+    cluster.resume_agent("n1")  # the host woke up
+    (job_id,) = await cluster.submit(job("after", ["true"]), source=f"{tmp_path}/spec.toml")
+    done = await cluster.wait_finished(job_id)
+    assert done[job_id].status == "completed"
