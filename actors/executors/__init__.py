@@ -28,6 +28,7 @@ from ._subprocess import (
     open_subprocess_executor,
     parse_report_line,
 )
+from ._usage import AttemptUsage, HostUsage, read_oom_kills, sample_host, scan_groups
 from ._warden import EXECUTOR_ID_VARIABLE, kill_marked
 
 __all__ = [
@@ -47,7 +48,9 @@ __all__ = [
     "AttemptReport",
     "AttemptSpec",
     "AttemptStarted",
+    "AttemptUsage",
     "Executor",
+    "HostUsage",
     "InProcessExecutor",
     "ReportSink",
     "RunningAttempt",
@@ -61,5 +64,8 @@ __all__ = [
     "open_simulated_executor",
     "open_subprocess_executor",
     "parse_report_line",
+    "read_oom_kills",
+    "sample_host",
+    "scan_groups",
     "simulated_work",
 ]
