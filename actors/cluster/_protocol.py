@@ -50,6 +50,7 @@ from ._credentials import (
     ListCredentialsRequest,
     RevokeCredentialRequest,
 )
+from ._usage_wire import JobUsageNow, NodeUsage, UsageReply, UsageRequest
 
 __all__ = [
     "AgentHello",
@@ -133,6 +134,7 @@ class Heartbeat(_Inbound, frozen=True, kw_only=True, tag="agent.heartbeat"):
 
     running: int = 0
     sequence: Annotated[int, msgspec.Meta(ge=0)] = 0
+    usage: NodeUsage | None = None  # a usage sample, once per sample interval
 
 
 class Report(_Inbound, frozen=True, kw_only=True, tag="agent.report"):
@@ -356,6 +358,7 @@ class JobsReply(Message, frozen=True, kw_only=True, tag="coordinator.jobs"):
 
     jobs: tuple[JobSummary, ...]
     as_of: datetime | None = None
+    usage: tuple[JobUsageNow, ...] = ()  # the jobs' running attempts, as last sampled
 
 
 class RetriedReply(Message, frozen=True, kw_only=True, tag="coordinator.retried"):
@@ -419,6 +422,7 @@ ClientRequest = (
     | IssueCredentialRequest
     | RevokeCredentialRequest
     | ListCredentialsRequest
+    | UsageRequest
 )
 Reply = (
     SubmittedReply
@@ -431,6 +435,7 @@ Reply = (
     | ErrorReply
     | IssuedCredentialReply
     | CredentialsReply
+    | UsageReply
 )
 
 CoordinatorInbound = AgentToCoordinator | ClientRequest
