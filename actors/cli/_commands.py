@@ -337,7 +337,7 @@ async def _status(args: argparse.Namespace) -> int:
             JobsReply,
         )
     if args.json:
-        data = jobs_json(reply.jobs, as_of=reply.as_of, with_tasks=with_tasks)
+        data = jobs_json(reply.jobs, as_of=reply.as_of, with_tasks=with_tasks, usage=reply.usage)
         sys.stdout.write(msgspec.json.encode(data).decode() + "\n")
     else:
         print(format_jobs(reply.jobs, as_of=reply.as_of))
