@@ -6,11 +6,28 @@ from __future__ import annotations
 
 import json
 import sys
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from actors import TaskCompleted, TaskFailed
-from actors.cluster import CancelJobRequest, UsageReply, UsageRequest
+import msgspec
+
+from actors import (
+    Failure,
+    FifoPolicy,
+    JobView,
+    RetryDecision,
+    TaskCompleted,
+    TaskFailed,
+    TaskView,
+)
+from actors.cluster import (
+    CancelJobRequest,
+    CoordinatorConfig,
+    UsageReply,
+    UsageRequest,
+    open_coordinator,
+)
 
 if TYPE_CHECKING:
     from conftest import Cluster
@@ -118,3 +135,56 @@ async def test_memory_over_the_agents_factor_stops_the_attempt_as_oom(cluster: C
     assert failed.error is not None
     assert "exceeded 1.5 x its request of 16 MiB" in failed.error
     assert failed.peak_rss > 24 * MIB  # over 1.5 x 16 MiB when it was stopped
+
+
+class MoreMemoryAfterOom(FifoPolicy):
+    """Retries an attempt stopped as ``oom`` at once with twice its memory request."""
+
+    name = "more-memory"
+
+    def on_failure(
+        self, job: JobView, task: TaskView, failure: Failure, default: RetryDecision, now: datetime
+    ) -> RetryDecision:
+        if failure.kind == "oom":
+            bigger = msgspec.structs.replace(task.request, memory=task.request.memory * 2)
+            return RetryDecision(action="retry", resources=bigger)
+        return default
+
+
+async def test_a_policy_retries_an_oom_stop_with_more_memory(cluster: Cluster) -> None:
+    """A policy's on_failure answers the agent's oom stop with twice the memory: the second
+    attempt (request 64 MiB, limit 96 MiB) holds its ~58 MiB and completes."""
+    config = CoordinatorConfig(
+        journal=cluster.journal,
+        token=cluster.token,
+        port=0,
+        work_dir=cluster.root / "coordinator-work",
+        heartbeat_interval=0.4,
+        heartbeat_timeout=2.0,
+    )
+    async with open_coordinator(config, policy=MoreMemoryAfterOom()) as coordinator:
+        cluster.port = coordinator.port
+        cluster.start_agent(
+            "u4", extra=("--sample-interval", "0.1", "--memory-limit-factor", "1.5")
+        )
+        await cluster.wait_online("u4")
+        # 48 MiB on top of the interpreter, then a second of CPU: sampled while resident.
+        (job_id,) = await cluster.submit(hog_job("grows", 48, 1.0, "exit", memory="32MiB"))
+        (done,) = (await cluster.wait_finished(job_id)).values()
+        assert done.status == "completed", done
+        records = await cluster.journal_events()
+    (failed,) = [
+        r.event
+        for r in records
+        if r.stream_id == f"job:{job_id}" and isinstance(r.event, TaskFailed)
+    ]
+    assert failed.kind == "oom"
+    assert failed.resources is not None
+    assert failed.resources.memory == 64 * MIB
+    (completed,) = [
+        r.event
+        for r in records
+        if r.stream_id == f"job:{job_id}" and isinstance(r.event, TaskCompleted)
+    ]
+    assert completed.peak_rss > 48 * MIB
+    assert done.tasks[0].attempt == 2
