@@ -21,7 +21,7 @@ from runtime import ConfigurationError
 from ._client import add_client_arguments, open_client, reply_of, request
 from ._parsing import RelativeTime, parse_time
 
-__all__ = ["configure", "format_usage", "parse_since"]
+__all__ = ["configure", "format_usage", "parse_duration", "parse_since"]
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -67,6 +67,23 @@ def parse_since(text: str, *, now: datetime) -> datetime:
     if moment > now:
         raise ConfigurationError(f"{text!r} is in the future", where="--since")
     return moment
+
+
+def parse_duration(text: str, *, where: str) -> float:
+    """Parse a duration (``90m``, ``36h``, ``1d``, ``365d``; at most 366 days) into seconds.
+
+    Raises:
+        ConfigurationError: not a duration, zero, or longer than 366 days (``where`` names the
+            flag).
+    """
+    value = text.strip()
+    if not (value[:1].isdigit() and value[-1:] in ("s", "m", "h", "d")):
+        raise ConfigurationError(
+            f"expected a duration such as 90m, 36h or 30d, got {text!r}", where=where
+        )
+    relative = parse_time(f"+{value}", where=where)
+    assert isinstance(relative, RelativeTime)
+    return float(relative)
 
 
 async def _usage(args: argparse.Namespace) -> int:
