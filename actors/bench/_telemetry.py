@@ -2,18 +2,20 @@
 
 - **CPU share**: a coordinator (``open_coordinator``, as ``taskfarm serve`` runs it, with its
   SQLite journal and usage store) and 200 simulated agents in a child process, each on its own
-  TCP connection over loopback: they authenticate, say hello, and heartbeat every second (the
-  ``serve`` default) with a usage sample (two attempts of two jobs and the host) on every
-  tenth heartbeat, i.e. every 10 s.  The coordinator process's CPU time over a window of real
-  time (a minute, so a roll-up flush falls in it; 20 s with ``--quick``), as a share of one
-  core; baseline: the same agents heartbeating without samples, same run.
-- **journal growth per day**: the event journal's bytes (file and WAL) over the same window,
-  scaled to a day; baseline: the no-sample run's.
+  TCP connection over loopback: they authenticate, say hello and heartbeat, a usage sample
+  (two attempts of two jobs, and the host) on a heartbeat every 10 s.  The coordinator
+  process's CPU time over a window of real time (a minute, so a roll-up flush falls in it; 20 s
+  with ``--quick``), as a share of one core, in two shapes, each beside the same agents
+  heartbeating without samples: heartbeats every second (``serve``'s default) with every tenth
+  carrying a sample, and a heartbeat every 10 s with a sample on each (``serve
+  --heartbeat-timeout 50``).  The first shape's difference is what the samples add.
+- **journal growth per day**: the event journal's bytes (file and WAL) over the first shape's
+  window, scaled to a day; baseline: the no-sample run's.
 - **usage store per simulated day**: the coordinator's :class:`Telemetry` and a real usage
-  store fed a day of those 200 agents' samples (17,280 each) on a virtual clock, flushing
-  each minute, with the default retention; its size then (the steady state of the minute
-  rows, plus one day of hours); baseline: the same samples' encoded frames, i.e. what
-  journaling every sample would add per day.
+  store fed a day of those 200 agents' samples (8,640 each) on a virtual clock, flushing each
+  minute, with the default retention; its size then (the steady state of the minute rows, plus
+  a day of hours); baseline: the same samples' encoded frames, i.e. what journaling every
+  sample would add per day.
 """
 
 from __future__ import annotations
@@ -105,7 +107,8 @@ async def _agent(
     token: bytes,
     number: int,
     *,
-    samples: bool,
+    heartbeat: float,
+    sample_every: int,
     offset: float,
     until: float,
     handshakes: anyio.CapacityLimiter,
@@ -136,15 +139,17 @@ async def _agent(
             while time.time() < until:
                 sequence += 1
                 usage = None
-                if samples and (sequence + number) % _SAMPLE_EVERY == 0:
-                    usage = _sample(number, sequence // _SAMPLE_EVERY)
+                if sample_every and (sequence + number) % sample_every == 0:
+                    usage = _sample(number, sequence // sample_every)
                 await connection.send(Heartbeat(running=_ATTEMPTS, sequence=sequence, usage=usage))
-                next_at += _HEARTBEAT
+                next_at += heartbeat
                 await anyio.sleep(max(0.0, next_at - anyio.current_time()))
             task_group.cancel_scope.cancel()
 
 
-async def _agents_main(port: int, token_file: str, samples: bool, until: float) -> None:
+async def _agents_main(
+    port: int, token_file: str, heartbeat: float, sample_every: int, until: float
+) -> None:
     token = load_token(token_file)
     spread = random.Random(7)
     handshakes = anyio.CapacityLimiter(8)
@@ -156,8 +161,9 @@ async def _agents_main(port: int, token_file: str, samples: bool, until: float) 
                     port,
                     token,
                     number,
-                    samples=samples,
-                    offset=spread.uniform(0, _HEARTBEAT),
+                    heartbeat=heartbeat,
+                    sample_every=sample_every,
+                    offset=spread.uniform(0, heartbeat),
                     until=until,
                     handshakes=handshakes,
                 )
@@ -172,9 +178,11 @@ def _journal_bytes(path: Path) -> int:
 
 
 async def _run(
-    ctx: BenchContext, name: str, *, samples: bool, window: float
+    ctx: BenchContext, name: str, *, heartbeat: float, sample_every: int, window: float
 ) -> tuple[float, float, int]:
-    """Return (CPU share of one core, journal bytes per day, samples read) of one run."""
+    """Return (CPU share of one core, journal bytes per day, samples read) of one run: agents
+    heartbeating every ``heartbeat`` seconds, every ``sample_every``-th with a sample (0: none);
+    the coordinator asks for that interval (``serve --heartbeat-timeout`` 5 x it)."""
     root = ctx.workdir / name
     root.mkdir(parents=True)
     token_file, token = ensure_token_file(root / "token")
@@ -183,11 +191,12 @@ async def _run(
         token=token,
         port=0,
         work_dir=root / "work",
-        heartbeat_interval=_HEARTBEAT,
-        heartbeat_timeout=5.0 * _HEARTBEAT,
+        heartbeat_interval=heartbeat,
+        heartbeat_timeout=5.0 * heartbeat,
     )
     previous = tune_gc_for_many_objects()
-    warmup = _HEARTBEAT * _SAMPLE_EVERY + 5.0  # every agent connected and in its rhythm
+    # Every agent connected and in its rhythm (its first sample sent) before measuring.
+    warmup = max(_HEARTBEAT * _SAMPLE_EVERY, heartbeat) + 5.0
     try:
         async with open_coordinator(config) as coordinator:
             until = time.time() + warmup + window + 5.0
@@ -199,7 +208,8 @@ async def _run(
                         "actors.bench._telemetry",
                         str(coordinator.port),
                         str(token_file),
-                        "1" if samples else "0",
+                        repr(heartbeat),
+                        str(sample_every),
                         repr(until),
                     ],
                     stdin=subprocess.DEVNULL,
@@ -238,26 +248,37 @@ async def _run(
 
 async def _figures_loopback(ctx: BenchContext) -> list[Figure]:
     window = 20.0 if ctx.quick else 60.0
-    ctx.progress(f"telemetry: {_AGENTS} agents over loopback, {window:g} s without samples")
-    base_cpu, base_journal, _ = await _run(ctx, "baseline", samples=False, window=window)
-    ctx.progress(f"telemetry: {_AGENTS} agents over loopback, {window:g} s with samples")
-    cpu, journal, read = await _run(ctx, "telemetry", samples=True, window=window)
-    expected = _AGENTS * window / (_HEARTBEAT * _SAMPLE_EVERY)
-    setup = (
-        f"{_AGENTS} agents on loopback TCP, heartbeat every {_HEARTBEAT:g} s, "
-        f"{window:g} s of real time; {read:,} samples read ({expected:,.0f} sent at the rate)"
-    )
+    every = _HEARTBEAT * _SAMPLE_EVERY
+    runs: dict[str, tuple[float, float, int]] = {}
+    for name, heartbeat, sample_every in (
+        ("heartbeats", _HEARTBEAT, 0),
+        ("samples", _HEARTBEAT, _SAMPLE_EVERY),
+        ("slow-heartbeats", every, 0),
+        ("slow-samples", every, 1),
+    ):
+        ctx.progress(
+            f"telemetry: {_AGENTS} agents over loopback for {window:g} s, heartbeat every "
+            f"{heartbeat:g} s, " + (f"a sample every {every:g} s" if sample_every else "no samples")
+        )
+        runs[name] = await _run(
+            ctx, name, heartbeat=heartbeat, sample_every=sample_every, window=window
+        )
+    base_cpu, base_journal, _ = runs["heartbeats"]
+    cpu, journal, read = runs["samples"]
+    slow_base, _, _ = runs["slow-heartbeats"]
+    slow, _, slow_read = runs["slow-samples"]
+    expected = _AGENTS * window / every
     return [
         Figure(
-            name=f"telemetry: coordinator CPU, {_AGENTS} agents sampling every "
-            f"{_HEARTBEAT * _SAMPLE_EVERY:g} s",
+            name=f"telemetry: coordinator CPU, {_AGENTS} agents heartbeating every "
+            f"{_HEARTBEAT:g} s (the serve default), a sample every {every:g} s",
             value=cpu * 100,
             unit="% of a core",
             baseline_name="same agents heartbeating without samples",
             baseline_value=base_cpu * 100,
-            target=5.0,
             better="lower",
-            note=setup,
+            note=f"loopback TCP, {window:g} s of real time; {read:,} samples read "
+            f"({expected:,.0f} sent at the rate)",
         ),
         Figure(
             name="telemetry: what the samples add to the coordinator's CPU",
@@ -266,6 +287,17 @@ async def _figures_loopback(ctx: BenchContext) -> list[Figure]:
             target=5.0,
             better="lower",
             note="the figure above minus its baseline: reading, folding and flushing samples",
+        ),
+        Figure(
+            name=f"telemetry: coordinator CPU, {_AGENTS} agents reporting every {every:g} s "
+            f"(a heartbeat with a sample each, serve --heartbeat-timeout {5 * every:g})",
+            value=slow * 100,
+            unit="% of a core",
+            baseline_name="same heartbeats without samples",
+            baseline_value=slow_base * 100,
+            target=5.0,
+            better="lower",
+            note=f"loopback TCP, {window:g} s of real time; {slow_read:,} samples read",
         ),
         Figure(
             name=f"telemetry: event journal growth, {_AGENTS} agents sampling",
@@ -344,5 +376,7 @@ SUITE: Suite = run_suite
 
 if __name__ == "__main__":
     os.environ.setdefault("PYTHONHASHSEED", "0")
-    port_text, token_path, with_samples, end = sys.argv[1:5]
-    anyio.run(_agents_main, int(port_text), token_path, with_samples == "1", float(end))
+    port_text, token_path, heartbeat_text, every_text, end = sys.argv[1:6]
+    anyio.run(
+        _agents_main, int(port_text), token_path, float(heartbeat_text), int(every_text), float(end)
+    )
