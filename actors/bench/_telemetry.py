@@ -8,7 +8,8 @@
   with ``--quick``), as a share of one core, in two shapes, each beside the same agents
   heartbeating without samples: heartbeats every second (``serve``'s default) with every tenth
   carrying a sample, and a heartbeat every 10 s with a sample on each (``serve
-  --heartbeat-timeout 50``).  The first shape's difference is what the samples add.
+  --heartbeat-timeout 50``).  The first shape's difference is what the samples add.  Two
+  interleaved rounds (one with ``--quick``), the least CPU of each kept.
 - **journal growth per day**: the event journal's bytes (file and WAL) over the first shape's
   window, scaled to a day; baseline: the no-sample run's.
 - **usage store per simulated day**: the coordinator's :class:`Telemetry` and a real usage
@@ -249,20 +250,31 @@ async def _run(
 async def _figures_loopback(ctx: BenchContext) -> list[Figure]:
     window = 20.0 if ctx.quick else 60.0
     every = _HEARTBEAT * _SAMPLE_EVERY
+    rounds = 1 if ctx.quick else 2
     runs: dict[str, tuple[float, float, int]] = {}
-    for name, heartbeat, sample_every in (
-        ("heartbeats", _HEARTBEAT, 0),
-        ("samples", _HEARTBEAT, _SAMPLE_EVERY),
-        ("slow-heartbeats", every, 0),
-        ("slow-samples", every, 1),
-    ):
-        ctx.progress(
-            f"telemetry: {_AGENTS} agents over loopback for {window:g} s, heartbeat every "
-            f"{heartbeat:g} s, " + (f"a sample every {every:g} s" if sample_every else "no samples")
-        )
-        runs[name] = await _run(
-            ctx, name, heartbeat=heartbeat, sample_every=sample_every, window=window
-        )
+    # Interleaved rounds, the least CPU of each shape kept: the machine is shared, and another
+    # process's burst only ever adds to a window's CPU time.
+    for number in range(rounds):
+        for name, heartbeat, sample_every in (
+            ("heartbeats", _HEARTBEAT, 0),
+            ("samples", _HEARTBEAT, _SAMPLE_EVERY),
+            ("slow-heartbeats", every, 0),
+            ("slow-samples", every, 1),
+        ):
+            ctx.progress(
+                f"telemetry: {_AGENTS} agents over loopback for {window:g} s, heartbeat every "
+                f"{heartbeat:g} s, "
+                + (f"a sample every {every:g} s" if sample_every else "no samples")
+            )
+            run = await _run(
+                ctx,
+                f"{name}-{number}",
+                heartbeat=heartbeat,
+                sample_every=sample_every,
+                window=window,
+            )
+            if name not in runs or run[0] < runs[name][0]:
+                runs[name] = run
     base_cpu, base_journal, _ = runs["heartbeats"]
     cpu, journal, read = runs["samples"]
     slow_base, _, _ = runs["slow-heartbeats"]
@@ -277,8 +289,8 @@ async def _figures_loopback(ctx: BenchContext) -> list[Figure]:
             baseline_name="same agents heartbeating without samples",
             baseline_value=base_cpu * 100,
             better="lower",
-            note=f"loopback TCP, {window:g} s of real time; {read:,} samples read "
-            f"({expected:,.0f} sent at the rate)",
+            note=f"loopback TCP, {window:g} s of real time, best of {rounds}; {read:,} samples "
+            f"read ({expected:,.0f} sent at the rate)",
         ),
         Figure(
             name="telemetry: what the samples add to the coordinator's CPU",
@@ -297,7 +309,8 @@ async def _figures_loopback(ctx: BenchContext) -> list[Figure]:
             baseline_value=slow_base * 100,
             target=5.0,
             better="lower",
-            note=f"loopback TCP, {window:g} s of real time; {slow_read:,} samples read",
+            note=f"loopback TCP, {window:g} s of real time, best of {rounds}; {slow_read:,} "
+            "samples read",
         ),
         Figure(
             name=f"telemetry: event journal growth, {_AGENTS} agents sampling",
