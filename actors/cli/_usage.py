@@ -57,12 +57,17 @@ def parse_since(text: str, *, now: datetime) -> datetime:
         assert isinstance(relative, RelativeTime)
         moment = now - timedelta(seconds=float(relative))
     else:
-        absolute = parse_time(value, where="--since")
+        wrong = ConfigurationError(
+            f"expected a time ago (30m, 6h, 2d) or an ISO-8601 time (2026-03-14T18:00:00Z), "
+            f"got {text!r}",
+            where="--since",
+        )
+        try:
+            absolute = parse_time(value, where="--since")
+        except ConfigurationError:
+            raise wrong from None
         if isinstance(absolute, RelativeTime):
-            raise ConfigurationError(
-                f"expected a time ago (30m, 6h, 2d) or an ISO-8601 time, got {text!r}",
-                where="--since",
-            )
+            raise wrong
         moment = absolute
     if moment > now:
         raise ConfigurationError(f"{text!r} is in the future", where="--since")
