@@ -13,12 +13,13 @@ host.  CPU and I/O arrive as each attempt's running totals; the difference from 
 previous sample is what the minute used (an attempt seen for the first time, as after a
 coordinator restart, counts everything it used so far in that minute).  Once a minute the
 closed minutes are written to the :class:`UsageStore` (its own SQLite file, see
-``persistence/_usage_store.py`` for why not the journal), complete hours are rolled up and rows
-older than their retention are deleted (``taskfarm serve --keep-usage-minutes``, default a
-day; ``--keep-usage-hours``, default a year).  Nothing per sample is journaled: the event journal only gains each attempt's
-totals on its end event.  Answers (``taskfarm usage``, ``status --json``) read the store and
-the minute still in memory, so a sample shows up at once.  CPU an attempt used between its
-last sample and its end is in its end event's total, not in the series.
+``persistence/_usage_store.py`` for why not the journal), complete hours are rolled up and
+rows older than their retention are deleted (``taskfarm serve --keep-usage-minutes``, default
+a day; ``--keep-usage-hours``, default a year).  Nothing per sample is journaled: the event
+journal only gains each attempt's totals on its end event.  Answers (``taskfarm usage``,
+``status --json``) read the store and the minute still in memory, so a sample shows up at
+once.  CPU an attempt used between its last sample and its end is in its end event's total,
+not in the series.
 """
 
 from __future__ import annotations
