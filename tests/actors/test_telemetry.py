@@ -118,6 +118,11 @@ async def test_hours_roll_up_and_auto_switches_to_them_past_the_minutes(tmp_path
         )
         assert minutes.resolution == "minute"
         assert len(minutes.points) == 30
+        forced = await telemetry.query(
+            UsageRequest(job="j", since=START + timedelta(hours=2), resolution="hour")
+        )
+        assert (forced.resolution, len(forced.points)) == ("hour", 1)
+        assert forced.points[0].cpu_s == pytest.approx(60 * 6.0)
 
 
 async def test_closing_flushes_the_minute_still_in_memory(tmp_path: Path) -> None:
