@@ -128,13 +128,15 @@ class AgentHello(_Inbound, frozen=True, kw_only=True, tag="agent.hello"):
     unacknowledged: int = 0  # reports waiting in its outbox (they follow as Report frames)
 
 
-class Heartbeat(_Inbound, frozen=True, kw_only=True, tag="agent.heartbeat"):
+class Heartbeat(_Inbound, frozen=True, kw_only=True, omit_defaults=True, tag="agent.heartbeat"):
     """The agent is alive; ``running`` counts its attempts; ``sequence`` (from 1; 0 asks for no
     answer) is echoed by ``HeartbeatAck``."""
 
     running: int = 0
     sequence: Annotated[int, msgspec.Meta(ge=0)] = 0
-    usage: NodeUsage | None = None  # a usage sample, once per sample interval
+    # A usage sample, once per sample interval (left out when there is none, so an agent
+    # that does not sample still speaks to a coordinator that predates samples).
+    usage: NodeUsage | None = None
 
 
 class Report(_Inbound, frozen=True, kw_only=True, tag="agent.report"):

@@ -155,6 +155,17 @@ def test_the_usage_store_sits_beside_the_journal() -> None:
     assert usage_store_path(Path("journal")) == Path("journal.usage.db")
 
 
+def test_a_heartbeat_without_a_sample_leaves_the_field_out() -> None:
+    """A heartbeat with no sample encodes without a ``usage`` key (older coordinators forbid
+    fields they do not know)."""
+    encoded = msgspec.msgpack.encode(Heartbeat(sequence=3, running=1))
+    assert msgspec.msgpack.decode(encoded) == {
+        "type": "agent.heartbeat",
+        "running": 1,
+        "sequence": 3,
+    }
+
+
 def test_a_heartbeat_naming_too_many_attempts_is_refused() -> None:
     """The coordinator refuses a sample of more attempts than the bound while decoding."""
     attempt = _attempt("j", "0", 1.0, 1)
