@@ -29,6 +29,7 @@ from ._sqlite_tools import (
     salvage_sqlite_journal,
 )
 from ._subscription import Subscription
+from ._usage_store import UsageRow, UsageStore, open_usage_store
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -58,10 +59,13 @@ __all__ = [
     "Subscription",
     "UndecodedEvent",
     "Upcaster",
+    "UsageRow",
+    "UsageStore",
     "VersionConflictError",
     "check_sqlite_journal",
     "default_codec",
     "open_sqlite_journal",
+    "open_usage_store",
     "rebuild_all",
     "rebuild_stream",
     "salvage_sqlite_journal",

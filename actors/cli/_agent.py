@@ -142,6 +142,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default="10",
         help="seconds between SIGTERM and SIGKILL when stopping work (default: 10)",
     )
+    parser.add_argument(
+        "--sample-interval",
+        metavar="S",
+        default="10",
+        help="measure the attempts' CPU, memory and I/O and the host's load, memory and "
+        "scratch every S seconds and send them with a heartbeat (default: 10; 0: off)",
+    )
+    parser.add_argument(
+        "--memory-limit-factor",
+        metavar="F",
+        default="0",
+        help="stop an attempt whose resident memory exceeds F times its memory request, as "
+        "oom (checked at each sample; default: 0, off)",
+    )
     parser.epilog = (
         "Timing, set by the coordinator (`taskfarm serve`) unless capped here: the agent "
         "heartbeats every --heartbeat-timeout/5 s (1 s); the coordinator disconnects an agent "
@@ -177,6 +191,16 @@ def _seconds(text: str | None, *, where: str, allow_zero: bool = False) -> float
     if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise ConfigurationError(f"must be {bound}, got {text!r}", where=where)
+    return value
+
+
+def _factor(text: str, *, where: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigurationError(f"expected a number, got {text!r}", where=where) from None
+    if not math.isfinite(value) or value < 0:
+        raise ConfigurationError(f"must be >= 0 (0: off), got {text!r}", where=where)
     return value
 
 
@@ -264,6 +288,9 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         raise ConfigurationError("--tls-cert needs --tls-key", where="--tls-cert")
     grace = _seconds(args.terminate_grace, where="--terminate-grace", allow_zero=True)
     assert grace is not None
+    interval = _seconds(args.sample_interval, where="--sample-interval", allow_zero=True)
+    assert interval is not None
+    factor = _factor(args.memory_limit_factor, where="--memory-limit-factor")
     config = AgentConfig(
         host=host,
         port=port,
@@ -281,6 +308,8 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         heartbeat=_seconds(args.heartbeat, where="--heartbeat"),
         lease=_seconds(args.lease, where="--lease"),
         terminate_grace=grace,
+        sample_interval=interval,
+        memory_limit_factor=factor,
     )
     load_agent_secret(config)  # a credential for another node or kind is named now
     tls = config.tls_config()

@@ -36,6 +36,7 @@ from actors.cluster import (
     StatusRequest,
     SubmitRequest,
     SubmittedReply,
+    TelemetrySettings,
     TextReply,
     WhyRequest,
     WireMessage,
@@ -69,6 +70,7 @@ from ._format import FINISHED, EtaEstimator, format_jobs, format_nodes, jobs_jso
 from ._parsing import parse_counters
 from ._policies import load_event_codecs, load_policy
 from ._security import add_serve_security_arguments, serve_security
+from ._usage import parse_duration
 
 __all__ = [
     "AlreadyFinishedError",
@@ -188,6 +190,18 @@ def configure_serve(parser: argparse.ArgumentParser) -> None:
         help="a farm-wide licence counter, e.g. nuke=10: at most N units in use across every "
         "node (repeatable; counters not named here are node-local: agent --counter)",
     )
+    parser.add_argument(
+        "--keep-usage-minutes",
+        default="1d",
+        metavar="DURATION",
+        help="how long measured usage is kept per minute (default: 1d; then per hour only)",
+    )
+    parser.add_argument(
+        "--keep-usage-hours",
+        default="365d",
+        metavar="DURATION",
+        help="how long measured usage is kept per hour (default: 365d, the most)",
+    )
     parser.add_argument("--synchronous", default="FULL", choices=("FULL", "NORMAL"))
     parser.add_argument("--tls-ca", help="CA that signs agent/client certificates (mutual TLS)")
     parser.add_argument("--tls-cert", help="the coordinator's certificate")
@@ -208,6 +222,19 @@ def _seconds(value: float, *, where: str, allow_zero: bool) -> float:
             f"expected seconds {low} and at most {_MAX_SECONDS:g}, got {value:g}", where=where
         )
     return value
+
+
+def _telemetry_settings(args: argparse.Namespace) -> TelemetrySettings:
+    minutes = parse_duration(args.keep_usage_minutes, where="--keep-usage-minutes")
+    hours = parse_duration(args.keep_usage_hours, where="--keep-usage-hours")
+    if minutes < 60:
+        raise ConfigurationError("must be at least 1m", where="--keep-usage-minutes")
+    if hours < minutes:
+        raise ConfigurationError(
+            "must be at least --keep-usage-minutes (hours are rolled up from minutes)",
+            where="--keep-usage-hours",
+        )
+    return TelemetrySettings(minute_retention=minutes, hour_retention=hours)
 
 
 def _work_dir(path: str) -> Path:
@@ -242,6 +269,7 @@ async def _serve(args: argparse.Namespace) -> int:
         else ()
     )
     work_dir = _work_dir(args.work_dir)
+    telemetry = _telemetry_settings(args)
     join_token, join_client_role, client_idle = serve_security(args)
     token_file: Path | None = None
     token: bytes | None = None
@@ -273,6 +301,7 @@ async def _serve(args: argparse.Namespace) -> int:
         synchronous=args.synchronous,
         settings=EngineSettings(restart_grace=args.restart_grace, counters=counters),
         events=events,
+        telemetry=telemetry,
     )
     async with anyio.create_task_group() as tg:
         coordinator = await tg.start(partial(run_coordinator, config, policy=policy))
@@ -353,7 +382,7 @@ async def _status(args: argparse.Namespace) -> int:
             JobsReply,
         )
     if args.json:
-        data = jobs_json(reply.jobs, as_of=reply.as_of, with_tasks=with_tasks)
+        data = jobs_json(reply.jobs, as_of=reply.as_of, with_tasks=with_tasks, usage=reply.usage)
         sys.stdout.write(msgspec.json.encode(data).decode() + "\n")
     else:
         print(format_jobs(reply.jobs, as_of=reply.as_of))

@@ -15,6 +15,7 @@ from typing import Any
 
 import msgspec
 
+from actors.cluster import JobUsageNow
 from actors.engine import JobSummary, NodeSummary, TaskSummary, format_size
 
 from ._parsing import format_elapsed
@@ -140,14 +141,27 @@ def format_jobs(jobs: Iterable[JobSummary], *, as_of: datetime | None = None) ->
 
 
 def jobs_json(
-    jobs: Iterable[JobSummary], *, as_of: datetime | None, with_tasks: bool
+    jobs: Iterable[JobSummary],
+    *,
+    as_of: datetime | None,
+    with_tasks: bool,
+    usage: Iterable[JobUsageNow] | None = None,
 ) -> list[dict[str, Any]]:
     """Return job summaries as JSON-able data.  Without ``with_tasks`` the ``tasks`` and
     ``metric_series`` keys are left out (rather than shown empty, which would read as "no
-    tasks"); with it, every running task carries ``elapsed_s``."""
+    tasks"); with it, every running task carries ``elapsed_s``.  With ``usage`` (measured
+    usage of running attempts), every job has a ``usage`` key: its running attempts' usage as
+    last sampled, or null when none was sampled."""
     result = []
+    measured = {u.job_id: u for u in usage} if usage is not None else None
     for job in jobs:
         data: dict[str, Any] = msgspec.to_builtins(job)
+        if measured is not None:
+            now = measured.get(job.job_id)
+            data["usage"] = None
+            if now is not None:
+                data["usage"] = msgspec.to_builtins(now)
+                data["usage"].pop("job_id", None)
         if not with_tasks:
             data.pop("tasks", None)
             data.pop("metric_series", None)

@@ -90,12 +90,23 @@ from ._protocol import (
     WireMessage,
 )
 from ._remote import OrphanReportSink, RemoteAttempt, RemoteExecutor, open_remote_executor
+from ._telemetry import Telemetry, TelemetrySettings, UsageReporter, usage_store_path
+from ._usage_wire import (
+    MAX_SAMPLED_ATTEMPTS,
+    JobUsageNow,
+    NodeUsage,
+    NodeUsageNow,
+    UsagePoint,
+    UsageReply,
+    UsageRequest,
+)
 
 __all__ = [
     "ACCESS",
     "AUTH_CODEC",
     "AUTH_STREAM",
     "COORDINATOR_CODEC",
+    "MAX_SAMPLED_ATTEMPTS",
     "OUTBOX_CODEC",
     "ROLES",
     "WAKE_PLACEHOLDERS",
@@ -132,12 +143,15 @@ __all__ = [
     "HeartbeatAck",
     "IssueCredentialRequest",
     "IssuedCredentialReply",
+    "JobUsageNow",
     "JobsReply",
     "LeaseTiming",
     "ListCredentialsRequest",
     "ListNodesRequest",
     "LogChunk",
     "LogsRequest",
+    "NodeUsage",
+    "NodeUsageNow",
     "NodesReply",
     "OrphanReportSink",
     "Outbox",
@@ -170,7 +184,13 @@ __all__ = [
     "SubmitRequest",
     "SubmittedReply",
     "TaskVerbReply",
+    "Telemetry",
+    "TelemetrySettings",
     "TextReply",
+    "UsagePoint",
+    "UsageReply",
+    "UsageReporter",
+    "UsageRequest",
     "Welcome",
     "WhyRequest",
     "WireMessage",
@@ -190,4 +210,5 @@ __all__ = [
     "rule_for",
     "run_agent",
     "run_coordinator",
+    "usage_store_path",
 ]

@@ -44,6 +44,7 @@ from ._protocol import (
     SubmitRequest,
     WhyRequest,
 )
+from ._usage_wire import UsageRequest
 
 __all__ = ["ACCESS", "Decision", "Rule", "decide", "describe_request", "rule_for"]
 
@@ -63,6 +64,7 @@ ACCESS: Mapping[type[Message], Rule] = {
     ListNodesRequest: Rule("read"),
     WhyRequest: Rule("read"),
     LogsRequest: Rule("read"),
+    UsageRequest: Rule("read"),
     # submit: its own jobs
     SubmitRequest: Rule("submit"),
     CancelJobRequest: Rule("submit", any_job="operator"),

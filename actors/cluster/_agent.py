@@ -132,6 +132,7 @@ from ._protocol import (
     SleepNode,
     Welcome,
 )
+from ._telemetry import UsageReporter
 
 if TYPE_CHECKING:
     from anyio.abc import TaskStatus
@@ -194,6 +195,10 @@ class AgentConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     reconnect_initial: float = 0.2
     reconnect_max: float = 10.0
     welcome_timeout: float = 30.0
+    # Seconds between two usage samples sent with a heartbeat (0: none), and the memory limit:
+    # an attempt resident beyond this many times its memory request is stopped as oom (0: off).
+    sample_interval: float = 10.0
+    memory_limit_factor: float = 0.0
 
     def __post_init__(self) -> None:
         # msgspec checks the Meta constraints when decoding only; direct construction is
@@ -228,6 +233,12 @@ class AgentConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
             value = getattr(self, field)
             if value is not None and not value > 0:
                 raise ConfigurationError(f"must be > 0, got {value}", where=f"AgentConfig.{field}")
+        for field in ("sample_interval", "memory_limit_factor"):
+            value = getattr(self, field)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigurationError(
+                    f"must be a number >= 0, got {value}", where=f"AgentConfig.{field}"
+                )
         if self.terminate_grace < 0:
             raise ConfigurationError(
                 f"must be >= 0, got {self.terminate_grace}", where="AgentConfig.terminate_grace"
@@ -321,6 +332,12 @@ class _Agent:
         allocation: Allocation | None = None,
     ) -> None:
         self.config = config
+        self.usage = UsageReporter(
+            executor=executor,
+            clock=clock,
+            interval=config.sample_interval,
+            scratch=Path(config.work_dir),
+        )
         self.allocation = allocation
         self.leaving = False  # the allocation is being ended: the node drains now
         self.connection: Connection[AgentWire] | None = None
@@ -718,7 +735,9 @@ class _Agent:
             if len(self.heartbeats_sent) > _HEARTBEATS_REMEMBERED:
                 self.heartbeats_sent.popitem(last=False)
             running = len(self.executor.running())
-            await connection.send(Heartbeat(running=running, sequence=sequence))
+            await connection.send(
+                Heartbeat(running=running, sequence=sequence, usage=self.usage.take())
+            )
             await self.clock.sleep(interval)
 
     async def _send_reports(self, connection: Connection[AgentWire]) -> None:
@@ -977,6 +996,9 @@ async def run_agent(
         leftovers = await anyio.to_thread.run_sync(kill_marked, executor_id)
         if leftovers:
             _log.warning("agent_leftovers_killed", node_id=config.name, processes=leftovers)
+        options: dict[str, Any] = {}
+        if open_executor is None:
+            options["memory_limit_factor"] = config.memory_limit_factor
         executor = await stack.enter_async_context(
             (open_executor or open_subprocess_executor)(
                 log_dir=work / "logs",
@@ -988,6 +1010,7 @@ async def run_agent(
                 clock=chosen,
                 terminate_grace=config.terminate_grace,
                 executor_id=executor_id,
+                **options,
             )
         )
         try:
@@ -1005,6 +1028,7 @@ async def run_agent(
                 await agent.recover(lost)
                 task_group.start_soon(outbox.run)
                 task_group.start_soon(agent.watch_lease)
+                task_group.start_soon(agent.usage.run)
                 connections = _Stoppable(agent.run_connections)
                 task_group.start_soon(connections.run)
                 if allocation is not None:

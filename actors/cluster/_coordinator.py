@@ -50,7 +50,13 @@ from actors.engine import (
     open_engine,
 )
 from actors.executors import AttemptReport
-from persistence import EventCodec, JournalError, JournalFileError, open_sqlite_journal
+from persistence import (
+    EventCodec,
+    JournalError,
+    JournalFileError,
+    open_sqlite_journal,
+    open_usage_store,
+)
 from runtime import (
     Clock,
     ConfigurationError,
@@ -122,6 +128,8 @@ from ._protocol import (
     WireMessage,
 )
 from ._remote import RemoteExecutor, open_remote_executor
+from ._telemetry import Telemetry, TelemetrySettings, usage_store_path
+from ._usage_wire import UsageRequest
 
 __all__ = [
     "COORDINATOR_CODEC",
@@ -183,6 +191,8 @@ class CoordinatorConfig:
     # Domain event codecs (the ``taskfarm.events`` plugins) merged into the journal's codec,
     # so a policy's command events can be journaled and read back.
     events: tuple[EventCodec, ...] = ()
+    # How long measured usage is kept, per minute and per hour (in ``<journal>.usage.db``).
+    telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
 
     def __post_init__(self) -> None:
         self.lease_timing()  # a bad lease or fence is named now, not when an agent connects
@@ -204,8 +214,17 @@ class CoordinatorConfig:
 class Coordinator:
     """A running coordinator (see :func:`open_coordinator`)."""
 
-    def __init__(self, *, config: CoordinatorConfig, engine: Engine, clock: Clock) -> None:
+    def __init__(
+        self,
+        *,
+        config: CoordinatorConfig,
+        engine: Engine,
+        clock: Clock,
+        telemetry: Telemetry | None = None,
+    ) -> None:
         self.config = config
+        # Measured usage (kept in memory only when no store is given).
+        self.telemetry = telemetry or Telemetry(store=None, clock=clock, settings=config.telemetry)
         self.engine = engine
         self.clock = clock
         self.port = config.port
@@ -390,6 +409,8 @@ class Coordinator:
                     case Heartbeat(sequence=sequence):
                         if sequence:
                             executor.acknowledge_heartbeat(sequence)
+                        if message.usage is not None:
+                            self.telemetry.record(name, message.usage)
                     case Report() | Reports():
                         reports = message.reports if isinstance(message, Reports) else (message,)
                         for one in reports:
@@ -426,6 +447,7 @@ class Coordinator:
         finally:
             if self._connections.get(name) is connection:
                 del self._connections[name]
+                self.telemetry.forget(name)
                 executor.detach()
                 self.power.agent_disconnected(name)
                 assert self._task_group is not None
@@ -605,7 +627,8 @@ class Coordinator:
                 return SubmittedReply(job_ids=tuple(ids))
             case StatusRequest(job_id=job_id, tasks=tasks):
                 jobs = await engine.status(job_id, tasks=tasks or job_id is not None)
-                return JobsReply(jobs=tuple(jobs), as_of=self.clock.now())
+                usage = self.telemetry.jobs_now(job.job_id for job in jobs)
+                return JobsReply(jobs=tuple(jobs), as_of=self.clock.now(), usage=usage)
             case CancelJobRequest(job_id=job_id, reason=reason):
                 return JobsReply(jobs=(await engine.cancel(job_id, reason=reason),))
             case ListNodesRequest():
@@ -646,6 +669,8 @@ class Coordinator:
                 return CredentialsReply(
                     credentials=tuple(record.info() for record in self.credentials.records())
                 )
+            case UsageRequest():
+                return await self.telemetry.query(request)
             case _:
                 assert_never(request)
 
@@ -1160,8 +1185,10 @@ async def _open_coordinator(
         # before anything reads it to recover.
         _locked(config.journal),
         open_engine(journal=journal, clock=clock, policy=policy, settings=settings) as engine,
+        open_usage_store(usage_store_path(config.journal)) as usage_store,
     ):
-        coordinator = Coordinator(config=config, engine=engine, clock=clock)
+        telemetry = Telemetry(store=usage_store, clock=clock, settings=config.telemetry)
+        coordinator = Coordinator(config=config, engine=engine, clock=clock, telemetry=telemetry)
         await coordinator.credentials.load()
         recovery = engine.recovery
         if recovery.jobs or recovery.nodes:
@@ -1180,6 +1207,7 @@ async def _open_coordinator(
         failure: Exception | None = None
         async with anyio.create_task_group() as task_group:
             coordinator._task_group = task_group
+            task_group.start_soon(telemetry.run)
             try:
                 await task_group.start(coordinator.power.run)
                 async with open_server(

@@ -51,6 +51,7 @@ from ._credentials import (
     ListCredentialsRequest,
     RevokeCredentialRequest,
 )
+from ._usage_wire import JobUsageNow, NodeUsage, UsageReply, UsageRequest
 
 __all__ = [
     "AgentHello",
@@ -129,12 +130,15 @@ class AgentHello(_Inbound, frozen=True, kw_only=True, tag="agent.hello"):
     unacknowledged: int = 0  # reports waiting in its outbox (they follow as Report frames)
 
 
-class Heartbeat(_Inbound, frozen=True, kw_only=True, tag="agent.heartbeat"):
+class Heartbeat(_Inbound, frozen=True, kw_only=True, omit_defaults=True, tag="agent.heartbeat"):
     """The agent is alive; ``running`` counts its attempts; ``sequence`` (from 1; 0 asks for no
     answer) is echoed by ``HeartbeatAck``."""
 
     running: int = 0
     sequence: Annotated[int, msgspec.Meta(ge=0)] = 0
+    # A usage sample, once per sample interval (left out when there is none, so an agent
+    # that does not sample still speaks to a coordinator that predates samples).
+    usage: NodeUsage | None = None
 
 
 class Report(_Inbound, frozen=True, kw_only=True, tag="agent.report"):
@@ -371,6 +375,7 @@ class JobsReply(Message, frozen=True, kw_only=True, tag="coordinator.jobs"):
 
     jobs: tuple[JobSummary, ...]
     as_of: datetime | None = None
+    usage: tuple[JobUsageNow, ...] = ()  # the jobs' running attempts, as last sampled
 
 
 class RetriedReply(Message, frozen=True, kw_only=True, tag="coordinator.retried"):
@@ -434,6 +439,7 @@ ClientRequest = (
     | IssueCredentialRequest
     | RevokeCredentialRequest
     | ListCredentialsRequest
+    | UsageRequest
 )
 Reply = (
     SubmittedReply
@@ -446,6 +452,7 @@ Reply = (
     | ErrorReply
     | IssuedCredentialReply
     | CredentialsReply
+    | UsageReply
 )
 
 CoordinatorInbound = AgentToCoordinator | ClientRequest

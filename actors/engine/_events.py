@@ -160,11 +160,14 @@ class TaskMetricRecorded(Event, frozen=True, kw_only=True, tag="engine.task_metr
 
 @ENGINE_CODEC.register
 class TaskCompleted(Event, frozen=True, kw_only=True, tag="engine.task_completed"):
-    """The attempt finished successfully."""
+    """The attempt finished successfully; ``runtime_s`` (wall), ``cpu_s`` and ``peak_rss``
+    (bytes) are what it used, as its executor measured (0: not measured)."""
 
     task: int
     token: int
     runtime_s: float = 0.0
+    cpu_s: float = 0.0
+    peak_rss: int = 0
 
 
 @ENGINE_CODEC.register
@@ -189,6 +192,8 @@ class TaskFailed(Event, frozen=True, kw_only=True, tag="engine.task_failed"):
     avoid_node: str | None = None
     resources: Resources | None = None
     runtime_s: float = 0.0
+    cpu_s: float = 0.0  # what the attempt used, as for TaskCompleted
+    peak_rss: int = 0
 
 
 @ENGINE_CODEC.register
@@ -369,6 +374,8 @@ class TaskState(msgspec.Struct, kw_only=True):
     last_outcome: str | None = None
     retry_at: datetime | None = None
     runtime_s: float = 0.0
+    cpu_s: float = 0.0  # of every attempt that ended completed or failed
+    peak_rss: int = 0  # the largest of them
     preview: str | None = None
     preemptions: int = 0
     held_reason: str | None = None
@@ -468,11 +475,13 @@ class JobAggregate:
                 state.metrics[name] = value
                 state.tasks[i].metrics[name] = value
                 state.metric_series.setdefault(name, []).append((i, value))
-            case TaskCompleted(task=i, runtime_s=runtime):
+            case TaskCompleted(task=i, runtime_s=runtime) as completed:
                 task = state.tasks[i]
                 task.status = "completed"
                 task.progress = 1.0
                 task.runtime_s += runtime
+                task.cpu_s += completed.cpu_s
+                task.peak_rss = max(task.peak_rss, completed.peak_rss)
                 task.last_outcome = "completed"
                 task.last_node, task.node = task.node, None
                 if task.last_node:
@@ -486,6 +495,8 @@ class JobAggregate:
                 task.last_outcome = failed.outcome
                 task.retry_at = failed.retry_at
                 task.runtime_s += failed.runtime_s
+                task.cpu_s += failed.cpu_s
+                task.peak_rss = max(task.peak_rss, failed.peak_rss)
                 if failed.held is not None:
                     task.status, task.held_reason = "held", failed.held
                 else:

@@ -528,7 +528,15 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
             checkpoint_at=checkpoint_at,
         )
         if report.outcome == "completed":
-            events.append(TaskCompleted(task=index, token=token, runtime_s=report.runtime_s))
+            events.append(
+                TaskCompleted(
+                    task=index,
+                    token=token,
+                    runtime_s=report.runtime_s,
+                    cpu_s=report.cpu_s,
+                    peak_rss=report.peak_rss,
+                )
+            )
             await self.persist(events)
             await self._after(
                 self.scheduler,
@@ -589,6 +597,8 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
                 avoid_node=decision.avoid_node,
                 resources=decision.resources,
                 runtime_s=report.runtime_s,
+                cpu_s=report.cpu_s,
+                peak_rss=report.peak_rss,
             )
         )
         blocklist_until = None
@@ -984,6 +994,8 @@ def job_summary(job_id: str, state: JobState, *, tasks: bool) -> JobSummary:
                 preview=t.preview,
                 metrics=dict(t.metrics),
                 runtime_s=t.runtime_s,
+                cpu_s=t.cpu_s,
+                peak_rss=t.peak_rss,
                 nodes=tuple(t.nodes),
                 held_reason=t.held_reason,
                 started_at=(

@@ -24,6 +24,8 @@ class TaskSummary(msgspec.Struct, frozen=True, kw_only=True):
     preview: str | None = None
     metrics: dict[str, float] = {}
     runtime_s: float = 0.0
+    cpu_s: float = 0.0  # measured CPU seconds of its attempts that completed or failed
+    peak_rss: int = 0  # the largest resident memory one of them reached (bytes)
     nodes: tuple[str, ...] = ()  # the node of every attempt, in order
     held_reason: str | None = None
     started_at: str | None = None  # of the running attempt (ISO), when known

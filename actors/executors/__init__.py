@@ -39,6 +39,7 @@ from ._subprocess import (
     open_subprocess_executor,
     parse_report_line,
 )
+from ._usage import AttemptUsage, HostUsage, read_oom_kills, sample_host, scan_groups
 from ._warden import EXECUTOR_ID_VARIABLE, kill_marked
 
 __all__ = [
@@ -58,9 +59,11 @@ __all__ = [
     "AttemptReport",
     "AttemptSpec",
     "AttemptStarted",
+    "AttemptUsage",
     "CheckpointManifest",
     "CheckpointRecord",
     "Executor",
+    "HostUsage",
     "InProcessExecutor",
     "ManifestFile",
     "ReportSink",
@@ -78,7 +81,10 @@ __all__ = [
     "open_subprocess_executor",
     "parse_report_line",
     "read_manifest",
+    "read_oom_kills",
     "retain",
+    "sample_host",
+    "scan_groups",
     "simulated_work",
     "verify_manifest",
     "write_manifest",

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import errno
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -98,6 +99,7 @@ class Child:
         self.stdout = stdout
         self.stderr = stderr
         self.returncode: int | None = None
+        self.rusage: resource.struct_rusage | None = None  # its (and its reaped children's) usage
         self._popen = popen
         self._exit_pipe: tuple[int, int] | None = None
         self._pidfd: int | None
@@ -130,7 +132,7 @@ class Child:
     def _reap(self, options: int) -> bool:
         """Collect the exit status if the child exited; return whether it did."""
         try:
-            pid, status = os.waitpid(self.pid, options)
+            pid, status, rusage = os.wait4(self.pid, options)
         except ChildProcessError:
             # Reaped elsewhere (a SIGCHLD handler set to SIG_IGN): the status is lost.
             self.returncode = -1 if self.returncode is None else self.returncode
@@ -138,6 +140,7 @@ class Child:
         if pid == 0:
             return False
         self.returncode = os.waitstatus_to_exitcode(status)
+        self.rusage = rusage
         if self._popen is not None:
             self._popen.returncode = self.returncode  # it must not think the child still runs
         return True

@@ -27,7 +27,7 @@ import anyio
 import msgspec
 
 from actors._errors import CheckpointManifestError, ExecutorError, ReportLineError
-from runtime import Clock, SystemClock, get_logger
+from runtime import Clock, ConfigurationError, SystemClock, get_logger
 
 from ._base import BaseAttempt, ExecutorBase, check_grace, owning
 from ._interface import (
@@ -51,6 +51,14 @@ from ._manifest import (
     verify_manifest,
 )
 from ._process import Child, Warden, spawn_child, start_warden
+from ._usage import (
+    AttemptUsage,
+    ProcessSample,
+    UsageTracker,
+    killed_by_oom,
+    read_oom_kills,
+    scan_groups,
+)
 from ._warden import EXECUTOR_ID_VARIABLE
 
 if TYPE_CHECKING:
@@ -238,9 +246,13 @@ class _SubprocessAttempt(BaseAttempt):
         grace: float,
         paths: _Paths,
         env: dict[str, str],
+        oom_kills: int | None = None,
     ) -> None:
         super().__init__(spec, sink, clock=clock, grace=grace)
         self._paths = paths
+        # Its process group's usage (once it runs), and the host's OOM kill count before it.
+        self.tracker: UsageTracker | None = None
+        self._oom_kills = oom_kills
         self._env = env
         self._child: Child | None = None
         self._log_fd: int | None = None
@@ -260,6 +272,11 @@ class _SubprocessAttempt(BaseAttempt):
     @property
     def pid(self) -> int | None:
         return self._child.pid if self._child is not None else None
+
+    @property
+    def exited(self) -> bool:
+        """Return whether the main process has exited."""
+        return self._exited.is_set()
 
     def request_checkpoint(self) -> bool:
         if not self._spec.checkpointable or self._child is None or self._exited.is_set():
@@ -357,6 +374,7 @@ class _SubprocessAttempt(BaseAttempt):
                 child = self._child = spawn_child(
                     resolve_argv(spec.argv), env=self._env, cwd=spec.cwd
                 )
+                self.tracker = UsageTracker(pgid=child.pid)
             except OSError as error:
                 self._write("sys", f"could not start {shlex.join(spec.argv)}: {error}")
                 raise ExecutorError(
@@ -381,6 +399,9 @@ class _SubprocessAttempt(BaseAttempt):
                 task_status.started()
                 code = await self._supervise(child)
                 result = self._outcome(code)
+                assert self.tracker is not None
+                self.tracker.finish(child.rusage)
+                result = self._result_with_usage(result)
                 completed = result.outcome == "completed"
                 self._write(
                     "sys", f"exited with code {code}: {result.outcome}", notable=not completed
@@ -495,10 +516,65 @@ class _SubprocessAttempt(BaseAttempt):
         if self._stop_reason is not None:
             outcome, reason = self._stop_reason
             return self._finish(outcome, exit_code=code, error=reason)
+        if code == -signal.SIGKILL and self._oom_killed():
+            return self._finish("oom", exit_code=code, error=_KERNEL_OOM)
         if code == 0:
             return self._finish("completed", exit_code=code, error=None)
         error = self._last_stderr or _describe_exit(code)
         return self._finish("failed", exit_code=code, error=error)
+
+    def _oom_killed(self) -> bool:
+        """Tell whether the kernel's OOM killer sent the SIGKILL nobody here sent: the host's
+        count of OOM kills rose while the attempt ran."""
+        return killed_by_oom(self._oom_kills, read_oom_kills())
+
+    def _result_with_usage(self, result: AttemptFinished) -> AttemptFinished:
+        tracker = self.tracker
+        if tracker is None:
+            return result
+        return msgspec.structs.replace(
+            result, cpu_s=round(tracker.cpu_s, 3), peak_rss=tracker.peak_rss
+        )
+
+    def usage(self) -> AttemptUsage | None:
+        """Return the usage of the attempt's process group as last sampled (None before it
+        started)."""
+        tracker = self.tracker
+        if tracker is None:
+            return None
+        return AttemptUsage(
+            **attempt_identity(self._spec),
+            cpu_s=round(tracker.cpu_s, 3),
+            rss=tracker.rss,
+            peak_rss=tracker.peak_rss,
+            read_bytes=tracker.read_bytes,
+            write_bytes=tracker.write_bytes,
+            processes=tracker.processes,
+            memory=self._spec.memory,
+        )
+
+    def check_memory(self, factor: float) -> None:
+        """Stop the attempt as ``oom`` when its resident memory exceeds ``factor`` times its
+        request (never when ``factor`` is 0 or it requested no memory)."""
+        tracker, memory = self.tracker, self._spec.memory
+        if tracker is None or factor <= 0 or memory <= 0 or self._stop_reason is not None:
+            return
+        limit = factor * memory
+        if tracker.rss <= limit:
+            return
+        reason = (
+            f"resident memory {_mib(tracker.rss)} exceeded {factor:g} x its request of "
+            f"{_mib(memory)} (the agent's memory limit factor)"
+        )
+        self._write("sys", f"out of memory: {reason}")
+        _log.warning(
+            "attempt_memory_exceeded",
+            rss=tracker.rss,
+            memory=memory,
+            factor=factor,
+            **self._identity,
+        )
+        self._stop("oom", reason, self._grace)
 
     async def _enforce_stop(self, pgid: int) -> None:
         """SIGTERM the group now (unless the kill time has come), then SIGKILL it then."""
@@ -678,12 +754,40 @@ class SubprocessExecutor(ExecutorBase):
         checkpoint_dir: Path,
         base_env: Mapping[str, str],
         executor_id: str,
+        memory_limit_factor: float = 0.0,
     ) -> None:
         super().__init__(task_group=task_group, clock=clock, terminate_grace=terminate_grace)
         self._log_root = str(log_dir)
         self._checkpoint_root = str(checkpoint_dir)
         self._base_env = dict(base_env)
         self._executor_id = executor_id
+        self._memory_limit_factor = memory_limit_factor
+        # The host's OOM kill count as last read (an attempt notes it when it starts).
+        self._oom_kills = read_oom_kills()
+
+    async def sample_usage(self) -> tuple[AttemptUsage, ...]:
+        """Sample every running attempt's process group (``/proc``, read in a worker thread),
+        stop those over the memory limit as ``oom``, and return their usage so far."""
+        attempts = [
+            a
+            for a in self._attempts.values()
+            if isinstance(a, _SubprocessAttempt) and a.tracker is not None and not a.done
+        ]
+        pgids = {a.tracker.pgid for a in attempts if a.tracker is not None}
+        scanned, oom_kills = await anyio.to_thread.run_sync(_scan, pgids)
+        if oom_kills is not None:
+            self._oom_kills = oom_kills
+        usages: list[AttemptUsage] = []
+        for attempt in attempts:
+            tracker = attempt.tracker
+            if tracker is None or attempt.done or attempt.exited:
+                continue  # ended while we read: its final report has its totals
+            tracker.update(scanned.get(tracker.pgid, ()))
+            attempt.check_memory(self._memory_limit_factor)
+            usage = attempt.usage()
+            if usage is not None:
+                usages.append(usage)
+        return tuple(usages)
 
     @property
     def executor_id(self) -> str:
@@ -739,6 +843,7 @@ class SubprocessExecutor(ExecutorBase):
             grace=self._terminate_grace,
             paths=paths,
             env=self._environment(spec, paths),
+            oom_kills=self._oom_kills,
         )
 
     def _environment(self, spec: AttemptSpec, paths: _Paths) -> dict[str, str]:
@@ -772,6 +877,20 @@ class SubprocessExecutor(ExecutorBase):
         return env
 
 
+_KERNEL_OOM = (
+    "killed by the kernel's OOM killer (SIGKILL from outside the agent while the host's "
+    "oom_kill count rose)"
+)
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.0f} MiB"
+
+
+def _scan(pgids: set[int]) -> tuple[dict[int, list[ProcessSample]], int | None]:
+    return scan_groups(pgids), read_oom_kills()
+
+
 def _make_roots(*roots: str | os.PathLike[str]) -> list[Path]:
     """Create the root directories; return them absolute, so a command that changes directory
     still finds what the environment points it to."""
@@ -790,6 +909,7 @@ async def open_subprocess_executor(
     terminate_grace: float = 10.0,
     inherit_env: bool = True,
     executor_id: str | None = None,
+    memory_limit_factor: float = 0.0,
 ) -> AsyncIterator[SubprocessExecutor]:
     """Open an executor that runs commands, logging to ``log_dir`` and keeping per-task
     checkpoint directories under ``checkpoint_dir``.
@@ -803,10 +923,18 @@ async def open_subprocess_executor(
     without closing the executor.  Give a stable id (a node agent derives it from its work
     directory) to find a dead predecessor's processes with ``kill_marked``.
 
+    ``memory_limit_factor`` (0: off): :meth:`SubprocessExecutor.sample_usage` stops an attempt
+    whose resident memory exceeds that many times its ``memory`` request, as ``oom``.
+
     Raises:
-        ConfigurationError: ``terminate_grace`` is negative.
+        ConfigurationError: ``terminate_grace`` is negative, or ``memory_limit_factor`` is
+            negative or not finite.
     """
     check_grace(terminate_grace)
+    if not (math.isfinite(memory_limit_factor) and memory_limit_factor >= 0):
+        raise ConfigurationError(
+            f"must be a number >= 0, got {memory_limit_factor}", where="memory_limit_factor"
+        )
     chosen = clock if clock is not None else SystemClock()
     logs, checkpoints = await anyio.to_thread.run_sync(_make_roots, log_dir, checkpoint_dir)
     base_env = dict(os.environ) if inherit_env else {}
@@ -827,6 +955,7 @@ async def open_subprocess_executor(
                 checkpoint_dir=checkpoints,
                 base_env=base_env,
                 executor_id=chosen_id,
+                memory_limit_factor=memory_limit_factor,
             )
         ) as executor:
             yield executor

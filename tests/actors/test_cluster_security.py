@@ -232,6 +232,12 @@ async def test_a_forged_report_claim_or_log_answer_for_another_nodes_attempt_is_
             real = await assignment(farm, "shot")
             assert real.node == "honest"
 
+            async def started() -> bool:  # the agent reports a start without waiting for it
+                [summary] = await farm.engine.status("shot", tasks=True)
+                return summary.tasks[0].status == "running"
+
+            await wait_until(started, what="the start journaled")
+
             running = RunningAttempt(
                 job_id="shot", task_id="0", attempt=real.attempt, fencing_token=real.token
             )

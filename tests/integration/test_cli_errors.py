@@ -198,6 +198,19 @@ def table(made: dict[str, Path], farm: Cluster) -> dict[str, Case]:
             ("logs", "waiting", "--attempt", "-1"), ("--attempt", "from 1"), client=True
         ),
         "logs-negative-task": Case(("logs", "waiting", "-1"), ("TASK",), client=True),
+        "usage-bad-since": Case(("usage", "--since", "yesterday"), ("--since",), client=True),
+        "usage-future-since": Case(
+            ("usage", "--since", "2999-01-01T00:00:00Z"), ("--since", "future"), client=True
+        ),
+        "agent-bad-memory-limit-factor": Case(
+            (*agent, "--memory-limit-factor", "-1"), ("--memory-limit-factor",)
+        ),
+        "agent-bad-sample-interval": Case(
+            (*agent, "--sample-interval", "soon"), ("--sample-interval",)
+        ),
+        "serve-bad-usage-retention": Case(
+            serve("--keep-usage-minutes", "forever"), ("--keep-usage-minutes",)
+        ),
         "serve-unknown-policy": Case(
             serve("--policy", "fastest"), ("--policy", "unknown policy 'fastest'", "fifo")
         ),
