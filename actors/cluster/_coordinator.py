@@ -518,12 +518,16 @@ class Coordinator:
         await self.clock.sleep_until(last_heard + self.timing.fence)
         if name in self._connections or self._generation.get(name) != generation:
             return
-        _log.warning(
-            "node_lost",
-            node_id=name,
-            silent_for=round(self.clock.monotonic() - last_heard, 3),
-            fence=self.timing.fence,
-        )
+        # A sleeping node's agent is expected to go away with its host: the engine keeps its
+        # work and says so (node_asleep_offline); only a node that was awake is lost.
+        node = next((n for n in await self.engine.nodes() if n.name == name), None)
+        if node is None or node.health != "sleeping":
+            _log.warning(
+                "node_lost",
+                node_id=name,
+                silent_for=round(self.clock.monotonic() - last_heard, 3),
+                fence=self.timing.fence,
+            )
         try:
             await self.engine.remove_node(name, reason="agent did not come back")
         except TaskfarmError as error:

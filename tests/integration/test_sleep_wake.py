@@ -122,6 +122,8 @@ async def test_sleep_runs_the_agents_command_and_resume_runs_the_wake_command(
     # Past the fence the node is asleep offline, not lost.
     await cluster.wait_for_log("coordinator", "node_asleep_offline", node_id="n1")
     assert (await cluster.nodes())["n1"].health == "sleeping"
+    lost = [e for e in cluster.coordinator_log() if e.get("event") == "node_lost"]
+    assert lost == []  # asleep, expected to be away: not a warning
 
     (job_id,) = await cluster.submit(job("queued", ["true"]), source=f"{tmp_path}/spec.toml")
     await ok(cluster, "node", "resume", "n1")
