@@ -330,6 +330,7 @@ def test_a_stage_is_costed_by_its_latest_checkpoint_manifest() -> None:
     big, why = interval(50 * 1024**3)  # 50 GiB at 100 MiB/s: 512 s
     assert big == checkpoint_interval("medium", 512.0, mtbf, settings).seconds
     assert "50.0 GiB by its last checkpoint's manifest at 100.0 MiB/s" in why
+    assert why == policy.describe(job, T0)["checkpoints"]  # what `taskfarm why` shows
     small, why = interval(0)  # no manifest yet: the reported 5 s
     assert small == checkpoint_interval("medium", 5.0, mtbf, settings).seconds
     assert "a reported checkpoint_seconds" in why
