@@ -469,7 +469,12 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
                 )
                 await self._after(
                     self.scheduler,
-                    TaskUpdate(job_id=self.job_id, task=index, checkpoint_at=now),
+                    TaskUpdate(
+                        job_id=self.job_id,
+                        task=index,
+                        checkpoint_at=now,
+                        checkpoint_bytes=manifest.size if manifest is not None else 0,
+                    ),
                 )
             case AttemptPreview(path=path):
                 await self.persist([TaskPreviewed(task=index, token=token, path=path)])

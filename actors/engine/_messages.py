@@ -131,6 +131,7 @@ class TaskUpdate(Message, frozen=True, kw_only=True, tag="engine.evt.task_update
     started: bool = False
     progress: float | None = None
     checkpoint_at: datetime | None = None
+    checkpoint_bytes: int = 0  # the checkpoint's size by its verified manifest (0: none)
     preempted: bool = False
     preview: str | None = None
 

@@ -374,6 +374,9 @@ class SchedulerCore:
                 task.lost, task.last_node = recovered.lost, recovered.last_node
                 task.not_before, task.preemptions = recovered.retry_at, recovered.preemptions
                 task.checkpoint_at = recovered.checkpoint_at
+                latest = recovered.checkpoints[-1] if recovered.checkpoints else None
+                if latest is not None and latest.manifest is not None:
+                    task.checkpoint_bytes = latest.manifest.size
                 task.last_outcome = recovered.last_outcome
                 if recovered.avoid:
                     task.avoid = tuple(recovered.avoid)
@@ -634,12 +637,14 @@ class SchedulerCore:
         self._refresh_progress(job)
         return self._record_progress(job)
 
-    def task_checkpointed(self, job_id: str, index: int, at: datetime) -> None:
-        """A running attempt reported a checkpoint (views only)."""
+    def task_checkpointed(self, job_id: str, index: int, at: datetime, size: int = 0) -> None:
+        """A running attempt reported a checkpoint of ``size`` bytes by its verified manifest
+        (0: without one) (views only)."""
         job = self._jobs.get(job_id)
         if job is None:
             return
         job.tasks[index].checkpoint_at = at
+        job.tasks[index].checkpoint_bytes = size
         running = self._running_view(job, index)
         if running is not None:
             running.checkpoint_at = at

@@ -166,6 +166,9 @@ class TaskView:
     last_outcome: str | None = None
     progress: float = 0.0
     checkpoint_at: datetime | None = None
+    # The size in bytes of its latest checkpoint, from the manifest its executor verified
+    # (0: none yet, or reported without a manifest): what a policy can cost a checkpoint by.
+    checkpoint_bytes: int = 0
     preemptions: int = 0
     not_before: datetime | None = None
     avoid: tuple[str, ...] = ()

@@ -435,7 +435,9 @@ class SchedulerActor(Actor[SchedulerMessage]):
                 )
             )
         if message.checkpoint_at is not None:
-            core.task_checkpointed(message.job_id, message.task, message.checkpoint_at)
+            core.task_checkpointed(
+                message.job_id, message.task, message.checkpoint_at, message.checkpoint_bytes
+            )
         if message.preempted:
             core.task_preempted(message.job_id, message.task)
         if message.preview is not None:

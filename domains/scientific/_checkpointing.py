@@ -1,8 +1,8 @@
 """The checkpoint policy: how often a stage checkpoints.
 
 Without measurements a stage checkpoints at the interval of its resilience level (default
-low 120, medium 60, high 30, critical 15 minutes).  Once the checkpoint cost ``C`` (measured,
-or its size over the storage bandwidth) and the mean time between interruptions of a running
+low 120, medium 60, high 30, critical 15 minutes).  Once the checkpoint cost ``C`` (see
+:func:`checkpoint_cost`) and the mean time between interruptions of a running
 stage ``M`` (measured on this cluster, starting from ``expected_mtbf``) are known, it adapts to
 Daly's optimum (Young's ``sqrt(2 C M)`` with Daly's higher-order terms), which minimises the
 expected checkpoint overhead plus rework, within two bounds:
@@ -23,7 +23,14 @@ from dataclasses import dataclass
 
 from ._config import CheckpointSettings
 
-__all__ = ["Interval", "checkpoint_interval", "daly_interval", "expected_waste"]
+__all__ = [
+    "Cost",
+    "Interval",
+    "checkpoint_cost",
+    "checkpoint_interval",
+    "daly_interval",
+    "expected_waste",
+]
 
 STRETCH = 4.0  # how far adaptation may stretch the level's interval
 
@@ -34,6 +41,48 @@ class Interval:
 
     seconds: float
     why: str
+
+
+@dataclass(frozen=True)
+class Cost:
+    """A checkpoint's cost in seconds (None: unknown) and where it comes from."""
+
+    seconds: float | None
+    source: str
+
+
+def _size(size: float) -> str:
+    for unit, scale in (("GiB", 1024.0**3), ("MiB", 1024.0**2), ("KiB", 1024.0)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size:.0f} B"
+
+
+def checkpoint_cost(
+    *, manifest_bytes: int, measured: float | None, configured_size: int, bandwidth: float
+) -> Cost:
+    """Return a stage's checkpoint cost: the first known of
+
+    - the size of its latest verified checkpoint (by its manifest) over ``bandwidth``: what it
+      writes now, which grows as a model does;
+    - a ``checkpoint_seconds`` metric its simulation reported (``measured``);
+    - the simulation's configured ``checkpoint_size`` over ``bandwidth``;
+
+    else unknown (the resilience level's interval applies).
+    """
+    if manifest_bytes > 0:
+        return Cost(
+            manifest_bytes / bandwidth,
+            f"{_size(manifest_bytes)} by its last checkpoint's manifest at {_size(bandwidth)}/s",
+        )
+    if measured is not None:
+        return Cost(measured, "a reported checkpoint_seconds")
+    if configured_size > 0:
+        return Cost(
+            configured_size / bandwidth,
+            f"checkpoint_size {_size(configured_size)} at {_size(bandwidth)}/s",
+        )
+    return Cost(None, "unknown")
 
 
 def daly_interval(cost: float, mtbf: float) -> float:

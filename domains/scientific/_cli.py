@@ -2,7 +2,8 @@
 
 Reservations, maintenance windows, pins and the scenario ranking are policy commands sent to
 the coordinator (journaled there in ``policy:science``); ``forecast`` and ``report`` read a
-journal file (read-only, so they run beside a live coordinator or on a copy).
+journal file (read-only, so they run beside a live coordinator or on a copy) and, when there
+is one beside it, the coordinator's usage store (``<journal>.usage.db``) for measured usage.
 """
 
 from __future__ import annotations
@@ -18,15 +19,23 @@ from pathlib import Path
 from typing import Any
 
 from actors import ENGINE_CODEC, cli
+from actors.cluster import usage_store_path
 from persistence import EventCodec, open_sqlite_journal
 from runtime import ConfigurationError, SystemClock
 
 from ._config import ClusterConfig, load_cluster_config
 from ._events import SCIENCE_CODEC
 from ._forecast import SeriesForecast, forecast_series
-from ._usage import CLUSTER, Usage, read_usage
+from ._usage import CLUSTER, Usage, read_measured, read_usage
 
-__all__ = ["configure", "forecast_rows", "report_table", "usage_forecasts", "write_report"]
+__all__ = [
+    "configure",
+    "forecast_rows",
+    "history_rows",
+    "report_table",
+    "usage_forecasts",
+    "write_report",
+]
 
 PolicyArguments = dict[str, Any]
 
@@ -235,7 +244,11 @@ async def _read(journal: Path) -> Usage:
     codec.update(ENGINE_CODEC)
     codec.update(SCIENCE_CODEC)
     async with open_sqlite_journal(journal, clock=SystemClock(), codec=codec, read_only=True) as j:
-        return await read_usage(j)
+        usage = await read_usage(j)
+    store = usage_store_path(journal)
+    if _exists(store):  # measured usage, beside the allocations (a coordinator with agents)
+        await read_measured(store, usage)
+    return usage
 
 
 def usage_forecasts(
@@ -298,12 +311,38 @@ def forecast_rows(usage: Usage, forecasts: list[SeriesForecast]) -> list[dict[st
     return rows
 
 
-def _summary(series: SeriesForecast) -> dict[str, Any]:
+def history_rows(usage: Usage, forecasts: list[SeriesForecast]) -> list[dict[str, Any]]:
+    """Return one row per series per day of history: allocated core-hours (what is forecast)
+    and measured CPU core-hours (None without a usage store)."""
+    rows = []
+    for series in forecasts:
+        measured = usage.measured_series(series.name)
+        for k, (day, value) in enumerate(zip(usage.days(), usage.series(series.name), strict=True)):
+            rows.append(
+                {
+                    "series": series.name,
+                    "day": day.isoformat(),
+                    "allocated_core_hours": round(value, 3),
+                    "measured_core_hours": None if measured is None else round(measured[k], 3),
+                }
+            )
+    return rows
+
+
+def _totals(usage: Usage, name: str) -> tuple[float, float | None]:
+    measured = usage.measured_series(name)
+    return sum(usage.series(name)), None if measured is None else sum(measured)
+
+
+def _summary(series: SeriesForecast, usage: Usage) -> dict[str, Any]:
     def finite(value: float | None) -> float | None:
         return None if value is None or not math.isfinite(value) else round(value, 3)
 
+    allocated, measured = _totals(usage, series.name)
     return {
         "series": series.name,
+        "allocated_core_hours": round(allocated, 3),
+        "measured_core_hours": None if measured is None else round(measured, 3),
         "method": series.method,
         "backtest": {
             m: {"mape": finite(a.mape), "mae": finite(a.mae), "coverage80": finite(a.coverage)}
@@ -331,15 +370,25 @@ async def _forecast(args: argparse.Namespace) -> int:
             args.chart, forecasts, first_day=usage.first, title="Daily core-hours and forecast"
         )
     if args.json:
-        print(json.dumps({"series": [_summary(f) for f in forecasts], "forecast": rows}, indent=2))
+        document = {
+            "series": [_summary(f, usage) for f in forecasts],
+            "forecast": rows,
+            "history": history_rows(usage, forecasts),
+        }
+        print(json.dumps(document, indent=2))
         return 0
     for series in forecasts:
         chosen = series.accuracies[series.method]
+        allocated, measured = _totals(usage, series.name)
+        used = f"{allocated:,.0f} core-h allocated" + (
+            " (no usage store)" if measured is None else f", {measured:,.0f} measured (CPU)"
+        )
         print(
             f"{series.name}: {series.method.replace('_', ' ')} (backtest MAPE "
             f"{chosen.mape:.1f} %, MAE {chosen.mae:.1f} core-h, 80 % coverage "
             f"{(chosen.coverage or 0):.0%}); next {horizon} days: "
-            f"{sum(series.forecast):,.0f} core-h" + (f"  [{series.note}]" if series.note else "")
+            f"{sum(series.forecast):,.0f} core-h; so far: {used}"
+            + (f"  [{series.note}]" if series.note else "")
         )
     return 0
 
@@ -347,19 +396,22 @@ async def _forecast(args: argparse.Namespace) -> int:
 def report_table(
     usage: Usage, forecasts: list[SeriesForecast], *, node_cores: float, months: int
 ) -> list[dict[str, Any]]:
-    """Return node-hours per project per month: measured months, then forecast ones."""
+    """Return node-hours per project per month: used months (allocated, and measured CPU
+    beside them when a usage store was read), then forecast ones (of allocations)."""
     rows: list[dict[str, Any]] = []
     last = usage.days()[-1]
     for series in forecasts:
+        measured = usage.measured_monthly(series.name, per_node_cores=node_cores)
         for month, value in sorted(usage.monthly(series.name, per_node_cores=node_cores).items()):
-            rows.append(
-                {
-                    "project": series.name,
-                    "month": month,
-                    "node_hours": round(value, 1),
-                    "kind": "used",
-                }
-            )
+            row: dict[str, Any] = {
+                "project": series.name,
+                "month": month,
+                "node_hours": round(value, 1),
+                "kind": "used",
+            }
+            if measured is not None:
+                row["measured_node_hours"] = round(measured.get(month, 0.0), 1)
+            rows.append(row)
         ahead: dict[str, list[float]] = {}
         for k, value in enumerate(series.forecast):
             day = last + timedelta(days=k + 1)
@@ -414,7 +466,7 @@ def write_report(
 
     out.mkdir(parents=True, exist_ok=True)
     _write_csv(out / "report.csv", rows)
-    summary = {"series": [_summary(f) for f in forecasts], "months": rows}
+    summary = {"series": [_summary(f, usage) for f in forecasts], "months": rows}
     (out / "report.json").write_text(json.dumps(summary, indent=2, sort_keys=True), "utf-8")
     assert usage.first is not None
     for suffix in (".png", ".svg"):

@@ -63,7 +63,7 @@ from runtime import ConfigurationError
 
 from ._backfill import Hold as NodeHold
 from ._backfill import ShadowPlan, backfill_refusal, head_hold, plan_reservations
-from ._checkpointing import Interval, checkpoint_interval
+from ._checkpointing import Interval, checkpoint_cost, checkpoint_interval
 from ._config import ClusterConfig, MaintenanceWindow, Reservation, load_cluster_config
 from ._events import (
     SCIENCE_CODEC,
@@ -573,10 +573,17 @@ class SciencePolicy(FifoPolicy):
     def checkpoint_interval(self, job: JobView, task: TaskView, now: datetime) -> float | None:
         info = self._info(job)
         settings = self.config.checkpoints
-        cost = self.checkpoint_cost.get(job.job_id)
-        if cost is None and info.metadata.checkpoint_size:
-            cost = info.metadata.checkpoint_size / settings.bandwidth
-        interval = checkpoint_interval(info.metadata.resilience, cost, self.mtbf(), settings)
+        cost = checkpoint_cost(
+            manifest_bytes=task.checkpoint_bytes,
+            measured=self.checkpoint_cost.get(job.job_id),
+            configured_size=info.metadata.checkpoint_size,
+            bandwidth=settings.bandwidth,
+        )
+        interval = checkpoint_interval(
+            info.metadata.resilience, cost.seconds, self.mtbf(), settings
+        )
+        if cost.seconds is not None and settings.adapt:  # say what it was costed by
+            interval = Interval(interval.seconds, f"{interval.why} (cost: {cost.source})")
         self.intervals[job.job_id] = interval
         return interval.seconds
 

@@ -1,10 +1,17 @@
-"""Allocated usage, a projection of the journal: core-hours per project per day.
+"""Usage per project per day: allocated (a projection of the journal) and measured (the
+coordinator's usage store, when there is one).
 
 An attempt is allocated from its start (``TaskStarted``) to its end (completed, failed,
 requeued or cancelled), its cores times its nodes; a running attempt counts until the last
-event of the journal.  Each attempt is split over the UTC days it spans.  (Measured usage --
-what the processes really used -- comes with the agents' telemetry; until then allocations
-are what is forecast.)
+event of the journal.  Each attempt is split over the UTC days it spans.
+
+Measured usage is what the processes really used: the CPU seconds agents sampled, which the
+coordinator keeps per job, node and minute (then hour) in ``<journal>.usage.db``.  It is read
+as CPU core-hours per day (CPU seconds / 3,600), each job's under the project the journal gives
+it.  The store keeps minutes for a day and hours for a year (``taskfarm serve
+--keep-usage-*``), and samples only exist since agents sent them, so measured usage may cover
+fewer days than the journal; allocations are what is forecast (they are complete, and they are
+what a grant is charged), measured core-hours are reported beside them.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 
 import msgspec
 
@@ -25,11 +33,11 @@ from actors import (
     TaskRequeued,
     TaskStarted,
 )
-from persistence import Journal, RecordedEvent
+from persistence import Journal, RecordedEvent, UsageRow, open_usage_store
 
 from ._model import SimulationMetadata
 
-__all__ = ["CLUSTER", "Usage", "daily_usage", "read_usage"]
+__all__ = ["CLUSTER", "Usage", "add_measured", "daily_usage", "read_measured", "read_usage"]
 
 CLUSTER = "(cluster)"
 
@@ -41,6 +49,9 @@ class Usage:
     first: date | None = None
     last: date | None = None
     by_project: dict[str, dict[date, float]] = field(default_factory=dict)
+    # Measured CPU core-hours per project per day; None: no usage store was read.
+    measured: dict[str, dict[date, float]] | None = None
+    jobs: dict[str, str] = field(default_factory=dict)  # job id -> project, from the journal
 
     def days(self) -> list[date]:
         """Return every day from the first to the last."""
@@ -56,6 +67,16 @@ class Usage:
         table = self.by_project.get(project, {})
         return [table.get(d, 0.0) for d in days]
 
+    def measured_series(self, project: str = CLUSTER) -> list[float] | None:
+        """Return measured CPU core-hours per day, like :meth:`series` (None: not measured)."""
+        if self.measured is None:
+            return None
+        days = self.days()
+        if project == CLUSTER:
+            return [sum(p.get(d, 0.0) for p in self.measured.values()) for d in days]
+        table = self.measured.get(project, {})
+        return [table.get(d, 0.0) for d in days]
+
     def projects(self) -> list[str]:
         """Return the projects that used anything, sorted."""
         return sorted(self.by_project)
@@ -64,10 +85,28 @@ class Usage:
         self, project: str = CLUSTER, *, per_node_cores: float | None = None
     ) -> dict[str, float]:
         """Return core-hours (or node-hours, given the cores of a node) per ``YYYY-MM``."""
-        months: dict[str, float] = defaultdict(float)
-        for day, value in zip(self.days(), self.series(project), strict=True):
-            months[f"{day.year:04d}-{day.month:02d}"] += value / (per_node_cores or 1.0)
-        return dict(months)
+        return _months(self.days(), self.series(project), per_node_cores)
+
+    def measured_monthly(
+        self, project: str = CLUSTER, *, per_node_cores: float | None = None
+    ) -> dict[str, float] | None:
+        """Return measured CPU core-hours (or node-hours) per ``YYYY-MM`` (None: not measured)."""
+        series = self.measured_series(project)
+        return None if series is None else _months(self.days(), series, per_node_cores)
+
+
+def _months(
+    days: list[date], series: list[float], per_node_cores: float | None
+) -> dict[str, float]:
+    months: dict[str, float] = defaultdict(float)
+    for day, value in zip(days, series, strict=True):
+        months[f"{day.year:04d}-{day.month:02d}"] += value / (per_node_cores or 1.0)
+    return dict(months)
+
+
+def _span(usage: Usage, day: date) -> None:
+    usage.first = day if usage.first is None else min(usage.first, day)
+    usage.last = day if usage.last is None else max(usage.last, day)
 
 
 def _add(usage: Usage, project: str, cores: float, start: datetime, end: datetime) -> None:
@@ -80,8 +119,7 @@ def _add(usage: Usage, project: str, cores: float, start: datetime, end: datetim
         table[day] = table.get(day, 0.0) + cores * (until - at).total_seconds() / 3600.0
         at = until
     for day in (start.astimezone(UTC).date(), end.astimezone(UTC).date()):
-        usage.first = day if usage.first is None else min(usage.first, day)
-        usage.last = day if usage.last is None else max(usage.last, day)
+        _span(usage, day)
 
 
 def daily_usage(records: Iterable[RecordedEvent]) -> Usage:
@@ -104,7 +142,7 @@ def daily_usage(records: Iterable[RecordedEvent]) -> Usage:
                     project = spec.metadata_as(SimulationMetadata).project or "default"
                 except msgspec.ValidationError:
                     project = "default"
-                projects[job_id] = project
+                projects[job_id] = usage.jobs[job_id] = project
                 cores[job_id] = [spec.task_resources(i).cores for i in range(len(spec.tasks))]
             case TaskAssigned(task=task, nodes=gang):
                 nodes[(job_id, task)] = max(1, len(gang))
@@ -140,3 +178,34 @@ async def read_usage(journal: Journal) -> Usage:
 
     collected = [record async for record in records()]
     return daily_usage(collected)
+
+
+def add_measured(usage: Usage, rows: Iterable[UsageRow]) -> None:
+    """Fold a usage store's rows into ``usage.measured``: each job row's CPU seconds, as
+    core-hours, on its bucket's UTC day under the job's project (``default`` for a job the
+    journal does not know); host rows (no job) carry no CPU and are skipped."""
+    measured = usage.measured if usage.measured is not None else {}
+    usage.measured = measured
+    for row in rows:
+        if not row.job or row.cpu_s <= 0:
+            continue
+        day = datetime.fromtimestamp(row.bucket, UTC).date()
+        table = measured.setdefault(usage.jobs.get(row.job, "default"), {})
+        table[day] = table.get(day, 0.0) + row.cpu_s / 3600.0
+        _span(usage, day)
+
+
+async def read_measured(path: str | Path, usage: Usage) -> None:
+    """Add the measured usage in the usage store at ``path`` to ``usage``: every hour it keeps,
+    and the minutes after its last hour (the ones not rolled up yet, so nothing counts twice).
+
+    Raises:
+        JournalFileError: the file is not a usage store.
+    """
+    async with open_usage_store(path) as store:
+        hours = await store.query("hour", since=0)
+        # Minutes are rolled up an hour at a time, from the oldest on: every minute before the
+        # end of the last hour held is in the hours already.
+        since = hours[-1].bucket + 3600 if hours else 0
+        minutes = await store.query("minute", since=since)
+    add_measured(usage, [*hours, *minutes])

@@ -18,15 +18,23 @@ It speaks the attempt protocol of the subprocess executor on stdout:
 
 - ``@taskfarm progress F step S/N`` at the start and every ~5 % of the steps, each followed
   by ``@taskfarm metric residual X``, the largest change of any cell in the last step;
-- ``@taskfarm checkpoint PATH`` after each checkpoint, every ``--checkpoint-every`` steps and at
-  the first step boundary after a **SIGUSR1** (checkpoint now);
+- ``@taskfarm checkpoint --manifest PATH.manifest.json`` after each checkpoint, every
+  ``--checkpoint-every`` steps and at the first step boundary after a **SIGUSR1** (checkpoint
+  now);
 - ``@taskfarm metric total_heat X`` at the end.
 
 Checkpoints go to ``--checkpoint-dir``, else ``$TASKFARM_CHECKPOINT_DIR``, else
-``OUTPUT/checkpoints``; the two newest of the stage are kept.  A checkpoint is written to a
-temporary file, fsynced and renamed into place; its first line holds a SHA-256 of the rest, and
-it records the stage, the step and a fingerprint of the initial condition.  When
-``$TASKFARM_RESUME_FROM`` names a checkpoint, the run resumes from it only if all of that checks
+``OUTPUT/checkpoints``.  A checkpoint is written to a temporary file, fsynced and renamed into
+place; its first line holds a SHA-256 of the rest, and it records the stage, the step and a
+fingerprint of the initial condition.  Then, beside it, its manifest (``<name>.manifest.json``
+in the format of ``actors.executors.write_manifest``: the file's size and SHA-256, and the
+checkpoint file as what to resume from), written the same way, is reported: the agent verifies
+the checkpoint before it counts, keeps the job's ``checkpoint_retention`` newest (deleting the
+older ones) and, when the one to resume from fails verification, falls back to the one before.
+Run by an agent (``$TASKFARM_EXECUTOR_ID`` set) the program leaves deleting to it; run alone it
+keeps the two newest of the stage itself.  When ``$TASKFARM_RESUME_FROM`` names a checkpoint,
+the run still checks it (defence in depth: the agent checked the bytes, the program also checks
+the stage, the initial condition and the grid) and resumes from it only if all of that checks
 out; otherwise it says why on stderr and tries the older checkpoints of the stage kept beside
 it, newest first, and only when none is valid starts over from step 0.  Each step depends only
 on the grid before it and JSON keeps floats exactly, so a run interrupted after a checkpoint and
@@ -58,7 +66,8 @@ HOT_EDGE = 100.0
 HEATER_POWER = 1.5  # degrees added to each heater cell per step
 CHECKPOINT_MAGIC = "taskfarm-heat-checkpoint"
 CHECKPOINT_VERSION = 1
-KEEP_CHECKPOINTS = 2
+KEEP_CHECKPOINTS = 2  # when run alone; under an agent, the job's checkpoint_retention
+MANIFEST_SUFFIX = ".manifest.json"
 PROGRESS_REPORTS = 20
 
 
@@ -226,15 +235,34 @@ def load_checkpoint(path: Path) -> Checkpoint:
     return Checkpoint(stage=stage, step=step, origin=origin, grid=grid)
 
 
-def save_checkpoint(directory: Path, checkpoint: Checkpoint) -> Path:
-    """Write ``checkpoint`` durably into ``directory``, drop older ones, return its path."""
+def manifest_path(path: Path) -> Path:
+    """Return where the manifest of the checkpoint file ``path`` goes (beside it)."""
+    return path.with_name(f"{path.stem}{MANIFEST_SUFFIX}")
+
+
+def encode_manifest(path: Path, data: bytes) -> bytes:
+    """Return a manifest of the checkpoint file ``path`` holding ``data``, in the format of
+    ``actors.executors.write_manifest``: its one file's size and SHA-256, and the file itself
+    as the checkpoint to resume from (``TASKFARM_RESUME_FROM``)."""
+    entry = {"path": path.name, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    return json.dumps({"checkpoint": str(path.absolute()), "files": [entry]}).encode()
+
+
+def save_checkpoint(directory: Path, checkpoint: Checkpoint, *, keep: int | None) -> Path:
+    """Write ``checkpoint`` durably into ``directory``, then its manifest beside it (after the
+    file it vouches for, so a reader never sees a manifest of a half-written checkpoint), keep
+    the ``keep`` newest of the stage (``None``: delete none) and return the manifest's path."""
     path = directory / f"{checkpoint.stage}-{checkpoint.step:08d}.ckpt"
-    write_atomically(path, encode_checkpoint(checkpoint))
-    older = sorted(directory.glob(f"{checkpoint.stage}-*.ckpt"))[:-KEEP_CHECKPOINTS]
-    left_by_kills = directory.glob(f".{checkpoint.stage}-*.ckpt.*.tmp")
-    for old in [*older, *left_by_kills]:
+    data = encode_checkpoint(checkpoint)
+    write_atomically(path, data)
+    manifest = manifest_path(path)
+    write_atomically(manifest, encode_manifest(path, data))
+    found = sorted(directory.glob(f"{checkpoint.stage}-*.ckpt"))
+    older = found[:-keep] if keep is not None else []
+    left_by_kills = directory.glob(f".{checkpoint.stage}-*.*.tmp")
+    for old in [*older, *map(manifest_path, older), *left_by_kills]:
         old.unlink(missing_ok=True)
-    return path
+    return manifest
 
 
 def _resume(path: Path, *, stage: str, origin: str, size: int, steps: int) -> Checkpoint:
@@ -379,6 +407,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         Path(env_dir) if env_dir else output / "checkpoints"
     )
 
+    # An agent deletes the checkpoints its job no longer keeps; deleting them here as well
+    # would take away the older ones it falls back to.
+    keep = None if os.environ.get("TASKFARM_EXECUTOR_ID") else KEEP_CHECKPOINTS
+
     grid, step = start, 0
     resume_from = os.environ.get("TASKFARM_RESUME_FROM")
     if resume_from:
@@ -413,7 +445,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if request.pending or (every and step % every == 0 and step < steps):
             request.pending = False
             saved = Checkpoint(stage=stage, step=step, origin=origin, grid=grid)
-            report(f"checkpoint {save_checkpoint(checkpoint_dir, saved)}")
+            manifest = save_checkpoint(checkpoint_dir, saved, keep=keep)
+            report(f"checkpoint --manifest {manifest}")
 
     total_heat = math.fsum(math.fsum(row) for row in grid)
     result = {

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from actors.executors import read_manifest, verify_manifest
 from domains.scientific.heat_simulation import CheckpointError, load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -240,17 +241,36 @@ def simulate(output: Path, *args: str | Path, stage: str = "main", **env: str) -
     ).ok()
 
 
+def resume_point(report: str) -> Path:
+    """Return the checkpoint a ``checkpoint --manifest FILE`` report names, as an agent would
+    read it from the manifest (``TASKFARM_RESUME_FROM``)."""
+    option, path = report.split(maxsplit=1)
+    assert option == "--manifest"
+    return Path(read_manifest(path)[0])
+
+
+def resume_points(result: Result, last: int) -> list[Path]:
+    """Return the checkpoints of the ``last`` checkpoint reports (older ones are deleted)."""
+    return [resume_point(report) for report in result.of("checkpoint")[-last:]]
+
+
 def test_checkpoints_are_reported_and_validate(tmp_path: Path) -> None:
-    """Every K steps a checkpoint is written, reported and verifiable; the two newest stay."""
+    """Every K steps a checkpoint is written and reported with a manifest that the agent's
+    verification accepts, naming the checkpoint file; run alone, the two newest stay."""
     checkpoints = tmp_path / "ckpt"
     result = simulate(
         tmp_path, "--steps", "100", "--checkpoint-every", "25",
         TASKFARM_CHECKPOINT_DIR=str(checkpoints),
     )  # fmt: skip
-    reported = [Path(path) for path in result.of("checkpoint")]
-    assert [p.name for p in reported] == [f"main-{s:08d}.ckpt" for s in (25, 50, 75)]
-    assert sorted(checkpoints.iterdir()) == reported[-2:]
-    for path, step in zip(reported[-2:], (50, 75), strict=True):
+    manifests = [Path(r.removeprefix("--manifest ")) for r in result.of("checkpoint")]
+    assert [p.name for p in manifests] == [f"main-{s:08d}.manifest.json" for s in (25, 50, 75)]
+    reported = [resume_point(f"--manifest {m}") for m in manifests[-2:]]
+    assert [p.name for p in reported] == [f"main-{s:08d}.ckpt" for s in (50, 75)]
+    assert sorted(checkpoints.iterdir()) == sorted([*reported, *manifests[-2:]])
+    for manifest, path, step in zip(manifests[-2:], reported, (50, 75), strict=True):
+        _, read = read_manifest(str(manifest))
+        assert [(f.path, f.size) for f in read.files] == [(path.name, path.stat().st_size)]
+        verify_manifest(read)
         checkpoint = load_checkpoint(path)
         assert (checkpoint.stage, checkpoint.step, len(checkpoint.grid)) == ("main", step, 16)
     metrics = [m.split()[0] for m in result.of("metric")]
@@ -272,7 +292,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path: Path) -> No
         fields = read_until(process, lambda fields: fields[0] == "checkpoint")
         process.kill()
         assert process.wait() == -signal.SIGKILL
-    checkpoint = fields[1]
+    checkpoint = str(resume_point(" ".join(fields[1:])))
     step = load_checkpoint(Path(checkpoint)).step
     assert not (tmp_path / "killed" / "main.json").exists()
 
@@ -320,7 +340,7 @@ def test_damaged_checkpoint_is_detected_and_the_run_starts_over(
     run starts from step 0, still right."""
     steps = ["--steps", "200", "--checkpoint-every", "50"]
     first = simulate(tmp_path / "first", *steps)
-    checkpoint = Path(first.of("checkpoint")[-1])
+    checkpoint = resume_points(first, 1)[0]
     for older in checkpoint.parent.glob("main-*.ckpt"):
         if older != checkpoint:
             older.unlink()
@@ -341,7 +361,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_older_one(tmp_path: Path)
     kept beside it (one interval lost, not the run), and its result is still exact."""
     steps = ["--steps", "200", "--checkpoint-every", "50"]
     first = simulate(tmp_path / "first", *steps)
-    *_, previous, newest = (Path(p) for p in first.of("checkpoint"))
+    previous, newest = resume_points(first, 2)
     assert previous.exists()
     _flip_a_byte(newest)
     again = simulate(tmp_path / "again", *steps, TASKFARM_RESUME_FROM=str(newest))
@@ -355,7 +375,8 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_older_one(tmp_path: Path)
 def test_checkpoint_of_another_stage_is_not_resumed(tmp_path: Path) -> None:
     """A valid checkpoint from a different stage is refused rather than resumed."""
     other = simulate(tmp_path, "--steps", "40", "--checkpoint-every", "20", stage="spinup")
-    again = simulate(tmp_path, "--steps", "40", TASKFARM_RESUME_FROM=other.of("checkpoint")[0])
+    spinup = str(resume_point(other.of("checkpoint")[0]))
+    again = simulate(tmp_path, "--steps", "40", TASKFARM_RESUME_FROM=spinup)
     assert "belongs to stage 'spinup'" in again.stderr
     assert again.of("progress")[0] == "0.0000 step 0/40"
 
@@ -370,7 +391,7 @@ def test_sigusr1_produces_a_checkpoint(tmp_path: Path) -> None:
         fields = read_until(process, lambda fields: fields[0] == "checkpoint")
         read_until(process, lambda fields: fields[0] == "progress")  # still running
         assert process.poll() is None
-    checkpoint = load_checkpoint(Path(fields[1]))
+    checkpoint = load_checkpoint(resume_point(" ".join(fields[1:])))
     assert checkpoint.stage == "main"
     assert checkpoint.step >= 1
 
@@ -409,6 +430,6 @@ def test_default_size_resume_matches_an_uninterrupted_run(tmp_path: Path) -> Non
         process.kill()
         process.wait()
     run(SIMULATION, "--stage", "main", "--output", tmp_path / "killed", *steps,
-        env={"TASKFARM_RESUME_FROM": fields[1]}).ok()  # fmt: skip
+        env={"TASKFARM_RESUME_FROM": str(resume_point(" ".join(fields[1:])))}).ok()  # fmt: skip
     run(SIMULATION, "--stage", "main", "--output", tmp_path / "whole", *steps).ok()
     assert final_grid(tmp_path / "killed", "main") == final_grid(tmp_path / "whole", "main")

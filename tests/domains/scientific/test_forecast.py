@@ -9,10 +9,17 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from science_usage import write_usage_store
 
 from actors import ENGINE_CODEC, AttemptSpec, Resources, open_engine, open_simulated_executor
 from domains.scientific import Simulation, SimulationStage, parse_cluster_config
-from domains.scientific._cli import forecast_rows, report_table, usage_forecasts, write_report
+from domains.scientific._cli import (
+    forecast_rows,
+    history_rows,
+    report_table,
+    usage_forecasts,
+    write_report,
+)
 from domains.scientific._forecast import (
     accuracy,
     backtest,
@@ -20,7 +27,7 @@ from domains.scientific._forecast import (
     linear_trend,
     seasonal_naive,
 )
-from domains.scientific._usage import CLUSTER, read_usage
+from domains.scientific._usage import CLUSTER, read_measured, read_usage
 from persistence import InMemoryJournal
 from runtime import ConfigurationError, VirtualClock
 
@@ -192,3 +199,42 @@ async def test_too_little_history_is_refused_naming_the_setting() -> None:
         usage_forecasts(usage, strict, horizon=7)
     with pytest.raises(ConfigurationError, match="no usage for project"):
         usage_forecasts(usage, parse_cluster_config(""), horizon=7, projects=["nope"])
+
+
+async def test_measured_usage_is_read_from_a_usage_store_beside_the_allocations(
+    tmp_path: Path,
+) -> None:
+    """Measured CPU core-hours come per project per day from a real usage store file: hours,
+    plus the minutes not rolled up yet (never both), each job under its journal's project;
+    the report puts them beside the allocated node-hours and the forecast stays on
+    allocations."""
+    journal = await simulate_usage()
+    usage = await read_usage(journal)
+    assert usage.measured is None
+    assert usage.measured_series("climate") is None
+    allocated = usage.series(CLUSTER)
+    store = tmp_path / "taskfarm.usage.db"
+    await write_usage_store(store)
+    await read_measured(store, usage)
+    climate = usage.measured_series("climate")
+    assert climate is not None
+    assert climate[0] == pytest.approx(4.0 + 1.0)  # the hour, then the unrolled half hour
+    assert sum(climate) == pytest.approx(5.0)
+    assert usage.measured_series("ocean") == [0.0] * 30
+    assert usage.measured_series("default") == [1.0] + [0.0] * 29  # not in the journal
+    assert usage.measured_series(CLUSTER) == pytest.approx([6.0] + [0.0] * 29)
+    assert usage.series(CLUSTER) == allocated  # allocations unchanged
+    config = parse_cluster_config("[forecast]\nmin_history_days = 21")
+    forecasts = usage_forecasts(usage, config, horizon=40)
+    rows = report_table(usage, forecasts, node_cores=8, months=2)
+    used = {(r["project"], r["month"]): r for r in rows if r["kind"] == "used"}
+    assert used[("climate", "2027-03")]["node_hours"] == pytest.approx(30 * 40.0 / 8)
+    assert used[("climate", "2027-03")]["measured_node_hours"] == pytest.approx(5.0 / 8, abs=0.05)
+    assert all("measured_node_hours" not in r for r in rows if r["kind"] == "forecast")
+    history = [r for r in history_rows(usage, forecasts) if r["series"] == "climate"]
+    assert history[0] == {
+        "series": "climate",
+        "day": "2027-03-01",
+        "allocated_core_hours": pytest.approx(40.0),
+        "measured_core_hours": pytest.approx(5.0),
+    }

@@ -18,12 +18,14 @@ from actors import (
     AttemptSpec,
     Engine,
     EngineSettings,
+    JobView,
     Priority,
     Resources,
     TaskCheckpointed,
     TaskCheckpointRequested,
     TaskPreempted,
     TaskStarted,
+    TaskView,
     open_engine,
     open_simulated_executor,
     simulated_work,
@@ -36,6 +38,7 @@ from domains.scientific import (
     parameter_sweep,
     parse_cluster_config,
 )
+from domains.scientific._checkpointing import checkpoint_interval
 from persistence import EventCodec, InMemoryJournal
 from runtime import VirtualClock
 
@@ -303,6 +306,39 @@ async def test_the_checkpoint_interval_follows_the_resilience_level() -> None:
         assert len(requests) == 3  # at 30, 60 and 90 minutes
         assert "careful" in farm.policy.intervals
         assert farm.policy.intervals["careful"].seconds == 1800
+
+
+def test_a_stage_is_costed_by_its_latest_checkpoint_manifest() -> None:
+    """The interval the policy gives a stage follows the size of its last verified checkpoint
+    (TaskView.checkpoint_bytes) over the configured bandwidth, ahead of a reported
+    checkpoint_seconds and of the configured checkpoint_size."""
+    policy = SciencePolicy(parse_cluster_config('[checkpoints]\nbandwidth = "100MiB"'))
+    spec = sim("big", 10, checkpoint_size="1GiB").to_job()
+    job = JobView(job_id=spec.job_id, spec=spec, submitted_at=T0, total=1)
+    policy.checkpoint_cost[spec.job_id] = 5.0  # a checkpoint_seconds it reported
+
+    def interval(checkpoint_bytes: int) -> tuple[float, str]:
+        task = TaskView(
+            job_id=spec.job_id, index=0, request=NODE, checkpoint_bytes=checkpoint_bytes
+        )
+        seconds = policy.checkpoint_interval(job, task, T0)
+        assert seconds is not None
+        return seconds, policy.intervals[spec.job_id].why
+
+    settings = policy.config.checkpoints
+    mtbf = policy.mtbf()
+    big, why = interval(50 * 1024**3)  # 50 GiB at 100 MiB/s: 512 s
+    assert big == checkpoint_interval("medium", 512.0, mtbf, settings).seconds
+    assert "50.0 GiB by its last checkpoint's manifest at 100.0 MiB/s" in why
+    assert why == policy.describe(job, T0)["checkpoints"]  # what `taskfarm why` shows
+    small, why = interval(0)  # no manifest yet: the reported 5 s
+    assert small == checkpoint_interval("medium", 5.0, mtbf, settings).seconds
+    assert "a reported checkpoint_seconds" in why
+    assert big > small
+    del policy.checkpoint_cost[spec.job_id]
+    configured, why = interval(0)  # 1 GiB at 100 MiB/s: 10.24 s
+    assert configured == checkpoint_interval("medium", 10.24, mtbf, settings).seconds
+    assert "checkpoint_size 1.0 GiB" in why
 
 
 async def test_a_crashing_stage_is_restarted_elsewhere_then_held_for_an_operator() -> None:

@@ -19,7 +19,12 @@ from actors import (
     TaskSpec,
 )
 from domains.scientific import ClusterConfig, parse_cluster_config
-from domains.scientific._checkpointing import checkpoint_interval, daly_interval, expected_waste
+from domains.scientific._checkpointing import (
+    checkpoint_cost,
+    checkpoint_interval,
+    daly_interval,
+    expected_waste,
+)
 from domains.scientific._fairshare import (
     UsageLedger,
     fair_share_factor,
@@ -263,6 +268,38 @@ def test_measured_cost_and_failures_adapt_the_interval(
     assert found.seconds == pytest.approx(expected)
     assert why in found.why
     assert cost / found.seconds <= CONFIG.checkpoints.max_overhead + 1e-9
+
+
+GIB = 1024**3
+
+
+@pytest.mark.parametrize(
+    ("manifest_bytes", "measured", "configured", "seconds", "source"),
+    [
+        # The latest verified manifest wins: what the stage writes now.
+        (30 * GIB, 12.0, 8 * GIB, 30.0, "30.0 GiB by its last checkpoint's manifest at 1.0 GiB/s"),
+        (512 * 1024**2, None, 0, 0.5, "512.0 MiB by its last checkpoint's manifest"),
+        # No manifest (none yet, or a checkpoint reported without one): the metric...
+        (0, 12.0, 8 * GIB, 12.0, "a reported checkpoint_seconds"),
+        # ... else the configured size ...
+        (0, None, 8 * GIB, 8.0, "checkpoint_size 8.0 GiB at 1.0 GiB/s"),
+        # ... else unknown: the resilience level's interval.
+        (0, None, 0, None, "unknown"),
+    ],
+)
+def test_the_checkpoint_cost_comes_from_the_manifest_first(
+    manifest_bytes: int, measured: float | None, configured: int, seconds: float | None, source: str
+) -> None:
+    """Cost = the latest verified manifest's size / bandwidth, else a checkpoint_seconds
+    metric, else the configured checkpoint_size / bandwidth, else unknown."""
+    cost = checkpoint_cost(
+        manifest_bytes=manifest_bytes,
+        measured=measured,
+        configured_size=configured,
+        bandwidth=float(GIB),
+    )
+    assert cost.seconds == seconds
+    assert source in cost.source
 
 
 def test_adaptation_wastes_less_than_a_fixed_hour() -> None:

@@ -10,8 +10,10 @@ from pathlib import Path
 
 import anyio
 import pytest
+from science_usage import write_usage_store
 
 from actors import ENGINE_CODEC, AttemptSpec, Resources, open_engine, open_simulated_executor
+from actors.cluster import usage_store_path
 from domains.scientific import SCIENCE_CODEC, SciencePolicy, Simulation, SimulationStage
 from persistence import EventCodec, open_sqlite_journal
 from runtime import VirtualClock
@@ -85,6 +87,7 @@ async def test_forecast_and_report_from_a_journal_file(tmp_path: Path) -> None:
     assert code == 0, err
     assert "climate:" in out
     assert "backtest MAPE" in out
+    assert "core-h allocated (no usage store)" in out
     rows = (tmp_path / "forecast.csv").read_text(encoding="utf-8").splitlines()
     assert rows[0] == "series,day,core_hours,low80,high80,method"
     assert len(rows) == 1 + 3 * 14  # the cluster and two projects, 14 days each
@@ -113,6 +116,44 @@ async def test_forecast_and_report_from_a_journal_file(tmp_path: Path) -> None:
     assert code == 0, err
     for name in ("report.csv", "report.json", "report.png", "report.svg"):
         assert (tmp_path / "report" / name).stat().st_size > 0, name
+
+
+@pytest.mark.slow
+async def test_forecast_and_report_read_measured_usage_beside_the_journal(tmp_path: Path) -> None:
+    """With the coordinator's usage store beside the journal, ``forecast`` and ``report`` show
+    measured CPU core-hours beside the allocated ones, per project (jobs mapped by the
+    journal); the forecast itself stays on allocations."""
+    journal = tmp_path / "taskfarm.db"
+    await write_journal(journal, days=21)
+    code, out, err = await taskfarm("science", "forecast", "--journal", str(journal), "--json")
+    assert code == 0, err
+    without = json.loads(out)
+    assert all(s["measured_core_hours"] is None for s in without["series"])
+    await write_usage_store(usage_store_path(journal))  # climate-0: 5 CPU-hours on day 0
+    code, out, err = await taskfarm("science", "forecast", "--journal", str(journal))
+    assert code == 0, err
+    assert "climate:" in out
+    assert ", 5 measured (CPU)" in out
+    code, out, err = await taskfarm("science", "forecast", "--journal", str(journal), "--json")
+    assert code == 0, err
+    document = json.loads(out)
+    series = {s["series"]: s for s in document["series"]}
+    assert series["climate"]["measured_core_hours"] == 5.0
+    assert series["ocean"]["measured_core_hours"] == 0.0
+    assert series["(cluster)"]["measured_core_hours"] == 6.0
+    assert series["climate"]["allocated_core_hours"] > 100
+    assert document["forecast"] == without["forecast"]  # forecast on allocations, unchanged
+    (first,) = [r for r in document["history"] if r["series"] == "climate"][:1]
+    assert first["measured_core_hours"] == 5.0
+    code, out, err = await taskfarm(
+        "science", "report", "--journal", str(journal), "--out", str(tmp_path / "r"), "--json"
+    )
+    assert code == 0, err
+    march = [r for r in json.loads(out) if r["kind"] == "used" and r["month"] == "2027-03"]
+    measured = {r["project"]: r["measured_node_hours"] for r in march}
+    assert measured == {"(cluster)": 6.0, "climate": 5.0, "ocean": 0.0}
+    header = (tmp_path / "r" / "report.csv").read_text(encoding="utf-8").splitlines()[0]
+    assert header.startswith("project,month,node_hours,kind,measured_node_hours")
 
 
 @pytest.mark.parametrize(
