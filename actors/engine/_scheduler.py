@@ -53,6 +53,7 @@ from ._placement import SchedulerCore
 from ._policy import (
     JobSubmittedObservation,
     NodeChanged,
+    Preemption,
     TaskEndedObservation,
     TaskPreviewObservation,
     TaskProgressObservation,
@@ -584,37 +585,28 @@ class SchedulerActor(Actor[SchedulerMessage]):
             core.apply_policy_event(event)
 
     def _preempt(self, now: datetime) -> None:
-        """Ask the victims the policy chose for the tasks this cycle could not place."""
+        """Ask the victims the policy chose: for the tasks this cycle could not place, and
+        those it yields for its own reasons (a reservation, a maintenance window)."""
         for _blocked, choice in self.core.preemption_choices(now):
-            ref = self.job_ref(choice.victim_job)
-            if ref is None:
-                self.core.preempting.pop((choice.victim_job, choice.victim_task), None)
-                continue
-            ref.tell_nowait(
-                PreemptTask(task=choice.victim_task, node=choice.node, reason=choice.reason)
-            )
-            _log.info(
-                "preemption_requested",
-                job_id=choice.victim_job,
-                task=choice.victim_task,
-                node_id=choice.node,
-                reason=choice.reason,
-            )
+            self._ask_to_yield(choice, "preemption_requested")
         for choice in self.core.yield_choices(now):
-            ref = self.job_ref(choice.victim_job)
-            if ref is None:
-                self.core.preempting.pop((choice.victim_job, choice.victim_task), None)
-                continue
-            ref.tell_nowait(
-                PreemptTask(task=choice.victim_task, node=choice.node, reason=choice.reason)
-            )
-            _log.info(
-                "yield_requested",
-                job_id=choice.victim_job,
-                task=choice.victim_task,
-                node_id=choice.node,
-                reason=choice.reason,
-            )
+            self._ask_to_yield(choice, "yield_requested")
+
+    def _ask_to_yield(self, choice: Preemption, event: str) -> None:
+        ref = self.job_ref(choice.victim_job)
+        if ref is None:
+            self.core.preempting.pop((choice.victim_job, choice.victim_task), None)
+            return
+        ref.tell_nowait(
+            PreemptTask(task=choice.victim_task, node=choice.node, reason=choice.reason)
+        )
+        _log.info(
+            event,
+            job_id=choice.victim_job,
+            task=choice.victim_task,
+            node_id=choice.node,
+            reason=choice.reason,
+        )
 
     # -- nodes ----------------------------------------------------------------------------------
 
