@@ -161,6 +161,16 @@ class EventSourcedActor(Actor[M], Generic[M, S]):
         await self._maybe_snapshot(previous, result.version)
         return result
 
+    async def save_snapshot(self) -> None:
+        """Save a snapshot of the current (committed) state now, whatever the cadence: for a
+        final state, so that recovering the stream reads one row instead of its history."""
+        await self.journal.save_snapshot(
+            self.stream_id,
+            version=self._version,
+            state=self._state,  # type: ignore[arg-type]
+            schema_version=self.aggregate.schema_version,
+        )
+
     async def _maybe_snapshot(self, previous: int, version: int) -> None:
         every = self.snapshot_every
         if every and version // every > previous // every:

@@ -577,8 +577,9 @@ async def _build_restart_journal(path: Path, *, events: int, unfinished: int) ->
     """Write a journal as a farm would leave it; return (events, unfinished tasks).
 
     The latest snapshot of each job stream is written too, where the job actor would have
-    left it: every ``EngineSettings.snapshot_interval(tasks)`` events (the product's cadence,
-    which grows with the job's size).
+    left it: its final state for a finished job, else every
+    ``EngineSettings.snapshot_interval(tasks)`` events (the product's cadence, which grows with
+    the job's size).
     """
     every = EngineSettings().snapshot_interval(_RESTART_TASKS)
     one = Resources.of(cores=1, memory="1GiB")
@@ -605,12 +606,16 @@ async def _build_restart_journal(path: Path, *, events: int, unfinished: int) ->
                 else _unfinished_job_events(spec)
             )
             await journal.append(stream, batch, expected_version=0)
-            version = len(batch) // every * every
+            # A finished job's actor snapshots its final state; an unfinished one has the
+            # latest snapshot of its cadence.
+            version = len(batch) if number < finished_jobs else len(batch) // every * every
             if version:
                 state = aggregate.initial_state(stream)
                 for event in batch[:version]:
                     state = aggregate.apply(state, event)
-                await journal.save_snapshot(stream, version=version, state=state)
+                await journal.save_snapshot(
+                    stream, version=version, state=state, schema_version=aggregate.schema_version
+                )
 
         jobs = finished_jobs + open_jobs
         for first in range(0, jobs, 16):
@@ -656,7 +661,9 @@ async def _snapshot_replay(path: Path) -> float:
         for info in await journal.streams():
             if not info.stream_id.startswith("job:"):
                 continue
-            snapshot = await journal.load_snapshot(info.stream_id, JobState)
+            snapshot = await journal.load_snapshot(
+                info.stream_id, JobState, schema_version=aggregate.schema_version
+            )
             version, state = snapshot or (0, aggregate.initial_state(info.stream_id))
             for record in await journal.read_stream(info.stream_id, after_version=version):
                 state = aggregate.apply(state, record.event)

@@ -950,6 +950,9 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
         )
         await self._after(self.scheduler, JobEnded(job_id=self.job_id, outcome=ended))
         _log.info("job_finished", job_id=self.job_id, outcome=outcome, reason=reason)
+        # The final state as a snapshot: a restart reads one row for a finished job, not its
+        # history (finished jobs are most of a journal).
+        await self.after_commit(self.save_snapshot)
         await self.after_commit(self.context.stop)  # passivate: the journal keeps the state
 
     def _scale_snapshots(self) -> None:

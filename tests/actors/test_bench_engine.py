@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 import structlog
 
-from actors import FifoPolicy
-from actors.bench._engine import SUITE, _drain, _gang_width
+from actors import ENGINE_CODEC, FifoPolicy, JobAggregate, JobState
+from actors.bench._engine import SUITE, _build_restart_journal, _drain, _gang_width
 from actors.engine import SchedulerCore
+from persistence import open_sqlite_journal
+from runtime import SystemClock
 from runtime._bench import BenchContext, format_table
 
 
@@ -54,3 +56,28 @@ def test_gang_workload_is_one_job_in_ten_on_two_to_eight_nodes() -> None:
     drained = _drain(core, tasks=2_000, nodes=100, release=20, per_job=100, gang=_gang_width)
     assert drained.placed == 2_000
     assert drained.gangs == 200  # 2 of the 20 jobs, 100 tasks each
+
+
+async def test_the_restart_journal_has_the_snapshots_a_restart_can_use(tmp_path: Path) -> None:
+    """Every finished job of the cold-restart journal has its final state as a snapshot at the
+    job aggregate's schema version (one a restart loads, not one it skips)."""
+    path = tmp_path / "restart.db"
+    with structlog.testing.capture_logs():
+        await _build_restart_journal(path, events=20_000, unfinished=1_000)
+    async with open_sqlite_journal(
+        path, clock=SystemClock(), codec=ENGINE_CODEC, read_only=True
+    ) as journal:
+        finished = unfinished = 0
+        for info in await journal.streams():
+            if not info.stream_id.startswith("job:"):
+                continue
+            loaded = await journal.load_snapshot(
+                info.stream_id, JobState, schema_version=JobAggregate.schema_version
+            )
+            if loaded is not None and loaded[1].status == "completed":
+                assert loaded[0] == info.version
+                finished += 1
+            else:
+                unfinished += 1
+    assert finished > 0
+    assert unfinished == 2  # 1,000 unfinished tasks, 500 a job
