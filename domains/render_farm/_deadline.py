@@ -129,48 +129,43 @@ def inherited_levels(
     highest of its own level and the ``up`` of the live dependants blocked on it.  The result is
     the higher of the two, with the reason naming the job it came from.
     """
-    down: dict[str, Level] = {}
-    up: dict[str, Level] = {}
 
-    def down_of(job: str, trail: frozenset[str]) -> Level:
-        cached = down.get(job)
-        if cached is not None:
-            return cached
-        best = own[job]
-        for parent in parents(job):
-            if parent not in own or parent in trail:
-                continue
-            theirs = down_of(parent, trail | {job})
-            if theirs.priority.rank > best.priority.rank:
-                best = Level(
-                    theirs.priority,
-                    f"{theirs.priority.value}: inherited from {parent} ({theirs.reason})",
-                    at_risk=own[job].at_risk,
-                )
-        down[job] = best
-        return best
+    def walk(
+        neighbours: Callable[[str], Iterable[str]], because: Callable[[str, Level], str]
+    ) -> Callable[[str], Level]:
+        """The highest of a job's own level and its neighbours' (transitively, no cycles)."""
+        cache: dict[str, Level] = {}
 
-    def up_of(job: str, trail: frozenset[str]) -> Level:
-        cached = up.get(job)
-        if cached is not None:
-            return cached
-        best = own[job]
-        for child in blocked_children(job):
-            if child not in own or child in trail:
-                continue
-            theirs = up_of(child, trail | {job})
-            if theirs.priority.rank > best.priority.rank:
-                best = Level(
-                    theirs.priority,
-                    f"{theirs.priority.value}: {child} waits on it ({theirs.reason})",
-                    at_risk=own[job].at_risk,
-                )
-        up[job] = best
-        return best
+        def level_of(job: str, trail: frozenset[str] = frozenset()) -> Level:
+            cached = cache.get(job)
+            if cached is not None:
+                return cached
+            best = own[job]
+            for other in neighbours(job):
+                if other not in own or other in trail:
+                    continue
+                theirs = level_of(other, trail | {job})
+                if theirs.priority.rank > best.priority.rank:
+                    best = Level(theirs.priority, because(other, theirs), at_risk=own[job].at_risk)
+            cache[job] = best
+            return best
+
+        return level_of
+
+    down_of = walk(
+        parents,
+        lambda parent, theirs: (
+            f"{theirs.priority.value}: inherited from {parent} ({theirs.reason})"
+        ),
+    )
+    up_of = walk(
+        blocked_children,
+        lambda child, theirs: f"{theirs.priority.value}: {child} waits on it ({theirs.reason})",
+    )
 
     result: dict[str, Level] = {}
     for job in own:
-        a, b = down_of(job, frozenset()), up_of(job, frozenset())
+        a, b = down_of(job), up_of(job)
         result[job] = b if b.priority.rank > a.priority.rank else a
     return result
 
