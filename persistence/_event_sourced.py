@@ -41,6 +41,7 @@ class EventSourcedActor(Actor[M], Generic[M, S]):
         stream_id: str,
         aggregate: Aggregate[S],
         snapshot_every: int = 1000,
+        defer_commit: float = 0.05,
         recovered: tuple[S, int] | None = None,
     ) -> None:
         """``recovered``: a state and version already rebuilt (e.g. by one pass over the whole
@@ -51,11 +52,17 @@ class EventSourcedActor(Actor[M], Generic[M, S]):
         self.stream_id = stream_id
         self.aggregate = aggregate
         self.snapshot_every = snapshot_every
+        self.defer_commit = defer_commit
         self._state: S = aggregate.initial_state(stream_id)
         self._version = 0
         self._recovered = recovered
-        # While a batch is handled: the events it staged and the effects that wait for them.
-        self._staged: list[Event] | None = None
+        # Events applied to the state but not journaled yet, oldest first: those a batch staged
+        # and those persisted "later" (see persist_later), in the order they were applied.
+        self._uncommitted: list[Event] = []
+        self._must_commit = False  # whether the current batch staged events that cannot wait
+        self._in_batch = False
+        self._flush_armed = False
+        # While a batch is handled: the effects that wait for its commit.
         self._after_commit: list[Callable[[], Awaitable[object] | None]] = []
 
     @property
@@ -80,6 +87,9 @@ class EventSourcedActor(Actor[M], Generic[M, S]):
 
     async def receive(self, message: M) -> Any:
         """Hand the command to :meth:`handle` (override ``handle``, not this)."""
+        if isinstance(message, _FlushLater):
+            await self._commit_uncommitted()
+            return None
         return await self.handle(message)
 
     async def receive_batch(self, messages: list[M]) -> list[Any]:
@@ -89,18 +99,28 @@ class EventSourcedActor(Actor[M], Generic[M, S]):
         are staged), but nothing leaves the actor before the commit: the replies are returned,
         and the effects registered with :meth:`after_commit` run, only once it is durable.
         If the commit fails, the actor fails and is restarted from the journal, so the staged
-        state is thrown away with the instance.
+        state is thrown away with the instance.  A batch that staged only events persisted
+        "later" commits nothing: they wait for the next commit (see :meth:`persist_later`).
         """
-        self._staged = []
+        self._in_batch = True
+        flush = False
         try:
-            replies = [await self.handle(message) for message in messages]
-            staged = self._staged
-            if staged:
-                before = self._version - len(staged)
-                result = await self.journal.append(self.stream_id, staged, expected_version=before)
-                await self._maybe_snapshot(before, result.version)
+            replies: list[Any] = []
+            for message in messages:
+                if isinstance(message, _FlushLater):
+                    flush = True
+                    replies.append(None)
+                else:
+                    replies.append(await self.handle(message))
+            if self._must_commit or flush:
+                await self._commit_uncommitted()
+        except BaseException:
+            # The instance is thrown away: what it applied but did not journal goes with it.
+            self._uncommitted = []
+            raise
         finally:
-            self._staged = None
+            self._in_batch = False
+            self._must_commit = False
         effects, self._after_commit = self._after_commit, []
         for effect in effects:
             pending = effect()
@@ -108,13 +128,18 @@ class EventSourcedActor(Actor[M], Generic[M, S]):
                 await pending
         return replies
 
+    async def on_stop(self) -> None:
+        """Journal the events persisted "later" that are still waiting (a clean stop)."""
+        await self._commit_uncommitted()
+
     async def after_commit(self, effect: Callable[[], Awaitable[object] | None]) -> None:
         """Run ``effect`` once the events persisted so far are durable (at once if they are).
 
         Use it for every effect a command has outside the actor (telling other actors,
-        stopping): inside a batch the commit comes after all the batch's commands.
+        stopping): inside a batch the commit comes after all the batch's commands.  Events
+        persisted with :meth:`persist_later` do not hold an effect back.
         """
-        if self._staged is not None:
+        if self._in_batch:
             self._after_commit.append(effect)
             return
         pending = effect()
@@ -130,6 +155,7 @@ class EventSourcedActor(Actor[M], Generic[M, S]):
     ) -> AppendResult | None:
         """Append ``events`` (at the expected version), then apply them to the state.
 
+        Events persisted "later" and still waiting are journaled first, in the same commit.
         Inside a batch (see :meth:`receive_batch`) the events are staged: applied now and
         journaled with the rest of the batch, and None is returned.
 
@@ -137,33 +163,66 @@ class EventSourcedActor(Actor[M], Generic[M, S]):
             VersionConflictError: another writer appended to this stream; the actor fails and
                 its supervisor restarts it from the journal.
         """
-        if self._staged is not None:
-            state = self._state
-            for event in events:
-                state = self.aggregate.apply(state, event)
-            self._state = state
-            self._version += len(events)
-            self._staged.extend(events)
+        if self._in_batch:
+            self._apply(events)
+            self._must_commit = True
             return None
+        waiting = self._uncommitted
         result = await self.journal.append(
             self.stream_id,
-            events,
-            expected_version=self._version,
+            [*waiting, *events],
+            expected_version=self._version - len(waiting),
             correlation_id=correlation_id,
         )
-        state = self._state
-        apply = self.aggregate.apply
-        for event in events:
-            state = apply(state, event)
-        previous = self._version
-        self._state = state
+        self._uncommitted = []
+        previous = self._version - len(waiting)
+        self._uncommitted_apply(events)
         self._version = result.version
         await self._maybe_snapshot(previous, result.version)
         return result
 
+    def persist_later(self, events: Sequence[Event]) -> None:
+        """Apply ``events`` now and journal them with this actor's next commit, at the latest
+        ``self.defer_commit`` clock seconds from now.
+
+        Only for events whose loss in a crash is harmless (recovery reaches the same decision
+        without them, e.g. "the attempt started", which recovery treats like "assigned"): it
+        saves a commit (an fsync) when a commit follows soon anyway, e.g. a short task's end.
+        Nothing waits for them: replies and effects leave without their commit.
+        """
+        self._apply(events)
+        if not self._flush_armed:
+            self._flush_armed = True
+            self.context.start_timer("commit-later", _FlushLater(), delay=self.defer_commit)  # type: ignore[arg-type]
+
+    def _apply(self, events: Sequence[Event]) -> None:
+        """Fold ``events`` into the state and keep them to journal with the next commit."""
+        self._uncommitted_apply(events)
+        self._version += len(events)
+        self._uncommitted.extend(events)
+
+    def _uncommitted_apply(self, events: Sequence[Event]) -> None:
+        state = self._state
+        apply = self.aggregate.apply
+        for event in events:
+            state = apply(state, event)
+        self._state = state
+
+    async def _commit_uncommitted(self) -> None:
+        """Journal the events applied but not journaled yet (one commit), if any."""
+        self._flush_armed = False
+        waiting = self._uncommitted
+        if not waiting:
+            return
+        previous = self._version - len(waiting)
+        result = await self.journal.append(self.stream_id, waiting, expected_version=previous)
+        self._uncommitted = []
+        await self._maybe_snapshot(previous, result.version)
+
     async def save_snapshot(self) -> None:
         """Save a snapshot of the current (committed) state now, whatever the cadence: for a
         final state, so that recovering the stream reads one row instead of its history."""
+        await self._commit_uncommitted()  # a snapshot never runs ahead of the journal
         await self.journal.save_snapshot(
             self.stream_id,
             version=self._version,
@@ -180,3 +239,9 @@ class EventSourcedActor(Actor[M], Generic[M, S]):
                 state=self._state,  # type: ignore[arg-type]
                 schema_version=self.aggregate.schema_version,
             )
+
+
+class _FlushLater:
+    """The timer message that journals the events persisted "later" (see persist_later)."""
+
+    __slots__ = ()

@@ -424,7 +424,10 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
                             resume_from=report.resumed_from,
                             reason=report.fallback,
                         )
-                    await self.persist(
+                    # Journaled with the next commit (usually the attempt's end, for a short
+                    # task): a start lost in a crash leaves the attempt "assigned", which
+                    # recovery treats alike (in doubt), so it does not cost a commit of its own.
+                    self.persist_later(
                         [
                             TaskStarted(
                                 task=index,
