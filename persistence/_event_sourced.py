@@ -193,7 +193,7 @@ class EventSourcedActor(Actor[M], Generic[M, S]):
         self._apply(events)
         if not self._flush_armed:
             self._flush_armed = True
-            self.context.start_timer("commit-later", _FlushLater(), delay=self.defer_commit)  # type: ignore[arg-type]
+            self.context.start_timer("commit-later", _FlushLater(), delay=self.defer_commit)
 
     def _apply(self, events: Sequence[Event]) -> None:
         """Fold ``events`` into the state and keep them to journal with the next commit."""
