@@ -624,9 +624,12 @@ class Coordinator:
         by = (
             principal.name if principal.method == "credential" else f"join token ({principal.name})"
         )
+        # Whom a job or a policy command's record names: a credential's holder.  A join-token
+        # client's name is its own claim (anyone with the file can say anything), so it names
+        # no one, as an embedding application's own calls do.
+        owner = principal.name if principal.method == "credential" else None
         match request:
             case SubmitRequest(text=text, format=fmt, source=source):
-                owner = principal.name if principal.method == "credential" else None
                 ids = await engine.submit_text(text, fmt=fmt, source=source, owner=owner)
                 return SubmittedReply(job_ids=tuple(ids))
             case StatusRequest(job_id=job_id, tasks=tasks):
@@ -655,7 +658,7 @@ class Coordinator:
                 | SetNodeHealthRequest()
                 | PolicyCommandRequest()
             ):
-                return await self._verb(request)
+                return await self._verb(request, by=owner)
             case IssueCredentialRequest(kind=kind, name=name, role=role, replace=replace):
                 record = await self.credentials.register(
                     kind=kind,
@@ -688,8 +691,11 @@ class Coordinator:
         | PreemptTaskRequest
         | SetNodeHealthRequest
         | PolicyCommandRequest,
+        *,
+        by: str | None,
     ) -> Reply:
-        """Run an operator verb or a policy command (the engine journals each)."""
+        """Run an operator verb or a policy command (the engine journals each); ``by`` is the
+        principal a policy command's record names (None: a join-token client)."""
         engine = self.engine
         now = self.clock.now()
         match request:
@@ -755,7 +761,7 @@ class Coordinator:
                         f"the arguments of a policy command are a JSON object, got {text[:80]!r}",
                         where="arguments",
                     )
-                result = await engine.policy_command(name, arguments)
+                result = await engine.policy_command(name, arguments, by=by)
                 try:
                     encoded = msgspec.json.encode(result).decode()
                 except (TypeError, msgspec.EncodeError) as error:

@@ -621,17 +621,21 @@ class Engine:
             f"job {job_id} has no task {task!r} (tasks: {shown})", where="task"
         )
 
-    async def policy_command(self, name: str, arguments: Mapping[str, Any] | None = None) -> Any:
+    async def policy_command(
+        self, name: str, arguments: Mapping[str, Any] | None = None, *, by: str | None = None
+    ) -> Any:
         """Run a domain command of the policy; return its reply.
 
         Its events are journaled in the policy's stream (``policy:<name>``) before the reply,
-        and replayed into the policy when the engine opens again.
+        and replayed into the policy when the engine opens again.  ``by`` names who asked,
+        for the policy's record of it (a coordinator passes the client credential's name;
+        None: the embedding application itself).
 
         Raises:
             ConfigurationError: the policy has no such command, or an argument is bad.
         """
         result = await self.scheduler.ask(
-            PolicyCommand(name=name, arguments=dict(arguments or {})),
+            PolicyCommand(name=name, arguments=dict(arguments or {}), by=by),
             timeout=self.settings.ask_timeout,
         )
         if isinstance(result, TaskfarmError):

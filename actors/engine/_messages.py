@@ -337,10 +337,11 @@ class GetJobState(Message, frozen=True, kw_only=True, tag="engine.query.job_stat
 
 class PolicyCommand(Message, frozen=True, kw_only=True, tag="engine.cmd.policy_command"):
     """Run a domain command of the policy (to the scheduler); the reply is its result or the
-    error."""
+    error.  ``by`` is who asked (see ``Policy.command``; None: the embedding application)."""
 
     name: str
     arguments: Any  # a mapping of JSON-able values
+    by: str | None = None
 
 
 class DescribeJob(Message, frozen=True, kw_only=True, tag="engine.query.describe_job"):

@@ -24,7 +24,8 @@ The engine owns the mechanics (queues, the placement index, dispatch, retries, t
   its stream after the cycle and folded back in with ``apply``;
 - ``node_actions`` -- sleep idle nodes, wake them, drain them before maintenance;
 - ``command`` / ``apply`` -- domain commands (reservations, configuration reloads): pure
-  decisions whose events are journaled in the policy's own stream and folded back in;
+  decisions whose events are journaled in the policy's own stream and folded back in; a
+  command is told who asked (``by``), so what it journals says who made it;
 - ``describe`` / ``explain_rank`` -- domain columns for ``status`` and ``why``.
 
 The views are the scheduler's own records, kept current incrementally (a cycle costs what
@@ -579,10 +580,22 @@ class Policy(Protocol):
         ...
 
     def command(
-        self, name: str, arguments: Mapping[str, Any], farm: FarmView, now: datetime
+        self,
+        name: str,
+        arguments: Mapping[str, Any],
+        farm: FarmView,
+        now: datetime,
+        *,
+        by: str | None = None,
     ) -> CommandResult:
         """Run a domain command (``taskfarm render ...``, ``taskfarm science ...``): decide
         from the policy's state, the farm and ``now``; change nothing but return the events.
+
+        ``by`` is who asked, for the record the events keep: the name of the client
+        credential that sent the command over the wire, or what an embedding application
+        passed to ``Engine.policy_command``; None is the application itself (or a client of
+        the shared join token, which names no one).  Never take it from ``arguments``: those
+        are the caller's words, ``by`` is what the coordinator authenticated.
 
         Raises ``ConfigurationError`` (naming the argument) for a bad command or argument.
         """
@@ -699,7 +712,13 @@ class FifoPolicy:
         )
 
     def command(
-        self, name: str, arguments: Mapping[str, Any], farm: FarmView, now: datetime
+        self,
+        name: str,
+        arguments: Mapping[str, Any],
+        farm: FarmView,
+        now: datetime,
+        *,
+        by: str | None = None,
     ) -> CommandResult:
         raise ConfigurationError(
             f"the {self.name} policy has no command {name!r}", where="policy command"

@@ -294,8 +294,8 @@ class SchedulerActor(Actor[SchedulerMessage]):
                 return "\n".join(core.why(job_id, self.context.clock.now()))
             case DescribeJob(job_id=job_id):
                 return core.describe(job_id, self.context.clock.now())
-            case PolicyCommand(name=name, arguments=arguments):
-                return await self._policy_command(name, arguments)
+            case PolicyCommand(name=name, arguments=arguments, by=by):
+                return await self._policy_command(name, arguments, by=by)
             case GetNodes():
                 return self._node_summaries()
             case _:
@@ -348,12 +348,12 @@ class SchedulerActor(Actor[SchedulerMessage]):
         _log.info("job_reopened", job_id=job_id)
         self._kick()
 
-    async def _policy_command(self, name: str, arguments: Any) -> Any:
+    async def _policy_command(self, name: str, arguments: Any, *, by: str | None) -> Any:
         """Decide, journal the policy's events, fold them in, reply (or return the error)."""
         core = self.core
         now = self.context.clock.now()
         try:
-            result = core.policy.command(name, arguments, core.farm, now)
+            result = core.policy.command(name, arguments, core.farm, now, by=by)
         except TaskfarmError as error:
             return error
         except Exception as error:  # a policy bug answers the caller, it does not crash us

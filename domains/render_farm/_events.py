@@ -30,7 +30,9 @@ Verdict = Literal["on track", "at risk", "will miss"]
 
 @RENDER_CODEC.register
 class FarmConfigChanged(Event, frozen=True, kw_only=True, tag="render.config_changed"):
-    """The farm configuration was loaded or reloaded (``changes`` says what, readably)."""
+    """The farm configuration was loaded or reloaded (``changes`` says what, readably).
+    ``by``: ``startup``, the client credential that reloaded it, or ``operator`` (the
+    embedding application or a join-token client)."""
 
     config: FarmConfig
     changes: tuple[str, ...] = ()
@@ -39,7 +41,8 @@ class FarmConfigChanged(Event, frozen=True, kw_only=True, tag="render.config_cha
 
 @RENDER_CODEC.register
 class EnergyModeChanged(Event, frozen=True, kw_only=True, tag="render.energy_mode_changed"):
-    """The energy mode changed: set by an operator, by a reload, or automatically."""
+    """The energy mode changed: set by an operator, by a reload, or automatically (``by``:
+    ``auto``, ``startup``, the client credential that set it, or ``operator``)."""
 
     mode: EnergyMode
     previous: EnergyMode

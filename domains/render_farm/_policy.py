@@ -1177,9 +1177,18 @@ class RenderFarmPolicy(FifoPolicy):
     # -- commands -------------------------------------------------------------------------------
 
     def command(
-        self, name: str, arguments: Mapping[str, Any], farm: FarmView, now: datetime
+        self,
+        name: str,
+        arguments: Mapping[str, Any],
+        farm: FarmView,
+        now: datetime,
+        *,
+        by: str | None = None,
     ) -> CommandResult:
         self._farm = farm
+        # Who the journaled change names: the client credential that asked, else "operator"
+        # (the embedding application or a join-token client, as before names were recorded).
+        who = by or "operator"
         match name:
             case "status":
                 return CommandResult(reply=self.status_rows(farm, now))
@@ -1194,13 +1203,13 @@ class RenderFarmPolicy(FifoPolicy):
                     reply={"config": msgspec.to_builtins(self.config), "mode": self.mode}
                 )
             case "config-reload":
-                return self._reload(arguments)
+                return self._reload(arguments, by=who)
             case "mode":
-                return self._set_mode(arguments)
+                return self._set_mode(arguments, by=who)
             case _:
-                return super().command(name, arguments, farm, now)
+                return super().command(name, arguments, farm, now, by=by)
 
-    def _reload(self, arguments: Mapping[str, Any]) -> CommandResult:
+    def _reload(self, arguments: Mapping[str, Any], *, by: str) -> CommandResult:
         text = arguments.get("text")
         source = str(arguments.get("source") or "")
         if text is None:
@@ -1222,21 +1231,21 @@ class RenderFarmPolicy(FifoPolicy):
         changes = config_changes(self.config, new)
         if not changes:
             return CommandResult(reply={"changes": [], "mode": self.mode})
-        events: list[Event] = [FarmConfigChanged(config=new, changes=changes, by="operator")]
+        events: list[Event] = [FarmConfigChanged(config=new, changes=changes, by=by)]
         if new.energy.mode != self.config.energy.mode and new.energy.mode != self.mode:
             events.append(
                 EnergyModeChanged(
                     mode=new.energy.mode,
                     previous=self.mode,
                     reason=f"reloaded {new.source}",
-                    by="operator",
+                    by=by,
                 )
             )
         return CommandResult(
             reply={"changes": list(changes), "mode": new.energy.mode}, events=events
         )
 
-    def _set_mode(self, arguments: Mapping[str, Any]) -> CommandResult:
+    def _set_mode(self, arguments: Mapping[str, Any], *, by: str) -> CommandResult:
         mode = arguments.get("mode")
         if mode not in ENERGY_MODES:
             raise ConfigurationError(
@@ -1247,7 +1256,7 @@ class RenderFarmPolicy(FifoPolicy):
             return CommandResult(reply={"mode": mode, "changed": False})
         return CommandResult(
             reply={"mode": mode, "changed": True},
-            events=[EnergyModeChanged(mode=mode, previous=self.mode, reason=reason, by="operator")],
+            events=[EnergyModeChanged(mode=mode, previous=self.mode, reason=reason, by=by)],
         )
 
     # -- what operators see ---------------------------------------------------------------------

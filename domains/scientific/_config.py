@@ -162,6 +162,9 @@ class MaintenanceWindow(msgspec.Struct, frozen=True, kw_only=True):
     nodes: tuple[str, ...] = ()
     requires: str | None = None
     reason: str = ""
+    #: Who scheduled it: a client credential's name, ``cluster.toml``, or "" (the embedding
+    #: application, a join-token client, or a window journaled before this was recorded).
+    by: str = ""
 
     def covers(self, node: str, labels: Mapping[str, str]) -> bool:
         """Return whether the window takes ``node`` (with ``labels``) out of service."""
@@ -188,6 +191,8 @@ class Reservation(msgspec.Struct, frozen=True, kw_only=True):
     count: int = 0
     requires: str | None = None
     made_at: datetime | None = None
+    #: Who made it: a client credential's name, ``cluster.toml``, or "" (the embedding
+    #: application, a join-token client, or a reservation journaled before this was recorded).
     by: str = ""
 
     @property
@@ -512,6 +517,7 @@ class _Build:
                     nodes=tuple(sorted(set(m.nodes))),
                     requires=m.requires,
                     reason=m.reason,
+                    by="cluster.toml",
                 )
             )
         reservations: list[Reservation] = []

@@ -2,7 +2,9 @@
 
 Commands (``taskfarm science reserve ...``) decide and return these; the engine journals them
 and folds them back into the policy (and replays them on every start), so reservations,
-maintenance windows and pins are a projection of the journal, never a second truth.
+maintenance windows and pins are a projection of the journal, never a second truth.  Each
+records who asked (``by``: the client credential the coordinator authenticated), fields added
+with defaults so events journaled before them decode unchanged.
 """
 
 from __future__ import annotations
@@ -32,10 +34,12 @@ class ReservationMade(Event, frozen=True, kw_only=True, tag="science.reservation
 
 @SCIENCE_CODEC.register
 class ReservationCancelled(Event, frozen=True, kw_only=True, tag="science.reservation_cancelled"):
-    """A reservation was withdrawn before its end."""
+    """A reservation was withdrawn before its end (``by``: who withdrew it, as
+    ``Reservation.by``)."""
 
     name: str
     reason: str = ""
+    by: str = ""
 
 
 @SCIENCE_CODEC.register
@@ -47,16 +51,20 @@ class MaintenanceScheduled(Event, frozen=True, kw_only=True, tag="science.mainte
 
 @SCIENCE_CODEC.register
 class MaintenanceCancelled(Event, frozen=True, kw_only=True, tag="science.maintenance_cancelled"):
-    """A maintenance window was called off."""
+    """A maintenance window was called off (``by``: who called it off, as
+    ``MaintenanceWindow.by``)."""
 
     name: str
     reason: str = ""
+    by: str = ""
 
 
 @SCIENCE_CODEC.register
 class MemberPinned(Event, frozen=True, kw_only=True, tag="science.member_pinned"):
-    """A sweep member is kept running whatever successive halving decides (or no longer)."""
+    """A sweep member is kept running whatever successive halving decides (or no longer);
+    ``by``: who pinned or unpinned it, as ``Reservation.by``."""
 
     job_id: str
     pinned: bool = True
     reason: str = ""
+    by: str = ""

@@ -760,36 +760,47 @@ class SciencePolicy(FifoPolicy):
     # -- commands -----------------------------------------------------------------------------
 
     def command(
-        self, name: str, arguments: Mapping[str, Any], farm: FarmView, now: datetime
+        self,
+        name: str,
+        arguments: Mapping[str, Any],
+        farm: FarmView,
+        now: datetime,
+        *,
+        by: str | None = None,
     ) -> CommandResult:
         cycle = self._begin(farm, now)
+        who = by or ""  # "" in the record: the embedding application or a join-token client
         match name:
             case "reserve":
-                return self._reserve(arguments, farm, now)
+                return self._reserve(arguments, farm, now, by=who)
             case "unreserve":
                 found = self._existing(arguments, self.reservations, "reservation")
                 return CommandResult(
                     reply={"cancelled": found},
                     events=[
-                        ReservationCancelled(name=found, reason=str(arguments.get("reason", "")))
+                        ReservationCancelled(
+                            name=found, reason=str(arguments.get("reason", "")), by=who
+                        )
                     ],
                 )
             case "reservations":
                 return CommandResult(reply=self._reservation_rows(cycle, farm, now))
             case "maintenance":
-                return self._schedule_window(arguments, now)
+                return self._schedule_window(arguments, now, by=who)
             case "cancel-maintenance":
                 found = self._existing(arguments, self.windows, "maintenance window")
                 return CommandResult(
                     reply={"cancelled": found},
                     events=[
-                        MaintenanceCancelled(name=found, reason=str(arguments.get("reason", "")))
+                        MaintenanceCancelled(
+                            name=found, reason=str(arguments.get("reason", "")), by=who
+                        )
                     ],
                 )
             case "windows":
                 return CommandResult(
                     reply=[
-                        {**msgspec.to_builtins(w), "status": _window_status(w, now)}
+                        _window_row(w, now)
                         for w in sorted(self.windows.values(), key=lambda w: (w.start, w.name))
                     ]
                 )
@@ -799,7 +810,7 @@ class SciencePolicy(FifoPolicy):
                     raise ConfigurationError(f"no simulation {job_id!r}", where="job")
                 return CommandResult(
                     reply={"job": job_id, "pinned": name == "pin"},
-                    events=[MemberPinned(job_id=job_id, pinned=name == "pin")],
+                    events=[MemberPinned(job_id=job_id, pinned=name == "pin", by=who)],
                 )
             case "scenarios":
                 return CommandResult(reply=self._scenario_rows(cycle, farm))
@@ -830,7 +841,7 @@ class SciencePolicy(FifoPolicy):
         return name
 
     def _reserve(
-        self, arguments: Mapping[str, Any], farm: FarmView, now: datetime
+        self, arguments: Mapping[str, Any], farm: FarmView, now: datetime, *, by: str
     ) -> CommandResult:
         job_id = _text(arguments, "for")
         start = _time(arguments, "start")
@@ -854,7 +865,7 @@ class SciencePolicy(FifoPolicy):
             count=count,
             requires=requires if isinstance(requires, str) else None,
             made_at=now,
-            by=str(arguments.get("by", "")),
+            by=by,
         )
         trial = plan_reservations(
             [*self.reservations.values(), reservation],
@@ -879,10 +890,13 @@ class SciencePolicy(FifoPolicy):
             "start": start.isoformat(),
             "end": reservation.end.isoformat(),
             "nodes": list(nodes),
+            "by": by or None,
         }
         return CommandResult(reply=reply, events=[ReservationMade(reservation=reservation)])
 
-    def _schedule_window(self, arguments: Mapping[str, Any], now: datetime) -> CommandResult:
+    def _schedule_window(
+        self, arguments: Mapping[str, Any], now: datetime, *, by: str
+    ) -> CommandResult:
         name = _text(arguments, "name")
         start, end = _time(arguments, "start"), _time(arguments, "end")
         severity = str(arguments.get("severity", "major"))
@@ -906,9 +920,10 @@ class SciencePolicy(FifoPolicy):
             nodes=nodes,
             requires=requires if isinstance(requires, str) else None,
             reason=str(arguments.get("reason", "")),
+            by=by,
         )
         return CommandResult(
-            reply={**msgspec.to_builtins(window), "status": _window_status(window, now)},
+            reply=_window_row(window, now),
             events=[MaintenanceScheduled(window=window)],
         )
 
@@ -931,6 +946,7 @@ class SciencePolicy(FifoPolicy):
                     "end": r.end.isoformat(),
                     "count": r.count,
                     "requires": r.requires,
+                    "by": r.by or None,
                     "status": status,
                     "nodes": list(cycle.plan.nodes.get(r.name, ())),
                     "short": cycle.plan.short.get(r.name, 0),
@@ -996,6 +1012,16 @@ class SciencePolicy(FifoPolicy):
                     self.pins.discard(job_id)
             case _:
                 pass
+
+
+def _window_row(window: MaintenanceWindow, now: datetime) -> dict[str, Any]:
+    """Return a window as ``windows`` shows it: its fields, who scheduled it (None: no one
+    named) and its status now."""
+    return {
+        **msgspec.to_builtins(window),
+        "by": window.by or None,
+        "status": _window_status(window, now),
+    }
 
 
 def _window_status(window: MaintenanceWindow, now: datetime) -> str:

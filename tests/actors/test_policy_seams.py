@@ -410,6 +410,7 @@ DOMAIN_CODEC.update(ENGINE_CODEC)
 class Reserved(Event, frozen=True, kw_only=True, tag="test.domain.reserved"):
     node: str
     until: datetime
+    by: str | None = None
 
 
 class Reserving(FifoPolicy):
@@ -420,9 +421,16 @@ class Reserving(FifoPolicy):
 
     def __init__(self) -> None:
         self.reserved: dict[str, datetime] = {}
+        self.reserved_by: dict[str, str | None] = {}
 
     def command(
-        self, name: str, arguments: Mapping[str, Any], farm: FarmView, now: datetime
+        self,
+        name: str,
+        arguments: Mapping[str, Any],
+        farm: FarmView,
+        now: datetime,
+        *,
+        by: str | None = None,
     ) -> CommandResult:
         if name == "reservations":
             return CommandResult(reply={n: u.isoformat() for n, u in self.reserved.items()})
@@ -431,12 +439,13 @@ class Reserving(FifoPolicy):
             if node not in farm.nodes:
                 raise ConfigurationError(f"no node {node!r}", where="--node")
             until = now + timedelta(hours=float(arguments.get("hours", 1)))
-            return CommandResult(reply="reserved", events=[Reserved(node=node, until=until)])
-        return super().command(name, arguments, farm, now)
+            return CommandResult(reply="reserved", events=[Reserved(node=node, until=until, by=by)])
+        return super().command(name, arguments, farm, now, by=by)
 
     def apply(self, event: Event) -> None:
         if isinstance(event, Reserved):
             self.reserved[event.node] = event.until
+            self.reserved_by[event.node] = event.by
 
     def node_score(
         self, job: JobView, task: TaskView, node: NodeView, now: datetime
@@ -467,6 +476,25 @@ async def test_a_policy_command_journals_its_events_and_a_restart_replays_them()
     async with open_farm({"n1": CPU4}, clock=clock, journal=journal, policy=policy) as farm:
         assert set(await farm.engine.policy_command("reservations")) == {"n1"}
         assert policy.reserved["n1"] > clock.now()
+
+
+async def test_a_policy_command_is_told_who_asked() -> None:
+    """``Engine.policy_command(..., by=NAME)`` reaches the policy's ``command`` as ``by`` (so
+    its journaled event can name who asked); without it the policy hears None."""
+    clock = VirtualClock(auto_advance=True)
+    journal = InMemoryJournal(clock=clock, codec=DOMAIN_CODEC)
+    policy = Reserving()
+    async with open_farm(
+        {"n1": CPU4, "n2": CPU4}, clock=clock, journal=journal, policy=policy
+    ) as farm:
+        await farm.engine.policy_command("reserve", {"node": "n1"}, by="alice")
+        await farm.engine.policy_command("reserve", {"node": "n2"})
+    assert policy.reserved_by == {"n1": "alice", "n2": None}
+    records = await journal.read_stream("policy:reserving")
+    assert [(r.event.node, r.event.by) for r in records if isinstance(r.event, Reserved)] == [
+        ("n1", "alice"),
+        ("n2", None),
+    ]
 
 
 class SleepyFarm(FifoPolicy):

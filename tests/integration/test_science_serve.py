@@ -12,6 +12,11 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import pytest
 
+from actors import ENGINE_CODEC
+from domains.scientific import SCIENCE_CODEC, MaintenanceScheduled, ReservationMade
+from persistence import EventCodec, open_sqlite_journal
+from runtime import SystemClock
+
 if TYPE_CHECKING:
     from conftest import Cluster
 
@@ -139,7 +144,7 @@ async def test_science_commands_run_over_tcp_with_their_roles_and_survive_a_rest
     code, out, err = await run(cluster, "science", "reservations")
     assert code == 0, err
     assert out.splitlines()[0].split() == [
-        "name", "for", "start", "end", "count", "requires", "status", "nodes", "short"
+        "name", "for", "start", "end", "count", "requires", "by", "status", "nodes", "short"
     ]  # fmt: skip
     assert out.splitlines()[1].split()[:2] == ["coupled", "coupled-7"]
     code, out, err = await run(cluster, "science", "scenarios")
@@ -174,6 +179,88 @@ async def test_science_commands_run_over_tcp_with_their_roles_and_survive_a_rest
 
 async def _same(cluster: Cluster, state: Any, expected: tuple[Any, Any, Any]) -> bool:
     return bool(await state() == expected)
+
+
+async def test_a_reservation_says_which_client_made_it_and_a_restart_keeps_it(
+    cluster: Cluster,
+) -> None:
+    """A reservation and a window made over TCP with alice's operator credential say ``by
+    alice`` in ``reservations`` and ``windows`` (table and --json) and in the journal's
+    policy:science events, and still do after the coordinator is SIGKILLed and restarted;
+    one made with the join token names no one."""
+    config = cluster.root / "cluster.toml"
+    config.write_text("")
+    policy = ("--policy", "science", "--policy-config", str(config))
+    cluster.start_coordinator(*policy)
+    cluster.start_agent("a1")
+    cluster.start_agent("a2")
+    await cluster.wait_online("a1", "a2")
+    alice = cluster.root / "alice.cred"
+    code, _out, err = await run(
+        cluster, "token", "issue", "--client", "alice", "--role", "operator", "--out", str(alice)
+    )
+    assert code == 0, err
+    as_alice = ("--credential-file", str(alice))
+
+    made = await science(
+        cluster, "reserve", "--for", "coupled-7", "--start", later(30), "--duration", "1d",
+        "--nodes", "1", "--name", "coupled", *as_alice,
+    )  # fmt: skip
+    assert made["by"] == "alice"
+    await science(
+        cluster, "maintenance", "--name", "firmware", "--nodes", "a1", "--start", later(40),
+        "--end", later(40.25), "--reason", "BIOS", *as_alice,
+    )  # fmt: skip
+    await science(
+        cluster, "reserve", "--for", "spinup", "--start", later(35), "--duration", "1h",
+        "--nodes", "1", "--name", "by-token",
+    )  # fmt: skip
+
+    async def who() -> tuple[list[tuple[str, Any]], list[tuple[str, Any]]]:
+        reservations = await science(cluster, "reservations")
+        windows = await science(cluster, "windows")
+        return (
+            [(r["name"], r["by"]) for r in reservations],
+            [(w["name"], w["by"]) for w in windows],
+        )
+
+    expected = ([("coupled", "alice"), ("by-token", None)], [("firmware", "alice")])
+    assert await who() == expected
+    code, out, err = await run(cluster, "science", "reservations")
+    assert code == 0, err
+    header, *rows = (line.split() for line in out.splitlines())
+    assert [row[header.index("by")] for row in rows] == ["alice", "-"]
+    code, out, err = await run(cluster, "science", "windows")
+    assert code == 0, err
+    header, row = (line.split() for line in out.splitlines())
+    assert row[header.index("by")] == "alice"
+
+    cluster.kill_coordinator()
+    journaled = [
+        (e.reservation.name, e.reservation.by)
+        if isinstance(e, ReservationMade)
+        else (e.window.name, e.window.by)
+        for e in await _policy_events(cluster)
+        if isinstance(e, ReservationMade | MaintenanceScheduled)
+    ]
+    assert journaled == [("coupled", "alice"), ("firmware", "alice"), ("by-token", "")]
+    cluster.start_coordinator(*policy)
+
+    async def replayed() -> bool:
+        return await who() == expected
+
+    await cluster.wait_until(replayed, what="the restarted coordinator names alice")
+
+
+async def _policy_events(cluster: Cluster) -> list[Any]:
+    """Read the science policy's stream from the journal file (read-only)."""
+    codec = EventCodec()
+    codec.update(ENGINE_CODEC)
+    codec.update(SCIENCE_CODEC)
+    async with open_sqlite_journal(
+        cluster.journal, clock=SystemClock(), codec=codec, read_only=True
+    ) as journal:
+        return [record.event for record in await journal.read_stream("policy:science")]
 
 
 @pytest.mark.parametrize(

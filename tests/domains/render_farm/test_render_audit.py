@@ -141,6 +141,28 @@ async def test_the_timeline_tells_what_happened_to_a_job_a_node_and_a_client() -
     assert first_preview == (ready.at - MONDAY).total_seconds()
 
 
+async def test_a_mode_change_and_a_reload_name_the_client_that_asked() -> None:
+    """``mode`` and ``config reload`` sent with ``by=NAME`` journal NAME, and the audit says
+    who; without one they say ``operator``, as before names were recorded."""
+    policy = RenderFarmPolicy(parse_farm_config(FARM))
+    clock = VirtualClock(auto_advance=True, start=MONDAY)
+    nodes = [RenderNode(name="n0", node_class="std", cores=4)]
+    async with open_simulated_farm(
+        policy=policy, nodes=nodes, duration=_seconds, clock=clock
+    ) as farm:
+        command = farm.engine.policy_command
+        await command("mode", {"mode": "balanced", "reason": "evening"}, by="alice")
+        await command("config-reload", {"text": FARM.replace('"1h"', '"2h"')}, by="bob")
+        await command("mode", {"mode": "efficiency", "reason": "night"})
+        projection = audit_records(await _records(farm))
+    said = [e.text for e in projection.entries if e.kind in ("mode", "config")]
+    assert [line for line in said if "(startup)" not in line] == [
+        "energy mode performance -> balanced (by alice: evening)",
+        "configuration (bob): margin: 3600.0 -> 7200.0",
+        "energy mode balanced -> efficiency (by operator: night)",
+    ]
+
+
 def test_an_empty_journal_has_no_figures() -> None:
     """Nothing happened: no entries, nothing to divide by."""
     projection = AuditProjection()

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import anyio
+import msgspec
 import pytest
 
 from actors import (
@@ -32,6 +33,13 @@ from actors import (
 )
 from domains.scientific import (
     SCIENCE_CODEC,
+    MaintenanceCancelled,
+    MaintenanceScheduled,
+    MaintenanceWindow,
+    MemberPinned,
+    Reservation,
+    ReservationCancelled,
+    ReservationMade,
     SciencePolicy,
     Simulation,
     SimulationStage,
@@ -169,6 +177,116 @@ async def test_a_reservation_is_journaled_listed_and_replayed_after_a_restart() 
         cancelled = await farm.engine.policy_command("unreserve", {"name": "r1"})
         assert cancelled == {"cancelled": "r1"}
         assert await farm.engine.policy_command("reservations", {}) == []
+
+
+WHO_CONFIG = """
+[[reservations]]
+name = "from-file"
+for = "other"
+start = 2027-03-05T00:00:00Z
+duration = "1h"
+nodes = 1
+[[maintenance]]
+name = "file-window"
+start = 2027-03-06T00:00:00Z
+end = 2027-03-06T01:00:00Z
+"""
+
+
+async def test_every_science_command_records_who_asked_and_a_restart_keeps_it() -> None:
+    """``policy_command(..., by=NAME)`` puts NAME on the reservation, window, cancellation
+    and pin it journals, and ``reservations``/``windows`` show it, after a restart too; an
+    ``arguments["by"]`` is the caller's word and ignored; without ``by`` nothing is claimed
+    (null); cluster.toml's entries say so."""
+    clock = VirtualClock(auto_advance=True, start=T0)
+    journal = InMemoryJournal(clock=clock, codec=codec())
+    start = (T0 + timedelta(hours=10)).isoformat()
+    window = {
+        "start": (T0 + timedelta(days=2)).isoformat(),
+        "end": (T0 + timedelta(days=2, hours=1)).isoformat(),
+    }
+    async with cluster(journal=journal, clock=clock, config=WHO_CONFIG) as farm:
+        command = farm.engine.policy_command
+        reply = await command(
+            "reserve",
+            {"for": "big", "start": start, "duration": "1d", "nodes": 1, "name": "r1", "by": "eve"},
+            by="alice",
+        )
+        assert reply["by"] == "alice"
+        await command("reserve", {"for": "big", "start": start, "duration": "1h", "nodes": 1})
+        made = await command("maintenance", {"name": "fw", **window}, by="bob")
+        assert made["by"] == "bob"
+        await command("maintenance", {"name": "quiet", **window})
+        rows = await command("reservations", {})
+        assert {r["name"]: r["by"] for r in rows if r["for"] == "big"} == {
+            "r1": "alice",
+            "big@20270301T1000": None,
+        }
+        assert [w["by"] for w in await command("windows", {}) if w["name"] == "quiet"] == [None]
+        await farm.engine.submit([sim("s1", 1).to_job()])
+        await command("pin", {"job": "s1"}, by="carol")
+        await command("unreserve", {"name": "big@20270301T1000"}, by="dan")
+        await command("cancel-maintenance", {"name": "quiet"}, by="dan")
+    expected_rows = (
+        [("r1", "alice"), ("from-file", "cluster.toml")],
+        [("fw", "bob"), ("file-window", "cluster.toml")],
+    )
+    async with cluster(journal=journal, clock=clock, config=WHO_CONFIG) as farm:
+        reservations = await farm.engine.policy_command("reservations", {})
+        windows = await farm.engine.policy_command("windows", {})
+        assert (
+            [(r["name"], r["by"]) for r in reservations],
+            [(w["name"], w["by"]) for w in windows],
+        ) == expected_rows
+    events = [r.event for r in await journal.read_stream("policy:science")]
+    who = []
+    for event in events:
+        match event:
+            case ReservationMade(reservation=made):
+                who.append(("reserved", made.name, made.by))
+            case MaintenanceScheduled(window=scheduled):
+                who.append(("scheduled", scheduled.name, scheduled.by))
+            case MemberPinned(job_id=job_id, by=by):
+                who.append(("pinned", job_id, by))
+            case ReservationCancelled(name=name, by=by) | MaintenanceCancelled(name=name, by=by):
+                who.append(("cancelled", name, by))
+    assert who == [
+        ("reserved", "r1", "alice"),
+        ("reserved", "big@20270301T1000", ""),
+        ("scheduled", "fw", "bob"),
+        ("scheduled", "quiet", ""),
+        ("pinned", "s1", "carol"),
+        ("cancelled", "big@20270301T1000", "dan"),
+        ("cancelled", "quiet", "dan"),
+    ]
+
+
+def test_science_events_journaled_before_by_was_recorded_still_decode() -> None:
+    """A reservation, window, cancellation or pin stored without ``by`` (an older journal)
+    decodes, with ``by`` empty (no one named)."""
+    at = T0 + timedelta(hours=1)
+
+    def reservation(by: str) -> ReservationMade:
+        return ReservationMade(
+            reservation=Reservation(name="r", job_id="j", start=at, duration=60.0, by=by)
+        )
+
+    def window(by: str) -> MaintenanceScheduled:
+        return MaintenanceScheduled(window=MaintenanceWindow(name="w", start=at, end=at, by=by))
+
+    kinds = [
+        (reservation, "reservation"),
+        (window, "window"),
+        (lambda by: ReservationCancelled(name="r", by=by), None),
+        (lambda by: MaintenanceCancelled(name="w", by=by), None),
+        (lambda by: MemberPinned(job_id="j", by=by), None),
+    ]
+    for make, inner in kinds:
+        stored = SCIENCE_CODEC.encode(make("alice"))
+        payload = msgspec.json.decode(stored.payload)
+        del (payload[inner] if inner else payload)["by"]
+        old = SCIENCE_CODEC.decode(stored.tag, stored.schema_version, msgspec.json.encode(payload))
+        assert old == make(""), stored.tag
 
 
 async def test_backfill_fills_the_gap_and_the_reservation_starts_on_time() -> None:

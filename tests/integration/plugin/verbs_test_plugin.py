@@ -45,18 +45,24 @@ class DeadlinePolicy(FifoPolicy):
         return {"deadline": str(metadata.get("deadline", "none")), "shift": self.label}
 
     def command(
-        self, name: str, arguments: Mapping[str, Any], farm: FarmView, now: datetime
+        self,
+        name: str,
+        arguments: Mapping[str, Any],
+        farm: FarmView,
+        now: datetime,
+        *,
+        by: str | None = None,
     ) -> CommandResult:
         if name == "bump":
-            by = arguments.get("by", 1)
-            if not isinstance(by, int) or isinstance(by, bool) or by < 1:
-                raise ConfigurationError(f"expected a whole number >= 1, got {by!r}", where="by")
-            return CommandResult(reply={"bumps": self.bumps + by}, events=[Bumped(by=by)])
+            step = arguments.get("by", 1)
+            if not isinstance(step, int) or isinstance(step, bool) or step < 1:
+                raise ConfigurationError(f"expected a whole number >= 1, got {step!r}", where="by")
+            return CommandResult(reply={"bumps": self.bumps + step}, events=[Bumped(by=step)])
         if name == "count":
             return CommandResult(reply={"bumps": self.bumps, "shift": self.label})
         if name == "reset":
             return CommandResult(reply={"bumps": 0}, events=[Bumped(by=-self.bumps)])
-        return super().command(name, arguments, farm, now)
+        return super().command(name, arguments, farm, now, by=by)
 
     def apply(self, event: Event) -> None:
         if isinstance(event, Bumped):
