@@ -2,12 +2,13 @@
 
 Each cycle, every reservation that has not ended picks the nodes it will use (its *shadow*):
 the nodes already running its simulation count first, then, among the healthy nodes with the
-required label that no earlier reservation took and no critical maintenance window takes
-during it, those free by its start (by the walltime, ``max_runtime``, of what runs there) that
-stay busy longest -- so a node idle now is held only when it must be, and the busy ones need no
-backfill -- then those that will be free soonest after it, then by name.  So a reserved node
-that fails is replaced from the free pool at the next cycle, without anything to journal: the
-shadow is a function of the farm.
+required label that no other reservation holds during it (a node serves reservations one
+after another, as Slurm's do) and no critical maintenance window takes during it, those free
+by its start (by the walltime, ``max_runtime``, of what runs there) that stay busy longest --
+so a node idle now is held only when it must be, and the busy ones need no backfill -- then
+those that will be free soonest after it, then by name.  So a reserved node that fails is
+replaced from the free pool at the next cycle, without anything to journal: the shadow is a
+function of the farm.
 
 Backfill (EASY): before a reservation starts, work of other simulations may run on its shadow
 nodes only if its walltime ends before the start; work without a walltime never does.  A
@@ -61,7 +62,7 @@ class Hold:
 
 @dataclass
 class ShadowPlan:
-    """This cycle's holds: node -> its hold; per reservation, its nodes and shortfall."""
+    """This cycle's holds: node -> its next hold; per reservation, its nodes and shortfall."""
 
     holds: dict[str, Hold] = field(default_factory=dict)
     nodes: dict[str, tuple[str, ...]] = field(default_factory=dict)
@@ -122,6 +123,11 @@ def plan_reservations(
     plan = ShadowPlan()
     never = datetime.max.replace(tzinfo=now.tzinfo)
     free: dict[str, datetime] = {}  # computed once per node, on demand
+    booked: dict[str, list[Hold]] = {}  # node -> the reservations holding it, by start
+
+    def taken(node: str, start: datetime, end: datetime) -> bool:
+        return any(h.start < end and start < (h.end or never) for h in booked.get(node, ()))
+
     for reservation in sorted(reservations, key=lambda r: (r.start, r.name)):
         if now >= reservation.end:
             continue
@@ -137,7 +143,8 @@ def plan_reservations(
             sorted(
                 node
                 for node, attempts in farm.running.items()
-                if node not in plan.holds and any(key[0] == job_id for key in attempts)
+                if not taken(node, reservation.start, reservation.end)
+                and any(key[0] == job_id for key in attempts)
             )
             if job_id in farm.placements
             else []
@@ -145,12 +152,17 @@ def plan_reservations(
         candidates: list[tuple[tuple[int, float], str]] = []
         start = reservation.start
         for name, node in farm.nodes.items():
-            if name in plan.holds or name in own or not _eligible(node, reservation, windows):
+            if (
+                name in own
+                or taken(name, start, reservation.end)
+                or not _eligible(node, reservation, windows)
+            ):
                 continue
             if name not in free:
                 found = free_at(name, farm.running.get(name, {}), walltime, now)
                 free[name] = found if found is not None else never
-            at = free[name]
+            # Free once its work ends and any earlier reservation holding it has ended.
+            at = max([free[name], *(h.end or never for h in booked.get(name, ()))])
             # Free by the start: the node busy longest first (holding a node that is idle now
             # would leave it idle unless short work fits before the start); else soonest free.
             key = (0, -at.timestamp()) if at <= start else (1, _stamp(at))
@@ -165,7 +177,8 @@ def plan_reservations(
         plan.nodes[reservation.name] = tuple(chosen)
         hold = Hold(reservation.name, reservation.job_id, reservation.start, reservation.end)
         for name in chosen:
-            plan.holds[name] = hold
+            plan.holds.setdefault(name, hold)  # reservations come by start: the next one
+            booked.setdefault(name, []).append(hold)
     return plan
 
 

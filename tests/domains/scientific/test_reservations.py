@@ -6,6 +6,7 @@ import dataclasses
 import random
 from datetime import UTC, datetime, timedelta
 
+import msgspec
 import pytest
 
 from actors import (
@@ -382,3 +383,28 @@ def test_a_started_reservation_counts_every_node_of_its_multi_node_stage() -> No
     plan = plan_reservations([reservation(start=-1.0)], view, T0, walltime=walltime)
     assert plan.nodes["big"] == ("a", "b")
     assert "big" in plan.active
+
+
+@pytest.mark.parametrize(
+    ("second_start", "second_nodes", "short"),
+    [
+        (34.0, ("a",), 0),  # starts when the first ends: the same node serves both
+        (40.0, ("a",), 0),  # later still
+        (30.0, (), 1),  # overlaps the first: no node left for it
+    ],
+)
+def test_a_node_serves_reservations_one_after_another(
+    second_start: float, second_nodes: tuple[str, ...], short: int
+) -> None:
+    """One node, two reservations: back to back they share it (the node's next hold is the
+    earlier one); overlapping, the later one is short of a node."""
+    view, walltime = farm({"a": {}})
+    first = reservation(count=1, start=10.0, hours=24.0)
+    second = msgspec.structs.replace(
+        reservation(count=1, start=second_start, hours=6.0), name="after", job_id="sim2"
+    )
+    plan = plan_reservations([second, first], view, T0, walltime=walltime)
+    assert plan.nodes["big"] == ("a",)
+    assert plan.nodes["after"] == second_nodes
+    assert plan.short["after"] == short
+    assert plan.holds["a"].name == "big"
