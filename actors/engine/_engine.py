@@ -857,11 +857,11 @@ async def _history(journal: Journal) -> list[Observation]:
             event = recorded.event
             at = recorded.timestamp
             match event:
-                case TaskStarted(task=task):
+                case TaskStarted(task=task, at=began):
                     node, attempt = nodes.get((job_id, task), ("", 0))
                     observations.append(
                         TaskStartedObservation(
-                            job_id=job_id, task=task, node=node, attempt=attempt, at=at
+                            job_id=job_id, task=task, node=node, attempt=attempt, at=began or at
                         )
                     )
                 case TaskMetricRecorded(task=task, name=name, value=value):

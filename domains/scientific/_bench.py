@@ -649,7 +649,8 @@ def _measure(
         event = record.event
         at = record.timestamp
         match event:
-            case TaskStarted(task=task):
+            case TaskStarted(task=task, at=began):
+                at = began or at  # when it started (its event may be journaled a moment later)
                 key = (job_id, task)
                 started[key] = at
                 checkpoints[key] = []

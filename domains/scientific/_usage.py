@@ -146,8 +146,9 @@ def daily_usage(records: Iterable[RecordedEvent]) -> Usage:
                 cores[job_id] = [spec.task_resources(i).cores for i in range(len(spec.tasks))]
             case TaskAssigned(task=task, nodes=gang):
                 nodes[(job_id, task)] = max(1, len(gang))
-            case TaskStarted(task=task):
-                started[(job_id, task)] = record.timestamp
+            case TaskStarted(task=task, at=at):
+                # ``at`` is when it started (its event may be journaled a moment later).
+                started[(job_id, task)] = at or record.timestamp
             case (
                 TaskCompleted(task=task)
                 | TaskFailed(task=task)
