@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import io
 import json
 import math
@@ -23,9 +24,9 @@ from actors.cluster import usage_store_path
 from persistence import EventCodec, open_sqlite_journal
 from runtime import ConfigurationError, SystemClock
 
-from ._config import ClusterConfig, load_cluster_config
+from ._config import ClusterConfig, ForecastSettings, load_cluster_config
 from ._events import SCIENCE_CODEC
-from ._forecast import SeriesForecast, forecast_series
+from ._forecast import Informed, SeriesForecast, forecast_series
 from ._usage import CLUSTER, Usage, read_measured, read_usage
 
 __all__ = [
@@ -287,9 +288,20 @@ def usage_forecasts(
             origins=settings.backtest_origins,
             backtest_horizon=settings.backtest_horizon,
             level=settings.interval,
+            informed={"queue_and_arrivals": _queue_and_arrivals(usage, name, settings)},
         )
         for name in names
     ]
+
+
+def _queue_and_arrivals(usage: Usage, name: str, settings: ForecastSettings) -> Informed:
+    """The queue and arrivals method for one series (see ``_backlog``)."""
+    return functools.partial(
+        usage.queue_and_arrivals,
+        name,
+        window=settings.arrival_window_days,
+        stale=settings.queue_stale_days,
+    )
 
 
 def forecast_rows(usage: Usage, forecasts: list[SeriesForecast]) -> list[dict[str, Any]]:
