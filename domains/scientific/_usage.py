@@ -97,7 +97,9 @@ class Usage:
         midnight = datetime(start.year, start.month, start.day, tzinfo=UTC)
         at = midnight
         if origin >= len(self.days()) and self.ledger.last is not None:
-            at = min(max(self.ledger.last, midnight - timedelta(days=1)), midnight)
+            # Now: just after the last event (so that it is known), within the last day.
+            now = self.ledger.last + timedelta(seconds=1)
+            at = min(max(now, midnight - timedelta(days=1)), midnight)
         days = [start + timedelta(days=k) for k in range(horizon)]
         who = None if project == CLUSTER else project
         known = self.ledger.known(who, at, days, window=window, stale=stale)
@@ -211,6 +213,10 @@ def daily_usage(records: Iterable[RecordedEvent]) -> Usage:
             if job_id in projects and last > begin:
                 width = cores[job_id][task] * nodes.get((job_id, task), 1)
                 _add(usage, projects[job_id], width, begin, last)
+        if usage.first is not None:
+            # The history runs to today even if nothing ran today: what was submitted
+            # today is in the queue the forecast starts from.
+            _span(usage, last.astimezone(UTC).date())
     return usage
 
 
