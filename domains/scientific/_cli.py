@@ -357,11 +357,22 @@ def _summary(series: SeriesForecast, usage: Usage) -> dict[str, Any]:
         "measured_core_hours": None if measured is None else round(measured, 3),
         "method": series.method,
         "backtest": {
-            m: {"mape": finite(a.mape), "mae": finite(a.mae), "coverage80": finite(a.coverage)}
+            m: {
+                "wape": finite(a.wape),
+                "weekly_wape": finite(a.weekly_wape),
+                "mape": finite(a.mape),
+                "mae": finite(a.mae),
+                "coverage80": finite(a.coverage),
+            }
             for m, a in series.accuracies.items()
         },
         "note": series.note,
     }
+
+
+def _percent(value: float) -> str:
+    """A score in %, or "undefined" (nothing was used in the days it scores)."""
+    return f"{value:.1f} %" if math.isfinite(value) else "undefined"
 
 
 async def _forecast(args: argparse.Namespace) -> int:
@@ -396,8 +407,9 @@ async def _forecast(args: argparse.Namespace) -> int:
             " (no usage store)" if measured is None else f", {measured:,.0f} measured (CPU)"
         )
         print(
-            f"{series.name}: {series.method.replace('_', ' ')} (backtest MAPE "
-            f"{chosen.mape:.1f} %, MAE {chosen.mae:.1f} core-h, 80 % coverage "
+            f"{series.name}: {series.method.replace('_', ' ')} (backtest WAPE "
+            f"{_percent(chosen.wape)}, weekly {_percent(chosen.weekly_wape)}, MAPE "
+            f"{_percent(chosen.mape)}, MAE {chosen.mae:.1f} core-h, 80 % coverage "
             f"{(chosen.coverage or 0):.0%}); next {horizon} days: "
             f"{sum(series.forecast):,.0f} core-h; so far: {used}"
             + (f"  [{series.note}]" if series.note else "")
