@@ -41,7 +41,15 @@ class _Stage:
     walltime: float | None  # seconds
     parents: tuple[int, ...]
     runs: list[tuple[datetime, datetime | None]] = field(default_factory=list)
-    ended: datetime | None = None  # completed, skipped, cancelled, or failed for good
+    # When it ended for good (completed, skipped, cancelled, failed without a retry: True)
+    # or became runnable again (a new attempt, a retry: False), in order; read as of a moment
+    # so that a backtest sees only what was known then.
+    ends: list[tuple[datetime, bool]] = field(default_factory=list)
+
+    def ended(self, at: datetime) -> datetime | None:
+        """Return when the stage ended for good, as known at ``at`` (None: it had not)."""
+        state = [(when, final) for when, final in self.ends if when < at]
+        return state[-1][0] if state and state[-1][1] else None
 
 
 @dataclass
@@ -49,7 +57,13 @@ class _Job:
     project: str
     submitted: datetime
     stages: list[_Stage]
-    finished: datetime | None = None
+    ends: list[tuple[datetime, bool]] = field(default_factory=list)  # finished / reopened
+
+    def finished(self, at: datetime) -> bool:
+        """Return whether the simulation had finished, as known at ``at``."""
+        state = [final for when, final in self.ends if when < at]
+        return bool(state) and state[-1]
+
     pauses: list[tuple[datetime, datetime | None]] = field(default_factory=list)
 
 
@@ -107,7 +121,7 @@ class Ledger:
         stage = self._stage(job_id, task)
         if stage is not None:
             stage.runs.append((at, None))
-            stage.ended = None
+            stage.ends.append((at, False))
 
     def stopped(self, job_id: str, task: int, at: datetime, *, final: bool) -> None:
         """Record an attempt's end; ``final``: the stage will not run again."""
@@ -117,12 +131,22 @@ class Ledger:
         if stage.runs and stage.runs[-1][1] is None:
             stage.runs[-1] = (stage.runs[-1][0], at)
         if final:
-            stage.ended = at
+            stage.ends.append((at, True))
 
     def finished(self, job_id: str, at: datetime) -> None:
         """Record the simulation's end."""
         if job_id in self.jobs:
-            self.jobs[job_id].finished = at
+            self.jobs[job_id].ends.append((at, True))
+
+    def reopened(self, job_id: str, tasks: Sequence[int], at: datetime) -> None:
+        """Record that a finished simulation's ``tasks`` run again (``taskfarm retry``)."""
+        job = self.jobs.get(job_id)
+        if job is None:
+            return
+        job.ends.append((at, False))
+        for task in tasks:
+            if 0 <= task < len(job.stages):
+                job.stages[task].ends.append((at, False))
 
     def paused(self, job_id: str, at: datetime) -> None:
         """Record a pause (no new attempts until resumed)."""
@@ -172,7 +196,7 @@ class Ledger:
         )
         table: dict[date, float] = {}
         for job in jobs:
-            if job.finished is not None and job.finished < at:
+            if job.finished(at):
                 continue
             if any(start < at and (end is None or end >= at) for start, end in job.pauses):
                 continue  # paused: when (or whether) it resumes is not known
@@ -256,7 +280,7 @@ def _ran(stage: _Stage, at: datetime) -> float:
 
 
 def _done(stage: _Stage, at: datetime) -> bool:
-    return stage.ended is not None and stage.ended < at
+    return stage.ended(at) is not None
 
 
 def _walltime_share(jobs: Sequence[_Job], at: datetime) -> float:
@@ -321,7 +345,7 @@ def _project(
         # Ready and waiting: for the usual queue wait, unless it has waited so much longer
         # that something holds it (an operator, a policy's pruning) and nothing says when
         # it will go.
-        ready = max([job.submitted, *(job.stages[p].ended or at for p in parents)])
+        ready = max([job.submitted, *(job.stages[p].ended(at) or at for p in parents)])
         if at - ready > plan.stale:
             return at, None
         begin = max(at, ready + plan.wait)

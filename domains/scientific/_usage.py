@@ -27,6 +27,7 @@ import msgspec
 from actors import (
     JobFinished,
     JobPaused,
+    JobReopened,
     JobResumed,
     JobSubmitted,
     SubmitJob,
@@ -206,6 +207,8 @@ def daily_usage(records: Iterable[RecordedEvent]) -> Usage:
                 ledger.paused(job_id, at)
             case JobResumed():
                 ledger.resumed(job_id, at)
+            case JobReopened(tasks=tasks):
+                ledger.reopened(job_id, tasks, at)
             case _:
                 pass
     if last is not None:

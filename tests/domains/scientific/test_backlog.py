@@ -9,10 +9,13 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from actors import (
+    JobFinished,
     JobPaused,
+    JobReopened,
     JobSubmitted,
     TaskAssigned,
     TaskCompleted,
+    TaskFailed,
     TaskRequeued,
     TaskStarted,
 )
@@ -229,3 +232,18 @@ def test_the_queue_settings_are_read_from_cluster_toml_and_checked() -> None:
         parse_cluster_config("[forecast]\nqueue_stale_days = 0")
     with pytest.raises(ConfigurationError, match=r"forecast\.arrival_window_days"):
         parse_cluster_config("[forecast]\narrival_window_days = 0")
+
+
+def test_a_reopened_simulation_is_queued_again() -> None:
+    """A simulation retried after it failed (``taskfarm retry``) is back in the queue."""
+    journal = Journal()
+    journal.submit(at(0), simulation("r", "ice", stage("s", cores=2, estimate="10h")))
+    journal.add(at(0, 1), "r", TaskFailed(task=0, token=1, outcome="failed"))
+    journal.add(at(0, 1), "r", JobFinished(outcome="failed", finished_at=at(0, 1)))
+    finished = journal.usage()
+    assert finished.ledger.known("ice", at(0, 2), [at(0).date()]) == [0.0]
+    journal.add(at(0, 3), "r", JobReopened(tasks=(0,)))
+    reopened = journal.usage()
+    assert reopened.ledger.known("ice", at(0, 4), [at(0).date()]) == pytest.approx([2 * 10.0])
+    # Seen from before the retry, it was over (what a backtest from then knew).
+    assert reopened.ledger.known("ice", at(0, 2), [at(0).date()]) == [0.0]
