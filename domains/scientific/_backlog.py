@@ -88,6 +88,7 @@ class Ledger:
     def __init__(self) -> None:
         self.jobs: dict[str, _Job] = {}
         self.last: datetime | None = None  # the last event folded
+        self._plans: dict[tuple[datetime, int, float, int, datetime | None], _Plan] = {}
 
     # -- folding (the caller matches the events; see ``_usage.daily_usage``) ----------------
 
@@ -187,13 +188,7 @@ class Ledger:
         (``project`` None: every project's); a stage ready for more than ``stale`` days
         without starting is held, and not counted."""
         jobs = self._of(project, at)
-        everyone = self._of(None, at)
-        plan = _Plan(
-            walltime_share=_walltime_share(everyone, at),
-            typical=_typical_runtimes(everyone, at),
-            wait=timedelta(seconds=_queue_wait(everyone, at, window)),
-            stale=timedelta(days=stale),
-        )
+        plan = self._plan(at, window, stale)
         table: dict[date, float] = {}
         for job in jobs:
             if job.finished(at):
@@ -207,6 +202,21 @@ class Ledger:
                 if end is not None and end > begin:
                     _spread(table, stage.width, begin, end)
         return [table.get(day, 0.0) for day in days]
+
+    def _plan(self, at: datetime, window: int, stale: float) -> _Plan:
+        """What every project's queue shares as of ``at`` (once per moment: each series of a
+        forecast, and each backtest origin, asks for the same ones)."""
+        key = (at, window, stale, len(self.jobs), self.last)
+        plan = self._plans.get(key)
+        if plan is None:
+            everyone = self._of(None, at)
+            plan = self._plans[key] = _Plan(
+                walltime_share=_walltime_share(everyone, at),
+                typical=_typical_runtimes(everyone, at),
+                wait=timedelta(seconds=_queue_wait(everyone, at, window)),
+                stale=timedelta(days=stale),
+            )
+        return plan
 
     def arrivals(
         self,
