@@ -247,3 +247,21 @@ def test_a_reopened_simulation_is_queued_again() -> None:
     assert reopened.ledger.known("ice", at(0, 4), [at(0).date()]) == pytest.approx([2 * 10.0])
     # Seen from before the retry, it was over (what a backtest from then knew).
     assert reopened.ledger.known("ice", at(0, 2), [at(0).date()]) == [0.0]
+
+
+@pytest.mark.parametrize(("window", "expected"), [(28, 18.0), (20, 18.0), (10, 24.0), (5, 24.0)])
+def test_arrivals_are_learned_from_the_latest_window_days(window: int, expected: float) -> None:
+    """The kernel averages the ``window`` latest submission days (never before the first):
+    ten days of 12 core-hours, then ten of 24, expect 18 over all twenty and 24 over the last
+    ten or fewer."""
+    journal = Journal()
+    for day in range(20):
+        name = f"j{day}"
+        cores = 1 if day < 10 else 2
+        journal.submit(at(day), simulation(name, "ice", stage("s", cores=cores, estimate="12h")))
+        journal.run(name, 0, at(day), at(day, 12))
+    usage = journal.usage()
+    assert usage.first is not None
+    days = [at(20).date(), at(21).date()]
+    arrivals = usage.ledger.arrivals("ice", at(20), days, first=usage.first, window=window)
+    assert arrivals == pytest.approx([expected, expected])
