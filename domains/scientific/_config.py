@@ -128,7 +128,7 @@ class ForecastSettings(msgspec.Struct, frozen=True, kw_only=True):
 
     horizon_days: int = 182
     season: int = 7
-    backtest_origins: int = 4
+    backtest_origins: int = 6
     backtest_horizon: int = 14
     min_history_days: int = 21
     interval: float = 0.8
@@ -272,7 +272,7 @@ class _RecoveryIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 class _ForecastIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     horizon_days: Annotated[int, msgspec.Meta(ge=1, le=3660)] = 182
     season: Annotated[int, msgspec.Meta(ge=2, le=366)] = 7
-    backtest_origins: Annotated[int, msgspec.Meta(ge=1, le=100)] = 4
+    backtest_origins: Annotated[int, msgspec.Meta(ge=1, le=100)] = 6
     backtest_horizon: Annotated[int, msgspec.Meta(ge=1, le=366)] = 14
     min_history_days: Annotated[int, msgspec.Meta(ge=7, le=3660)] = 21
     interval: Annotated[float, msgspec.Meta(gt=0, lt=1)] = 0.8

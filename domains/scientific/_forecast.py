@@ -239,7 +239,7 @@ def forecast_series(
     *,
     horizon: int,
     season: int = 7,
-    origins: int = 4,
+    origins: int = 6,
     backtest_horizon: int = 14,
     level: float = 0.8,
     methods: Sequence[str] | None = None,
