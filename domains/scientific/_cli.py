@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import io
 import json
 import math
@@ -23,9 +24,9 @@ from actors.cluster import usage_store_path
 from persistence import EventCodec, open_sqlite_journal
 from runtime import ConfigurationError, SystemClock
 
-from ._config import ClusterConfig, load_cluster_config
+from ._config import ClusterConfig, ForecastSettings, load_cluster_config
 from ._events import SCIENCE_CODEC
-from ._forecast import SeriesForecast, forecast_series
+from ._forecast import Informed, SeriesForecast, forecast_series
 from ._usage import CLUSTER, Usage, read_measured, read_usage
 
 __all__ = [
@@ -287,9 +288,20 @@ def usage_forecasts(
             origins=settings.backtest_origins,
             backtest_horizon=settings.backtest_horizon,
             level=settings.interval,
+            informed={"queue_and_arrivals": _queue_and_arrivals(usage, name, settings)},
         )
         for name in names
     ]
+
+
+def _queue_and_arrivals(usage: Usage, name: str, settings: ForecastSettings) -> Informed:
+    """The queue and arrivals method for one series (see ``_backlog``)."""
+    return functools.partial(
+        usage.queue_and_arrivals,
+        name,
+        window=settings.arrival_window_days,
+        stale=settings.queue_stale_days,
+    )
 
 
 def forecast_rows(usage: Usage, forecasts: list[SeriesForecast]) -> list[dict[str, Any]]:
@@ -345,11 +357,22 @@ def _summary(series: SeriesForecast, usage: Usage) -> dict[str, Any]:
         "measured_core_hours": None if measured is None else round(measured, 3),
         "method": series.method,
         "backtest": {
-            m: {"mape": finite(a.mape), "mae": finite(a.mae), "coverage80": finite(a.coverage)}
+            m: {
+                "wape": finite(a.wape),
+                "weekly_wape": finite(a.weekly_wape),
+                "mape": finite(a.mape),
+                "mae": finite(a.mae),
+                "coverage80": finite(a.coverage),
+            }
             for m, a in series.accuracies.items()
         },
         "note": series.note,
     }
+
+
+def _percent(value: float) -> str:
+    """A score in %, or "undefined" (nothing was used in the days it scores)."""
+    return f"{value:.1f} %" if math.isfinite(value) else "undefined"
 
 
 async def _forecast(args: argparse.Namespace) -> int:
@@ -384,8 +407,9 @@ async def _forecast(args: argparse.Namespace) -> int:
             " (no usage store)" if measured is None else f", {measured:,.0f} measured (CPU)"
         )
         print(
-            f"{series.name}: {series.method.replace('_', ' ')} (backtest MAPE "
-            f"{chosen.mape:.1f} %, MAE {chosen.mae:.1f} core-h, 80 % coverage "
+            f"{series.name}: {series.method.replace('_', ' ')} (backtest WAPE "
+            f"{_percent(chosen.wape)}, weekly {_percent(chosen.weekly_wape)}, MAPE "
+            f"{_percent(chosen.mape)}, MAE {chosen.mae:.1f} core-h, 80 % coverage "
             f"{(chosen.coverage or 0):.0%}); next {horizon} days: "
             f"{sum(series.forecast):,.0f} core-h; so far: {used}"
             + (f"  [{series.note}]" if series.note else "")

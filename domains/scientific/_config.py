@@ -122,14 +122,18 @@ class RecoverySettings(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class ForecastSettings(msgspec.Struct, frozen=True, kw_only=True):
-    """Resource forecasting: horizon, season and rolling-origin backtesting."""
+    """Resource forecasting: horizon, season, rolling-origin backtesting, and the queue and
+    arrivals method's settings (the trailing days its arrivals are learned from; the days a
+    ready stage may wait before it counts as held rather than queued)."""
 
     horizon_days: int = 182
     season: int = 7
-    backtest_origins: int = 4
+    backtest_origins: int = 6
     backtest_horizon: int = 14
     min_history_days: int = 21
     interval: float = 0.8
+    arrival_window_days: int = 28
+    queue_stale_days: float = 7.0
 
 
 class ScenarioSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -273,10 +277,12 @@ class _RecoveryIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 class _ForecastIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     horizon_days: Annotated[int, msgspec.Meta(ge=1, le=3660)] = 182
     season: Annotated[int, msgspec.Meta(ge=2, le=366)] = 7
-    backtest_origins: Annotated[int, msgspec.Meta(ge=1, le=100)] = 4
+    backtest_origins: Annotated[int, msgspec.Meta(ge=1, le=100)] = 6
     backtest_horizon: Annotated[int, msgspec.Meta(ge=1, le=366)] = 14
     min_history_days: Annotated[int, msgspec.Meta(ge=7, le=3660)] = 21
     interval: Annotated[float, msgspec.Meta(gt=0, lt=1)] = 0.8
+    arrival_window_days: Annotated[int, msgspec.Meta(ge=1, le=3660)] = 28
+    queue_stale_days: Annotated[float, msgspec.Meta(gt=0, le=3660)] = 7.0
 
 
 class _ScenariosIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -483,6 +489,8 @@ class _Build:
             backtest_horizon=fc.backtest_horizon,
             min_history_days=fc.min_history_days,
             interval=fc.interval,
+            arrival_window_days=fc.arrival_window_days,
+            queue_stale_days=fc.queue_stale_days,
         )
         s = raw.scenarios
         rungs = tuple(s.rungs)

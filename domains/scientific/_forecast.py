@@ -1,13 +1,22 @@
 """Resource forecasting: daily core-hours per project and for the cluster, months ahead.
 
-Three methods: **seasonal naive** (each day as the same weekday last week), **exponential
-smoothing** (Holt-Winters with a damped additive trend and an additive weekly season, by
-statsmodels) and **linear trend** (least squares).  Each series gets the method with the
-lowest MAPE (then MAE) in rolling-origin backtesting: from each of the last ``origins``
-origins, a week apart, the method is fitted on the days before and forecasts the next
-``horizon`` days.  The 80 % interval of a forecast is the method's own backtest errors at each
-step ahead (their 10th and 90th percentiles), and its coverage is measured honestly: at each
-origin, with an interval built from the *other* origins' errors only.
+Three methods of the series alone: **seasonal naive** (each day as the same weekday last
+week), **exponential smoothing** (Holt-Winters with a damped additive trend and an additive
+weekly season, by statsmodels) and **linear trend** (least squares); and methods that know
+more than the series (``informed``: called with the origin, a number of days of history, and
+the horizon), such as the queue and arrivals method of ``_backlog``.  Each series gets the
+method with the lowest WAPE (then MAE) in rolling-origin backtesting: from each of the last
+``origins`` origins, a week apart, the method forecasts the next ``horizon`` days from what
+was known at the origin.  The 80 % interval of a forecast is the method's own backtest errors
+at each step ahead (their 10th and 90th percentiles), and its coverage is measured honestly:
+at each origin, with an interval built from the *other* origins' errors only.
+
+Scores.  **WAPE** (sum of absolute errors over sum of actuals, in %: MAPE weighted by volume)
+is what chooses: daily core-hours of a project are lumpy (a few multi-day, multi-node stages
+and empty days between), and MAPE divides by each day's usage, so one near-empty day swamps
+it.  **Weekly WAPE** scores the 7-day totals (what capacity planning and grant reports use).
+MAPE (over days with usage) and MAE are reported beside them.  With no usage in the scored
+days WAPE is undefined: NaN, never a division error.
 """
 
 from __future__ import annotations
@@ -21,15 +30,22 @@ from . import _smoothing
 __all__ = [
     "METHODS",
     "Accuracy",
+    "Informed",
     "SeriesForecast",
     "accuracy",
     "backtest",
+    "backtest_informed",
     "forecast_series",
     "linear_trend",
     "seasonal_naive",
+    "wape",
+    "weekly_wape",
 ]
 
 Method = Callable[[Sequence[float], int, int], list[float]]
+# A method that knows more than the series: (origin, horizon) -> the forecast of the days
+# ``origin`` to ``origin + horizon - 1`` made from what was known on day ``origin``.
+Informed = Callable[[int, int], list[float]]
 
 
 def seasonal_naive(history: Sequence[float], horizon: int, season: int) -> list[float]:
@@ -72,12 +88,15 @@ METHODS: Mapping[str, Method] = {
 
 @dataclass(frozen=True)
 class Accuracy:
-    """How a method did in backtesting: MAPE (%), MAE, and 80 % interval coverage."""
+    """How a method did in backtesting: WAPE and weekly WAPE (%, what chooses), MAPE (%),
+    MAE, and 80 % interval coverage."""
 
     mape: float
     mae: float
     coverage: float | None
     origins: int
+    wape: float = math.nan
+    weekly_wape: float = math.nan
 
 
 def accuracy(actual: Sequence[float], predicted: Sequence[float]) -> tuple[float, float]:
@@ -89,6 +108,29 @@ def accuracy(actual: Sequence[float], predicted: Sequence[float]) -> tuple[float
     relative = [abs(a - p) / abs(a) for a, p in pairs if a != 0]
     mape = 100 * sum(relative) / len(relative) if relative else math.nan
     return mape, mae
+
+
+def wape(actual: Sequence[float], predicted: Sequence[float]) -> float:
+    """Return the WAPE in %: sum |actual - predicted| / sum |actual| (NaN, undefined, when
+    nothing was used: a forecast of an empty window has no relative error)."""
+    pairs = list(zip(actual, predicted, strict=True))
+    volume = sum(abs(a) for a, _ in pairs)
+    if volume == 0:
+        return math.nan
+    return 100 * sum(abs(a - p) for a, p in pairs) / volume
+
+
+def weekly_wape(actual: Sequence[float], predicted: Sequence[float], *, season: int = 7) -> float:
+    """Return the WAPE in % of the totals of each complete ``season`` days (a trailing
+    partial week is left out; NaN without one complete week or without usage)."""
+    weeks = len(actual) // season
+    if len(predicted) != len(actual):
+        raise ValueError("actual and predicted differ in length")
+    totals = [
+        (sum(actual[w * season : (w + 1) * season]), sum(predicted[w * season : (w + 1) * season]))
+        for w in range(weeks)
+    ]
+    return wape([a for a, _ in totals], [p for _, p in totals])
 
 
 def _quantile(values: Sequence[float], q: float) -> float:
@@ -112,18 +154,43 @@ def backtest(
 ) -> tuple[Accuracy, list[list[float]]]:
     """Rolling-origin backtest: return the accuracy and the errors (actual - predicted) at
     each step ahead, one list per origin."""
+    return backtest_informed(
+        history,
+        lambda origin, ahead: method(history[:origin], ahead, season),
+        season=season,
+        origins=origins,
+        horizon=horizon,
+        level=level,
+    )
+
+
+def backtest_informed(
+    history: Sequence[float],
+    method: Informed,
+    *,
+    season: int,
+    origins: int,
+    horizon: int,
+    level: float = 0.8,
+) -> tuple[Accuracy, list[list[float]]]:
+    """:func:`backtest` for a method called with the origin (what it may know is up to it:
+    the informed methods here read only what was journaled before that day)."""
     n = len(history)
     starts = [n - horizon - k * season for k in range(origins)]
     starts = sorted(s for s in starts if s >= max(season, 4))
     errors: list[list[float]] = []
     actual_all: list[float] = []
     predicted_all: list[float] = []
+    weekly: list[tuple[float, float]] = []
     for start in starts:
-        predicted = method(history[:start], horizon, season)
+        predicted = method(start, horizon)
         actual = history[start : start + horizon]
         errors.append([a - p for a, p in zip(actual, predicted, strict=True)])
         actual_all.extend(actual)
         predicted_all.extend(predicted)
+        for w in range(len(actual) // season):
+            week = slice(w * season, (w + 1) * season)
+            weekly.append((sum(actual[week]), sum(predicted[week])))
     mape, mae = accuracy(actual_all, predicted_all)
     covered = total = 0
     if len(errors) > 1:
@@ -136,7 +203,20 @@ def backtest(
                 total += 1
                 covered += low <= error <= high
     coverage = covered / total if total else None
-    return Accuracy(mape=mape, mae=mae, coverage=coverage, origins=len(errors)), errors
+    found = Accuracy(
+        mape=mape,
+        mae=mae,
+        coverage=coverage,
+        origins=len(errors),
+        wape=wape(actual_all, predicted_all),
+        weekly_wape=wape([a for a, _ in weekly], [p for _, p in weekly]),
+    )
+    return found, errors
+
+
+def _at_origin(history: Sequence[float], method: Method, season: int) -> Informed:
+    """A method of the series alone, as one called with the origin."""
+    return lambda origin, horizon: method(history[:origin], horizon, season)
 
 
 @dataclass(frozen=True)
@@ -159,32 +239,40 @@ def forecast_series(
     *,
     horizon: int,
     season: int = 7,
-    origins: int = 4,
+    origins: int = 6,
     backtest_horizon: int = 14,
     level: float = 0.8,
     methods: Sequence[str] | None = None,
+    informed: Mapping[str, Informed] | None = None,
 ) -> SeriesForecast:
-    """Backtest every method, pick the best, and forecast ``horizon`` days with an interval."""
-    chosen_methods = list(methods or METHODS)
+    """Backtest every method (those of ``METHODS`` named in ``methods``, all by default, and
+    every ``informed`` one), pick the best, and forecast ``horizon`` days with an interval."""
+    chosen_methods = list(METHODS if methods is None else methods)
     note = ""
     if "exponential_smoothing" in chosen_methods and not _smoothing.available():
         chosen_methods.remove("exponential_smoothing")
         note = "exponential smoothing needs statsmodels: pip install 'taskfarm[science]'"
+    candidates: dict[str, Informed] = {
+        name: _at_origin(history, METHODS[name], season) for name in chosen_methods
+    }
+    candidates.update(informed or {})
+    if not candidates:
+        raise ValueError("forecast_series needs at least one method")
     step = max(1, min(backtest_horizon, len(history) // 3))
     results: dict[str, tuple[Accuracy, list[list[float]]]] = {}
-    for method in chosen_methods:
-        results[method] = backtest(
-            history, METHODS[method], season=season, origins=origins, horizon=step, level=level
+    for label, method in candidates.items():
+        results[label] = backtest_informed(
+            history, method, season=season, origins=origins, horizon=step, level=level
         )
 
     def key(item: tuple[str, tuple[Accuracy, list[list[float]]]]) -> tuple[float, float, str]:
         found = item[1][0]
-        mape = found.mape if math.isfinite(found.mape) else math.inf
+        score = found.wape if math.isfinite(found.wape) else math.inf
         mae = found.mae if math.isfinite(found.mae) else math.inf
-        return (mape, mae, item[0])
+        return (score, mae, item[0])
 
     best, (_, errors) = min(results.items(), key=key)
-    predicted = METHODS[best](history, horizon, season)
+    predicted = candidates[best](len(history), horizon)
     tail = (1 - level) / 2
     lower, upper = [], []
     for k, value in enumerate(predicted):

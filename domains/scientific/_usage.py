@@ -25,16 +25,23 @@ from pathlib import Path
 import msgspec
 
 from actors import (
+    JobFinished,
+    JobPaused,
+    JobReopened,
+    JobResumed,
     JobSubmitted,
+    SubmitJob,
     TaskAssigned,
     TaskCancelled,
     TaskCompleted,
     TaskFailed,
     TaskRequeued,
+    TaskSkipped,
     TaskStarted,
 )
 from persistence import Journal, RecordedEvent, UsageRow, open_usage_store
 
+from ._backlog import Ledger, StagePlan
 from ._model import SimulationMetadata
 
 __all__ = ["CLUSTER", "Usage", "add_measured", "daily_usage", "read_measured", "read_usage"]
@@ -52,6 +59,8 @@ class Usage:
     # Measured CPU core-hours per project per day; None: no usage store was read.
     measured: dict[str, dict[date, float]] | None = None
     jobs: dict[str, str] = field(default_factory=dict)  # job id -> project, from the journal
+    # Every simulation's stages and attempts: the queue and the arrivals as of any moment.
+    ledger: Ledger = field(default_factory=Ledger)
 
     def days(self) -> list[date]:
         """Return every day from the first to the last."""
@@ -76,6 +85,27 @@ class Usage:
             return [sum(p.get(d, 0.0) for p in self.measured.values()) for d in days]
         table = self.measured.get(project, {})
         return [table.get(d, 0.0) for d in days]
+
+    def queue_and_arrivals(
+        self, project: str, origin: int, horizon: int, *, window: int = 28, stale: float = 7.0
+    ) -> list[float]:
+        """Forecast ``horizon`` days from day ``origin`` (counted from ``first``) as known
+        then: the queue's work plus expected arrivals (see ``_backlog``).  The moment is the
+        start of day ``origin``, or, for the day after the last, the last event (now)."""
+        if self.first is None or horizon <= 0:
+            return [0.0] * max(0, horizon)
+        start = self.first + timedelta(days=origin)
+        midnight = datetime(start.year, start.month, start.day, tzinfo=UTC)
+        at = midnight
+        if origin >= len(self.days()) and self.ledger.last is not None:
+            # Now: just after the last event (so that it is known), within the last day.
+            now = self.ledger.last + timedelta(seconds=1)
+            at = min(max(now, midnight - timedelta(days=1)), midnight)
+        days = [start + timedelta(days=k) for k in range(horizon)]
+        who = None if project == CLUSTER else project
+        known = self.ledger.known(who, at, days, window=window, stale=stale)
+        expected = self.ledger.arrivals(who, at, days, first=self.first, window=window)
+        return [k + e for k, e in zip(known, expected, strict=True)]
 
     def projects(self) -> list[str]:
         """Return the projects that used anything, sorted."""
@@ -130,25 +160,32 @@ def daily_usage(records: Iterable[RecordedEvent]) -> Usage:
     nodes: dict[tuple[str, int], int] = {}
     started: dict[tuple[str, int], datetime] = {}
     last: datetime | None = None
+    ledger = usage.ledger
     for record in records:
-        last = record.timestamp
+        last = ledger.last = record.timestamp
         if not record.stream_id.startswith("job:"):
             continue
         job_id = record.stream_id[4:]
         event = record.event
+        at = record.timestamp
         match event:
             case JobSubmitted(job=spec):
                 try:
-                    project = spec.metadata_as(SimulationMetadata).project or "default"
+                    metadata = spec.metadata_as(SimulationMetadata)
                 except msgspec.ValidationError:
-                    project = "default"
+                    metadata = SimulationMetadata()
+                project = metadata.project or "default"
                 projects[job_id] = usage.jobs[job_id] = project
                 cores[job_id] = [spec.task_resources(i).cores for i in range(len(spec.tasks))]
+                ledger.submitted(job_id, project, at, _plans(spec, metadata))
             case TaskAssigned(task=task, nodes=gang):
                 nodes[(job_id, task)] = max(1, len(gang))
-            case TaskStarted(task=task, at=at):
-                # ``at`` is when it started (its event may be journaled a moment later).
-                started[(job_id, task)] = at or record.timestamp
+                if job_id in cores:
+                    ledger.widened(job_id, task, cores[job_id][task] * max(1, len(gang)))
+            case TaskStarted(task=task, at=began):
+                # When it started (its event may be journaled a moment later).
+                started[(job_id, task)] = began or at
+                ledger.started(job_id, task, began or at)
             case (
                 TaskCompleted(task=task)
                 | TaskFailed(task=task)
@@ -158,7 +195,21 @@ def daily_usage(records: Iterable[RecordedEvent]) -> Usage:
                 begin = started.pop((job_id, task), None)
                 if begin is not None and job_id in projects:
                     width = cores[job_id][task] * nodes.get((job_id, task), 1)
-                    _add(usage, projects[job_id], width, begin, record.timestamp)
+                    _add(usage, projects[job_id], width, begin, at)
+                again = isinstance(event, TaskRequeued) or (
+                    isinstance(event, TaskFailed) and (event.retry_at is not None or event.held)
+                )
+                ledger.stopped(job_id, task, at, final=not again)
+            case TaskSkipped(task=task):
+                ledger.stopped(job_id, task, at, final=True)
+            case JobFinished():
+                ledger.finished(job_id, at)
+            case JobPaused():
+                ledger.paused(job_id, at)
+            case JobResumed():
+                ledger.resumed(job_id, at)
+            case JobReopened(tasks=tasks):
+                ledger.reopened(job_id, tasks, at)
             case _:
                 pass
     if last is not None:
@@ -166,7 +217,31 @@ def daily_usage(records: Iterable[RecordedEvent]) -> Usage:
             if job_id in projects and last > begin:
                 width = cores[job_id][task] * nodes.get((job_id, task), 1)
                 _add(usage, projects[job_id], width, begin, last)
+        if usage.first is not None:
+            # The history runs to today even if nothing ran today: what was submitted
+            # today is in the queue the forecast starts from.
+            _span(usage, last.astimezone(UTC).date())
     return usage
+
+
+def _plans(spec: SubmitJob, metadata: SimulationMetadata) -> list[StagePlan]:
+    """Each task of a job as the ledger plans it: width (its cores x nodes), the
+    simulation's estimate, the walltime, and the tasks of the same job it waits on."""
+    parents: dict[int, list[int]] = {}
+    for dependency in spec.dependencies:
+        child, parent = dependency.child_task, dependency.parent_task
+        if dependency.parent == spec.job_id and child is not None and parent is not None:
+            parents.setdefault(child, []).append(parent)
+    return [
+        StagePlan(
+            name=task.name,
+            width=spec.task_resources(i).cores * spec.task_nodes(i),
+            estimate=metadata.estimates.get(task.name),
+            walltime=task.max_runtime,
+            parents=tuple(sorted(parents.get(i, []))),
+        )
+        for i, task in enumerate(spec.tasks)
+    ]
 
 
 async def read_usage(journal: Journal) -> Usage:

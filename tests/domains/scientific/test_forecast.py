@@ -4,6 +4,7 @@ allocated usage from the journal, and the report files."""
 from __future__ import annotations
 
 import json
+import math
 import random
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -23,9 +24,12 @@ from domains.scientific._cli import (
 from domains.scientific._forecast import (
     accuracy,
     backtest,
+    backtest_informed,
     forecast_series,
     linear_trend,
     seasonal_naive,
+    wape,
+    weekly_wape,
 )
 from domains.scientific._usage import CLUSTER, read_measured, read_usage
 from persistence import InMemoryJournal
@@ -65,6 +69,98 @@ def test_accuracy_table() -> None:
     mape, mae = accuracy([100.0, 200.0, 0.0], [110.0, 180.0, 5.0])
     assert mape == pytest.approx(10.0)
     assert mae == pytest.approx(35.0 / 3)
+
+
+@pytest.mark.parametrize(
+    ("actual", "predicted", "expected"),
+    [
+        ([100.0, 200.0, 0.0], [110.0, 180.0, 5.0], 100 * 35 / 300),  # zero days still count
+        ([1.0, 100.0], [10.0, 100.0], 100 * 9 / 101),  # a 900 % day weighs by its volume
+        ([5.0, 5.0], [5.0, 5.0], 0.0),
+        ([0.0, 0.0], [3.0, 0.0], math.nan),  # nothing used: undefined, not a crash
+        ([0.0, 0.0], [0.0, 0.0], math.nan),
+        ([], [], math.nan),
+    ],
+)
+def test_wape_table(actual: list[float], predicted: list[float], expected: float) -> None:
+    """WAPE is the sum of absolute errors over the sum of actuals, NaN when nothing was used."""
+    found = wape(actual, predicted)
+    if math.isnan(expected):
+        assert math.isnan(found)
+    else:
+        assert found == pytest.approx(expected)
+
+
+def test_weekly_wape_scores_complete_weeks_only() -> None:
+    """Errors that cancel within a week vanish from the weekly score; a trailing partial week
+    is left out; less than a week, or an empty window, is undefined (NaN)."""
+    actual = [10.0, 20.0] * 7  # two weeks
+    shifted = [20.0, 10.0] * 7  # right totals only over an even number of days
+    assert wape(actual, shifted) == pytest.approx(100 * 140 / 210)
+    week_totals = (sum(actual[:7]), sum(actual[7:]))
+    assert week_totals == (100.0, 110.0)
+    assert weekly_wape(actual, shifted) == pytest.approx(100 * 20 / 210)
+    assert weekly_wape([*actual, 1000.0], [*shifted, 0.0]) == weekly_wape(actual, shifted)
+    assert math.isnan(weekly_wape(actual[:6], shifted[:6]))
+    assert math.isnan(weekly_wape([0.0] * 7, [1.0] * 7))
+    with pytest.raises(ValueError, match="length"):
+        weekly_wape([1.0] * 7, [1.0] * 6)
+
+
+def _pattern(day: int) -> float:
+    """A week of six busy days and one nearly empty one."""
+    return 1.0 if day % 7 == 0 else 100.0
+
+
+def test_the_method_is_chosen_by_wape_not_mape() -> None:
+    """A method right on the near-empty days but 40 % low on the busy ones wins on MAPE; one
+    right on the busy days but 10x too high on the near-empty one wins on WAPE, and is
+    chosen; every score is reported."""
+    history = [_pattern(t) for t in range(42)]
+
+    def small_right(origin: int, horizon: int) -> list[float]:
+        return [1.0 if _pattern(d) == 1.0 else 60.0 for d in range(origin, origin + horizon)]
+
+    def busy_right(origin: int, horizon: int) -> list[float]:
+        return [10.0 if _pattern(d) == 1.0 else 100.0 for d in range(origin, origin + horizon)]
+
+    chosen = forecast_series(
+        "lumpy",
+        history,
+        horizon=7,
+        methods=[],
+        informed={"small_right": small_right, "busy_right": busy_right},
+    )
+    small, busy = chosen.accuracies["small_right"], chosen.accuracies["busy_right"]
+    assert small.mape < busy.mape
+    assert busy.wape < small.wape
+    assert busy.wape == pytest.approx(100 * 9 / 601)
+    assert busy.weekly_wape == pytest.approx(100 * 9 / 601)
+    assert chosen.method == "busy_right"
+    assert list(chosen.forecast) == [10.0 if d % 7 == 0 else 100.0 for d in range(42, 49)]
+
+
+def test_an_informed_method_is_backtested_from_each_origin_then_run_from_the_end() -> None:
+    """An informed method is asked for each backtest origin (a week apart, before the end)
+    and, for the forecast, from the end of the history."""
+    history = [float(t % 7) for t in range(40)]
+    asked: list[tuple[int, int]] = []
+
+    def exact(origin: int, horizon: int) -> list[float]:
+        asked.append((origin, horizon))
+        return [float(d % 7) for d in range(origin, origin + horizon)]
+
+    found, errors = backtest_informed(history, exact, season=7, origins=3, horizon=14)
+    assert asked == [(12, 14), (19, 14), (26, 14)]
+    assert found.wape == 0.0
+    assert found.mae == 0.0
+    assert errors == [[0.0] * 14] * 3
+    asked.clear()
+    chosen = forecast_series("exact", history, horizon=5, informed={"exact": exact})
+    assert asked[-1] == (40, 5)
+    assert chosen.method == "exact"
+    with pytest.raises(ValueError, match="at least one method"):
+        forecast_series("none", history, horizon=5, methods=[])
 
 
 def test_on_a_trending_weekly_series_smoothing_wins_and_is_accurate() -> None:

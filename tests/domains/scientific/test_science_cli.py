@@ -86,7 +86,8 @@ async def test_forecast_and_report_from_a_journal_file(tmp_path: Path) -> None:
     )
     assert code == 0, err
     assert "climate:" in out
-    assert "backtest MAPE" in out
+    assert "backtest WAPE" in out
+    assert ", MAPE " in out
     assert "core-h allocated (no usage store)" in out
     rows = (tmp_path / "forecast.csv").read_text(encoding="utf-8").splitlines()
     assert rows[0] == "series,day,core_hours,low80,high80,method"
@@ -102,7 +103,16 @@ async def test_forecast_and_report_from_a_journal_file(tmp_path: Path) -> None:
         "seasonal_naive",
         "exponential_smoothing",
         "linear_trend",
+        "queue_and_arrivals",
     )
+    backtest = document["series"][0]["backtest"]
+    assert set(backtest["queue_and_arrivals"]) == {
+        "wape",
+        "weekly_wape",
+        "mape",
+        "mae",
+        "coverage80",
+    }
     code, out, err = await taskfarm(
         "science",
         "report",
