@@ -496,7 +496,10 @@ class SciencePolicy(FifoPolicy):
             sim = farm.jobs.get(reservation.job_id)
             if sim is None or not sim.queued:
                 continue
-            needed = sim.queued
+            # Nodes, not stages: a queued multi-node stage needs all of its nodes freed.
+            spec = sim.spec
+            widest = max((spec.task_nodes(i) for i in range(len(spec.tasks))), default=1)
+            needed = sim.queued * widest
             for name in cycle.plan.nodes.get(reservation.name, ()):
                 others = [
                     (key, attempt)
@@ -505,7 +508,7 @@ class SciencePolicy(FifoPolicy):
                 ]
                 if needed <= 0:
                     break
-                needed -= 1  # this node serves one of its stages, now or once it is free
+                needed -= 1  # this node serves (a rank of) one of its stages, now or once free
                 for key, attempt in others:
                     if key in self.asked or not attempt.preemptible:
                         continue

@@ -79,7 +79,9 @@ class Cluster:
             if type(event).__name__ == "TaskAssigned":
                 nodes[event.task] = event.node  # type: ignore[attr-defined]
             if isinstance(event, TaskStarted):
-                found.append(((record.timestamp - T0).total_seconds() / H, nodes[event.task]))
+                # ``at``: when it started (the event is journaled with the job's next commit).
+                began = event.at or record.timestamp
+                found.append(((began - T0).total_seconds() / H, nodes[event.task]))
         return found
 
     async def events(self, job_id: str, kind: type) -> list[object]:
@@ -360,6 +362,27 @@ async def test_long_preemptible_work_backfills_and_yields_before_the_start(
             assert not farm.policy.preempted.times.get("long")  # no budget spent
         else:
             assert long[0][0] >= big[0][0] + 5.0  # only once the reservation's work is done
+
+
+async def test_a_multi_node_stage_submitted_after_its_start_gets_every_node_freed() -> None:
+    """The reserved simulation arrives after its reservation started, as one three-node stage:
+    the work on all three held nodes checkpoints and yields (not only on the first), and the
+    stage starts within the preemption grace."""
+    async with cluster(3) as farm:
+        start = T0 + timedelta(hours=10)
+        await farm.engine.policy_command(
+            "reserve", {"for": "big", "start": start.isoformat(), "duration": "1d", "nodes": 3}
+        )
+        await farm.engine.submit([sim(f"long-{k}", 18, walltime=20).to_job() for k in range(3)])
+        await farm.until(11)
+        await farm.engine.submit([sim("big", 2, walltime=4, nodes=3).to_job()])
+        with anyio.fail_after(WAIT):
+            await farm.engine.wait_job("big")
+        big = await farm.starts("big")
+        assert big[0][0] <= 11.0 + 0.25  # within the 10-minute grace of its arrival
+        for k in range(3):
+            (yielded,) = await farm.events(f"long-{k}", TaskPreempted)
+            assert "reservation big@20270301T1000 for big started at" in yielded.reason  # type: ignore[attr-defined]
 
 
 async def test_a_major_window_drains_before_and_brings_the_nodes_back_after() -> None:
