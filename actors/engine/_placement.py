@@ -727,9 +727,11 @@ class SchedulerCore:
         return ready
 
     def is_running_on(self, task: tuple[str, int], node: str) -> bool:
-        """Return whether the task's attempt holds resources on ``node``."""
+        """Return whether the task's attempt holds resources on ``node`` (any rank's)."""
         job = self._jobs.get(task[0])
-        return job is not None and job.running.get(task[1]) == node
+        if job is None:
+            return False
+        return job.running.get(task[1]) == node or node in job.gangs.get(task[1], ())
 
     def unplace(self, job_id: str, index: int) -> None:
         """Undo a placement the job refused (the task was no longer pending)."""

@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
 
 import anyio
+import msgspec
 
 from actors import (
     ENGINE_CODEC,
@@ -232,3 +233,39 @@ async def test_the_history_a_policy_recovers_carries_the_metrics_live_ends_did()
         pass
     assert [o.metrics for o in live.ended] == [{"residual": 0.25}]
     assert [o.metrics for o in again.ended] == [{"residual": 0.25}]
+
+
+class YieldOnRank(FifoPolicy):
+    """Yields whatever runs on ``node`` (a gang's second rank) once the clock reaches ``at``."""
+
+    def __init__(self, at: datetime, node: str) -> None:
+        self.at = at
+        self.node = node
+        self.yielded = 0
+
+    def next_wakeup(self, now: datetime) -> datetime | None:
+        return self.at if now < self.at else None
+
+    def yields(self, farm: FarmView, now: datetime) -> Sequence[Preemption]:
+        if now < self.at or self.yielded:
+            return ()
+        running = list(farm.running.get(self.node, {}).values())
+        self.yielded += len(running)
+        return [Preemption(r.job_id, r.task, self.node, "rank's node is wanted") for r in running]
+
+
+async def test_a_yield_named_on_a_gang_rank_node_yields_the_whole_attempt() -> None:
+    """A policy may name any node a multi-node attempt runs on (it sees the attempt on every
+    rank's node): the yield is not dropped because the node is not the leader's."""
+    clock = VirtualClock(auto_advance=True)
+    policy = YieldOnRank(clock.now() + timedelta(seconds=1000), "n2")
+    async with simulated(policy, clock=clock) as (engine, journal, executor, seen):
+        await engine.add_node("n2", NODE, executor=executor)
+        gang = msgspec.structs.replace(stage("sim", 3000), resources=NODE, nodes=2)
+        await engine.submit([gang])
+        with anyio.fail_after(WAIT):
+            summary = await engine.wait_job("sim")
+        log = await events(journal, "sim")
+    assert summary.status == "completed"
+    assert [p.reason for p in log if isinstance(p, TaskPreempted)] == ["rank's node is wanted"]
+    assert simulated_work(seen[-1].resume_from) == 1000.0
