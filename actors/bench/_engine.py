@@ -827,7 +827,9 @@ async def _figure_chain(ctx: BenchContext, rounds: int) -> Figure:
     # the start and end together), and nothing else is there to share them with.
     commits = max(
         [
-            await _group_commits(ctx.workdir / f"commits-{n}.db", appends=200, appenders=1)
+            await _group_commits(
+                ctx.workdir / f"sequential-commits-{n}.db", appends=200, appenders=1
+            )
             for n in range(rounds)
         ]
     )
