@@ -12,6 +12,8 @@ import anyio
 import anyio.lowlevel
 import msgspec
 import pytest
+import structlog
+import structlog.testing
 
 from persistence import (
     Event,
@@ -28,6 +30,7 @@ from persistence import (
     open_sqlite_journal,
     rebuild_all,
     rebuild_stream,
+    rebuild_streams,
 )
 from runtime import ConfigurationError, VirtualClock
 
@@ -696,6 +699,93 @@ async def test_undecodable_snapshot_is_ignored(open_journal: OpenJournal) -> Non
         await journal.save_snapshot("counter:a", version=2, state=Other(total="lots"))
         loaded = await journal.load_snapshot("counter:a", Counter)
     assert loaded == (1, Counter(total=1, changes=1))
+
+
+class Total(msgspec.Struct, frozen=True):
+    """A lighter view of Counter: only the field a reader needs."""
+
+    total: int = 0
+
+
+async def test_load_streams_reads_every_stream_under_a_prefix(open_journal: OpenJournal) -> None:
+    """load_streams returns each stream under the prefix, in id order, with its latest usable
+    snapshot at the schema and exactly the events after it (all of them without one)."""
+    async with open_journal() as journal:
+        await journal.append("counter:b", added(1, 2, 3))
+        await journal.append("counter:a", added(10))
+        await journal.append("counter:b", added(4))
+        await journal.append("counter:c", added(5, 6))
+        await journal.append("other:x", added(7))
+        await journal.append("counterz", added(8))  # shares the letters, not the prefix
+        await journal.save_snapshot("counter:b", version=2, state=Counter(total=3, changes=2))
+        await journal.save_snapshot(
+            "counter:b", version=3, state=Counter(total=99, changes=99), schema_version=2
+        )
+        await journal.save_snapshot("counter:c", version=2, state=Counter(total=11, changes=2))
+        loaded = await journal.load_streams("counter:", Counter)
+        assert list(loaded) == ["counter:a", "counter:b", "counter:c"]
+        a, b, c = loaded.values()
+        assert (a.snapshot, [r.event for r in a.events], a.version) == (None, added(10), 1)
+        assert b.snapshot == (2, Counter(total=3, changes=2))
+        assert [(r.version, r.event) for r in b.events] == [(3, added(3)[0]), (4, added(4)[0])]
+        assert b.events == (await journal.read_stream("counter:b"))[2:]
+        assert (b.version, c.events, c.version) == (4, [], 2)
+        schema_two = await journal.load_streams("counter:b", Counter, schema_version=2)
+        assert schema_two["counter:b"].snapshot == (3, Counter(total=99, changes=99))
+        assert [r.version for r in schema_two["counter:b"].events] == [4]
+        light = await journal.load_streams("counter:c", Total)
+        assert light["counter:c"].snapshot == (2, Total(total=11))
+        everything = await journal.load_streams("", Counter)
+        assert list(everything) == sorted(
+            ["counter:a", "counter:b", "counter:c", "other:x", "counterz"]
+        )
+        assert await journal.load_streams("nothing:", Counter) == {}
+        await journal.aclose()
+        with pytest.raises(JournalClosedError):
+            await journal.load_streams("counter:", Counter)
+
+
+async def test_load_streams_skips_an_undecodable_snapshot_for_the_one_before(
+    open_journal: OpenJournal,
+) -> None:
+    """As load_snapshot does: a latest snapshot that does not decode is skipped, with a
+    warning, and the stream is read from the snapshot before it."""
+
+    class Other(msgspec.Struct, frozen=True):
+        total: str
+
+    async with open_journal() as journal:
+        await journal.append("counter:a", added(1, 2, 3))
+        await journal.append("counter:b", added(5))
+        await journal.save_snapshot("counter:a", version=1, state=Counter(total=1, changes=1))
+        await journal.save_snapshot("counter:a", version=2, state=Other(total="lots"))
+        await journal.save_snapshot("counter:b", version=1, state=Other(total="lots"))
+        with structlog.testing.capture_logs() as logs:
+            loaded = await journal.load_streams("counter:", Counter)
+    assert loaded["counter:a"].snapshot == (1, Counter(total=1, changes=1))
+    assert [r.version for r in loaded["counter:a"].events] == [2, 3]
+    assert loaded["counter:b"].snapshot is None
+    assert [r.version for r in loaded["counter:b"].events] == [1]
+    ignored = [(e["stream_id"], e["version"]) for e in logs if e["event"] == "snapshot_ignored"]
+    assert sorted(ignored) == [("counter:a", 2), ("counter:b", 1)]
+
+
+async def test_rebuild_streams_equals_rebuild_stream_of_each(
+    open_journal: OpenJournal, clock: VirtualClock
+) -> None:
+    """rebuild_streams gives every stream the state rebuild_stream (and replay from position
+    0) gives it."""
+    async with open_journal() as journal:
+        await fill_with_snapshots(journal, clock)
+        aggregate = CounterAggregate()
+        together = await rebuild_streams(journal, "counter:", aggregate)
+        one_by_one = {
+            stream_id: await rebuild_stream(journal, stream_id, aggregate)
+            for stream_id in ("counter:a", "counter:b")
+        }
+        from_zero = await rebuild_all(journal, lambda _stream: aggregate)
+    assert together == one_by_one == from_zero
+    assert together["counter:a"][1] == 60
 
 
 # -- replay -----------------------------------------------------------------------------------
