@@ -1049,7 +1049,11 @@ async def open_engine(
     _check_policy_events(core.policy, journal)
     async with open_system(clock=clock) as system:
         engine = Engine(system=system, journal=journal, core=core, settings=settings)
-        recovered = await engine._rebuild()
+        # Recovery reads the journal outside any actor: hold a virtual clock still meanwhile,
+        # or it sees the farm idle and jumps to the next timer (how far it gets would depend
+        # on how many reads recovery takes).
+        with _time_held(system.clock):
+            recovered = await engine._rebuild()
 
         def scheduler_factory() -> SchedulerActor:
             actor = SchedulerActor(
