@@ -131,14 +131,17 @@ _HEALTHS = frozenset({"online", "draining", "sleeping", "quarantined"})
 _REACHABLE = frozenset({"connected", "unreachable", "offline"})
 
 
-class _FinishedTask(msgspec.Struct, kw_only=True):
+# ``gc=False``: recovery keeps hundreds of thousands of these alive at once, and tracking them
+# made decoding them slower by a third (each collection walked them all); they hold only
+# strings, numbers and the job's spec, so they can never be part of a reference cycle.
+class _FinishedTask(msgspec.Struct, kw_only=True, gc=False):
     """The part of a :class:`TaskState` the dependency graph needs of a finished job."""
 
     status: str = "pending"
     metrics: dict[str, float] = msgspec.field(default_factory=dict)
 
 
-class _FinishedJob(msgspec.Struct, kw_only=True):
+class _FinishedJob(msgspec.Struct, kw_only=True, gc=False):
     """A :class:`JobState` snapshot as recovery reads it first: only the fields the
     dependency graph needs of a finished job (the others are skipped, not decoded).  A job
     that turns out not to be finished is read again in full."""
