@@ -1,12 +1,14 @@
 """The engine: an actor system, a journal, a scheduler, job and node actors, recovery.
 
 ``open_engine()`` is the embedding API (an async context manager).  On open it rebuilds every
-job and node from the journal in one pass: finished jobs only feed the dependency graph (their
-actors stay passivated), unfinished jobs get their actor back, and attempts that were out on a
-node when the previous process stopped are *in doubt*: an agent that comes back within the
-restart grace period re-claims them, the rest are requeued (lost, no attempt spent) from their
-last checkpoint.  Recovery never refuses to open a journal it wrote: a job whose parent was
-never journaled (a partial submission by an older version) ends, with that reason.
+job and node from the journal, each kind in one bulk read of the latest snapshots and the
+events after them: finished jobs only feed the dependency graph (their actors stay
+passivated, and only the part of their final snapshot the graph needs is decoded),
+unfinished jobs get their actor back, and attempts that were out on a node when the previous
+process stopped are *in doubt*: an agent that comes back within the restart grace period
+re-claims them, the rest are requeued (lost, no attempt spent) from their last checkpoint.
+Recovery never refuses to open a journal it wrote: a job whose parent was never journaled (a
+partial submission by an older version) ends, with that reason.
 
 A submission is journaled all or nothing: every job of a spec file in one atomic multi-stream
 append, while placement goes on.
@@ -740,9 +742,11 @@ class Engine:
                 outcome = _FINISHED[state.status]
                 if outcome is Outcome.SUCCEEDED and all(s == "skipped" for s in statuses):
                     outcome = Outcome.SKIPPED
-                outcomes = _TASK_OUTCOMES
                 self.core.add_finished_job(
-                    spec, outcome, [outcomes.get(s) for s in statuses], metrics=_metrics_of(state)
+                    spec,
+                    outcome,
+                    [_TASK_OUTCOMES.get(s) for s in statuses],
+                    metrics=_metrics_of(state),
                 )
                 continue
             assert isinstance(state, JobState)
