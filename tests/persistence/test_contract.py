@@ -717,12 +717,15 @@ async def test_load_streams_reads_every_stream_under_a_prefix(open_journal: Open
         await journal.append("counter:c", added(5, 6))
         await journal.append("other:x", added(7))
         await journal.append("counterz", added(8))  # shares the letters, not the prefix
+        await journal.append('counter:"é\\', added(9))  # read back through JSON keys
         await journal.save_snapshot("counter:b", version=2, state=Counter(total=3, changes=2))
         await journal.save_snapshot(
             "counter:b", version=3, state=Counter(total=99, changes=99), schema_version=2
         )
         await journal.save_snapshot("counter:c", version=2, state=Counter(total=11, changes=2))
         loaded = await journal.load_streams("counter:", Counter)
+        odd = loaded.pop('counter:"é\\')
+        assert (odd.snapshot, [r.event for r in odd.events]) == (None, added(9))
         assert list(loaded) == ["counter:a", "counter:b", "counter:c"]
         a, b, c = loaded.values()
         assert (a.snapshot, [r.event for r in a.events], a.version) == (None, added(10), 1)
@@ -737,7 +740,7 @@ async def test_load_streams_reads_every_stream_under_a_prefix(open_journal: Open
         assert light["counter:c"].snapshot == (2, Total(total=11))
         everything = await journal.load_streams("", Counter)
         assert list(everything) == sorted(
-            ["counter:a", "counter:b", "counter:c", "other:x", "counterz"]
+            ["counter:a", "counter:b", "counter:c", 'counter:"é\\', "other:x", "counterz"]
         )
         assert await journal.load_streams("nothing:", Counter) == {}
         await journal.aclose()
