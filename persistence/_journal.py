@@ -87,7 +87,7 @@ class StreamInfo(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class LoadedStream(msgspec.Struct, Generic[S], frozen=True, kw_only=True):
-    """One stream as ``load_streams`` read it: its latest usable snapshot, and its events after
+    """One stream as ``load_streams`` reads it: its latest usable snapshot, and its events after
     that snapshot (all of them without one), in order."""
 
     stream_id: str
@@ -244,12 +244,12 @@ class Journal(Protocol):
         """
         ...
 
-    async def load_streams(
+    def load_streams(
         self, prefix: str, state_type: type[S], *, schema_version: int = 1
-    ) -> dict[str, LoadedStream[S]]:
-        """Return every stream whose id starts with ``prefix``, by id (in id order), each with
-        its latest usable snapshot and the events after it: what a recovery needs, read in a
-        few queries rather than two per stream.
+    ) -> AsyncIterator[LoadedStream[S]]:
+        """Yield every stream whose id starts with ``prefix``, in id order, each with its
+        latest usable snapshot and the events after it: what a recovery needs, read in a few
+        queries rather than two per stream, and a bounded number of events at a time.
 
         A snapshot is usable as for ``load_snapshot`` (saved at ``schema_version``, intact,
         decodes as ``state_type``; one that is not is skipped for the one before it, with the

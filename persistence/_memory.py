@@ -349,8 +349,8 @@ class InMemoryJournal:
 
     async def load_streams(
         self, prefix: str, state_type: type[S], *, schema_version: int = 1
-    ) -> dict[str, LoadedStream[S]]:
-        """Return the streams under ``prefix`` with their latest usable snapshots and the events
+    ) -> AsyncIterator[LoadedStream[S]]:
+        """Yield the streams under ``prefix`` with their latest usable snapshots and the events
         after them (see ``Journal.load_streams``).
 
         Raises:
@@ -358,18 +358,12 @@ class InMemoryJournal:
         """
         await anyio.lowlevel.checkpoint()
         self._check_open()
-        loaded: dict[str, LoadedStream[S]] = {}
-        for stream_id in sorted(self._streams):
-            if not stream_id.startswith(prefix):
-                continue
+        for stream_id in sorted(s for s in self._streams if s.startswith(prefix)):
             snapshot = self._latest_snapshot(stream_id, state_type, schema_version)
             after = snapshot[0] if snapshot is not None else 0
-            loaded[stream_id] = LoadedStream(
-                stream_id=stream_id,
-                snapshot=snapshot,
-                events=self._streams[stream_id][after:],
+            yield LoadedStream(
+                stream_id=stream_id, snapshot=snapshot, events=self._streams[stream_id][after:]
             )
-        return loaded
 
     async def aclose(self) -> None:
         """Close the journal (its subscriptions end); later calls raise

@@ -112,22 +112,22 @@ async def rebuild_streams(
     events after it; return ``{stream_id: (state, version)}`` in id order.
 
     The same states as ``rebuild_stream`` for each stream, read in a few queries
-    (``Journal.load_streams``) instead of two per stream.
+    (``Journal.load_streams``) instead of two per stream, each stream's events folded and let
+    go before the next chunk is read.
 
     Raises:
         EventDecodeError: a stored event cannot be decoded.
         JournalClosedError: the journal is closed.
     """
-    loaded = await journal.load_streams(
-        prefix, aggregate.state_type, schema_version=aggregate.schema_version
-    )
     states: dict[str, tuple[S, int]] = {}
     apply = aggregate.apply
-    for stream_id, stream in loaded.items():
-        state = stream.snapshot[1] if stream.snapshot else aggregate.initial_state(stream_id)
+    async for stream in journal.load_streams(
+        prefix, aggregate.state_type, schema_version=aggregate.schema_version
+    ):
+        state = stream.snapshot[1] if stream.snapshot else aggregate.initial_state(stream.stream_id)
         for record in stream.events:
             state = apply(state, record.event)
-        states[stream_id] = (state, stream.version)
+        states[stream.stream_id] = (state, stream.version)
     return states
 
 

@@ -145,17 +145,19 @@ _READ_STREAM = f"{_SELECT} WHERE stream_id = ? AND version > ? ORDER BY version"
 _READ_STREAM_CHUNK = _READ_STREAM + " LIMIT ?"
 _READ_TAIL = f"{_SELECT} ORDER BY position DESC LIMIT ?"
 _MAX_POSITION = 2**63 - 1
-# ``load_streams``: the ids of the streams in a range, one index seek each (a skip scan, not a
-# pass over every event); the latest snapshot of each at a schema; the events after given
-# versions, one index seek per stream (``CROSS JOIN`` keeps the streams the outer loop).
-_STREAM_IDS = """
+# ``load_streams``: the ids and versions of the streams in a range, a few index seeks each (a
+# skip scan, not a pass over every event); the latest snapshot of each at a schema; the events
+# after given versions, one index seek per stream (``CROSS JOIN`` keeps the streams the outer
+# loop).
+_STREAM_HEADS = """
     WITH RECURSIVE ids(id) AS (
         SELECT (SELECT min(stream_id) FROM events WHERE stream_id >= ?1 AND stream_id < ?2)
         UNION ALL
         SELECT (SELECT min(stream_id) FROM events WHERE stream_id > ids.id AND stream_id < ?2)
         FROM ids WHERE ids.id IS NOT NULL
     )
-    SELECT id FROM ids WHERE id IS NOT NULL
+    SELECT id, (SELECT max(version) FROM events WHERE stream_id = ids.id)
+    FROM ids WHERE id IS NOT NULL
 """
 _LATEST_SNAPSHOTS = """
     SELECT stream_id, version, position, timestamp, state, checksum FROM snapshots AS s
@@ -169,7 +171,8 @@ _READ_TAILS = (
     " FROM json_each(?1) AS j CROSS JOIN events AS e"
     " ON e.stream_id = j.key AND e.version > j.value"
 )
-_TAILS_CHUNK = 500  # streams per tail query
+_TAILS_CHUNK = 500  # streams per tail query, at most
+_TAIL_EVENTS = 50_000  # events per tail query, about (a longer stream is read whole)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _VERSION_LOOKUP_CHUNK = 500
 # Events verified when a journal is opened for writing (its most recent writes, where a torn
@@ -1117,12 +1120,13 @@ class SQLiteJournal:
 
     async def load_streams(
         self, prefix: str, state_type: type[S], *, schema_version: int = 1
-    ) -> dict[str, LoadedStream[S]]:
-        """Return the streams under ``prefix`` with their latest usable snapshots and the events
+    ) -> AsyncIterator[LoadedStream[S]]:
+        """Yield the streams under ``prefix`` with their latest usable snapshots and the events
         after them (see ``Journal.load_streams``), in a few queries whatever their number.
 
         Each stream is consistent (its events are all those committed after its snapshot when
-        they are read); streams created after the first query are left out.
+        they are read); streams created after the first query are left out.  Tails are read a
+        chunk of streams at a time, about ``_TAIL_EVENTS`` events each.
 
         Raises:
             EventDecodeError: a stored event cannot be decoded.
@@ -1131,7 +1135,7 @@ class SQLiteJournal:
             JournalClosedError: the journal is closed.
         """
         low, high = _prefix_range(prefix)
-        ids = [row[0] for row in await self._fetch(_STREAM_IDS, (low, high))]
+        heads = await self._fetch(_STREAM_HEADS, (low, high))
         snapshots: dict[str, tuple[int, S]] = {}
         damaged: list[tuple[str, int]] = []
         for row in await self._fetch(_LATEST_SNAPSHOTS, (low, high, schema_version)):
@@ -1148,22 +1152,25 @@ class SQLiteJournal:
             )
             if older is not None:
                 snapshots[stream_id] = older
-        events: dict[str, list[RecordedEvent]] = {stream_id: [] for stream_id in ids}
-        for first in range(0, len(ids), _TAILS_CHUNK):
-            after = {
-                stream_id: snapshots[stream_id][0] if stream_id in snapshots else 0
-                for stream_id in ids[first : first + _TAILS_CHUNK]
-            }
-            for record in self._records(await self._fetch(_READ_TAILS, (json.dumps(after),))):
-                events[record.stream_id].append(record)
-        loaded: dict[str, LoadedStream[S]] = {}
-        for stream_id in ids:
-            tail = events[stream_id]
-            tail.sort(key=_version_of)  # already in order: the index gives it
-            loaded[stream_id] = LoadedStream(
-                stream_id=stream_id, snapshot=snapshots.get(stream_id), events=tail
-            )
-        return loaded
+        chunk: dict[str, int] = {}  # stream id -> the version its tail starts after
+        size = 0  # the chunk's tails as listed: about what its query reads
+        for index, (stream_id, version) in enumerate(heads):
+            after = snapshots[stream_id][0] if stream_id in snapshots else 0
+            chunk[stream_id] = after
+            size += version - after
+            if size < _TAIL_EVENTS and len(chunk) < _TAILS_CHUNK and index < len(heads) - 1:
+                continue
+            # A stream whose snapshot was at its version when listed is read too: it may have
+            # grown since, and a stream's tail is all of what follows its snapshot.
+            tails: dict[str, list[RecordedEvent]] = {stream_id: [] for stream_id in chunk}
+            for record in self._records(await self._fetch(_READ_TAILS, (json.dumps(chunk),))):
+                tails[record.stream_id].append(record)
+            for stream_id, tail in tails.items():
+                tail.sort(key=_version_of)  # already in order: the index gives it
+                yield LoadedStream(
+                    stream_id=stream_id, snapshot=snapshots.get(stream_id), events=tail
+                )
+            chunk, size = {}, 0
 
     # -- closing -----------------------------------------------------------------------------
 

@@ -798,11 +798,10 @@ class Engine:
         """Every submitted job's state and version: a finished job's from its final snapshot
         decoded as a :class:`_FinishedJob` (what the dependency graph needs), any other's in
         full (its snapshot plus the events after it)."""
-        loaded = await self.journal.load_streams(
-            "job:", _FinishedJob, schema_version=_JOB_AGGREGATE.schema_version
-        )
         jobs: list[tuple[JobState | _FinishedJob, int]] = []
-        for stream in loaded.values():
+        async for stream in self.journal.load_streams(
+            "job:", _FinishedJob, schema_version=_JOB_AGGREGATE.schema_version
+        ):
             if stream.snapshot is not None and not stream.events:
                 version, finished = stream.snapshot
                 if finished.status in _FINISHED and finished.job is not None:

@@ -275,9 +275,12 @@ class _CountingReads(InMemoryJournal):
         self.reads.append(f"load_snapshot {stream_id}")
         return await super().load_snapshot(stream_id, state_type, **bounds)
 
-    async def load_streams(self, prefix: str, state_type: Any, **bounds: Any) -> Any:
+    async def load_streams(
+        self, prefix: str, state_type: Any, **options: Any
+    ) -> AsyncIterator[Any]:
         self.reads.append(f"load_streams {prefix}")
-        return await super().load_streams(prefix, state_type, **bounds)
+        async for stream in super().load_streams(prefix, state_type, **options):
+            yield stream
 
 
 def _reads_of(reads: Sequence[str]) -> list[str]:

@@ -132,7 +132,7 @@ async def test_a_flipped_byte_in_a_payload_is_caught_on_every_read(journal_file:
         with pytest.raises(EventChecksumError):
             await rebuild_all(journal, lambda _stream_id: SeenAggregate())
         with pytest.raises(EventChecksumError) as bulk:
-            await journal.load_streams("note:", Seen)
+            _ = [stream async for stream in journal.load_streams("note:", Seen)]
         before = [r async for batch in journal.read_all(until_position=19) for r in batch]
         other = await journal.read_stream("note:1")
     assert (caught.value.position, caught.value.stream_id) == (20, "note:victim")
@@ -176,10 +176,10 @@ async def test_a_damaged_snapshot_is_ignored(journal_file: Path) -> None:
             journal_file, clock=VirtualClock(START), codec=make_codec(), read_only=True
         ) as journal:
             loaded = await journal.load_snapshot("note:0", Seen)
-            bulk = await journal.load_streams("note:0", Seen)
+            [bulk] = [stream async for stream in journal.load_streams("note:0", Seen)]
     assert loaded == (3, Seen(count=3))
-    assert bulk["note:0"].snapshot == (3, Seen(count=3))
-    assert [r.version for r in bulk["note:0"].events] == list(range(4, 20))
+    assert bulk.snapshot == (3, Seen(count=3))
+    assert [r.version for r in bulk.events] == list(range(4, 20))
     warnings = [entry for entry in logs if entry["event"] == "snapshot_ignored"]
     assert len(warnings) == 2
     for warning in warnings:
