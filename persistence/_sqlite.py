@@ -22,10 +22,11 @@ Design (this is the only module that imports aiosqlite):
 - **Reads** go through their own aiosqlite connection (WAL readers never block the writer),
   in big keyset-paginated chunks decoded straight into event classes.
 - **Recovery reads in bulk.**  ``load_streams`` reads every stream under a prefix with its
-  latest snapshot and the events after it in three queries (a skip scan of the stream ids over
-  the ``(stream_id, version)`` index, the latest snapshot of each, the tails through
-  ``json_each``), not two single-row queries per stream, each a hop to the reader's thread.
-  Snapshot and event checksums are verified as everywhere else.
+  latest snapshot and the events after it in a few queries (a skip scan of the stream ids over
+  the ``(stream_id, version)`` index, the latest snapshot of each, then the tails through
+  ``json_each``, a chunk of streams at a time so that memory stays bounded), not two
+  single-row queries per stream, each a hop to the reader's thread.  Snapshot and event
+  checksums are verified as everywhere else.
 - **Atomic multi-stream appends.**  ``append_many`` is one request to the same writer: its
   expected versions are all checked first, then all its rows join the group's transaction, so
   it commits whole or not at all (a conflict fails it alone, naming the stream) and callers
