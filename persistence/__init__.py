@@ -11,9 +11,16 @@ from ._errors import (
     VersionConflictError,
 )
 from ._event_sourced import EventSourcedActor
-from ._journal import AppendResult, Journal, RecordedEvent, StreamAppend, StreamInfo
+from ._journal import (
+    AppendResult,
+    Journal,
+    LoadedStream,
+    RecordedEvent,
+    StreamAppend,
+    StreamInfo,
+)
 from ._memory import InMemoryJournal
-from ._replay import Aggregate, rebuild_all, rebuild_stream
+from ._replay import Aggregate, rebuild_all, rebuild_stream, rebuild_streams
 from ._sqlite import (
     SCHEMA_VERSION,
     JournalDescription,
@@ -51,6 +58,7 @@ __all__ = [
     "JournalError",
     "JournalFileError",
     "JournalStatistics",
+    "LoadedStream",
     "RecordedEvent",
     "SQLiteJournal",
     "SalvageReport",
@@ -68,5 +76,6 @@ __all__ = [
     "open_usage_store",
     "rebuild_all",
     "rebuild_stream",
+    "rebuild_streams",
     "salvage_sqlite_journal",
 ]

@@ -15,14 +15,21 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
-from typing import Protocol, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 import msgspec
 
 from ._codec import Event
 from ._subscription import Subscription
 
-__all__ = ["AppendResult", "Journal", "RecordedEvent", "StreamAppend", "StreamInfo"]
+__all__ = [
+    "AppendResult",
+    "Journal",
+    "LoadedStream",
+    "RecordedEvent",
+    "StreamAppend",
+    "StreamInfo",
+]
 
 S = TypeVar("S")
 
@@ -77,6 +84,22 @@ class StreamInfo(msgspec.Struct, frozen=True, kw_only=True):
     first_position: int
     last_position: int
     event_count: int
+
+
+class LoadedStream(msgspec.Struct, Generic[S], frozen=True, kw_only=True):
+    """One stream as ``load_streams`` reads it: its latest usable snapshot, and its events after
+    that snapshot (all of them without one), in order."""
+
+    stream_id: str
+    snapshot: tuple[int, S] | None
+    events: list[RecordedEvent]
+
+    @property
+    def version(self) -> int:
+        """The stream's version as read: its last event's, else its snapshot's."""
+        if self.events:
+            return self.events[-1].version
+        return self.snapshot[0] if self.snapshot is not None else 0
 
 
 class Journal(Protocol):
@@ -218,6 +241,25 @@ class Journal(Protocol):
         A snapshot is usable when it was saved at ``schema_version``, its version is <=
         ``max_version`` and its event's position is <= ``max_position``, and it decodes as
         ``state_type`` (a snapshot that does not is ignored: snapshots are caches).
+        """
+        ...
+
+    def load_streams(
+        self, prefix: str, state_type: type[S], *, schema_version: int = 1
+    ) -> AsyncIterator[LoadedStream[S]]:
+        """Yield every stream whose id starts with ``prefix``, in id order, each with its
+        latest usable snapshot and the events after it: what a recovery needs, read in a few
+        queries rather than two per stream, and a bounded number of events at a time.
+
+        A snapshot is usable as for ``load_snapshot`` (saved at ``schema_version``, intact,
+        decodes as ``state_type``; one that is not is skipped for the one before it, with the
+        same warning).  ``state_type`` may be a lighter Struct than the one saved, naming only
+        the fields the caller needs: the others are not decoded.  Events are verified as every
+        read verifies them.
+
+        Raises:
+            EventDecodeError: a stored event cannot be decoded.
+            JournalClosedError: the journal is closed.
         """
         ...
 

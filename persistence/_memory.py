@@ -26,6 +26,7 @@ from ._errors import JournalClosedError, JournalError, VersionConflictError
 from ._journal import (
     DEFAULT_BATCH_SIZE,
     AppendResult,
+    LoadedStream,
     RecordedEvent,
     S,
     StreamAppend,
@@ -317,6 +318,18 @@ class InMemoryJournal:
         """
         await anyio.lowlevel.checkpoint()
         self._check_open()
+        return self._latest_snapshot(
+            stream_id, state_type, schema_version, max_version, max_position
+        )
+
+    def _latest_snapshot(
+        self,
+        stream_id: str,
+        state_type: type[S],
+        schema_version: int,
+        max_version: int | None = None,
+        max_position: int | None = None,
+    ) -> tuple[int, S] | None:
         snapshots = self._snapshots.get(stream_id, {})
         for version in sorted(snapshots, reverse=True):
             snapshot = snapshots[version]
@@ -333,6 +346,24 @@ class InMemoryJournal:
                     "snapshot_ignored", stream_id=stream_id, version=version, reason=str(error)
                 )
         return None
+
+    async def load_streams(
+        self, prefix: str, state_type: type[S], *, schema_version: int = 1
+    ) -> AsyncIterator[LoadedStream[S]]:
+        """Yield the streams under ``prefix`` with their latest usable snapshots and the events
+        after them (see ``Journal.load_streams``).
+
+        Raises:
+            JournalClosedError: the journal is closed.
+        """
+        await anyio.lowlevel.checkpoint()
+        self._check_open()
+        for stream_id in sorted(s for s in self._streams if s.startswith(prefix)):
+            snapshot = self._latest_snapshot(stream_id, state_type, schema_version)
+            after = snapshot[0] if snapshot is not None else 0
+            yield LoadedStream(
+                stream_id=stream_id, snapshot=snapshot, events=self._streams[stream_id][after:]
+            )
 
     async def aclose(self) -> None:
         """Close the journal (its subscriptions end); later calls raise

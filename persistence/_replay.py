@@ -16,7 +16,7 @@ from runtime import ConfigurationError
 from ._codec import Event
 from ._journal import Journal
 
-__all__ = ["Aggregate", "rebuild_all", "rebuild_stream", "resolve_until"]
+__all__ = ["Aggregate", "rebuild_all", "rebuild_stream", "rebuild_streams", "resolve_until"]
 
 S = TypeVar("S")
 
@@ -103,6 +103,32 @@ async def rebuild_stream(
     if records:
         version = records[-1].version
     return state, version
+
+
+async def rebuild_streams(
+    journal: Journal, prefix: str, aggregate: Aggregate[S]
+) -> dict[str, tuple[S, int]]:
+    """Rebuild every stream whose id starts with ``prefix`` from its latest snapshot and the
+    events after it; return ``{stream_id: (state, version)}`` in id order.
+
+    The same states as ``rebuild_stream`` for each stream, read in a few queries
+    (``Journal.load_streams``) instead of two per stream, each stream's events folded and let
+    go before the next chunk is read.
+
+    Raises:
+        EventDecodeError: a stored event cannot be decoded.
+        JournalClosedError: the journal is closed.
+    """
+    states: dict[str, tuple[S, int]] = {}
+    apply = aggregate.apply
+    async for stream in journal.load_streams(
+        prefix, aggregate.state_type, schema_version=aggregate.schema_version
+    ):
+        state = stream.snapshot[1] if stream.snapshot else aggregate.initial_state(stream.stream_id)
+        for record in stream.events:
+            state = apply(state, record.event)
+        states[stream.stream_id] = (state, stream.version)
+    return states
 
 
 async def rebuild_all(

@@ -21,6 +21,12 @@ Design (this is the only module that imports aiosqlite):
   ``append`` returning means committed and ``Cancelled`` means not committed.
 - **Reads** go through their own aiosqlite connection (WAL readers never block the writer),
   in big keyset-paginated chunks decoded straight into event classes.
+- **Recovery reads in bulk.**  ``load_streams`` reads every stream under a prefix with its
+  latest snapshot and the events after it in a few queries (a skip scan of the stream ids over
+  the ``(stream_id, version)`` index, the latest snapshot of each, then the tails through
+  ``json_each``, a chunk of streams at a time so that memory stays bounded), not two
+  single-row queries per stream, each a hop to the reader's thread.  Snapshot and event
+  checksums are verified as everywhere else.
 - **Atomic multi-stream appends.**  ``append_many`` is one request to the same writer: its
   expected versions are all checked first, then all its rows join the group's transaction, so
   it commits whole or not at all (a conflict fails it alone, naming the stream) and callers
@@ -47,6 +53,7 @@ Design (this is the only module that imports aiosqlite):
 from __future__ import annotations
 
 import bisect
+import json
 import os
 import sqlite3
 import time
@@ -88,6 +95,7 @@ from ._errors import (
 from ._journal import (
     DEFAULT_BATCH_SIZE,
     AppendResult,
+    LoadedStream,
     RecordedEvent,
     S,
     StreamAppend,
@@ -138,6 +146,34 @@ _READ_STREAM = f"{_SELECT} WHERE stream_id = ? AND version > ? ORDER BY version"
 _READ_STREAM_CHUNK = _READ_STREAM + " LIMIT ?"
 _READ_TAIL = f"{_SELECT} ORDER BY position DESC LIMIT ?"
 _MAX_POSITION = 2**63 - 1
+# ``load_streams``: the ids and versions of the streams in a range, a few index seeks each (a
+# skip scan, not a pass over every event); the latest snapshot of each at a schema; the events
+# after given versions, one index seek per stream (``CROSS JOIN`` keeps the streams the outer
+# loop).
+_STREAM_HEADS = """
+    WITH RECURSIVE ids(id) AS (
+        SELECT (SELECT min(stream_id) FROM events WHERE stream_id >= ?1 AND stream_id < ?2)
+        UNION ALL
+        SELECT (SELECT min(stream_id) FROM events WHERE stream_id > ids.id AND stream_id < ?2)
+        FROM ids WHERE ids.id IS NOT NULL
+    )
+    SELECT id, (SELECT max(version) FROM events WHERE stream_id = ids.id)
+    FROM ids WHERE id IS NOT NULL
+"""
+_LATEST_SNAPSHOTS = """
+    SELECT stream_id, version, position, timestamp, state, checksum FROM snapshots AS s
+    WHERE stream_id >= ?1 AND stream_id < ?2 AND schema_version = ?3 AND version = (
+        SELECT max(version) FROM snapshots
+        WHERE stream_id = s.stream_id AND schema_version = ?3
+    )
+"""
+_READ_TAILS = (
+    f"SELECT {', '.join('e.' + c.strip() for c in _COLUMNS.split(','))}, e.checksum"
+    " FROM json_each(?1) AS j CROSS JOIN events AS e"
+    " ON e.stream_id = j.key AND e.version > j.value"
+)
+_TAILS_CHUNK = 500  # streams per tail query, at most
+_TAIL_EVENTS = 50_000  # events per tail query, about (a longer stream is read whole)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _VERSION_LOOKUP_CHUNK = 500
 # Events verified when a journal is opened for writing (its most recent writes, where a torn
@@ -1052,25 +1088,90 @@ class SQLiteJournal:
             ),
         )
         for version, position, stamp, data, checksum in rows:
-            if checksum != snapshot_checksum(
-                stream_id, version, schema_version, position, stamp, data
-            ):
-                # A cache that is damaged is a cache that is missing: replay instead.
-                log().warning(
-                    "snapshot_ignored",
-                    stream_id=stream_id,
-                    version=version,
-                    path=str(self.path),
-                    reason="the snapshot fails its checksum (damaged)",
-                )
-                continue
-            try:
-                return version, self.codec.decode_state(data, state_type)
-            except JournalError as error:
-                log().warning(
-                    "snapshot_ignored", stream_id=stream_id, version=version, reason=str(error)
-                )
+            state = self._usable_snapshot(
+                stream_id, state_type, schema_version, (version, position, stamp, data, checksum)
+            )
+            if state is not None:
+                return version, state
         return None
+
+    def _usable_snapshot(
+        self, stream_id: str, state_type: type[S], schema_version: int, row: Sequence[Any]
+    ) -> S | None:
+        """Verify and decode one snapshot row (version, position, timestamp, state, checksum);
+        None, with a warning, if it is damaged or does not decode as ``state_type``."""
+        version, position, stamp, data, checksum = row
+        if checksum != snapshot_checksum(stream_id, version, schema_version, position, stamp, data):
+            # A cache that is damaged is a cache that is missing: replay instead.
+            log().warning(
+                "snapshot_ignored",
+                stream_id=stream_id,
+                version=version,
+                path=str(self.path),
+                reason="the snapshot fails its checksum (damaged)",
+            )
+            return None
+        try:
+            return self.codec.decode_state(data, state_type)
+        except JournalError as error:
+            log().warning(
+                "snapshot_ignored", stream_id=stream_id, version=version, reason=str(error)
+            )
+        return None
+
+    async def load_streams(
+        self, prefix: str, state_type: type[S], *, schema_version: int = 1
+    ) -> AsyncIterator[LoadedStream[S]]:
+        """Yield the streams under ``prefix`` with their latest usable snapshots and the events
+        after them (see ``Journal.load_streams``), in a few queries whatever their number.
+
+        Each stream is consistent (its events are all those committed after its snapshot when
+        they are read); streams created after the first query are left out.  Tails are read a
+        chunk of streams at a time, about ``_TAIL_EVENTS`` events each.
+
+        Raises:
+            EventDecodeError: a stored event cannot be decoded.
+            EventChecksumError: a stored event is damaged.
+            JournalError: the read failed.
+            JournalClosedError: the journal is closed.
+        """
+        low, high = _prefix_range(prefix)
+        heads = await self._fetch(_STREAM_HEADS, (low, high))
+        snapshots: dict[str, tuple[int, S]] = {}
+        damaged: list[tuple[str, int]] = []
+        for row in await self._fetch(_LATEST_SNAPSHOTS, (low, high, schema_version)):
+            stream_id, version = row[0], row[1]
+            state = self._usable_snapshot(stream_id, state_type, schema_version, row[1:])
+            if state is None:
+                damaged.append((stream_id, version))
+            else:
+                snapshots[stream_id] = (version, state)
+        for stream_id, version in damaged:
+            # Rare: the latest is unusable, so look for the one before it as load_snapshot does.
+            older = await self.load_snapshot(
+                stream_id, state_type, schema_version=schema_version, max_version=version - 1
+            )
+            if older is not None:
+                snapshots[stream_id] = older
+        chunk: dict[str, int] = {}  # stream id -> the version its tail starts after
+        size = 0  # the chunk's tails as listed: about what its query reads
+        for index, (stream_id, version) in enumerate(heads):
+            after = snapshots[stream_id][0] if stream_id in snapshots else 0
+            chunk[stream_id] = after
+            size += version - after
+            if size < _TAIL_EVENTS and len(chunk) < _TAILS_CHUNK and index < len(heads) - 1:
+                continue
+            # A stream whose snapshot was at its version when listed is read too: it may have
+            # grown since, and a stream's tail is all of what follows its snapshot.
+            tails: dict[str, list[RecordedEvent]] = {stream_id: [] for stream_id in chunk}
+            for record in self._records(await self._fetch(_READ_TAILS, (json.dumps(chunk),))):
+                tails[record.stream_id].append(record)
+            for stream_id, tail in tails.items():
+                tail.sort(key=_version_of)  # already in order: the index gives it
+                yield LoadedStream(
+                    stream_id=stream_id, snapshot=snapshots.get(stream_id), events=tail
+                )
+            chunk, size = {}, 0
 
     # -- closing -----------------------------------------------------------------------------
 
@@ -1099,6 +1200,19 @@ class SQLiteJournal:
 
 
 # -- opening -----------------------------------------------------------------------------------
+
+
+def _version_of(record: RecordedEvent) -> int:
+    return record.version
+
+
+def _prefix_range(prefix: str) -> tuple[str, str | bytes]:
+    """Return ``(low, high)``: a stream id starts with ``prefix`` iff ``low <= id < high``
+    (SQLite compares text as UTF-8 bytes, which orders like code points)."""
+    end = prefix.rstrip(chr(0x10FFFF))
+    if not end:
+        return prefix, b""  # no upper bound: SQLite orders every text before every blob
+    return prefix, end[:-1] + chr(ord(end[-1]) + 1)
 
 
 def _open_writer(path: Path, synchronous: Synchronous, busy_timeout: float) -> _Writer:

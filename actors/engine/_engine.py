@@ -1,12 +1,14 @@
 """The engine: an actor system, a journal, a scheduler, job and node actors, recovery.
 
 ``open_engine()`` is the embedding API (an async context manager).  On open it rebuilds every
-job and node from the journal in one pass: finished jobs only feed the dependency graph (their
-actors stay passivated), unfinished jobs get their actor back, and attempts that were out on a
-node when the previous process stopped are *in doubt*: an agent that comes back within the
-restart grace period re-claims them, the rest are requeued (lost, no attempt spent) from their
-last checkpoint.  Recovery never refuses to open a journal it wrote: a job whose parent was
-never journaled (a partial submission by an older version) ends, with that reason.
+job and node from the journal, each kind in one bulk read of the latest snapshots and the
+events after them: finished jobs only feed the dependency graph (their actors stay
+passivated, and only the part of their final snapshot the graph needs is decoded),
+unfinished jobs get their actor back, and attempts that were out on a node when the previous
+process stopped are *in doubt*: an agent that comes back within the restart grace period
+re-claims them, the rest are requeued (lost, no attempt spent) from their last checkpoint.
+Recovery never refuses to open a journal it wrote: a job whose parent was never journaled (a
+partial submission by an older version) ends, with that reason.
 
 A submission is journaled all or nothing: every job of a spec file in one atomic multi-stream
 append, while placement goes on.
@@ -26,7 +28,14 @@ import msgspec
 
 from actors._errors import DependencyError, JobNotFoundError
 from actors.executors import AttemptReport, Executor
-from persistence import Event, Journal, StreamAppend, rebuild_stream
+from persistence import (
+    Event,
+    Journal,
+    LoadedStream,
+    StreamAppend,
+    rebuild_stream,
+    rebuild_streams,
+)
 from runtime import (
     ActorRef,
     ActorStoppedError,
@@ -45,7 +54,6 @@ from ._events import (
     JobState,
     JobSubmitted,
     NodeAggregate,
-    NodeState,
     TaskAssigned,
     TaskCancelled,
     TaskCompleted,
@@ -54,6 +62,7 @@ from ._events import (
     TaskPreviewed,
     TaskRequeued,
     TaskStarted,
+    TaskState,
     job_stream,
     policy_stream,
 )
@@ -114,8 +123,36 @@ _FINISHED = {
     "failed": Outcome.FAILED,
     "cancelled": Outcome.CANCELLED,
 }
+_TASK_OUTCOMES = {
+    "completed": Outcome.SUCCEEDED,
+    "failed": Outcome.FAILED,
+    "cancelled": Outcome.CANCELLED,
+    "skipped": Outcome.SKIPPED,
+}
 _HEALTHS = frozenset({"online", "draining", "sleeping", "quarantined"})
 _REACHABLE = frozenset({"connected", "unreachable", "offline"})
+
+
+# ``gc=False``: recovery keeps hundreds of thousands of these alive at once, and tracking them
+# made decoding them slower by a third (each collection walked them all); they hold only
+# strings, numbers and the job's spec, so they can never be part of a reference cycle.
+class _FinishedTask(msgspec.Struct, kw_only=True, gc=False):
+    """The part of a :class:`TaskState` the dependency graph needs of a finished job."""
+
+    status: str = "pending"
+    metrics: dict[str, float] = msgspec.field(default_factory=dict)
+
+
+class _FinishedJob(msgspec.Struct, kw_only=True, gc=False):
+    """A :class:`JobState` snapshot as recovery reads it first: only the fields the
+    dependency graph needs of a finished job (the others are skipped, not decoded).  A job
+    that turns out not to be finished is read again in full."""
+
+    job: SubmitJob | None = None
+    submitted_at: datetime | None = None
+    status: str = "new"
+    tasks: list[_FinishedTask] = msgspec.field(default_factory=list)
+    metrics: dict[str, float] = msgspec.field(default_factory=dict)
 
 
 class Engine:
@@ -667,27 +704,12 @@ class Engine:
     async def _rebuild(self) -> _Recovered:
         """Rebuild the scheduler's core from the journal (one pass); no actor runs yet."""
 
-        def aggregate_for(stream_id: str) -> Any:
-            if stream_id.startswith("job:"):
-                return _JOB_AGGREGATE
-            if stream_id.startswith("node:"):
-                return _NODE_AGGREGATE
-            return None
-
-        # Each stream from its latest snapshot plus the events after it: a restart reads the
-        # tail of the journal, not all of it (replay from position 0 gives the same states).
-        states: dict[str, tuple[Any, int]] = {}
-        for info in await self.journal.streams():
-            aggregate = aggregate_for(info.stream_id)
-            if aggregate is not None:
-                states[info.stream_id] = await rebuild_stream(
-                    self.journal, info.stream_id, aggregate
-                )
+        # Each stream from its latest snapshot plus the events after it, all streams of a kind
+        # in a few queries: a restart reads the tail of the journal, not all of it (replay
+        # from position 0 gives the same states).
+        nodes = await rebuild_streams(self.journal, "node:", _NODE_AGGREGATE)
         known: dict[str, KnownNode] = {}
-        for stream, (node, _version) in sorted(states.items()):
-            if not stream.startswith("node:"):
-                continue
-            assert isinstance(node, NodeState)
+        for node, _version in nodes.values():
             self.core.add_node(
                 node.name,
                 node.capacity,
@@ -708,11 +730,7 @@ class Engine:
                 node.health_reason or "",
                 node.health_by,
             )
-        jobs = [
-            (state, version)
-            for stream, (state, version) in states.items()
-            if stream.startswith("job:") and isinstance(state, JobState) and state.job is not None
-        ]
+        jobs = await self._load_jobs()
         jobs.sort(key=lambda item: (item[0].submitted_at, item[0].job.job_id))  # type: ignore[union-attr]
         # A job submitted in one batch with its parent may sort before it (same time, smaller
         # id): the graph must know every parent before its dependants are added.
@@ -723,21 +741,27 @@ class Engine:
         for state, version in jobs:
             spec = state.job
             assert spec is not None
-            assert state.submitted_at is not None
-            task_outcomes = [_task_outcome(t.status) for t in state.tasks]
             if state.status in _FINISHED:
+                statuses = [t.status for t in state.tasks]
                 outcome = _FINISHED[state.status]
-                if outcome is Outcome.SUCCEEDED and all(t.status == "skipped" for t in state.tasks):
+                if outcome is Outcome.SUCCEEDED and all(s == "skipped" for s in statuses):
                     outcome = Outcome.SKIPPED
-                self.core.add_finished_job(spec, outcome, task_outcomes, metrics=_metrics_of(state))
+                self.core.add_finished_job(
+                    spec,
+                    outcome,
+                    [_TASK_OUTCOMES.get(s) for s in statuses],
+                    metrics=_metrics_of(state),
+                )
                 continue
+            assert isinstance(state, JobState)
+            assert state.submitted_at is not None
             try:
                 self.core.add_job(spec, submitted_at=state.submitted_at, state=state)
             except DependencyError as error:
                 state, version = await self._end_orphan(state, version, str(error))
                 orphans += 1
                 self.core.add_finished_job(
-                    spec, Outcome.FAILED, [_task_outcome(t.status) for t in state.tasks]
+                    spec, Outcome.FAILED, [_TASK_OUTCOMES.get(t.status) for t in state.tasks]
                 )
                 continue
             unfinished.append((state, version))
@@ -773,6 +797,43 @@ class Engine:
             orphans=orphans,
         )
         return _Recovered(unfinished=unfinished, in_doubt=in_doubt, nodes=known)
+
+    async def _load_jobs(self) -> list[tuple[JobState | _FinishedJob, int]]:
+        """Every submitted job's state and version: a finished job's from its final snapshot
+        decoded as a :class:`_FinishedJob` (what the dependency graph needs), any other's in
+        full (its snapshot plus the events after it)."""
+        jobs: list[tuple[JobState | _FinishedJob, int]] = []
+        async for stream in self.journal.load_streams(
+            "job:", _FinishedJob, schema_version=_JOB_AGGREGATE.schema_version
+        ):
+            if stream.snapshot is not None and not stream.events:
+                version, finished = stream.snapshot
+                if finished.status in _FINISHED and finished.job is not None:
+                    jobs.append((finished, version))
+                    continue
+            state, version = await self._load_job(stream)
+            if state.job is not None:
+                jobs.append((state, version))
+        return jobs
+
+    async def _load_job(self, stream: LoadedStream[_FinishedJob]) -> tuple[JobState, int]:
+        """Return a job's full state: its snapshot (read again, in full) plus the events after
+        it, or, if the snapshot does not read in full, as ``rebuild_stream`` finds it."""
+        state = JobState()
+        if stream.snapshot is not None:
+            full = await self.journal.load_snapshot(
+                stream.stream_id,
+                JobState,
+                schema_version=_JOB_AGGREGATE.schema_version,
+                max_version=stream.snapshot[0],
+            )
+            if full is None or full[0] != stream.snapshot[0]:
+                return await rebuild_stream(self.journal, stream.stream_id, _JOB_AGGREGATE)
+            state = full[1]
+        apply = _JOB_AGGREGATE.apply
+        for record in stream.events:
+            state = apply(state, record.event)
+        return state, stream.version
 
     async def _end_orphan(
         self, state: JobState, version: int, problem: str
@@ -922,10 +983,12 @@ async def _history(journal: Journal) -> list[Observation]:
     return observations
 
 
-def _parents_first(jobs: list[tuple[JobState, int]]) -> list[tuple[JobState, int]]:
+def _parents_first(
+    jobs: list[tuple[JobState | _FinishedJob, int]],
+) -> list[tuple[JobState | _FinishedJob, int]]:
     """Order jobs so each comes after the jobs it depends on, otherwise keeping their order."""
     by_id = {state.job.job_id: (state, version) for state, version in jobs if state.job}
-    ordered: list[tuple[JobState, int]] = []
+    ordered: list[tuple[JobState | _FinishedJob, int]] = []
     done: set[str] = set()
     for state, _version in jobs:
         assert state.job is not None
@@ -951,19 +1014,11 @@ def _parents_first(jobs: list[tuple[JobState, int]]) -> list[tuple[JobState, int
     return ordered
 
 
-def _task_outcome(status: str) -> Outcome | None:
-    return {
-        "completed": Outcome.SUCCEEDED,
-        "failed": Outcome.FAILED,
-        "cancelled": Outcome.CANCELLED,
-        "skipped": Outcome.SKIPPED,
-    }.get(status)
-
-
-def _metrics_of(state: JobState) -> dict[int, dict[str, float]]:
+def _metrics_of(state: JobState | _FinishedJob) -> dict[int, dict[str, float]]:
     """What a finished job's tasks reported (-1: the job's last values), for conditional
     dependencies submitted after it ended."""
-    kept = {i: t.metrics for i, t in enumerate(state.tasks) if t.metrics}
+    tasks: Sequence[TaskState | _FinishedTask] = state.tasks
+    kept = {i: t.metrics for i, t in enumerate(tasks) if t.metrics}
     if state.metrics:
         kept[-1] = state.metrics
     return kept
@@ -1004,7 +1059,11 @@ async def open_engine(
     _check_policy_events(core.policy, journal)
     async with open_system(clock=clock) as system:
         engine = Engine(system=system, journal=journal, core=core, settings=settings)
-        recovered = await engine._rebuild()
+        # Recovery reads the journal outside any actor: hold a virtual clock still meanwhile,
+        # or it sees the farm idle and jumps to the next timer (how far it gets would depend
+        # on how many reads recovery takes).
+        with _time_held(system.clock):
+            recovered = await engine._rebuild()
 
         def scheduler_factory() -> SchedulerActor:
             actor = SchedulerActor(

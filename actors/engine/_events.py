@@ -350,8 +350,12 @@ class NodeHealthChanged(Event, frozen=True, kw_only=True, tag="engine.node_healt
 # -- the job aggregate --------------------------------------------------------------------------
 
 
-class TaskState(msgspec.Struct, kw_only=True):
+class TaskState(msgspec.Struct, kw_only=True, omit_defaults=True):
     """One task of a job, as the journal says it is.
+
+    Encoded without its default fields (``omit_defaults``), so a snapshot of a big job stays small
+    and quick to read back; a field left out decodes as its default, so snapshots written with
+    every field and without them read alike.
 
     ``nodes`` holds the node of every attempt (index = attempt - 1), so the log of any attempt
     can be fetched, cancelled ones included.
@@ -391,8 +395,9 @@ class TaskState(msgspec.Struct, kw_only=True):
         return node is not None and (node == self.node or node in self.gang)
 
 
-class JobState(msgspec.Struct, kw_only=True):
-    """A job as the journal says it is (mutable: the aggregate updates it in place)."""
+class JobState(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A job as the journal says it is (mutable: the aggregate updates it in place; encoded
+    without its default fields, as :class:`TaskState` is)."""
 
     job: SubmitJob | None = None
     submitted_at: datetime | None = None
@@ -568,8 +573,8 @@ class JobAggregate:
         return state
 
 
-class NodeState(msgspec.Struct, kw_only=True):
-    """A node's identity as journaled."""
+class NodeState(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A node's identity as journaled (encoded without its default fields)."""
 
     name: str = ""
     capacity: Resources = Resources()

@@ -104,8 +104,9 @@ class CheckpointManifest(msgspec.Struct, frozen=True, kw_only=True):
         return found
 
 
-class CheckpointRecord(msgspec.Struct, frozen=True, kw_only=True):
-    """A checkpoint a task keeps: what to resume from and, if it had one, its manifest."""
+class CheckpointRecord(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """A checkpoint a task keeps: what to resume from and, if it had one, its manifest
+    (encoded without it when it has none: snapshots keep many of these)."""
 
     checkpoint: str
     manifest: CheckpointManifest | None = None

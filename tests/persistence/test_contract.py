@@ -7,11 +7,14 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TypeVar
 
 import anyio
 import anyio.lowlevel
 import msgspec
 import pytest
+import structlog
+import structlog.testing
 
 from persistence import (
     Event,
@@ -21,6 +24,7 @@ from persistence import (
     Journal,
     JournalClosedError,
     JournalError,
+    LoadedStream,
     RecordedEvent,
     StreamAppend,
     StreamInfo,
@@ -28,10 +32,12 @@ from persistence import (
     open_sqlite_journal,
     rebuild_all,
     rebuild_stream,
+    rebuild_streams,
 )
 from runtime import ConfigurationError, VirtualClock
 
 START = datetime(2026, 1, 1, tzinfo=UTC)
+S = TypeVar("S")
 
 
 class CounterAdded(Event, frozen=True, kw_only=True, tag="test.counter_added"):
@@ -696,6 +702,128 @@ async def test_undecodable_snapshot_is_ignored(open_journal: OpenJournal) -> Non
         await journal.save_snapshot("counter:a", version=2, state=Other(total="lots"))
         loaded = await journal.load_snapshot("counter:a", Counter)
     assert loaded == (1, Counter(total=1, changes=1))
+
+
+async def load_streams(
+    journal: Journal, prefix: str, state_type: type[S], **options: int
+) -> dict[str, LoadedStream[S]]:
+    """Every stream load_streams yields, by id (in the order yielded)."""
+    return {s.stream_id: s async for s in journal.load_streams(prefix, state_type, **options)}
+
+
+class Total(msgspec.Struct, frozen=True):
+    """A lighter view of Counter: only the field a reader needs."""
+
+    total: int = 0
+
+
+async def test_load_streams_reads_every_stream_under_a_prefix(open_journal: OpenJournal) -> None:
+    """load_streams returns each stream under the prefix, in id order, with its latest usable
+    snapshot at the schema and exactly the events after it (all of them without one)."""
+    async with open_journal() as journal:
+        await journal.append("counter:b", added(1, 2, 3))
+        await journal.append("counter:a", added(10))
+        await journal.append("counter:b", added(4))
+        await journal.append("counter:c", added(5, 6))
+        await journal.append("other:x", added(7))
+        await journal.append("counterz", added(8))  # shares the letters, not the prefix
+        await journal.append('counter:"é\\', added(9))  # read back through JSON keys
+        await journal.save_snapshot("counter:b", version=2, state=Counter(total=3, changes=2))
+        await journal.save_snapshot(
+            "counter:b", version=3, state=Counter(total=99, changes=99), schema_version=2
+        )
+        await journal.save_snapshot("counter:c", version=2, state=Counter(total=11, changes=2))
+        loaded = await load_streams(journal, "counter:", Counter)
+        odd = loaded.pop('counter:"é\\')
+        assert (odd.snapshot, [r.event for r in odd.events]) == (None, added(9))
+        assert list(loaded) == ["counter:a", "counter:b", "counter:c"]
+        a, b, c = loaded.values()
+        assert (a.snapshot, [r.event for r in a.events], a.version) == (None, added(10), 1)
+        assert b.snapshot == (2, Counter(total=3, changes=2))
+        assert [(r.version, r.event) for r in b.events] == [(3, added(3)[0]), (4, added(4)[0])]
+        assert b.events == (await journal.read_stream("counter:b"))[2:]
+        assert (b.version, c.events, c.version) == (4, [], 2)
+        schema_two = await load_streams(journal, "counter:b", Counter, schema_version=2)
+        assert schema_two["counter:b"].snapshot == (3, Counter(total=99, changes=99))
+        assert [r.version for r in schema_two["counter:b"].events] == [4]
+        light = await load_streams(journal, "counter:c", Total)
+        assert light["counter:c"].snapshot == (2, Total(total=11))
+        everything = await load_streams(journal, "", Counter)
+        assert list(everything) == sorted(
+            ["counter:a", "counter:b", "counter:c", 'counter:"é\\', "other:x", "counterz"]
+        )
+        assert await load_streams(journal, "nothing:", Counter) == {}
+        await journal.aclose()
+        with pytest.raises(JournalClosedError):
+            await load_streams(journal, "counter:", Counter)
+
+
+async def test_load_streams_skips_an_undecodable_snapshot_for_the_one_before(
+    open_journal: OpenJournal,
+) -> None:
+    """As load_snapshot does: a latest snapshot that does not decode is skipped, with a
+    warning, and the stream is read from the snapshot before it."""
+
+    class Other(msgspec.Struct, frozen=True):
+        total: str
+
+    async with open_journal() as journal:
+        await journal.append("counter:a", added(1, 2, 3))
+        await journal.append("counter:b", added(5))
+        await journal.save_snapshot("counter:a", version=1, state=Counter(total=1, changes=1))
+        await journal.save_snapshot("counter:a", version=2, state=Other(total="lots"))
+        await journal.save_snapshot("counter:b", version=1, state=Other(total="lots"))
+        with structlog.testing.capture_logs() as logs:
+            loaded = await load_streams(journal, "counter:", Counter)
+    assert loaded["counter:a"].snapshot == (1, Counter(total=1, changes=1))
+    assert [r.version for r in loaded["counter:a"].events] == [2, 3]
+    assert loaded["counter:b"].snapshot is None
+    assert [r.version for r in loaded["counter:b"].events] == [1]
+    ignored = [(e["stream_id"], e["version"]) for e in logs if e["event"] == "snapshot_ignored"]
+    assert sorted(ignored) == [("counter:a", 2), ("counter:b", 1)]
+
+
+async def test_load_streams_yields_many_streams_in_order_with_their_own_tails(
+    open_journal: OpenJournal,
+) -> None:
+    """Past the number of streams one query reads (the SQLite journal reads in chunks), every
+    stream still comes once, in id order, with exactly its own events after its snapshot."""
+    async with open_journal() as journal:
+        await journal.append_many(
+            [
+                StreamAppend(stream_id=f"counter:{n:04d}", events=added(n, n + 1, n + 2))
+                for n in range(1200)
+            ]
+        )
+        for n in range(0, 1200, 7):
+            await journal.save_snapshot(
+                f"counter:{n:04d}", version=n % 3 + 1, state=Counter(total=n, changes=n % 3 + 1)
+            )
+        loaded = await load_streams(journal, "counter:", Counter)
+    assert list(loaded) == [f"counter:{n:04d}" for n in range(1200)]
+    for n, stream in enumerate(loaded.values()):
+        after = n % 3 + 1 if n % 7 == 0 else 0
+        assert stream.snapshot == (None if not after else (after, Counter(total=n, changes=after)))
+        assert [r.event for r in stream.events] == added(n, n + 1, n + 2)[after:]
+        assert stream.version == 3
+
+
+async def test_rebuild_streams_equals_rebuild_stream_of_each(
+    open_journal: OpenJournal, clock: VirtualClock
+) -> None:
+    """rebuild_streams gives every stream the state rebuild_stream (and replay from position
+    0) gives it."""
+    async with open_journal() as journal:
+        await fill_with_snapshots(journal, clock)
+        aggregate = CounterAggregate()
+        together = await rebuild_streams(journal, "counter:", aggregate)
+        one_by_one = {
+            stream_id: await rebuild_stream(journal, stream_id, aggregate)
+            for stream_id in ("counter:a", "counter:b")
+        }
+        from_zero = await rebuild_all(journal, lambda _stream: aggregate)
+    assert together == one_by_one == from_zero
+    assert together["counter:a"][1] == 60
 
 
 # -- replay -----------------------------------------------------------------------------------

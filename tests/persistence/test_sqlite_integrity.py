@@ -118,7 +118,8 @@ def journal_file(tmp_path: Path) -> Path:
 
 async def test_a_flipped_byte_in_a_payload_is_caught_on_every_read(journal_file: Path) -> None:
     """A byte changed inside a payload passes SQLite's own integrity check but fails the
-    event's checksum on read_all, read_stream and rebuild_all, naming position and stream."""
+    event's checksum on read_all, read_stream, rebuild_all and load_streams, naming position
+    and stream."""
     await anyio.to_thread.run_sync(lambda: flip(journal_file, b"MARKER-payload", index=7))
     assert integrity(journal_file) == ["ok"], "SQLite alone does not notice"
     async with open_sqlite_journal(
@@ -130,9 +131,12 @@ async def test_a_flipped_byte_in_a_payload_is_caught_on_every_read(journal_file:
             await journal.read_stream("note:victim")
         with pytest.raises(EventChecksumError):
             await rebuild_all(journal, lambda _stream_id: SeenAggregate())
+        with pytest.raises(EventChecksumError) as bulk:
+            _ = [stream async for stream in journal.load_streams("note:", Seen)]
         before = [r async for batch in journal.read_all(until_position=19) for r in batch]
         other = await journal.read_stream("note:1")
     assert (caught.value.position, caught.value.stream_id) == (20, "note:victim")
+    assert (bulk.value.position, bulk.value.stream_id) == (20, "note:victim")
     message = str(caught.value)
     assert "position 20" in message
     assert "'note:victim'" in message
@@ -160,7 +164,8 @@ async def test_a_flipped_byte_in_a_stream_id_is_not_replayed_as_another_stream(
 
 async def test_a_damaged_snapshot_is_ignored(journal_file: Path) -> None:
     """A snapshot that fails its checksum is treated as missing (it is a cache), with a
-    warning; the stream is rebuilt from its events instead."""
+    warning, by load_snapshot and load_streams alike; the stream is rebuilt from the snapshot
+    before it and its events instead."""
     async with open_sqlite_journal(
         journal_file, clock=VirtualClock(START), codec=make_codec()
     ) as journal:
@@ -171,10 +176,15 @@ async def test_a_damaged_snapshot_is_ignored(journal_file: Path) -> None:
             journal_file, clock=VirtualClock(START), codec=make_codec(), read_only=True
         ) as journal:
             loaded = await journal.load_snapshot("note:0", Seen)
+            [bulk] = [stream async for stream in journal.load_streams("note:0", Seen)]
     assert loaded == (3, Seen(count=3))
-    [warning] = [entry for entry in logs if entry["event"] == "snapshot_ignored"]
-    assert (warning["stream_id"], warning["version"]) == ("note:0", 5)
-    assert "checksum" in warning["reason"]
+    assert bulk.snapshot == (3, Seen(count=3))
+    assert [r.version for r in bulk.events] == list(range(4, 20))
+    warnings = [entry for entry in logs if entry["event"] == "snapshot_ignored"]
+    assert len(warnings) == 2
+    for warning in warnings:
+        assert (warning["stream_id"], warning["version"]) == ("note:0", 5)
+        assert "checksum" in warning["reason"]
 
 
 async def test_opening_for_writing_refuses_a_damaged_tail(journal_file: Path) -> None:
