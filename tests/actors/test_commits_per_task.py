@@ -46,8 +46,9 @@ async def test_a_chain_commits_assignment_then_start_and_end_together(tmp_path: 
             commits = journal.statistics().commits - before
         records = await journal.read_stream(job_stream("chain"))
     # The submission, two per link (the last link's end carries the job's end), and the
-    # finished job's snapshot.
-    assert commits == 1 + 2 * links + 1
+    # finished job's snapshot; at most one more, when the virtual clock reaches a start's
+    # 50 ms flush while the attempt is being handed over (three per link was 1 + 3 * links + 1).
+    assert 1 + 2 * links + 1 <= commits <= 1 + 2 * links + 2
     for index in range(links):
         kinds = [
             type(r.event)
