@@ -450,7 +450,11 @@ async def watch_jobs(
 def configure_cancel(parser: argparse.ArgumentParser) -> None:
     """Add ``cancel``'s arguments."""
     parser.add_argument("job")
-    parser.add_argument("--reason", default="cancelled by user")
+    parser.add_argument(
+        "--reason",
+        default="",
+        help='default: "cancelled by NAME", NAME the client credential (token: user)',
+    )
     add_client_arguments(parser)
     parser.set_defaults(handler=_cancel)
 

@@ -192,6 +192,8 @@ def format_nodes(nodes: Iterable[NodeSummary]) -> str:
             notes.append(f"drains at {node.drain_at}")
         if node.reason:
             notes.append(node.reason)
+        if node.by and notes:
+            notes[-1] += f" (by {node.by})"
         if notes:
             lines.append(f"    {'; '.join(notes)}")
     return "\n".join(lines)

@@ -159,7 +159,11 @@ def configure_pause(parser: argparse.ArgumentParser) -> None:
         help="what running attempts do: checkpoint and yield (default), finish, or are "
         "killed (requeued, no attempt spent)",
     )
-    parser.add_argument("--reason", default="paused by operator")
+    parser.add_argument(
+        "--reason",
+        default="",
+        help='default: "paused by NAME", NAME the client credential (token: operator)',
+    )
     _common(parser, _pause)
 
 
@@ -171,7 +175,11 @@ async def _pause(args: argparse.Namespace) -> int:
 def configure_resume(parser: argparse.ArgumentParser) -> None:
     """Add ``resume``'s arguments."""
     parser.add_argument("job")
-    parser.add_argument("--reason", default="resumed by operator")
+    parser.add_argument(
+        "--reason",
+        default="",
+        help='default: "resumed by NAME", NAME the client credential (token: operator)',
+    )
     _common(parser, _resume)
 
 
@@ -201,7 +209,11 @@ def configure_retry(parser: argparse.ArgumentParser) -> None:
         metavar="TASK",
         help="task names or indices (default: every failed, cancelled or held task)",
     )
-    parser.add_argument("--reason", default="retried by operator")
+    parser.add_argument(
+        "--reason",
+        default="",
+        help='default: "retried by NAME", NAME the client credential (token: operator)',
+    )
     _common(parser, _retry)
 
 
@@ -237,7 +249,11 @@ def configure_preempt(parser: argparse.ArgumentParser) -> None:
     """Add ``preempt``'s arguments."""
     parser.add_argument("job")
     parser.add_argument("task", type=_task_argument, help="a task's name or index")
-    parser.add_argument("--reason", default="preempted by operator")
+    parser.add_argument(
+        "--reason",
+        default="",
+        help='default: "preempted by NAME", NAME the client credential (token: operator)',
+    )
     _common(parser, _preempt)
 
 

@@ -637,7 +637,7 @@ class Coordinator:
                 usage = self.telemetry.jobs_now(job.job_id for job in jobs)
                 return JobsReply(jobs=tuple(jobs), as_of=self.clock.now(), usage=usage)
             case CancelJobRequest(job_id=job_id, reason=reason):
-                return JobsReply(jobs=(await engine.cancel(job_id, reason=reason),))
+                return JobsReply(jobs=(await engine.cancel(job_id, reason=reason, by=owner),))
             case ListNodesRequest():
                 nodes = [
                     msgspec.structs.replace(node, remote=node.name in self._executors)
@@ -695,7 +695,7 @@ class Coordinator:
         by: str | None,
     ) -> Reply:
         """Run an operator verb or a policy command (the engine journals each); ``by`` is the
-        principal a policy command's record names (None: a join-token client)."""
+        principal the journaled record names (None: a join-token client)."""
         engine = self.engine
         now = self.clock.now()
         match request:
@@ -706,18 +706,18 @@ class Coordinator:
                 if priority is None and not values:
                     raise ConfigurationError("nothing to change", where="--priority/--set")
                 await self._live(job_id, "amend")
-                summary = await engine.amend(job_id, priority=priority, set_metadata=values)
+                summary = await engine.amend(job_id, priority=priority, set_metadata=values, by=by)
                 return JobsReply(jobs=(summary,), as_of=now)
             case PauseJobRequest(job_id=job_id, mode=mode, reason=reason):
                 await self._live(job_id, "pause")
-                summary = await engine.pause(job_id, mode=mode, reason=reason)
+                summary = await engine.pause(job_id, mode=mode, reason=reason, by=by)
                 return JobsReply(jobs=(summary,), as_of=now)
             case ResumeJobRequest(job_id=job_id, reason=reason):
                 await self._live(job_id, "resume")
-                summary = await engine.resume(job_id, reason=reason)
+                summary = await engine.resume(job_id, reason=reason, by=by)
                 return JobsReply(jobs=(summary,), as_of=now)
             case RetryTasksRequest(job_id=job_id, tasks=tasks, reason=reason):
-                chosen = await engine.retry(job_id, tasks, reason=reason)
+                chosen = await engine.retry(job_id, tasks, reason=reason, by=by)
                 (summary,) = await engine.status(job_id, tasks=bool(chosen))
                 return RetriedReply(
                     job_id=job_id,
@@ -726,11 +726,11 @@ class Coordinator:
                 )
             case CheckpointTaskRequest(job_id=job_id, task=task):
                 index = await engine.task_index(job_id, task)
-                done = await engine.checkpoint(job_id, index)
+                done = await engine.checkpoint(job_id, index, by=by)
                 return TaskVerbReply(job_id=job_id, task=index, name=str(task), done=done)
             case PreemptTaskRequest(job_id=job_id, task=task, reason=reason):
                 index = await engine.task_index(job_id, task)
-                done = await engine.preempt(job_id, index, reason=reason)
+                done = await engine.preempt(job_id, index, reason=reason, by=by)
                 return TaskVerbReply(job_id=job_id, task=index, name=str(task), done=done)
             case SetNodeHealthRequest(node=node, health=health, reason=reason):
                 nodes = {summary.name: summary for summary in await engine.nodes()}
@@ -751,7 +751,7 @@ class Coordinator:
                             f"{now.isoformat()}); drain now without --at",
                             where="--at",
                         )
-                await engine.set_node_health(node, health, reason=reason, at=at)
+                await engine.set_node_health(node, health, reason=reason, at=at, operator=by)
                 changed = [summary for summary in await engine.nodes() if summary.name == node]
                 return NodesReply(nodes=tuple(changed))
             case PolicyCommandRequest(name=name, arguments=text):

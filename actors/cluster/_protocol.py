@@ -272,7 +272,7 @@ class CancelJobRequest(_Inbound, frozen=True, kw_only=True, tag="client.cancel")
     """Cancel a job."""
 
     job_id: _Identifier
-    reason: _Short = "cancelled by user"
+    reason: _Short = ""  # "" : "cancelled by user", naming the client credential if one asked
 
 
 class ListNodesRequest(_Inbound, frozen=True, kw_only=True, tag="client.nodes"):
@@ -309,14 +309,14 @@ class PauseJobRequest(_Inbound, frozen=True, kw_only=True, tag="client.pause"):
 
     job_id: _Identifier
     mode: Literal["checkpoint", "finish", "kill"] = "checkpoint"
-    reason: _Short = "paused by operator"
+    reason: _Short = ""  # "" : "paused by operator", naming the client credential if one asked
 
 
 class ResumeJobRequest(_Inbound, frozen=True, kw_only=True, tag="client.resume"):
     """Resume a paused job (and release tasks held for an operator)."""
 
     job_id: _Identifier
-    reason: _Short = "resumed by operator"
+    reason: _Short = ""  # "" : "resumed by operator", naming the client credential if one asked
 
 
 class RetryTasksRequest(_Inbound, frozen=True, kw_only=True, tag="client.retry"):
@@ -327,7 +327,7 @@ class RetryTasksRequest(_Inbound, frozen=True, kw_only=True, tag="client.retry")
     tasks: Annotated[
         tuple[_Index | _Identifier, ...], msgspec.Meta(max_length=_MAX_TASKS_NAMED)
     ] = ()
-    reason: _Short = "retried by operator"
+    reason: _Short = ""  # "" : "retried by operator", naming the client credential if one asked
 
 
 class CheckpointTaskRequest(_Inbound, frozen=True, kw_only=True, tag="client.checkpoint"):
@@ -342,7 +342,7 @@ class PreemptTaskRequest(_Inbound, frozen=True, kw_only=True, tag="client.preemp
 
     job_id: _Identifier
     task: _Index | _Identifier
-    reason: _Short = "preempted by operator"
+    reason: _Short = ""  # "" : "preempted by operator", naming the client credential if one asked
 
 
 class SetNodeHealthRequest(_Inbound, frozen=True, kw_only=True, tag="client.node_health"):

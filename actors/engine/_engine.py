@@ -268,8 +268,10 @@ class Engine:
         reason: str = "",
         at: datetime | None = None,
         by: Literal["operator", "engine"] = "operator",
+        operator: str | None = None,
     ) -> None:
-        """Set a node's health (journaled with ``by``, kept across rejoins and restarts).
+        """Set a node's health (journaled with ``by`` and the ``operator``'s name, kept across
+        rejoins and restarts).
 
         ``online`` gets new work; ``draining`` (before maintenance), ``sleeping`` (to save
         energy) and ``quarantined`` do not, and their running attempts carry on.  ``draining``
@@ -291,7 +293,14 @@ class Engine:
         if at is not None:
             health = "online"  # until the time comes
         known = await self.scheduler.ask(
-            SetNodeHealth(name=name, health=health, reason=reason, drain_at=drain_at, by=by),
+            SetNodeHealth(
+                name=name,
+                health=health,
+                reason=reason,
+                drain_at=drain_at,
+                by=by,
+                operator=operator,
+            ),
             timeout=self.settings.ask_timeout,
         )
         if not known:
@@ -479,40 +488,49 @@ class Engine:
             return None
         return await ref.ask(message, timeout=self.settings.ask_timeout)
 
-    async def cancel(self, job_id: str, *, reason: str = "cancelled by user") -> JobSummary:
+    async def cancel(self, job_id: str, *, reason: str = "", by: str | None = None) -> JobSummary:
         """Cancel a job: pending tasks at once, running attempts stopped with a grace period.
 
-        A finished job is left as it is (its summary says how it ended).
+        A finished job is left as it is (its summary says how it ended).  ``by`` names who
+        asked (a coordinator passes the client credential's name); the reason defaults to
+        "cancelled by" them, or "cancelled by user".
 
         Raises:
             JobNotFoundError: no such job.
         """
-        summary = await self._ask_job(job_id, CancelJob(reason=reason))
+        reason = reason or f"cancelled by {by or 'user'}"
+        summary = await self._ask_job(job_id, CancelJob(reason=reason, by=by))
         return summary if summary is not None else await self._summary(job_id, tasks=False)
 
     async def pause(
-        self, job_id: str, *, mode: str = "checkpoint", reason: str = "paused by operator"
+        self, job_id: str, *, mode: str = "checkpoint", reason: str = "", by: str | None = None
     ) -> JobSummary:
         """Pause a job: no new attempts; running ones ``checkpoint`` and yield, ``finish``,
         or are ``kill``ed (requeued without spending an attempt).
+
+        ``by`` names who asked, as for :meth:`cancel`; the reason defaults to "paused by"
+        them, or "paused by operator".
 
         Raises:
             JobNotFoundError: no such job.  ConfigurationError: the job is over or the mode
             is unknown.
         """
-        summary = await self._ask_job(job_id, PauseJob(mode=mode, reason=reason))
+        reason = reason or _by("paused", by)
+        summary = await self._ask_job(job_id, PauseJob(mode=mode, reason=reason, by=by))
         if summary is None:
             raise ConfigurationError(f"job {job_id} is over; nothing to pause", where="pause")
         result: JobSummary = summary
         return result
 
-    async def resume(self, job_id: str, *, reason: str = "resumed by operator") -> JobSummary:
-        """Resume a paused job (and release tasks held for an operator).
+    async def resume(self, job_id: str, *, reason: str = "", by: str | None = None) -> JobSummary:
+        """Resume a paused job (and release tasks held for an operator); ``by`` as for
+        :meth:`pause`.
 
         Raises:
             JobNotFoundError: no such job.  ConfigurationError: the job is over.
         """
-        summary = await self._ask_job(job_id, ResumeJob(reason=reason))
+        reason = reason or _by("resumed", by)
+        summary = await self._ask_job(job_id, ResumeJob(reason=reason, by=by))
         if summary is None:
             raise ConfigurationError(f"job {job_id} is over; nothing to resume", where="resume")
         result: JobSummary = summary
@@ -524,9 +542,10 @@ class Engine:
         *,
         priority: Priority | str | None = None,
         set_metadata: Mapping[str, Any] | None = None,
+        by: str | None = None,
     ) -> JobSummary:
-        """Change a live job's base priority and metadata keys (journaled; the policy sees
-        the change at its next cycle).
+        """Change a live job's base priority and metadata keys (journaled with ``by``, who
+        asked; the policy sees the change at its next cycle).
 
         Raises:
             JobNotFoundError: no such job.  ConfigurationError: the job is over, the priority
@@ -555,16 +574,22 @@ class Engine:
                     self.core.check_metadata(candidate)
                 except TaskfarmError as error:
                     raise ConfigurationError(str(error), where="--set") from None
-        summary = await self._ask_job(job_id, AmendJob(priority=priority, metadata=metadata))
+        summary = await self._ask_job(job_id, AmendJob(priority=priority, metadata=metadata, by=by))
         if summary is None:
             raise ConfigurationError(f"job {job_id} is over; it cannot be amended", where="amend")
         result: JobSummary = summary
         return result
 
     async def retry(
-        self, job_id: str, tasks: Sequence[int | str] = (), *, reason: str = "retried by operator"
+        self,
+        job_id: str,
+        tasks: Sequence[int | str] = (),
+        *,
+        reason: str = "",
+        by: str | None = None,
     ) -> list[int]:
-        """Run failed, cancelled or held tasks again (all of them when ``tasks`` is empty).
+        """Run failed, cancelled or held tasks again (all of them when ``tasks`` is empty);
+        ``by`` as for :meth:`pause`.
 
         A finished job is reopened; dependants that wait on it (``on_parent_failure =
         "wait"``) wait on it again.  Returns the task indices that will run.
@@ -573,9 +598,11 @@ class Engine:
             JobNotFoundError: no such job.  ConfigurationError: a task is unknown.
         """
         with _time_held(self.system.clock):
-            return await self._retry(job_id, tasks, reason)
+            return await self._retry(job_id, tasks, reason or _by("retried", by), by)
 
-    async def _retry(self, job_id: str, tasks: Sequence[int | str], reason: str) -> list[int]:
+    async def _retry(
+        self, job_id: str, tasks: Sequence[int | str], reason: str, by: str | None
+    ) -> list[int]:
         indices = tuple([await self.task_index(job_id, task) for task in tasks])
         ref = self.job_ref(job_id)
         revived = False
@@ -588,7 +615,7 @@ class Engine:
             ref = await self._spawn_job(job_id, recovered=(state, version))
             revived = True
         chosen: list[int] = await ref.ask(
-            RetryTasks(tasks=indices, reason=reason), timeout=self.settings.ask_timeout
+            RetryTasks(tasks=indices, reason=reason, by=by), timeout=self.settings.ask_timeout
         )
         if revived:
             if not chosen:
@@ -599,18 +626,22 @@ class Engine:
             await self.scheduler.tell(JobRevived(job_id=job_id, state=state))
         return chosen
 
-    async def checkpoint(self, job_id: str, task: int | str) -> bool:
+    async def checkpoint(self, job_id: str, task: int | str, *, by: str | None = None) -> bool:
         """Ask a task's running attempt to checkpoint now (SIGUSR1); False if none runs.
+        ``by`` names who asked, as for :meth:`pause`.
 
         Raises:
             JobNotFoundError: no such job.  ConfigurationError: the task is unknown.
         """
         index = await self.task_index(job_id, task)
-        result = await self._ask_job(job_id, CheckpointTask(task=index, reason="operator"))
+        result = await self._ask_job(job_id, CheckpointTask(task=index, reason="operator", by=by))
         return bool(result)
 
-    async def preempt(self, job_id: str, task: int | str, *, reason: str = "") -> bool:
-        """Checkpoint and yield a task's running attempt (it is requeued, no attempt spent).
+    async def preempt(
+        self, job_id: str, task: int | str, *, reason: str = "", by: str | None = None
+    ) -> bool:
+        """Checkpoint and yield a task's running attempt (it is requeued, no attempt spent);
+        ``by`` as for :meth:`pause`.
 
         Returns False when the task is not running.
 
@@ -624,7 +655,9 @@ class Engine:
             await self._summary(job_id, tasks=False)
             return False
         await ref.tell(
-            PreemptTask(task=index, node=node, reason=reason or "preempted by operator", force=True)
+            PreemptTask(
+                task=index, node=node, reason=reason or _by("preempted", by), force=True, by=by
+            )
         )
         return True
 
@@ -729,6 +762,7 @@ class Engine:
                 node.drain_at,
                 node.health_reason or "",
                 node.health_by,
+                node.health_operator,
             )
         jobs = await self._load_jobs()
         jobs.sort(key=lambda item: (item[0].submitted_at, item[0].job.job_id))  # type: ignore[union-attr]
@@ -857,6 +891,11 @@ class Engine:
             state = _JOB_AGGREGATE.apply(state, event)
         _log.warning("orphan_job_ended", job_id=spec.job_id, reason=reason)
         return state, result.version
+
+
+def _by(done: str, by: str | None) -> str:
+    """The default reason of an operator verb: it names who asked (an embedder: "operator")."""
+    return f"{done} by {by or 'operator'}"
 
 
 @contextmanager

@@ -215,6 +215,7 @@ class TaskPreempted(Event, frozen=True, kw_only=True, tag="engine.task_preempted
     token: int
     node: str
     reason: str
+    by: str | None = None  # who asked: a coordinator client credential's name (None: the embedder)
 
 
 @ENGINE_CODEC.register
@@ -239,6 +240,7 @@ class JobCancelRequested(Event, frozen=True, kw_only=True, tag="engine.job_cance
     """Somebody asked to cancel the job; running attempts are being stopped."""
 
     reason: str
+    by: str | None = None  # who asked: a coordinator client credential's name (None: the embedder)
 
 
 @ENGINE_CODEC.register
@@ -257,6 +259,7 @@ class JobPaused(Event, frozen=True, kw_only=True, tag="engine.job_paused"):
 
     mode: Literal["checkpoint", "finish", "kill"]
     reason: str = ""
+    by: str | None = None  # who asked: a coordinator client credential's name (None: the embedder)
 
 
 @ENGINE_CODEC.register
@@ -264,6 +267,7 @@ class JobResumed(Event, frozen=True, kw_only=True, tag="engine.job_resumed"):
     """A paused job gets new attempts again."""
 
     reason: str = ""
+    by: str | None = None  # who asked: a coordinator client credential's name (None: the embedder)
 
 
 @ENGINE_CODEC.register
@@ -273,6 +277,7 @@ class JobAmended(Event, frozen=True, kw_only=True, tag="engine.job_amended"):
     priority: Priority | None = None
     metadata: bytes | None = None
     changes: tuple[str, ...] = ()
+    by: str | None = None  # who asked: a coordinator client credential's name (None: the embedder)
 
 
 @ENGINE_CODEC.register
@@ -281,6 +286,7 @@ class JobReopened(Event, frozen=True, kw_only=True, tag="engine.job_reopened"):
 
     tasks: tuple[int, ...]
     reason: str = ""
+    by: str | None = None  # who asked: a coordinator client credential's name (None: the embedder)
 
 
 @ENGINE_CODEC.register
@@ -289,6 +295,7 @@ class TaskReleased(Event, frozen=True, kw_only=True, tag="engine.task_released")
 
     task: int
     reason: str = ""
+    by: str | None = None  # who asked: a coordinator client credential's name (None: the embedder)
 
 
 @ENGINE_CODEC.register
@@ -300,6 +307,7 @@ class TaskCheckpointRequested(
     task: int
     token: int
     reason: str = ""
+    by: str | None = None  # who asked: a coordinator client credential's name (None: the embedder)
 
 
 @ENGINE_CODEC.register
@@ -345,6 +353,9 @@ class NodeHealthChanged(Event, frozen=True, kw_only=True, tag="engine.node_healt
     reason: str = ""
     drain_at: datetime | None = None
     by: str = "operator"  # operator, policy or engine
+    # The operator's name when a coordinator client credential asked (None: the embedder, a
+    # join-token client, a policy or the engine); ``by`` stays the kind, which placement reads.
+    operator: str | None = None
 
 
 # -- the job aggregate --------------------------------------------------------------------------
@@ -583,6 +594,7 @@ class NodeState(msgspec.Struct, kw_only=True, omit_defaults=True):
     health: str = "online"
     health_reason: str | None = None
     health_by: str = "engine"
+    health_operator: str | None = None  # the operator's name (see NodeHealthChanged.operator)
     drain_at: datetime | None = None
 
     @property
@@ -609,10 +621,13 @@ class NodeAggregate:
             case NodeQuarantined(reason=reason, released=released):
                 state.health = "online" if released else "quarantined"
                 state.health_reason = None if released else reason
-            case NodeHealthChanged(health=health, reason=reason, drain_at=drain_at, by=by):
+            case NodeHealthChanged(
+                health=health, reason=reason, drain_at=drain_at, by=by, operator=operator
+            ):
                 state.health = health
                 state.health_reason = reason or None
                 state.health_by = by
+                state.health_operator = operator
                 state.drain_at = drain_at
             case _:
                 pass

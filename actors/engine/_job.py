@@ -204,11 +204,11 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
                         spec = msgspec.structs.replace(spec, rank=current.gang.index(node))
                     return spec
                 return None
-            case PreemptTask(task=task, node=node, reason=reason, force=force):
-                await self._preempt(task, node, reason, force=force)
+            case PreemptTask(task=task, node=node, reason=reason, force=force, by=by):
+                await self._preempt(task, node, reason, force=force, by=by)
                 return None
-            case CancelJob(reason=reason):
-                await self._cancel(reason)
+            case CancelJob(reason=reason, by=by):
+                await self._cancel(reason, by=by)
                 return job_summary(self.job_id, self.state, tasks=False)
             case CancelTasks(tasks=tasks, reason=reason):
                 await self._cancel_tasks(tasks, reason)
@@ -220,19 +220,19 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
                 return job_summary(self.job_id, self.state, tasks=tasks)
             case GetJobState():
                 return self.state
-            case PauseJob(mode=mode, reason=reason):
-                await self._pause(mode, reason)
+            case PauseJob(mode=mode, reason=reason, by=by):
+                await self._pause(mode, reason, by=by)
                 return job_summary(self.job_id, self.state, tasks=False)
-            case ResumeJob(reason=reason):
-                await self._resume(reason)
+            case ResumeJob(reason=reason, by=by):
+                await self._resume(reason, by=by)
                 return job_summary(self.job_id, self.state, tasks=False)
-            case AmendJob(priority=priority, metadata=metadata):
-                await self._amend(priority, metadata)
+            case AmendJob(priority=priority, metadata=metadata, by=by):
+                await self._amend(priority, metadata, by=by)
                 return job_summary(self.job_id, self.state, tasks=False)
-            case RetryTasks(tasks=tasks, reason=reason):
-                return await self._retry(tasks, reason)
-            case CheckpointTask(task=task, reason=reason):
-                return await self._request_checkpoint(task, reason)
+            case RetryTasks(tasks=tasks, reason=reason, by=by):
+                return await self._retry(tasks, reason, by=by)
+            case CheckpointTask(task=task, reason=reason, by=by):
+                return await self._request_checkpoint(task, reason, by=by)
             case _:
                 assert_never(command)
 
@@ -709,7 +709,9 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
             self.scheduler, replace(ended, outcome=None, attempt_outcome="lost", lost=True)
         )
 
-    async def _preempt(self, index: int, node: str, reason: str, *, force: bool) -> None:
+    async def _preempt(
+        self, index: int, node: str, reason: str, *, force: bool, by: str | None = None
+    ) -> None:
         """Journal the preemption, then ask the node to checkpoint and yield the attempt."""
         task = self.state.tasks[index]
         spec = self.state.job
@@ -721,7 +723,9 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
         ):
             return
         token = task.token
-        await self.persist([TaskPreempted(task=index, token=token, node=node, reason=reason)])
+        await self.persist(
+            [TaskPreempted(task=index, token=token, node=node, reason=reason, by=by)]
+        )
         await self._after(
             self.scheduler, TaskUpdate(job_id=self.job_id, task=index, preempted=True)
         )
@@ -750,14 +754,14 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
 
     # -- operator verbs -------------------------------------------------------------------------
 
-    async def _pause(self, mode: str, reason: str) -> None:
+    async def _pause(self, mode: str, reason: str, *, by: str | None) -> None:
         if mode not in ("checkpoint", "finish", "kill"):
             raise ConfigurationError(
                 f"unknown pause mode {mode!r}; choose checkpoint, finish or kill", where="--mode"
             )
         if self.state.status != "active":
             return
-        await self.persist([JobPaused(mode=mode, reason=reason)])  # type: ignore[arg-type]
+        await self.persist([JobPaused(mode=mode, reason=reason, by=by)])  # type: ignore[arg-type]
         await self._after(self.scheduler, JobChanged(job_id=self.job_id, status="paused"))
         if mode == "finish":
             return
@@ -769,13 +773,13 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
                     index, member, task.token, checkpoint=mode == "checkpoint"
                 )
 
-    async def _resume(self, reason: str) -> None:
+    async def _resume(self, reason: str, *, by: str | None) -> None:
         state = self.state
         events: list[Event] = []
         if state.status == "paused":
-            events.append(JobResumed(reason=reason))
+            events.append(JobResumed(reason=reason, by=by))
         held = [i for i, t in enumerate(state.tasks) if t.status == "held"]
-        events.extend(TaskReleased(task=i, reason=reason) for i in held)
+        events.extend(TaskReleased(task=i, reason=reason, by=by) for i in held)
         if not events:
             return
         await self.persist(events)
@@ -785,7 +789,7 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
         )
 
     async def _amend(
-        self, priority: Priority | None, metadata: tuple[tuple[str, bytes], ...]
+        self, priority: Priority | None, metadata: tuple[tuple[str, bytes], ...], *, by: str | None
     ) -> None:
         spec = self.state.job
         if spec is None or not self.state.live:
@@ -811,11 +815,11 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
         if not changes:
             return
         await self.persist(
-            [JobAmended(priority=priority, metadata=new_metadata, changes=tuple(changes))]
+            [JobAmended(priority=priority, metadata=new_metadata, changes=tuple(changes), by=by)]
         )
         await self._after(self.scheduler, JobChanged(job_id=self.job_id, spec=self.state.job))
 
-    async def _retry(self, tasks: tuple[int, ...], reason: str) -> list[int]:
+    async def _retry(self, tasks: tuple[int, ...], reason: str, *, by: str | None) -> list[int]:
         """Run failed, cancelled or held tasks again; return the ones that will."""
         state = self.state
         for index in tasks:
@@ -828,7 +832,7 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
             )
             if not reopen:
                 return []
-            await self.persist([JobReopened(tasks=reopen, reason=reason)])
+            await self.persist([JobReopened(tasks=reopen, reason=reason, by=by)])
             return list(reopen)
         if state.status == "completed":
             return []
@@ -840,18 +844,20 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
         held = tuple(i for i in chosen if state.tasks[i].status == "held")
         if not held:
             return []
-        await self.persist([TaskReleased(task=i, reason=reason) for i in held])
+        await self.persist([TaskReleased(task=i, reason=reason, by=by) for i in held])
         await self._after(self.scheduler, JobChanged(job_id=self.job_id, released=held))
         return list(held)
 
-    async def _request_checkpoint(self, index: int, reason: str) -> bool:
+    async def _request_checkpoint(self, index: int, reason: str, *, by: str | None) -> bool:
         state = self.state
         if not 0 <= index < len(state.tasks):
             raise ConfigurationError(f"job {self.job_id} has no task {index}", where="checkpoint")
         task = state.tasks[index]
         if task.status not in ("assigned", "running") or task.node is None:
             return False
-        await self.persist([TaskCheckpointRequested(task=index, token=task.token, reason=reason)])
+        await self.persist(
+            [TaskCheckpointRequested(task=index, token=task.token, reason=reason, by=by)]
+        )
         ref = self.node_ref(task.node)
         if ref is None:
             return False
@@ -861,11 +867,11 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
 
     # -- ends -----------------------------------------------------------------------------------
 
-    async def _cancel(self, reason: str) -> None:
+    async def _cancel(self, reason: str, *, by: str | None) -> None:
         state = self.state
         if not state.live:
             return
-        events: list[Event] = [JobCancelRequested(reason=reason)]
+        events: list[Event] = [JobCancelRequested(reason=reason, by=by)]
         pending = [i for i, t in enumerate(state.tasks) if t.status in ("pending", "held")]
         events.extend(TaskCancelled(task=i, reason=reason) for i in pending)
         await self.persist(events)

@@ -83,6 +83,7 @@ class CancelJob(Message, frozen=True, kw_only=True, tag="engine.cmd.cancel_job")
     """Cancel the job: pending tasks at once, running attempts stopped."""
 
     reason: str
+    by: str | None = None  # who asked (journaled with the change)
 
 
 class GetJobSummary(Message, frozen=True, kw_only=True, tag="engine.query.job_summary"):
@@ -172,12 +173,14 @@ class PauseJob(Message, frozen=True, kw_only=True, tag="engine.cmd.pause_job"):
 
     mode: str = "checkpoint"
     reason: str = ""
+    by: str | None = None  # who asked (journaled with the change)
 
 
 class ResumeJob(Message, frozen=True, kw_only=True, tag="engine.cmd.resume_job"):
     """Resume a paused job, and release its held tasks (to its actor)."""
 
     reason: str = ""
+    by: str | None = None  # who asked (journaled with the change)
 
 
 class AmendJob(Message, frozen=True, kw_only=True, tag="engine.cmd.amend_job"):
@@ -185,6 +188,7 @@ class AmendJob(Message, frozen=True, kw_only=True, tag="engine.cmd.amend_job"):
 
     priority: Any = None  # a Priority
     metadata: tuple[tuple[str, bytes], ...] = ()
+    by: str | None = None  # who asked (journaled with the change)
 
 
 class RetryTasks(Message, frozen=True, kw_only=True, tag="engine.cmd.retry_tasks"):
@@ -192,6 +196,7 @@ class RetryTasks(Message, frozen=True, kw_only=True, tag="engine.cmd.retry_tasks
 
     tasks: tuple[int, ...] = ()
     reason: str = ""
+    by: str | None = None  # who asked (journaled with the change)
 
 
 class CheckpointTask(Message, frozen=True, kw_only=True, tag="engine.cmd.checkpoint_task"):
@@ -199,6 +204,7 @@ class CheckpointTask(Message, frozen=True, kw_only=True, tag="engine.cmd.checkpo
 
     task: int
     reason: str = ""
+    by: str | None = None  # who asked (journaled with the change)
 
 
 class CheckpointRun(Message, frozen=True, kw_only=True, tag="engine.cmd.checkpoint_run"):
@@ -291,6 +297,7 @@ class SetNodeHealth(Message, frozen=True, kw_only=True, tag="engine.cmd.set_node
     reason: str = ""
     drain_at: datetime | None = None
     by: Literal["operator", "engine"] = "operator"  # who decided (policies use node_actions)
+    operator: str | None = None  # the operator's name, when a client credential asked
 
 
 class Kick(Message, frozen=True, kw_only=True, tag="engine.cmd.kick"):
@@ -329,6 +336,7 @@ class PreemptTask(Message, frozen=True, kw_only=True, tag="engine.cmd.preempt_ta
     node: str
     reason: str
     force: bool = False
+    by: str | None = None  # who asked (journaled with the change)
 
 
 class GetJobState(Message, frozen=True, kw_only=True, tag="engine.query.job_state"):

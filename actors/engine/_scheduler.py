@@ -16,6 +16,8 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any, assert_never
 
+import msgspec
+
 from actors._errors import SpecError
 from persistence import EventEncodeError, Journal
 from runtime import Actor, ActorRef, ConfigurationError, TaskfarmError, get_logger
@@ -122,7 +124,7 @@ SchedulerMessage = (
 class KnownNode:
     """A node as the journal knows it: identity, and the health an operator gave it."""
 
-    __slots__ = ("by", "capacity", "drain_at", "health", "labels", "reason", "remote")
+    __slots__ = ("by", "capacity", "drain_at", "health", "labels", "operator", "reason", "remote")
 
     def __init__(
         self,
@@ -133,8 +135,10 @@ class KnownNode:
         drain_at: datetime | None = None,
         reason: str = "",
         by: str = "engine",
+        operator: str | None = None,
     ) -> None:
         self.by = by
+        self.operator = operator
         self.capacity = capacity
         self.labels = labels
         self.remote = remote
@@ -254,8 +258,10 @@ class SchedulerActor(Actor[SchedulerMessage]):
                 await self._node_joined(name, capacity, labels, remote)
             case NodeLeft(name=name, reason=reason):
                 self._node_left(name, reason)
-            case SetNodeHealth(name=name, health=health, reason=reason, drain_at=drain_at, by=by):
-                return await self._set_health(name, health, reason, drain_at, by=by)
+            case SetNodeHealth(
+                name=name, health=health, reason=reason, drain_at=drain_at, by=by, operator=who
+            ):
+                return await self._set_health(name, health, reason, drain_at, by=by, operator=who)
             case SetNodeReachable(name=name, reachable=reachable):
                 if core.node_health(name) is not None:
                     core.set_reachable(name, reachable)
@@ -662,6 +668,7 @@ class SchedulerActor(Actor[SchedulerMessage]):
         drain_at: datetime | None,
         *,
         by: str = "operator",
+        operator: str | None = None,
     ) -> bool:
         core = self.core
         previous = core.node_health(name)
@@ -675,10 +682,15 @@ class SchedulerActor(Actor[SchedulerMessage]):
             return True
         await self.journal.append(
             node_stream(name),
-            [NodeHealthChanged(health=health, reason=reason, drain_at=drain_at, by=by)],
+            [
+                NodeHealthChanged(
+                    health=health, reason=reason, drain_at=drain_at, by=by, operator=operator
+                )
+            ],
         )
         if known is not None:
             known.health, known.drain_at, known.reason, known.by = health, drain_at, reason, by
+            known.operator = operator
         core.set_health(name, health, reason=reason, by=by)
         core.set_drain_at(name, drain_at)
         if drain_at is not None:
@@ -692,6 +704,7 @@ class SchedulerActor(Actor[SchedulerMessage]):
             health=health,
             reason=reason,
             by=by,
+            operator=operator,
             drain_at=drain_at.isoformat() if drain_at else None,
         )
         self._kick()
@@ -706,7 +719,7 @@ class SchedulerActor(Actor[SchedulerMessage]):
         if known is None or known.drain_at is None:
             return
         reason = f"drain planned for {known.drain_at.isoformat()}"
-        await self._set_health(name, "draining", reason, None, by=known.by)
+        await self._set_health(name, "draining", reason, None, by=known.by, operator=known.operator)
         for job_id, task in self.core.running_on(name):
             ref = self.job_ref(job_id)
             if ref is not None:
@@ -761,7 +774,13 @@ class SchedulerActor(Actor[SchedulerMessage]):
             _log.warning("node_quarantined", node_id=node, reason=reason)
 
     def _node_summaries(self) -> list[NodeSummary]:
-        return self.core.node_summaries()
+        summaries = self.core.node_summaries()
+        # Who set a node's health is the journal's record (the core's views are the policy's).
+        for i, summary in enumerate(summaries):
+            known = self._known_nodes.get(summary.name)
+            if known is not None and known.operator is not None:
+                summaries[i] = msgspec.structs.replace(summary, by=known.operator)
+        return summaries
 
 
 def _outcome_of(status: str) -> Outcome | None:

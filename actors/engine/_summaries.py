@@ -69,6 +69,7 @@ class NodeSummary(msgspec.Struct, frozen=True, kw_only=True):
     consecutive_failures: int = 0
     drain_at: str | None = None
     reason: str = ""  # why it has its health (quarantined after ..., draining for ...)
+    by: str | None = None  # the operator who set that health, when a client credential did
 
 
 class RecoverySummary(msgspec.Struct, frozen=True, kw_only=True):

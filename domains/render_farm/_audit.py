@@ -349,7 +349,9 @@ class AuditProjection:
                     f"{node_class_of(node.labels) or 'default'})",
                     node=name,
                 )
-            case NodeHealthChanged(health=health, reason=reason, by=by, drain_at=drain_at):
+            case NodeHealthChanged(
+                health=health, reason=reason, by=by, drain_at=drain_at, operator=operator
+            ):
                 node = self._node(name)
                 node.events.append((t, _SLEEP if health == "sleeping" else _WAKE, 0.0))
                 kind = "node failed" if health == "quarantined" else "node health"
@@ -357,7 +359,8 @@ class AuditProjection:
                 self._note(
                     at,
                     kind,
-                    f"node {name} {health}{when} (by {by}{': ' + reason if reason else ''})",
+                    f"node {name} {health}{when} "
+                    f"(by {operator or by}{': ' + reason if reason else ''})",
                     node=name,
                 )
             case _:

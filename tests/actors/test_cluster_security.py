@@ -22,13 +22,16 @@ import structlog
 
 from actors import AgentConfig, Resources, open_coordinator, run_agent
 from actors.cli._agent import config_from_args, configure
+from actors.cli._format import format_nodes
 from actors.cluster import (
     ACCESS,
     AUTH_STREAM,
     WIRE_CODEC,
     AgentHello,
+    AmendJobRequest,
     CancelAttempt,
     CancelJobRequest,
+    CheckpointTaskRequest,
     ClientRequest,
     Coordinator,
     CoordinatorConfig,
@@ -42,13 +45,21 @@ from actors.cluster import (
     ListNodesRequest,
     LogChunk,
     LogsRequest,
+    NodesReply,
+    PauseJobRequest,
+    PreemptTaskRequest,
     Report,
     ReportAck,
+    ResumeJobRequest,
+    RetriedReply,
+    RetryTasksRequest,
     RevokeCredentialRequest,
     Role,
+    SetNodeHealthRequest,
     StatusRequest,
     SubmitRequest,
     SubmittedReply,
+    TaskVerbReply,
     TextReply,
     Welcome,
     WhyRequest,
@@ -56,7 +67,20 @@ from actors.cluster import (
 )
 from actors.cluster._access import describe_request
 from actors.cluster._agent import _transient
-from actors.engine import TaskAssigned, TaskCompleted, job_stream
+from actors.engine import (
+    JobAmended,
+    JobCancelRequested,
+    JobPaused,
+    JobReopened,
+    JobResumed,
+    NodeHealthChanged,
+    TaskAssigned,
+    TaskCheckpointRequested,
+    TaskCompleted,
+    TaskPreempted,
+    job_stream,
+    node_stream,
+)
 from actors.executors import (
     AttemptContext,
     AttemptFinished,
@@ -565,6 +589,79 @@ async def test_a_submit_client_cancels_only_its_own_jobs(tmp_path: Path) -> None
             reply = await ask(connection, CancelJobRequest(job_id="a1"))
         assert isinstance(reply, JobsReply)
         assert reply.jobs[0].status in ("cancelled", "cancelling")
+
+
+async def test_operator_verbs_journal_and_show_the_client_that_asked(tmp_path: Path) -> None:
+    """Each operator verb over the wire journals the credential's name with its change (and
+    the default reason names it); a join-token client keeps the old "by operator" wording."""
+    gate = Gate()
+    async with coordinator(tmp_path) as farm, anyio.create_task_group() as tg:
+        await start_agent(tg, farm, tmp_path, "n1", gate=gate)
+        await wait_until(lambda: nodes_online(farm, "n1"), what="n1 online")
+        alice = await farm.credentials.issue(kind="client", name="alice", role="operator", by="t")
+        await farm.engine.submit_text(GATE_JOB.format(name="j1"), fmt="toml", source="t")
+        with anyio.fail_after(WAIT):
+            await gate.started.wait()
+        await assignment(farm, "j1")
+        async with client(farm, alice) as connection:
+            reply = await ask(connection, CheckpointTaskRequest(job_id="j1", task=0))
+            assert isinstance(reply, TaskVerbReply)
+            assert reply.done
+            reply = await ask(connection, AmendJobRequest(job_id="j1", priority="high"))
+            assert isinstance(reply, JobsReply)
+            reply = await ask(connection, PauseJobRequest(job_id="j1", mode="finish"))
+            assert isinstance(reply, JobsReply)
+            reply = await ask(connection, ResumeJobRequest(job_id="j1"))
+            assert isinstance(reply, JobsReply)
+            reply = await ask(connection, PreemptTaskRequest(job_id="j1", task=0))
+            assert isinstance(reply, TaskVerbReply)
+            assert reply.done
+            reply = await ask(
+                connection, SetNodeHealthRequest(node="n1", health="draining", reason="disk swap")
+            )
+            assert isinstance(reply, NodesReply)
+            assert [node.by for node in reply.nodes] == ["alice"]
+            assert "disk swap (by alice)" in format_nodes(reply.nodes)
+            reply = await ask(connection, CancelJobRequest(job_id="j1"))
+            assert isinstance(reply, JobsReply)
+            with anyio.fail_after(WAIT):
+                cancelled = await farm.engine.wait_job("j1")
+            assert (cancelled.status, cancelled.reason) == ("cancelled", "cancelled by alice")
+            reply = await ask(connection, RetryTasksRequest(job_id="j1"))
+            assert isinstance(reply, RetriedReply)
+            assert reply.tasks == (0,)
+        async with client(farm) as connection:  # the join token: a name anyone could claim
+            reply = await ask(connection, PauseJobRequest(job_id="j1"))
+            assert isinstance(reply, JobsReply)
+        records = await farm.engine.journal.read_stream(job_stream("j1"))
+        verbs = (
+            TaskCheckpointRequested,
+            JobAmended,
+            JobPaused,
+            JobResumed,
+            TaskPreempted,
+            JobCancelRequested,
+            JobReopened,
+        )
+        said = [
+            (type(r.event).__name__, r.event.by, getattr(r.event, "reason", ""))
+            for r in records
+            if isinstance(r.event, verbs)
+        ]
+        assert said == [
+            ("TaskCheckpointRequested", "alice", "operator"),
+            ("JobAmended", "alice", ""),
+            ("JobPaused", "alice", "paused by alice"),
+            ("JobResumed", "alice", "resumed by alice"),
+            ("TaskPreempted", "alice", "preempted by alice"),
+            ("JobCancelRequested", "alice", "cancelled by alice"),
+            ("JobReopened", "alice", "retried by alice"),
+            ("JobPaused", None, "paused by operator"),
+        ]
+        node_records = await farm.engine.journal.read_stream(node_stream("n1"))
+        [drained] = [r.event for r in node_records if isinstance(r.event, NodeHealthChanged)]
+        assert (drained.by, drained.operator, drained.reason) == ("operator", "alice", "disk swap")
+        tg.cancel_scope.cancel()
 
 
 def test_every_client_request_has_a_row_in_the_access_table() -> None:

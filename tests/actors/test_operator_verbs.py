@@ -178,3 +178,44 @@ async def test_removing_or_draining_an_unknown_node_is_refused() -> None:
             await engine.remove_node("ghost", reason="?")
         with pytest.raises(ConfigurationError, match="no node named 'ghost'"):
             await engine.set_node_health("ghost", "draining")
+
+
+@pytest.mark.parametrize(
+    ("tag", "payload"),
+    [
+        ("engine.job_paused", '{"mode": "checkpoint", "reason": "paused by operator"}'),
+        ("engine.job_resumed", '{"reason": "resumed by operator"}'),
+        ("engine.job_amended", '{"priority": "high", "changes": ["priority: normal -> high"]}'),
+        ("engine.job_reopened", '{"tasks": [0], "reason": "retried by operator"}'),
+        ("engine.task_released", '{"task": 0}'),
+        ("engine.task_checkpoint_requested", '{"task": 0, "token": 3, "reason": "operator"}'),
+        ("engine.task_preempted", '{"task": 0, "token": 3, "node": "n1", "reason": "r"}'),
+        ("engine.job_cancel_requested", '{"reason": "cancelled by user"}'),
+    ],
+)
+def test_a_verb_journaled_before_it_named_who_asked_still_decodes(tag: str, payload: str) -> None:
+    """An operator verb's event written before ``by`` existed decodes, naming no one."""
+    event = ENGINE_CODEC.decode(tag, 1, payload)
+    assert event.by is None  # type: ignore[attr-defined]
+
+
+def test_a_node_health_change_journaled_before_it_named_the_operator_still_decodes() -> None:
+    """A health change written before ``operator`` existed decodes, with its kind of decider."""
+    event = ENGINE_CODEC.decode(
+        "engine.node_health_changed", 1, '{"health": "draining", "by": "operator"}'
+    )
+    assert isinstance(event, NodeHealthChanged)
+    assert (event.by, event.operator) == ("operator", None)
+
+
+async def test_an_embedded_verb_names_no_one_and_keeps_the_operator_wording() -> None:
+    """An embedding application's verbs (no ``by``) journal the reasons they always had."""
+    async with open_farm({"n1": CPU4}) as farm:
+        await farm.engine.submit([job("a", "block", "g")])
+        await farm.works.wait_until(lambda: bool(farm.works.of("a")))
+        await farm.engine.pause("a", mode="finish")
+        await farm.wait_for_event("a", JobPaused)
+        [paused] = [e for e in await farm.events("a") if isinstance(e, JobPaused)]
+        assert (paused.reason, paused.by) == ("paused by operator", None)
+        cancelled = await farm.engine.cancel("a")
+        assert cancelled.reason == "cancelled by user"

@@ -163,6 +163,22 @@ async def test_a_mode_change_and_a_reload_name_the_client_that_asked() -> None:
     ]
 
 
+async def test_a_node_health_change_names_the_operator_that_asked() -> None:
+    """A drain an operator's credential asked for names them in the audit; one without a name
+    says ``operator``, as before names were recorded."""
+    policy = RenderFarmPolicy(parse_farm_config(FARM))
+    clock = VirtualClock(auto_advance=True, start=MONDAY)
+    nodes = [RenderNode(name="n0", node_class="std", cores=4)]
+    async with open_simulated_farm(
+        policy=policy, nodes=nodes, duration=_seconds, clock=clock
+    ) as farm:
+        await farm.engine.set_node_health("n0", "draining", reason="disks", operator="carol")
+        await farm.engine.set_node_health("n0", "online")
+        projection = audit_records(await _records(farm))
+    said = [e.text for e in projection.select(node="n0") if e.kind == "node health"]
+    assert said == ["node n0 draining (by carol: disks)", "node n0 online (by operator)"]
+
+
 def test_an_empty_journal_has_no_figures() -> None:
     """Nothing happened: no entries, nothing to divide by."""
     projection = AuditProjection()
