@@ -35,7 +35,7 @@ def format_status(rows: Sequence[Mapping[str, Any]]) -> str:
         if row["priority"] != row["base_priority"]:
             priority += f" (base {row['base_priority']})"
         lines.append(
-            f"{row['job']:<28} {row['client']:<10} {frames:<12} {per_frame:>10}  "
+            f"{row['job']:<28} {row['client'] or '-':<10} {frames:<12} {per_frame:>10}  "
             f"{_clock(row['eta']):<11} {_clock(row['deadline']):<11} {row['verdict']:<10} "
             f"{priority}"
         )

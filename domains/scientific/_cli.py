@@ -201,11 +201,11 @@ def _scenario_text(row: Mapping[str, Any]) -> str:
         [
             [
                 str(m["rank"]),
-                m["member"],
+                _cell(m["member"]),
                 _cell(m["score"]),
                 f"{m['progress']:.0%}",
-                m["status"],
-                m["why"],
+                _cell(m["status"]),
+                _cell(m["why"]),
             ]
             for m in members
         ],
@@ -220,7 +220,9 @@ def _cell(value: Any) -> str:
         return ",".join(str(v) for v in value) if len(value) <= 6 else f"{len(value)} items"
     if isinstance(value, float):
         return f"{value:.4g}"
-    return "-" if value is None else str(value)
+    # A blank cell reads as a missing column to anyone who splits the table on whitespace (a
+    # window without a reason put its nodes under REASON): nothing shows as "-".
+    return "-" if value is None or value == "" else str(value)
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:

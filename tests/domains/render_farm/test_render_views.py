@@ -62,6 +62,13 @@ def test_the_status_table_shows_what_a_wrangler_needs() -> None:
     assert format_status([]) == "no render jobs are running or waiting"
 
 
+def test_a_job_without_a_client_keeps_the_status_columns_in_place() -> None:
+    """A blank client shows as "-", so the row splits into as many columns as the header."""
+    header, row = format_status([{**ROW, "client": ""}]).splitlines()[:2]
+    assert row.split()[1:3] == ["-", "24/96"]
+    assert row[header.index("CLIENT")] == "-"
+
+
 def test_the_clients_table_shows_guaranteed_used_borrowed_and_lent() -> None:
     """Each client's shares in percent and the loans it holds, against which lender."""
     rows = [

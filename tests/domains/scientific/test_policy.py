@@ -47,6 +47,7 @@ from domains.scientific import (
     parse_cluster_config,
 )
 from domains.scientific._checkpointing import checkpoint_interval
+from domains.scientific._cli import _text as render_reply
 from persistence import EventCodec, InMemoryJournal
 from runtime import VirtualClock
 
@@ -193,6 +194,30 @@ name = "file-window"
 start = 2027-03-06T00:00:00Z
 end = 2027-03-06T01:00:00Z
 """
+
+
+async def test_windows_and_reservations_tables_keep_their_columns_when_a_cell_is_blank() -> None:
+    """A window without a reason (or nodes) and a reservation without a label render "-" in
+    those cells, so every row splits into the header's columns, each under its name."""
+    window = {
+        "start": (T0 + timedelta(days=2)).isoformat(),
+        "end": (T0 + timedelta(days=2, hours=1)).isoformat(),
+    }
+    async with cluster() as farm:
+        command = farm.engine.policy_command
+        await command("maintenance", {"name": "quiet", **window})
+        await command("maintenance", {"name": "fw", "reason": "firmware", **window}, by="bob")
+        start = (T0 + timedelta(hours=10)).isoformat()
+        await command("reserve", {"for": "big", "start": start, "duration": "1h", "nodes": 1})
+        tables = [render_reply(await command(name, {})) for name in ("windows", "reservations")]
+    for table in tables:
+        header, *rows = table.splitlines()
+        assert rows
+        for row in rows:
+            assert len(row.split()) == len(header.split()), row
+    windows = tables[0].splitlines()
+    quiet = next(row for row in windows if row.startswith("quiet"))
+    assert quiet[windows[0].index("reason") :].split()[0] == "-"
 
 
 async def test_every_science_command_records_who_asked_and_a_restart_keeps_it() -> None:
