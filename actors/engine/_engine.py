@@ -549,7 +549,8 @@ class Engine:
 
         Raises:
             JobNotFoundError: no such job.  ConfigurationError: the job is over, the priority
-            is unknown, or the metadata no longer fits the policy's metadata type.
+            is unknown, the metadata no longer fits the policy's metadata type, or the policy
+            refuses the change (``Policy.validate_amendment``: a deadline in the past).
         """
         if isinstance(priority, str):
             try:
@@ -562,18 +563,29 @@ class Engine:
         metadata = tuple(
             (key, msgspec.json.encode(value)) for key, value in sorted((set_metadata or {}).items())
         )
-        if metadata and self.core.policy.metadata_type is not None:
-            view = self.core.job_view(job_id)
-            if view is not None:
-                merged = msgspec.json.decode(view.spec.metadata)
+        # The job as its actor has it (the scheduler's view may not have it yet).
+        ref = self.job_ref(job_id)
+        state: JobState | None = None
+        if ref is not None:
+            state = await ref.ask(GetJobState(), timeout=self.settings.ask_timeout)
+        current = state.job if state is not None and state.live else None
+        if current is not None and (metadata or priority is not None):
+            candidate = current
+            if metadata:
+                merged = msgspec.json.decode(current.metadata)
                 merged.update({k: msgspec.json.decode(v) for k, v in metadata})
                 candidate = msgspec.structs.replace(
-                    view.spec, metadata=msgspec.json.encode(merged, order="sorted")
+                    candidate, metadata=msgspec.json.encode(merged, order="sorted")
                 )
                 try:
                     self.core.check_metadata(candidate)
                 except TaskfarmError as error:
                     raise ConfigurationError(str(error), where="--set") from None
+            if priority is not None:
+                candidate = msgspec.structs.replace(candidate, priority=priority)
+            # The policy gives metadata its meaning (a deadline that must be ahead): it may
+            # refuse the change before anything is journaled.
+            self.core.policy.validate_amendment(current, candidate, self.system.clock.now())
         summary = await self._ask_job(job_id, AmendJob(priority=priority, metadata=metadata, by=by))
         if summary is None:
             raise ConfigurationError(f"job {job_id} is over; it cannot be amended", where="amend")

@@ -489,6 +489,12 @@ class Policy(Protocol):
         """Return the job as it will be journaled (e.g. preview tasks first)."""
         ...
 
+    def validate_amendment(self, spec: SubmitJob, amended: SubmitJob, now: datetime) -> None:
+        """Refuse an operator's amendment of a live job (``spec``: the job as it is;
+        ``amended``: as it would be) by raising ``ConfigurationError`` naming the flag
+        (``--set KEY``, ``--priority``) and the value."""
+        ...
+
     def rank(self, job: JobView, farm: FarmView, now: datetime) -> tuple[Any, ...]:
         """Return the job's sort key for this cycle (smaller runs first)."""
         ...
@@ -629,6 +635,9 @@ class FifoPolicy:
 
     def prepare(self, spec: SubmitJob, now: datetime) -> SubmitJob:
         return spec
+
+    def validate_amendment(self, spec: SubmitJob, amended: SubmitJob, now: datetime) -> None:
+        return None
 
     def rank(self, job: JobView, farm: FarmView, now: datetime) -> tuple[Any, ...]:
         return (-job.priority_rank, job.submitted_at, job.job_id)

@@ -247,6 +247,26 @@ class RenderFarmPolicy(FifoPolicy):
         if preview is not None and preview.passes and not preview.command:
             raise fail("preview.passes", "preview passes need a preview command")
 
+    def validate_amendment(self, spec: SubmitJob, amended: SubmitJob, now: datetime) -> None:
+        """Refuse moving a deadline to a time that has passed (``amend --set deadline=``), as
+        a submission is refused: a past deadline is no goal to plan for (it would only mark
+        the job at risk, a boost an operator gives with ``--priority``)."""
+        try:
+            meta = amended.metadata_as(RenderMetadata)
+        except msgspec.ValidationError:
+            return  # the engine refuses it, naming the field
+        deadline = meta.effective_deadline
+        if deadline is None or deadline > now or deadline == _spec_deadline(spec):
+            return
+        before = msgspec.json.decode(spec.metadata)
+        after = msgspec.json.decode(amended.metadata)
+        changed = [key for key in ("deadline", "render") if before.get(key) != after.get(key)]
+        raise ConfigurationError(
+            f"deadline {deadline.isoformat()} is not in the future (the coordinator's time is "
+            f"{now.isoformat()}); give a later one",
+            where=f"--set {changed[0] if changed else 'deadline'}",
+        )
+
     def prepare(self, spec: SubmitJob, now: datetime) -> SubmitJob:
         meta = spec.metadata_as(RenderMetadata)
         choice = preview_choice(meta.render.preview, self.config.previews)
@@ -1563,6 +1583,13 @@ class RenderFarmPolicy(FifoPolicy):
     def learned_factor(self, node: str, job_type: str) -> float | None:
         """Return the learned node factor for a job type (None: unknown)."""
         return self.speeds.node_factor(node, self._members(self._class_of(node)), job_type)
+
+
+def _spec_deadline(spec: SubmitJob) -> datetime | None:
+    try:
+        return spec.metadata_as(RenderMetadata).effective_deadline
+    except msgspec.ValidationError:
+        return None
 
 
 def _deadline(job: JobView) -> datetime | None:

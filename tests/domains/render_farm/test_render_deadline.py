@@ -10,11 +10,13 @@ import pytest
 
 from actors import (
     FarmView,
+    JobAmended,
     JobSubmittedObservation,
     JobView,
     NodeView,
     Priority,
     Resources,
+    job_stream,
 )
 from domains.render_farm import (
     PriorityChanged,
@@ -33,7 +35,7 @@ from domains.render_farm._deadline import (
     verdict,
 )
 from domains.render_farm._simulation import open_simulated_farm
-from runtime import TaskfarmError, VirtualClock
+from runtime import ConfigurationError, TaskfarmError, VirtualClock
 
 NOW = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
 H = 3600.0
@@ -298,5 +300,45 @@ async def test_amending_the_deadline_through_the_engine_takes_effect_within_one_
         assert "effective priority medium" in await farm.engine.why("shot")
         with pytest.raises(TaskfarmError, match="deadline"):
             await farm.engine.amend("shot", set_metadata={"deadline": "next friday"})
+        clock.activity.release()
+        await farm.engine.wait_job("shot")
+
+
+async def test_amending_the_deadline_to_a_passed_time_is_refused_naming_the_flag_and_value() -> (
+    None
+):
+    """``amend --set deadline=`` to a time not after the clock's now is refused before anything
+    is journaled, naming ``--set deadline`` and the value; other amendments still pass."""
+    policy = RenderFarmPolicy(CONFIG)
+    clock = VirtualClock(auto_advance=True, start=NOW)
+    job = RenderJob(
+        name="shot",
+        client="acme",
+        command=["render", "{start}"],
+        frames=(1, 2),
+        deadline=NOW + timedelta(hours=10),
+        resources=NODE,
+    )
+    async with open_simulated_farm(
+        policy=policy,
+        nodes=[RenderNode(name="n1", cores=4, memory="16GiB")],
+        duration=lambda n, s: 3600.0,
+        clock=clock,
+    ) as farm:
+        clock.activity.acquire()  # hold the clock: "now" is NOW while we amend
+        await farm.engine.submit([job.to_spec()])
+        for passed in (NOW - timedelta(minutes=1), NOW):
+            with pytest.raises(ConfigurationError) as refused:
+                await farm.engine.amend("shot", set_metadata={"deadline": passed.isoformat()})
+            assert refused.value.where == "--set deadline"
+            assert passed.isoformat() in str(refused.value)
+            assert "not in the future" in str(refused.value)
+        records = await farm.journal.read_stream(job_stream("shot"))
+        assert not any(isinstance(r.event, JobAmended) for r in records)
+        later = (NOW + timedelta(hours=1)).isoformat()
+        await farm.engine.amend("shot", set_metadata={"deadline": later}, priority="high")
+        records = await farm.journal.read_stream(job_stream("shot"))
+        [amended] = [r.event for r in records if isinstance(r.event, JobAmended)]
+        assert amended.changes[0] == "priority: medium -> high"
         clock.activity.release()
         await farm.engine.wait_job("shot")
