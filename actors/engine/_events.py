@@ -159,19 +159,23 @@ class TaskMetricRecorded(Event, frozen=True, kw_only=True, tag="engine.task_metr
 
 
 @ENGINE_CODEC.register
-class TaskCompleted(Event, frozen=True, kw_only=True, tag="engine.task_completed"):
+class TaskCompleted(
+    Event, frozen=True, kw_only=True, omit_defaults=True, tag="engine.task_completed"
+):
     """The attempt finished successfully; ``runtime_s`` (wall), ``cpu_s`` and ``peak_rss``
-    (bytes) are what it used, as its executor measured (0: not measured)."""
+    (bytes) are what it used, as its executor measured (``cpu_s`` None, ``peak_rss`` 0: not
+    measured, as in-process and simulated; events journaled before None was possible hold 0).
+    Fields at their defaults are left out of the payload."""
 
     task: int
     token: int
     runtime_s: float = 0.0
-    cpu_s: float = 0.0
+    cpu_s: float | None = None
     peak_rss: int = 0
 
 
 @ENGINE_CODEC.register
-class TaskFailed(Event, frozen=True, kw_only=True, tag="engine.task_failed"):
+class TaskFailed(Event, frozen=True, kw_only=True, omit_defaults=True, tag="engine.task_failed"):
     """The attempt failed; ``retry_at`` is set when another attempt will follow, ``held``
     when the task waits for an operator instead.
 
@@ -192,7 +196,7 @@ class TaskFailed(Event, frozen=True, kw_only=True, tag="engine.task_failed"):
     avoid_node: str | None = None
     resources: Resources | None = None
     runtime_s: float = 0.0
-    cpu_s: float = 0.0  # what the attempt used, as for TaskCompleted
+    cpu_s: float | None = None  # what the attempt used, as for TaskCompleted
     peak_rss: int = 0
 
 
@@ -389,7 +393,7 @@ class TaskState(msgspec.Struct, kw_only=True, omit_defaults=True):
     last_outcome: str | None = None
     retry_at: datetime | None = None
     runtime_s: float = 0.0
-    cpu_s: float = 0.0  # of every attempt that ended completed or failed
+    cpu_s: float | None = None  # of its attempts that ended with a measurement (None: none)
     peak_rss: int = 0  # the largest of them
     preview: str | None = None
     preemptions: int = 0
@@ -496,7 +500,7 @@ class JobAggregate:
                 task.status = "completed"
                 task.progress = 1.0
                 task.runtime_s += runtime
-                task.cpu_s += completed.cpu_s
+                task.cpu_s = _plus(task.cpu_s, completed.cpu_s)
                 task.peak_rss = max(task.peak_rss, completed.peak_rss)
                 task.last_outcome = "completed"
                 task.last_node, task.node = task.node, None
@@ -511,7 +515,7 @@ class JobAggregate:
                 task.last_outcome = failed.outcome
                 task.retry_at = failed.retry_at
                 task.runtime_s += failed.runtime_s
-                task.cpu_s += failed.cpu_s
+                task.cpu_s = _plus(task.cpu_s, failed.cpu_s)
                 task.peak_rss = max(task.peak_rss, failed.peak_rss)
                 if failed.held is not None:
                     task.status, task.held_reason = "held", failed.held
@@ -582,6 +586,13 @@ class JobAggregate:
             case _:
                 pass  # events of newer versions this code does not know change nothing here
         return state
+
+
+def _plus(total: float | None, measured: float | None) -> float | None:
+    """Add a measurement to a total; None (not measured) adds nothing, and stays None alone."""
+    if measured is None:
+        return total
+    return measured if total is None else total + measured
 
 
 class NodeState(msgspec.Struct, kw_only=True, omit_defaults=True):

@@ -24,7 +24,7 @@ class TaskSummary(msgspec.Struct, frozen=True, kw_only=True):
     preview: str | None = None
     metrics: dict[str, float] = {}
     runtime_s: float = 0.0
-    cpu_s: float = 0.0  # measured CPU seconds of its attempts that completed or failed
+    cpu_s: float | None = None  # measured CPU seconds of its ended attempts (None: unmeasured)
     peak_rss: int = 0  # the largest resident memory one of them reached (bytes)
     nodes: tuple[str, ...] = ()  # the node of every attempt, in order
     held_reason: str | None = None

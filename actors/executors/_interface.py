@@ -322,7 +322,8 @@ class AttemptFinished(_Report, frozen=True, kw_only=True, tag="engine.attempt_fi
     it never exited on its own), ``error`` says why it did not complete, ``checkpoint`` is the
     last checkpoint *this* attempt reported and ``runtime_s`` its duration on the clock.
     ``cpu_s`` and ``peak_rss`` (bytes) are what its processes used in total, where the
-    executor measures it (0 where it does not: in-process, simulated, or not started).
+    executor measures it (``cpu_s`` None and ``peak_rss`` 0 where it does not: in-process,
+    simulated, or never started).
     """
 
     outcome: AttemptOutcome
@@ -330,7 +331,7 @@ class AttemptFinished(_Report, frozen=True, kw_only=True, tag="engine.attempt_fi
     error: str | None = None
     checkpoint: str | None = None
     runtime_s: Annotated[float, msgspec.Meta(ge=0.0)] = 0.0
-    cpu_s: Annotated[float, msgspec.Meta(ge=0.0)] = 0.0
+    cpu_s: Annotated[float, msgspec.Meta(ge=0.0)] | None = None
     peak_rss: Annotated[int, msgspec.Meta(ge=0)] = 0
 
 

@@ -163,6 +163,7 @@ async def test_a_finished_attempt_carries_its_cpu_and_peak_memory(tmp_path: Path
         with anyio.fail_after(30):
             result = await handle.wait()
     assert result.outcome == "completed"
+    assert result.cpu_s is not None  # a subprocess is measured
     assert 0.55 <= result.cpu_s < 10.0  # 0.3 own + 0.3 of the reaped child
     assert 64 * MIB <= result.peak_rss < 1024 * MIB
     assert result.runtime_s > 0

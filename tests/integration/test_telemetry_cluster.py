@@ -110,6 +110,7 @@ async def test_a_finished_attempt_records_its_totals_on_its_end_event(cluster: C
         for r in await cluster.journal_events()
         if r.stream_id == f"job:{job_id}" and isinstance(r.event, TaskCompleted)
     ]
+    assert completed.cpu_s is not None  # an agent's subprocess is measured
     assert 0.25 <= completed.cpu_s < 10
     assert 64 * MIB <= completed.peak_rss < 1024 * MIB
     assert completed.runtime_s >= completed.cpu_s * 0.5
