@@ -117,6 +117,9 @@ class TaskStarted(Event, frozen=True, kw_only=True, tag="engine.task_started"):
     resumed_from: str | None = None
     refused: tuple[str, ...] = ()
     fallback: str | None = None
+    # The refused checkpoints whose files were deleted (the retention rule: no attempt resumes
+    # from a refused one again); a gang's are deleted once the attempt ends, and not listed.
+    deleted: tuple[str, ...] = ()
 
 
 @ENGINE_CODEC.register
@@ -480,6 +483,10 @@ class JobAggregate:
                     task.checkpoints = [c for c in task.checkpoints if c.checkpoint not in refused]
                     task.checkpoint = resumed_from
                     task.resume_note = event.fallback
+                    if event.deleted:
+                        task.resume_note = (
+                            f"{event.fallback}; deleted the refused {', '.join(event.deleted)}"
+                        )
             case TaskProgressed(task=i, fraction=fraction):
                 state.tasks[i].progress = fraction
             case TaskCheckpointed(task=i, checkpoint=checkpoint, at=at, manifest=manifest):

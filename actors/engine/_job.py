@@ -421,6 +421,7 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
                             job_id=self.job_id,
                             task=index,
                             refused=list(report.refused),
+                            deleted=list(report.deleted),
                             resume_from=report.resumed_from,
                             reason=report.fallback,
                         )
@@ -437,6 +438,7 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
                                 resumed_from=report.resumed_from,
                                 refused=report.refused,
                                 fallback=report.fallback,
+                                deleted=report.deleted,
                             )
                         ]
                     )

@@ -285,6 +285,8 @@ class AttemptStarted(_Report, frozen=True, kw_only=True, tag="engine.attempt_sta
     resumed_from: str | None = None
     refused: tuple[str, ...] = ()
     fallback: str | None = None
+    # The refused checkpoints whose files the executor deleted before the start.
+    deleted: tuple[str, ...] = ()
 
 
 class AttemptProgress(_Report, frozen=True, kw_only=True, tag="engine.attempt_progress"):

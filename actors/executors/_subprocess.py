@@ -267,6 +267,7 @@ class _SubprocessAttempt(BaseAttempt):
         self._kept: list[CheckpointRecord] = list(spec.checkpoints)
         self._resumed: CheckpointRecord | None = None
         self._deferred: list[CheckpointRecord] = []
+        self._discarded: tuple[str, ...] = ()  # refused at resume, and deleted before the start
         self._refused = 0
 
     @property
@@ -394,6 +395,7 @@ class _SubprocessAttempt(BaseAttempt):
                         resumed_from=resume[0],
                         refused=resume[1],
                         fallback=resume[2],
+                        deleted=self._discarded,
                     )
                 await self._emit(started)
                 task_status.started()
@@ -600,6 +602,7 @@ class _SubprocessAttempt(BaseAttempt):
         if not indices:
             return spec.resume_from, (), None  # nothing to verify it against
         refused: list[str] = []
+        refused_records: list[CheckpointRecord] = []
         reasons: list[str] = []
         chosen: CheckpointRecord | None = None
         for record in reversed(records[: indices[-1] + 1]):
@@ -608,6 +611,7 @@ class _SubprocessAttempt(BaseAttempt):
                     await anyio.to_thread.run_sync(verify_manifest, record.manifest)
                 except CheckpointManifestError as error:
                     refused.append(record.checkpoint)
+                    refused_records.append(record)
                     reasons.append(str(error))
                     continue
             chosen = record
@@ -616,6 +620,15 @@ class _SubprocessAttempt(BaseAttempt):
         if not refused:
             return spec.resume_from, (), None
         self._kept = [r for r in self._kept if r.checkpoint not in refused]
+        # A refused checkpoint is out of the task's kept ones for good (the job drops it when
+        # it journals the start): nothing resumes from it again, so it goes as the retention
+        # rule's others do.  A single-node attempt deletes it before it starts (its program
+        # may write the same paths again); in a gang, other ranks may still be verifying
+        # it, so rank 0 deletes it once the attempt has ended.
+        if len(spec.nodes) <= 1:
+            self._discarded = await self._delete(refused_records, why="refused")
+        elif spec.rank == 0:
+            self._deferred.extend(refused_records)
         target = chosen.checkpoint if chosen is not None else None
         fallback = f"checkpoint {refused[0]} failed verification ({reasons[0]}); " + (
             f"resuming from the one before, {target}" if target else "starting over"
@@ -685,20 +698,30 @@ class _SubprocessAttempt(BaseAttempt):
             if now:
                 await self._delete(now)
 
-    async def _delete(self, records: list[CheckpointRecord]) -> None:
+    async def _delete(
+        self, records: list[CheckpointRecord], *, why: str = "retention"
+    ) -> tuple[str, ...]:
+        """Delete the checkpoints' files that no kept checkpoint lists; return the checkpoints
+        that had files deleted."""
         kept = list(self._kept)
 
-        def delete() -> list[str]:
-            return [path for record in records for path in delete_checkpoint(record, kept)]
+        def delete() -> list[tuple[str, list[str]]]:
+            return [(record.checkpoint, delete_checkpoint(record, kept)) for record in records]
 
-        deleted = await anyio.to_thread.run_sync(delete)
+        results = await anyio.to_thread.run_sync(delete)
+        deleted = [path for _, paths in results for path in paths]
+        gone = tuple(checkpoint for checkpoint, paths in results if paths)
         if deleted:
             _log.info(
                 "checkpoints_deleted",
                 checkpoints=[r.checkpoint for r in records],
                 files=len(deleted),
+                reason=why,
                 **self._identity,
             )
+            if why == "refused":
+                self._write("sys", f"deleted refused checkpoint(s) {', '.join(gone)}")
+        return gone
 
     async def _line(self, name: str, raw: bytes | bytearray) -> None:
         text = raw.decode("utf-8", errors="replace").rstrip("\r")

@@ -369,6 +369,39 @@ async def test_a_resume_with_no_valid_checkpoint_starts_over(tmp_path: Path) -> 
     assert "TASKFARM_RESUME_FROM" not in json.loads(env_file.read_text())
 
 
+async def test_checkpoints_refused_at_a_resume_are_deleted_before_it_starts(
+    tmp_path: Path,
+) -> None:
+    """Every kept checkpoint fails verification: the attempt starts over, and the refused ones'
+    files are deleted before it starts (no attempt resumes from them again), said in the start
+    report, the log and the attempt's log; what the attempt writes afresh is kept."""
+    folder = tmp_path / "ck" / "job" / "0"
+    records = _checkpoints(folder, 20)
+    for record in records:
+        (Path(record.checkpoint) / "state.json").write_text("{}")
+    spec = _stepper(
+        tmp_path,
+        *("--steps", "10", "--every", "10"),
+        resume_from=records[-1].checkpoint,
+        checkpoints=tuple(records),
+    )
+    reports = Reports()
+    with structlog.testing.capture_logs() as logs:
+        async with open_subprocess_executor(
+            log_dir=tmp_path / "logs", checkpoint_dir=tmp_path / "ck", clock=SystemClock()
+        ) as executor:
+            finished = await (await executor.start(spec, reports)).wait()
+    assert finished.outcome == "completed"
+    (started,) = reports.of(AttemptStarted)
+    assert set(started.deleted) == {r.checkpoint for r in records}
+    assert set(started.refused) == set(started.deleted)
+    (deleted,) = [e for e in logs if e["event"] == "checkpoints_deleted"]
+    assert (deleted["reason"], deleted["files"]) == ("refused", 6)  # data, state, manifest
+    assert "deleted refused checkpoint(s)" in executor.log_path(spec).read_text()
+    assert _steps(folder) == [10]  # written again by this attempt; the refused 20 is gone
+    assert json.loads((folder / "step-000010" / "state.json").read_text())["step"] == 10
+
+
 async def test_the_checkpoint_an_attempt_resumed_from_is_deleted_only_once_it_ended(
     tmp_path: Path,
 ) -> None:
@@ -477,6 +510,34 @@ def test_the_job_state_keeps_the_last_k_checkpoints_and_drops_refused_ones() -> 
     assert task.checkpoint == "c4"
     assert [c.checkpoint for c in task.checkpoints] == ["c3", "c4"]
     assert task.resume_note == "c5 failed"
+
+
+def test_a_start_that_deleted_refused_checkpoints_says_so_in_the_resume_note() -> None:
+    """The job's state drops the refused checkpoints and its resume note names those whose
+    files were deleted."""
+    aggregate = JobAggregate()
+    state = aggregate.apply(JobState(), JobSubmitted(job=_job(3), submitted_at=_T0))
+    for step in (1, 2):
+        state = aggregate.apply(
+            state,
+            TaskCheckpointed(
+                task=0, token=1, checkpoint=f"c{step}", manifest=_manifest(f"c{step}")
+            ),
+        )
+    state = aggregate.apply(
+        state,
+        TaskStarted(
+            task=0,
+            token=2,
+            resumed_from="c1",
+            refused=("c2",),
+            fallback="c2 failed",
+            deleted=("c2",),
+        ),
+    )
+    task = state.tasks[0]
+    assert [c.checkpoint for c in task.checkpoints] == ["c1"]
+    assert task.resume_note == "c2 failed; deleted the refused c2"
 
 
 def test_events_journaled_before_manifests_still_decode() -> None:

@@ -99,8 +99,11 @@ async def test_a_stage_resumes_on_another_agent_from_its_last_valid_checkpoint(
         assert resumed.fallback is not None
         assert "SHA-256 differs" in resumed.fallback
         assert "resuming from the one before" in resumed.fallback
+        # The refused 50 is out of the kept ones for good: its files went before the resume
+        # (the program then wrote a new 50 in the same folder).
+        assert resumed.deleted == (str(folder / "step-000050"),)
         (final,) = (await cluster.status("steps"))[0].tasks
-        assert final.resume_note == resumed.fallback
+        assert final.resume_note == f"{resumed.fallback}; deleted the refused {resumed.deleted[0]}"
         fell_back = await cluster.wait_for_log(f"agent-{attempts[1].node}", "checkpoint_fallback")
         assert fell_back["resume_from"] == str(folder / "step-000040")
 
