@@ -639,7 +639,9 @@ class SciencePolicy(FifoPolicy):
                 self.starts[key] = at
                 self.last_start[job_id] = at
                 if info is not None:
+                    # A stage on N nodes uses its cores on each of them.
                     cores = info.cores[task] if task < len(info.cores) else 1.0
+                    cores *= info.width(task)
                     self.usage.started(key, info.owner, info.project, cores, at)
             case TaskEndedObservation() as ended:
                 self._ended(ended)

@@ -523,6 +523,26 @@ def test_the_measured_mtbf_counts_node_hours_and_lost_attempts() -> None:
     assert policy.mtbf(4) == policy.mtbf() / 4
 
 
+def test_fair_share_charges_a_multi_node_stage_for_every_node() -> None:
+    """An hour of a 4-node stage of 32 cores a node costs its owner and project 128
+    core-hours, four times an hour of a one-node stage."""
+    policy = SciencePolicy(parse_cluster_config(""))
+    later = T0 + timedelta(hours=1)
+    for name, nodes in (("wide", 4), ("narrow", 1)):
+        spec = sim(name, 1, nodes=nodes, owner=name, project=name).to_job()
+        policy.observe(JobSubmittedObservation(job_id=spec.job_id, spec=spec, at=T0))
+        policy.observe(TaskStartedObservation(job_id=name, task=0, node="n1", attempt=1, at=T0))
+    owners, projects = policy.usage.usage(later)  # while they run
+    assert owners == projects == {"wide": 4 * 32 * 3600.0, "narrow": 32 * 3600.0}
+    for name in ("wide", "narrow"):
+        ended = TaskEndedObservation(
+            job_id=name, task=0, node="n1", attempt=1, outcome="completed", runtime_s=3600, at=later
+        )
+        policy.observe(ended)
+    owners, _ = policy.usage.usage(later)  # once charged
+    assert owners == {"wide": 4 * 32 * 3600.0, "narrow": 32 * 3600.0}
+
+
 async def test_a_crashing_stage_is_restarted_elsewhere_then_held_for_an_operator() -> None:
     """crash: restart elsewhere after 5 min, then restart after 10 min, then hold."""
     async with cluster(2, outcome={"bad": "failed"}) as farm:
