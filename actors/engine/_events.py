@@ -400,6 +400,10 @@ class TaskState(msgspec.Struct, kw_only=True, omit_defaults=True):
     peak_rss: int = 0  # the largest of them
     preview: str | None = None
     preemptions: int = 0
+    # The token of the attempt last asked to checkpoint and yield: while it yields, a rank
+    # other than the leader that stops first must not end the attempt before the leader's
+    # checkpoint is journaled (the leader's end decides; see the job actor).
+    yielding: int = 0
     held_reason: str | None = None
     avoid: list[str] = msgspec.field(default_factory=list)
     resources: Resources | None = None
@@ -543,8 +547,9 @@ class JobAggregate:
                 task.last_outcome = "lost" if lost else "requeued"
                 task.lost += 1 if lost else 0
                 task.last_node, task.node = task.node, None
-            case TaskPreempted(task=i):
+            case TaskPreempted(task=i, token=token):
                 state.tasks[i].preemptions += 1
+                state.tasks[i].yielding = token
             case TaskCancelled(task=i):
                 task = state.tasks[i]
                 task.status = "cancelled"

@@ -62,6 +62,7 @@ from ._events import (
     TaskRequeued,
     TaskSkipped,
     TaskStarted,
+    TaskState,
     job_stream,
 )
 from ._graph import Outcome
@@ -496,11 +497,27 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
 
     async def _on_member_report(self, index: int, report: Any, node: str) -> bool:
         """A report from a rank other than the leader's: progress and checkpoints come from
-        rank 0, but a rank that fails (or is stopped) ends the whole attempt everywhere."""
+        rank 0, but a rank that fails (or is stopped) ends the whole attempt everywhere.
+
+        While the attempt yields (a journaled preemption, or a pause that checkpoints or
+        kills), a rank stopped by that request ends before the leader has written its
+        checkpoint: ending the attempt then would throw the checkpoint away as lost work, so
+        the leader's own end (with its checkpoint) decides.
+        """
         if not isinstance(report, AttemptFinished) or report.outcome == "completed":
             return True
         task = self.state.tasks[index]
         rank = task.gang.index(node)
+        if report.outcome == "cancelled" and self._yielding(task):
+            _log.info(
+                "gang_rank_yielded",
+                job_id=self.job_id,
+                task=index,
+                rank=rank,
+                node_id=node,
+                token=task.token,
+            )
+            return True
         error = f"rank {rank} on {node}: {report.error or report.outcome}"
         if report.outcome in ("lost", "cancelled") and self.state.status != "cancelling":
             await self._lost(index, task.token, error)
@@ -508,6 +525,11 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
             leader = msgspec.structs.replace(report, error=error)
             await self._on_finished(index, leader)
         return True
+
+    def _yielding(self, task: TaskState) -> bool:
+        """Return whether the task's current attempt was asked to yield its nodes."""
+        paused = self.state.status == "paused" and self.state.pause_mode != "finish"
+        return task.yielding == task.token or paused
 
     async def _on_finished(self, index: int, report: AttemptFinished) -> None:
         state = self.state

@@ -58,8 +58,11 @@ class NodeActor(Actor[NodeMessage]):
         self.name = name
         self.executor = executor
         self.settings = settings
-        # Preempted attempts waiting for their checkpoint: (job, task, token) -> event.
-        self._checkpoints: dict[tuple[str, str, int], anyio.Event] = {}
+        # Preempted attempts waiting for their checkpoint: (job, task, token, rank) -> event.
+        self._checkpoints: dict[tuple[str, str, int, int], anyio.Event] = {}
+        # The attempts (ranks) this node started or adopted and that have not ended: one
+        # executor may serve several nodes, so its ``running()`` is not this node's alone.
+        self._attempts: set[tuple[str, str, int, int]] = set()
         # Activity units held for attempts in flight (virtual clock only), by their releasers.
         self._held: set[Callable[[], None]] = set()
 
@@ -84,6 +87,7 @@ class NodeActor(Actor[NodeMessage]):
                         attempt=spec.attempt,
                         fencing_token=spec.fencing_token,
                     )
+                    self._attempts.add(_key(spec))
                     adopt(running, spec, self._sink(spec, job))
             case CancelRun(job_id=job_id, task_id=task_id, token=token, grace=grace):
                 self._cancel(job_id, task_id, token, grace)
@@ -94,7 +98,7 @@ class NodeActor(Actor[NodeMessage]):
                 if handle is not None:
                     handle.request_checkpoint()
             case CancelRuns(grace=grace):
-                for handle in self.executor.running():
+                for handle in self._running():
                     handle.cancel(grace=grace)
             case _:
                 assert_never(message)
@@ -103,6 +107,8 @@ class NodeActor(Actor[NodeMessage]):
         self, spec: AttemptSpec, job: ActorRef[Any], on_final: Callable[[], None] | None = None
     ) -> ReportSink:
         async def sink(report: AttemptReport) -> None:
+            if isinstance(report, AttemptFinished):
+                self._attempts.discard(_key(spec))
             try:
                 accepted = await self._deliver(job, report)
             finally:
@@ -137,9 +143,11 @@ class NodeActor(Actor[NodeMessage]):
             tracker.acquire()
             self._held.add(release)
 
+        self._attempts.add(_key(spec))
         try:
             await self.executor.start(spec, self._sink(spec, job, release))
         except ExecutorError as error:
+            self._attempts.discard(_key(spec))
             release()
             _log.warning(
                 "attempt_start_failed", node_id=self.name, job_id=spec.job_id, error=str(error)
@@ -179,7 +187,7 @@ class NodeActor(Actor[NodeMessage]):
 
         async def yield_node() -> None:
             if grace > 0 and handle.request_checkpoint():
-                self._checkpoints[(job_id, task_id, token)] = checkpointed
+                self._checkpoints[_key(handle.spec)] = checkpointed
                 async with anyio.create_task_group() as tg:
 
                     async def deadline() -> None:
@@ -189,24 +197,32 @@ class NodeActor(Actor[NodeMessage]):
                     tg.start_soon(deadline)
                     await checkpointed.wait()
                     tg.cancel_scope.cancel()
-                self._checkpoints.pop((job_id, task_id, token), None)
+                self._checkpoints.pop(_key(handle.spec), None)
             handle.cancel(grace=self.settings.cancel_grace)
 
         self.context.start_work(yield_node, name=f"preempt-{job_id}-{task_id}")
 
+    def _running(self) -> list[AttemptHandle]:
+        """The executor's attempts that run on this node.
+
+        One executor may serve several nodes (an embedded farm or a simulation often shares
+        one): a node must stop only what it runs, and only its own rank of a multi-node
+        attempt (the ranks share job, task and token), or a yield meant for the leader, or a
+        node taken away, stops work elsewhere.
+        """
+        return [h for h in self.executor.running() if _key(h.spec) in self._attempts]
+
     def _find(self, job_id: str, task_id: str, token: int) -> AttemptHandle | None:
-        for handle in self.executor.running():
-            spec = handle.spec
-            if (spec.job_id, spec.task_id, spec.fencing_token) == (job_id, task_id, token):
+        for handle in self._running():
+            if _key(handle.spec)[:3] == (job_id, task_id, token):
                 return handle
         return None
 
     def _cancel(self, job_id: str, task_id: str, token: int, grace: float) -> None:
-        for handle in self.executor.running():
-            spec = handle.spec
-            if (spec.job_id, spec.task_id, spec.fencing_token) == (job_id, task_id, token):
+        for handle in self._running():
+            if _key(handle.spec)[:3] == (job_id, task_id, token):
                 handle.cancel(grace=grace)
 
 
-def _key(spec: AttemptSpec) -> tuple[str, str, int]:
-    return (spec.job_id, spec.task_id, spec.fencing_token)
+def _key(spec: AttemptSpec) -> tuple[str, str, int, int]:
+    return (spec.job_id, spec.task_id, spec.fencing_token, spec.rank)

@@ -109,6 +109,10 @@ class _JobInfo:
     tasks: int
     cores: list[float]
     metadata: SimulationMetadata
+    widths: list[int] = field(default_factory=list)  # nodes per task (multi-node stages)
+
+    def width(self, task: int) -> int:
+        return self.widths[task] if task < len(self.widths) else 1
 
 
 @dataclass
@@ -159,8 +163,8 @@ class SciencePolicy(FifoPolicy):
         self.jobs: dict[str, _JobInfo] = {}
         self.last_start: dict[str, datetime] = {}
         self.starts: dict[tuple[str, int], datetime] = {}
-        self.exposure = 0.0  # attempt-seconds run
-        self.interruptions = 0  # attempts lost to their node
+        self.exposure = 0.0  # node-seconds run (an attempt's seconds x its nodes)
+        self.interruptions = 0  # attempts lost to a node
         self.done: dict[str, int] = defaultdict(int)
         self.scores: dict[str, list[tuple[float, float]]] = defaultdict(list)
         self.checkpoint_cost: dict[str, float] = {}
@@ -289,6 +293,7 @@ class SciencePolicy(FifoPolicy):
             tasks=len(spec.tasks),
             cores=[spec.task_resources(i).cores for i in range(len(spec.tasks))],
             metadata=metadata,
+            widths=[spec.task_nodes(i) for i in range(len(spec.tasks))],
         )
         if spec.job_id not in self.jobs:
             if info.sweep is not None:
@@ -567,11 +572,16 @@ class SciencePolicy(FifoPolicy):
 
     # -- checkpoints and failures -------------------------------------------------------------
 
-    def mtbf(self) -> float:
-        """Return the mean running time between interruptions of a stage, as measured here
-        (starting from the configured expectation, which counts as one interruption)."""
+    def mtbf(self, nodes: int = 1) -> float:
+        """Return the mean running time between interruptions of a stage on ``nodes`` nodes.
+
+        Measured per node here (node-seconds run per attempt lost to a node, starting from
+        the configured per-node expectation, which counts as one interruption): a stage on
+        N nodes is interrupted when any of them fails, N times as often as a one-node stage,
+        so its optimum interval is shorter by about the square root of N.
+        """
         prior = self.config.checkpoints.expected_mtbf
-        return (prior + self.exposure) / (1 + self.interruptions)
+        return (prior + self.exposure) / (1 + self.interruptions) / max(1, nodes)
 
     def checkpoint_interval(self, job: JobView, task: TaskView, now: datetime) -> float | None:
         info = self._info(job)
@@ -583,7 +593,7 @@ class SciencePolicy(FifoPolicy):
             bandwidth=settings.bandwidth,
         )
         interval = checkpoint_interval(
-            info.metadata.resilience, cost.seconds, self.mtbf(), settings
+            info.metadata.resilience, cost.seconds, self.mtbf(task.nodes), settings
         )
         if cost.seconds is not None and settings.adapt:  # say what it was costed by
             interval = Interval(interval.seconds, f"{interval.why} (cost: {cost.source})")
@@ -629,7 +639,9 @@ class SciencePolicy(FifoPolicy):
                 self.starts[key] = at
                 self.last_start[job_id] = at
                 if info is not None:
+                    # A stage on N nodes uses its cores on each of them.
                     cores = info.cores[task] if task < len(info.cores) else 1.0
+                    cores *= info.width(task)
                     self.usage.started(key, info.owner, info.project, cores, at)
             case TaskEndedObservation() as ended:
                 self._ended(ended)
@@ -650,7 +662,8 @@ class SciencePolicy(FifoPolicy):
         self.usage.ended(key, ended.at)
         started = self.starts.pop(key, None)
         if started is not None:
-            self.exposure += max(0.0, (ended.at - started).total_seconds())
+            width = info.width(ended.task) if info is not None else 1
+            self.exposure += max(0.0, (ended.at - started).total_seconds()) * width
         was_asked = key in self.asked
         self.asked.discard(key)
         classified = self.attempt_class.pop((ended.job_id, ended.task, ended.attempt), None)

@@ -19,13 +19,16 @@ from actors import (
     AttemptSpec,
     Engine,
     EngineSettings,
+    JobSubmittedObservation,
     JobView,
     Priority,
     Resources,
     TaskCheckpointed,
     TaskCheckpointRequested,
+    TaskEndedObservation,
     TaskPreempted,
     TaskStarted,
+    TaskStartedObservation,
     TaskView,
     open_engine,
     open_simulated_executor,
@@ -505,6 +508,64 @@ def test_a_stage_is_costed_by_its_latest_checkpoint_manifest() -> None:
     configured, why = interval(0)  # 1 GiB at 100 MiB/s: 10.24 s
     assert configured == checkpoint_interval("medium", 10.24, mtbf, settings).seconds
     assert "checkpoint_size 1.0 GiB" in why
+
+
+def test_a_multi_node_stage_checkpoints_more_often_by_its_width() -> None:
+    """The failure rate is measured per node: a stage on 4 nodes is interrupted whenever any
+    of them fails, so its interval is the optimum for a quarter of the per-node MTBF."""
+    config = '[checkpoints]\nbandwidth = "100MiB"\nexpected_mtbf = "2d"'
+    policy = SciencePolicy(parse_cluster_config(config))
+    spec = sim("wide", 10, checkpoint_size="10GiB").to_job()
+    job = JobView(job_id=spec.job_id, spec=spec, submitted_at=T0, total=1)
+    settings = policy.config.checkpoints
+
+    def interval(nodes: int) -> float:
+        task = TaskView(job_id=spec.job_id, index=0, request=NODE, nodes=nodes)
+        seconds = policy.checkpoint_interval(job, task, T0)
+        assert seconds is not None
+        return seconds
+
+    cost = 10 * 1024 / 100  # 10 GiB at 100 MiB/s
+    assert policy.mtbf(4) == policy.mtbf() / 4 == 2 * 86400 / 4
+    assert interval(1) == checkpoint_interval("medium", cost, 2 * 86400, settings).seconds
+    assert interval(4) == checkpoint_interval("medium", cost, 2 * 86400 / 4, settings).seconds
+    assert interval(4) < interval(1)
+
+
+def test_the_measured_mtbf_counts_node_hours_and_lost_attempts() -> None:
+    """A 4-node stage that runs 10 hours and loses a node adds 40 node-hours and one
+    interruption: with a 30-day prior the per-node MTBF is (30 d + 40 h) / 2."""
+    policy = SciencePolicy(parse_cluster_config(""))
+    spec = sim("wide", 10, nodes=4).to_job()
+    later = T0 + timedelta(hours=10)
+    policy.observe(JobSubmittedObservation(job_id=spec.job_id, spec=spec, at=T0))
+    policy.observe(TaskStartedObservation(job_id="wide", task=0, node="n1", attempt=1, at=T0))
+    lost = TaskEndedObservation(
+        job_id="wide", task=0, node="n1", attempt=1, outcome="lost", runtime_s=36000, at=later
+    )
+    policy.observe(lost)
+    assert policy.mtbf() == (30 * 86400 + 4 * 36000) / 2
+    assert policy.mtbf(4) == policy.mtbf() / 4
+
+
+def test_fair_share_charges_a_multi_node_stage_for_every_node() -> None:
+    """An hour of a 4-node stage of 32 cores a node costs its owner and project 128
+    core-hours, four times an hour of a one-node stage."""
+    policy = SciencePolicy(parse_cluster_config(""))
+    later = T0 + timedelta(hours=1)
+    for name, nodes in (("wide", 4), ("narrow", 1)):
+        spec = sim(name, 1, nodes=nodes, owner=name, project=name).to_job()
+        policy.observe(JobSubmittedObservation(job_id=spec.job_id, spec=spec, at=T0))
+        policy.observe(TaskStartedObservation(job_id=name, task=0, node="n1", attempt=1, at=T0))
+    owners, projects = policy.usage.usage(later)  # while they run
+    assert owners == projects == {"wide": 4 * 32 * 3600.0, "narrow": 32 * 3600.0}
+    for name in ("wide", "narrow"):
+        ended = TaskEndedObservation(
+            job_id=name, task=0, node="n1", attempt=1, outcome="completed", runtime_s=3600, at=later
+        )
+        policy.observe(ended)
+    owners, _ = policy.usage.usage(later)  # once charged
+    assert owners == {"wide": 4 * 32 * 3600.0, "narrow": 32 * 3600.0}
 
 
 async def test_a_crashing_stage_is_restarted_elsewhere_then_held_for_an_operator() -> None:
