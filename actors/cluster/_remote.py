@@ -171,6 +171,10 @@ class RemoteAttempt:
 class RemoteExecutor:
     """Runs attempts on one node agent; built by :func:`open_remote_executor`."""
 
+    #: The agent forgets a report once it is acknowledged, and it is acknowledged once the
+    #: sink returns: so the sink must return only once the report is journaled.
+    awaits_journaled_reports = True
+
     def __init__(
         self,
         *,

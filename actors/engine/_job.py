@@ -388,10 +388,13 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
 
     async def _on_report(self, report: Any, node: str | None = None) -> bool:
         """Journal a report of the task's current attempt; refuse a stale one (wrong token,
-        ended, or sent through another node than the one it was assigned to)."""
+        ended, or sent through another node than the one it was assigned to) and tell the node
+        it came through to stop that attempt."""
         state = self.state
         index = _task_index(report.task_id, len(state.tasks))
         if index is None:
+            if node is not None and not isinstance(report, AttemptFinished):
+                await self._stop_stale(node, report)
             return False
         task = state.tasks[index]
         token = report.fencing_token
@@ -410,6 +413,10 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
                 node_id=node,
                 report=type(report).__name__,
             )
+            if node is not None and not isinstance(report, AttemptFinished):
+                # A stale attempt still runs there (its task was reassigned, or has ended):
+                # the node stops it, whether the report was told or asked.
+                await self._stop_stale(node, report)
             return False
         if task.gang and node is not None and node != task.node:
             return await self._on_member_report(index, report, node)
@@ -494,6 +501,18 @@ class JobActor(EventSourcedActor[JobMessage, JobState]):
             case AttemptFinished():
                 await self._on_finished(index, report)
         return True
+
+    async def _stop_stale(self, node: str, report: Any) -> None:
+        """Tell ``node`` to kill the attempt a stale report came from, without grace."""
+        ref = self.node_ref(node)
+        if ref is not None:
+            stop = CancelRun(
+                job_id=self.job_id,
+                task_id=report.task_id,
+                token=report.fencing_token,
+                grace=0.0,
+            )
+            await self._after(ref, stop)
 
     async def _on_member_report(self, index: int, report: Any, node: str) -> bool:
         """A report from a rank other than the leader's: progress and checkpoints come from

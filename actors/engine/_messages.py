@@ -65,7 +65,8 @@ class Dispatch(Message, frozen=True, kw_only=True, tag="engine.cmd.dispatch"):
 
 
 class ReportAttempt(Message, frozen=True, kw_only=True, tag="engine.cmd.report_attempt"):
-    """An attempt's report; the reply is False when the attempt is stale (kill it)."""
+    """An attempt's report, told or asked; the reply is False when the attempt is stale (the
+    job then tells the node to stop it)."""
 
     report: AttemptReport
     node: str

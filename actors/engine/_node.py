@@ -1,9 +1,19 @@
 """The node actor: hands attempts to its executor and routes their reports to their jobs.
 
 The executor may be in-process, a local subprocess runner or a remote agent (``RemoteExecutor``);
-the node actor does not care.  Reports are asked, not told, to the job actor: the executor's
-report sink returns only once the job has journaled the report, which is what lets a remote
-agent drop it from its durable outbox.
+the node actor does not care about that, only about what the executor's report sink promises:
+
+- An executor that keeps its reports durably until they are journaled (a remote agent's outbox:
+  ``awaits_journaled_reports = True``) gets a sink that *asks* the job and returns once the job
+  has journaled the report, which is what lets the agent drop it from its outbox.
+- Any other executor (in-process, local subprocess, simulated) gets a sink that *tells* the job
+  and returns at once: nothing outside this process holds the report, so there is nothing to
+  acknowledge, and an ask per report (an event and a reply path each) is most of a short
+  task's message cost.  Order is kept: an executor sends an attempt's reports one after the
+  other, and one mailbox receives them in that order.
+
+Either way the job judges staleness and tells this node to stop a stale attempt
+(``CancelRun``); the node stops one itself only when its job is gone (passivated).
 """
 
 from __future__ import annotations
@@ -58,6 +68,8 @@ class NodeActor(Actor[NodeMessage]):
         self.name = name
         self.executor = executor
         self.settings = settings
+        # Whether the executor's sink must return only once a report is journaled (see above).
+        self._ask_reports = bool(getattr(executor, "awaits_journaled_reports", False))
         # Preempted attempts waiting for their checkpoint: (job, task, token, rank) -> event.
         self._checkpoints: dict[tuple[str, str, int, int], anyio.Event] = {}
         # The attempts (ranks) this node started or adopted and that have not ended: one
@@ -75,9 +87,16 @@ class NodeActor(Actor[NodeMessage]):
     async def receive(self, message: NodeMessage) -> Any:
         match message:
             case StartAttempt(spec=spec, job=job):
-                # Beside the handler: an executor's start returns once the start is journaled,
-                # so awaiting it here would let a node start one attempt per journal commit.
-                self.context.start_work(lambda: self._run(spec, job), name="start")
+                start_nowait = getattr(self.executor, "start_nowait", None)
+                if start_nowait is not None and not self._ask_reports:
+                    # Nothing to wait for (reports are told, the work starts in the
+                    # executor's own task): start it here, without a task of its own.
+                    self._start_nowait(start_nowait, spec, job)
+                else:
+                    # Beside the handler: an executor's start returns once it was reported
+                    # (journaled, for some), so awaiting it here would let a node start one
+                    # attempt per journal commit.
+                    self.context.start_work(lambda: self._run(spec, job), name="start")
             case AdoptAttempt(spec=spec, job=job):
                 adopt = getattr(self.executor, "adopt", None)
                 if adopt is not None:
@@ -110,25 +129,31 @@ class NodeActor(Actor[NodeMessage]):
             if isinstance(report, AttemptFinished):
                 self._attempts.discard(_key(spec))
             try:
-                accepted = await self._deliver(job, report)
+                delivered = await self._deliver(job, report)
             finally:
                 if on_final is not None and isinstance(report, AttemptFinished):
                     on_final()
             if isinstance(report, AttemptCheckpointed):
+                # Told or journaled: either way the job handles it before the attempt's end,
+                # which the preemption waiting on this event is about to cause.
                 waiting = self._checkpoints.pop(_key(spec), None)
                 if waiting is not None:
                     waiting.set()
-            if not accepted and not isinstance(report, AttemptFinished):
-                # A stale attempt (its task was reassigned): kill the work, keep nothing.
+            if not delivered and not isinstance(report, AttemptFinished):
+                # The job is over (passivated), so this attempt is stale and nobody else will
+                # stop it: kill the work, keep nothing.
                 self._cancel(spec.job_id, spec.task_id, spec.fencing_token, 0.0)
 
         return sink
 
-    async def _run(self, spec: AttemptSpec, job: ActorRef[Any]) -> None:
-        # An in-process attempt runs in its executor's task group, in a context copied from this
-        # handler (one that holds an activity unit).  Give the attempt a unit of its own until
-        # its final report is journaled: otherwise a virtual clock sees the farm idle while the
-        # attempt is in flight and jumps ahead (retries, runtimes and timeouts go wrong).
+    def _hold(self) -> Callable[[], None]:
+        """Take a unit of activity for an attempt; return what gives it back (once).
+
+        An attempt runs in its executor's task group, in a context copied from this handler
+        (one that holds a unit).  It needs a unit of its own until its final report is handed
+        to its job: otherwise a virtual clock sees the farm idle while the attempt is in
+        flight and jumps ahead (retries, runtimes and timeouts go wrong).
+        """
         tracker = self.context.clock.activity
         held = tracker is not None
 
@@ -142,33 +167,63 @@ class NodeActor(Actor[NodeMessage]):
         if tracker is not None:
             tracker.acquire()
             self._held.add(release)
+        return release
 
+    async def _run(self, spec: AttemptSpec, job: ActorRef[Any]) -> None:
+        release = self._hold()
         self._attempts.add(_key(spec))
         try:
             await self.executor.start(spec, self._sink(spec, job, release))
         except ExecutorError as error:
             self._attempts.discard(_key(spec))
             release()
-            _log.warning(
-                "attempt_start_failed", node_id=self.name, job_id=spec.job_id, error=str(error)
-            )
-            failed = AttemptFinished(
-                job_id=spec.job_id,
-                task_id=spec.task_id,
-                attempt=spec.attempt,
-                fencing_token=spec.fencing_token,
-                outcome="start_failed",
-                error=f"could not start on {self.name}: {error}",
-            )
-            self.context.start_work(lambda: self._deliver(job, failed), name="start-failed")
+            self._start_failed(spec, job, error)
+
+    def _start_nowait(
+        self, start_nowait: Callable[..., object], spec: AttemptSpec, job: ActorRef[Any]
+    ) -> None:
+        release = self._hold()
+        self._attempts.add(_key(spec))
+        try:
+            start_nowait(spec, self._sink(spec, job, release))
+        except ExecutorError as error:
+            self._attempts.discard(_key(spec))
+            release()
+            self._start_failed(spec, job, error)
+
+    def _start_failed(self, spec: AttemptSpec, job: ActorRef[Any], error: ExecutorError) -> None:
+        _log.warning(
+            "attempt_start_failed", node_id=self.name, job_id=spec.job_id, error=str(error)
+        )
+        failed = AttemptFinished(
+            job_id=spec.job_id,
+            task_id=spec.task_id,
+            attempt=spec.attempt,
+            fencing_token=spec.fencing_token,
+            outcome="start_failed",
+            error=f"could not start on {self.name}: {error}",
+        )
+        # From a task: the job's mailbox may be full, and the job may be waiting for room in
+        # this node's.
+        self.context.start_work(lambda: self._deliver(job, failed), name="start-failed")
 
     async def _deliver(self, job: ActorRef[Any], report: AttemptReport) -> bool:
-        """Hand a report to its job and wait until it is journaled; False if stale."""
+        """Hand a report to its job (and wait until it is journaled, if the executor needs
+        that); False if the job is gone.  A stale report is the job's to refuse: it tells this
+        node to stop the attempt."""
         message = ReportAttempt(report=report, node=self.name)
+        if not self._ask_reports:
+            if not job.is_alive:
+                return False
+            # No await between the check and the mailbox (unless it is full): a job that stops
+            # later still handles what its mailbox holds.
+            await job.tell(message)
+            return True
         delay = 0.05
         while True:
             try:
-                return bool(await job.ask(message, timeout=self.settings.report_timeout))
+                await job.ask(message, timeout=self.settings.report_timeout)
+                return True
             except (ActorStoppedError, MessageFailedError):
                 return False  # the job is over (passivated): this attempt is stale
             except AskTimeoutError:

@@ -407,7 +407,13 @@ class AttemptHandle(Protocol):
 
 
 class Executor(Protocol):
-    """Runs attempts; opened as an async context manager that owns their tasks."""
+    """Runs attempts; opened as an async context manager that owns their tasks.
+
+    An executor that keeps reports durably until their receiver has journaled them (a remote
+    agent's outbox) says so with a class attribute ``awaits_journaled_reports = True``: its
+    sink then returns only once the report is journaled.  Without it a sink may return as soon
+    as the report is handed over (in order) to whoever journals it.
+    """
 
     async def start(self, spec: AttemptSpec, report: ReportSink) -> AttemptHandle:
         """Start one attempt; return once :class:`AttemptStarted` was reported.

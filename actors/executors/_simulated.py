@@ -5,7 +5,9 @@ For what-if runs and the domains' simulated weeks: the production engine and pol
 the node's speed).  It reports like any executor (started, optionally progress, then finished),
 so that the engine cannot tell it from a real farm; what it saves is a task and its watchdogs per
 attempt: on a virtual clock an attempt is one timer, and its unit of activity is parked while
-it "runs" so that time can move.
+it "runs" so that time can move.  Reports raised by timers (an end, a checkpoint, metrics) and
+by :meth:`SimulatedExecutor.start_nowait` wait in one queue per executor, which one task
+hands to the sinks in order: no task per report, and an attempt's reports keep their order.
 
 An attempt models a program that checkpoints when asked (SIGUSR1 and preemption alike): a
 checkpoint takes ``checkpoint_cost(spec)`` seconds, during which the attempt makes no progress
@@ -17,6 +19,7 @@ successful end (as ``@taskfarm metric`` lines would be).
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
@@ -36,6 +39,8 @@ from ._interface import (
     ReportSink,
     attempt_identity,
 )
+
+_Queued = AttemptStarted | AttemptCheckpointed | AttemptMetric | AttemptFinished
 
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup
@@ -190,6 +195,11 @@ class SimulatedExecutor:
         self.metrics: Metrics = metrics or (lambda spec: {})
         self._task_group = task_group
         self.attempts: set[_SimulatedAttempt] = set()
+        # Reports waiting for their sink, oldest first, with the attempt a final one ends.
+        self._queue: deque[tuple[ReportSink, _Queued, _SimulatedAttempt | None]] = deque()
+        self._sending = False  # whether the sender task is (or is about to be) at work
+        self._sender_started = False
+        self._wakeup = anyio.Event()
 
     def running(self) -> tuple[AttemptHandle, ...]:
         return tuple(self.attempts)
@@ -198,6 +208,21 @@ class SimulatedExecutor:
         attempt = _SimulatedAttempt(self, spec, report)
         self.attempts.add(attempt)
         await report(AttemptStarted(pid=None, log_path=None, **attempt_identity(spec)))
+        self._run(attempt)
+        return attempt
+
+    def start_nowait(self, spec: AttemptSpec, report: ReportSink) -> AttemptHandle:
+        """Start an attempt and return its handle at once: its :class:`AttemptStarted` waits
+        in the executor's queue, ahead of the attempt's later reports (no task of its own)."""
+        attempt = _SimulatedAttempt(self, spec, report)
+        self.attempts.add(attempt)
+        started = AttemptStarted(pid=None, log_path=None, **attempt_identity(spec))
+        self.deliver(report, started, final=False)
+        self._run(attempt)
+        return attempt
+
+    def _run(self, attempt: _SimulatedAttempt) -> None:
+        spec = attempt.spec
         seconds = max(0.0, float(self._duration(spec)))
         attempt._seconds = seconds
         clock = self.clock
@@ -213,7 +238,6 @@ class SimulatedExecutor:
                 attempt._done()
 
             self._task_group.start_soon(run)
-        return attempt
 
     def unpark(self, attempt: _SimulatedAttempt) -> None:
         """Take the attempt's unit of activity back (it ends now)."""
@@ -226,21 +250,49 @@ class SimulatedExecutor:
     def deliver(
         self,
         sink: ReportSink,
-        report: AttemptCheckpointed | AttemptMetric | AttemptFinished,
+        report: _Queued,
         *,
         final: bool,
         attempt: _SimulatedAttempt | None = None,
     ) -> None:
-        """Send a report from a timer or a request (not a task): in a task of its own."""
+        """Queue a report raised outside a task (a timer, a request) for the sender task."""
+        self._queue.append((sink, report, attempt if final else None))
+        if self._sending:
+            return
+        self._sending = True
+        # The sender holds a unit of activity while reports wait, taken here before it is
+        # woken (as every waker does), so a virtual clock cannot move past a report in flight.
+        activity = self.clock.activity
+        if activity is not None:
+            activity.acquire()
+        if self._sender_started:
+            self._wakeup.set()
+        else:
+            self._sender_started = True
+            self._task_group.start_soon(self._send)
 
-        async def send() -> None:
-            try:
-                await sink(report)
-            finally:
-                if final and attempt is not None:
-                    attempt._finished.set()
-
-        self._task_group.start_soon(send)
+    async def _send(self) -> None:
+        """Hand queued reports to their sinks in order, for as long as the executor is open."""
+        queue = self._queue
+        activity = self.clock.activity
+        try:
+            while True:
+                while queue:
+                    sink, report, ended = queue.popleft()
+                    try:
+                        await sink(report)
+                    finally:
+                        if ended is not None:
+                            ended._finished.set()
+                self._sending = False
+                if activity is not None:
+                    activity.release()
+                self._wakeup = anyio.Event()
+                await self._wakeup.wait()
+        finally:
+            if self._sending and activity is not None:
+                self._sending = False
+                activity.release()
 
     async def _shutdown(self) -> None:
         for attempt in list(self.attempts):
